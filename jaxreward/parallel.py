@@ -1,0 +1,109 @@
+"""Mesh, logical-axis rules and shard helpers.
+
+One rule table maps the logical axis names that parameters and activations
+carry (`embed`, `mlp`, `heads`, `kv_heads`, `kv`, `vocab`, `batch`, `length`)
+to the mesh axes (`data`, `fsdp`, `tensor`). The same code then runs on one
+CPU, 8 simulated CPU devices, a GPU or a pod: only the mesh shape changes.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (or axes, or None for replicated). flax resolves
+# each logical name with the first rule whose mesh axes are still unused in
+# that array, so `batch` and `embed` may both name `fsdp`.
+AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("kv", None),
+    ("length", None),
+    ("objectives", None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a `(data, fsdp, tensor)` mesh.
+
+    Args:
+      data, fsdp, tensor: mesh axis sizes; one of them may be -1 to take all
+        remaining devices.
+      devices: devices to use (default: all of `jax.devices()`).
+
+    Raises:
+      ValueError: if the product of the sizes does not equal the device count.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = [data, fsdp, tensor]
+    if shape.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {shape}")
+    if -1 in shape:
+        known = int(np.prod([s for s in shape if s != -1]))
+        if len(devices) % known:
+            raise ValueError(f"mesh {shape} does not divide {len(devices)} devices")
+        shape[shape.index(-1)] = len(devices) // known
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(
+            f"mesh data×fsdp×tensor = {shape} needs {int(np.prod(shape))} devices, "
+            f"have {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None]) -> NamedSharding:
+    """NamedSharding for one array from its logical axis names."""
+    spec = nn.logical_to_mesh_axes(tuple(logical_axes), AXIS_RULES)
+    return NamedSharding(mesh, spec)
+
+
+def param_shardings(mesh: Mesh, boxed_params: Any) -> Any:
+    """Shardings for a (possibly `nn.LogicallyPartitioned`-boxed) param tree.
+
+    Leaves without logical names are replicated.
+    """
+    specs = nn.get_partition_spec(boxed_params)
+    specs = nn.logical_to_mesh(specs, AXIS_RULES)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a batch array: leading axis over `data` and `fsdp`."""
+    return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def shard_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """Places a host batch (numpy dict) on the mesh, split along the batch axis.
+
+    Multi-host: each process passes its process-local rows; the global batch
+    is their concatenation.
+
+    Raises:
+      ValueError: if the batch size does not divide by data×fsdp.
+    """
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    sharding = batch_sharding(mesh)
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        if v.ndim and v.shape[0] % n:
+            raise ValueError(f"batch field {k!r} has leading size {v.shape[0]}, "
+                             f"not divisible by data×fsdp = {n}")
+        # Each process passes its own slice; on one host that is the batch.
+        out[k] = jax.make_array_from_process_local_data(
+            sharding if v.ndim else replicated(mesh), v)
+    return out

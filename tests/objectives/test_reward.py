@@ -1,0 +1,168 @@
+"""Reward-model losses and rewards against hand-computed values."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxreward.objectives import registry, reward
+
+
+def log1pexp(x):
+    return math.log1p(math.exp(x))
+
+
+def test_bradley_terry_hand_values():
+    rc = jnp.array([1.0, 2.0, 0.0])
+    rr = jnp.array([0.0, 2.0, 1.0])
+    loss, m = reward.bradley_terry_loss(rc, rr)
+    # −log σ(d) = log(1 + e^{−d}); d = [1, 0, −1]
+    # (log(1+e^-1) + log 2 + log(1+e)) / 3 = (0.31326 + 0.69315 + 1.31326) / 3
+    expected = (log1pexp(-1) + math.log(2) + log1pexp(1)) / 3
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    assert m["loss"] == loss
+    # accuracy: win, tie (0.5), loss → 1.5 / 3
+    np.testing.assert_allclose(m["accuracy"], 0.5)
+    np.testing.assert_allclose(m["margin_mean"], 0.0, atol=1e-7)
+    np.testing.assert_allclose(m["chosen_reward_mean"], 1.0)
+    # population std of [1, 2, 0] = sqrt(2/3)
+    np.testing.assert_allclose(m["chosen_reward_std"], math.sqrt(2 / 3), rtol=1e-6)
+    np.testing.assert_allclose(m["rejected_reward_mean"], 1.0)
+    np.testing.assert_allclose(m["rejected_reward_std"], math.sqrt(2 / 3), rtol=1e-6)
+
+
+def test_bradley_terry_margin():
+    # d − m = (1 − 0.5) = 0.5 → log(1 + e^{−0.5}) = 0.474077
+    loss, m = reward.bradley_terry_loss(jnp.array([1.0]), jnp.array([0.0]), margin_B=jnp.array([0.5]))
+    np.testing.assert_allclose(loss, log1pexp(-0.5), rtol=1e-6)
+    # accuracy ignores the margin
+    assert m["accuracy"] == 1.0
+
+
+def test_bradley_terry_multi_objective_and_weights():
+    rc = jnp.array([[1.0, 0.0], [0.0, 0.0]])
+    rr = jnp.array([[0.0, 1.0], [0.0, 0.0]])
+    loss, m = reward.bradley_terry_loss(rc, rr)
+    # entries d = [[1, −1], [0, 0]] → mean of log(1+e^-1), log(1+e), log 2, log 2
+    expected = (log1pexp(-1) + log1pexp(1) + 2 * math.log(2)) / 4
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    # objective 0: win, tie → 0.75; objective 1: loss, tie → 0.25
+    np.testing.assert_allclose(m["accuracy_k0"], 0.75)
+    np.testing.assert_allclose(m["accuracy_k1"], 0.25)
+    # weighted: 2·mean_b(obj0) + 1·mean_b(obj1)
+    wloss, _ = reward.bradley_terry_loss(rc, rr, objective_weights_K=(2.0, 1.0))
+    expected_w = 2 * (log1pexp(-1) + math.log(2)) / 2 + (log1pexp(1) + math.log(2)) / 2
+    np.testing.assert_allclose(wloss, expected_w, rtol=1e-6)
+    # a [B] margin broadcasts over objectives: d − 1 = [[0, −2], [−1, −1]]
+    mloss, _ = reward.bradley_terry_loss(rc, rr, margin_B=jnp.array([1.0, 1.0]))
+    expected_m = (math.log(2) + log1pexp(2) + 2 * log1pexp(1)) / 4
+    np.testing.assert_allclose(mloss, expected_m, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fill", [np.nan, np.inf, 1e9])
+def test_bradley_terry_padding_is_inert(fill):
+    mask = jnp.array([True, True, False])
+
+    def f(rc, rr):
+        return reward.bradley_terry_loss(rc, rr, margin_B=jnp.array([0.1, 0.2, fill]), example_mask_B=mask)
+
+    rc = jnp.array([1.0, -0.5, fill])
+    rr = jnp.array([0.5, 0.5, fill])
+    (loss, m), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(rc, rr)
+    ref, ref_grads = jax.value_and_grad(
+        lambda a, b: reward.bradley_terry_loss(a, b, margin_B=jnp.array([0.1, 0.2]))[0], argnums=(0, 1)
+    )(rc[:2], rr[:2])
+    np.testing.assert_allclose(loss, ref, rtol=1e-6)
+    for g, rg in zip(grads, ref_grads):
+        np.testing.assert_allclose(g[:2], rg, rtol=1e-6)
+        assert g[2] == 0.0
+    assert all(np.isfinite(v) for v in m.values())
+
+
+def test_bradley_terry_all_masked_is_zero_with_finite_grads():
+    mask = jnp.zeros(2, bool)
+    rc = jnp.array([np.nan, 1.0])
+    g = jax.grad(lambda a: reward.bradley_terry_loss(a, jnp.zeros(2), example_mask_B=mask)[0])(rc)
+    loss, m = reward.bradley_terry_loss(rc, jnp.zeros(2), example_mask_B=mask)
+    assert loss == 0.0
+    np.testing.assert_array_equal(g, 0.0)
+    assert all(np.isfinite(v) for v in m.values())
+
+
+def test_bradley_terry_gradient_hand_value():
+    # d/dr_c [−log σ(r_c − r_r)] = −(1 − σ(d)) = −σ(−d); batch of 1, d = 0 → −0.5
+    g = jax.grad(lambda a: reward.bradley_terry_loss(a, jnp.zeros(1))[0])(jnp.zeros(1))
+    np.testing.assert_allclose(g, [-0.5])
+
+
+def test_bradley_terry_jit():
+    f = jax.jit(reward.bradley_terry_loss)
+    loss, _ = f(jnp.array([0.0]), jnp.array([0.0]), None, jnp.array([True]))
+    np.testing.assert_allclose(loss, math.log(2), rtol=1e-6)
+
+
+def test_scaled_bradley_terry():
+    # s = [2, 1], d = [0, 1] → (2·log 2 + log(1+e^-1)) / 2
+    loss, m = reward.scaled_bradley_terry_loss(jnp.array([0.0, 1.0]), jnp.array([0.0, 0.0]), jnp.array([2.0, 1.0]))
+    np.testing.assert_allclose(loss, (2 * math.log(2) + log1pexp(-1)) / 2, rtol=1e-6)
+    np.testing.assert_allclose(m["accuracy"], 0.75)
+
+
+def test_regression_loss():
+    # errors [1, −2] (third masked) → MSE (1 + 4) / 2 = 2.5, MAE 1.5
+    r = jnp.array([1.0, 0.0, np.nan])
+    y = jnp.array([0.0, 2.0, 7.0])
+    loss, m = reward.regression_loss(r, y, jnp.array([True, True, False]))
+    np.testing.assert_allclose(loss, 2.5)
+    np.testing.assert_allclose(m["mae"], 1.5)
+    np.testing.assert_allclose(m["target_mean"], 1.0)
+    g = jax.grad(lambda a: reward.regression_loss(a, y, jnp.array([True, True, False]))[0])(r)
+    # d/dr mean (r − y)² = 2 (r − y) / 2 = [1, −2, 0]
+    np.testing.assert_allclose(g, [1.0, -2.0, 0.0])
+
+
+def test_weighted_objective_sum():
+    # [1·0.5 + 2·2, 3·0.5 + 4·2] = [4.5, 9.5]
+    out = reward.weighted_objective_sum(jnp.array([[1.0, 2.0], [3.0, 4.0]]), jnp.array([0.5, 2.0]))
+    np.testing.assert_allclose(out, [4.5, 9.5])
+    with pytest.raises(ValueError):
+        reward.weighted_objective_sum(jnp.ones((2, 2)), jnp.ones(3))
+
+
+def test_ensemble_reward_modes():
+    r = jnp.array([[1.0, 0.0], [3.0, 0.0]])  # E = 2 members, B = 2
+    np.testing.assert_allclose(reward.ensemble_reward(r, "mean"), [2.0, 0.0])
+    np.testing.assert_allclose(reward.ensemble_reward(r, "min"), [1.0, 0.0])
+    # std over members (ddof 0): [1, 0] → mean − 0.5·std = [1.5, 0]
+    np.testing.assert_allclose(reward.ensemble_reward(r, "mean_minus_std", std_coef=0.5), [1.5, 0.0])
+    # equal members: std 0 has a finite gradient
+    g = jax.grad(lambda x: reward.ensemble_reward(x, "mean_minus_std").sum())(jnp.ones((2, 2)))
+    assert np.isfinite(g).all()
+    with pytest.raises(ValueError):
+        reward.ensemble_reward(r, "median")
+
+
+def test_implicit_rewards_sequence_token_prefix():
+    logps = jnp.array([[-1.0, -2.0, np.nan], [-0.5, np.inf, -0.5]])
+    ref = jnp.array([[-1.5, -1.0, 3.0], [-1.0, 2.0, -1.0]])
+    mask = jnp.array([[True, True, False], [True, False, True]])
+    beta = 0.5
+    tok = reward.implicit_token_rewards(logps, ref, mask, beta=beta)
+    # β·(logp − ref): row 0: 0.5·0.5 = 0.25, 0.5·(−1) = −0.5; row 1: 0.25, masked, 0.25
+    np.testing.assert_allclose(tok, [[0.25, -0.5, 0.0], [0.25, 0.0, 0.25]])
+    np.testing.assert_allclose(reward.implicit_reward(logps, ref, mask, beta=beta), [-0.25, 0.5])
+    q = reward.implicit_prefix_rewards(logps, ref, mask, beta=beta)
+    # running sums: [0.25, −0.25, ·], [0.25, ·, 0.5]
+    np.testing.assert_allclose(q, [[0.25, -0.25, 0.0], [0.25, 0.0, 0.5]])
+    g = jax.grad(lambda x: reward.implicit_prefix_rewards(x, ref, mask, beta=beta).sum())(logps)
+    # q sums: token 0 appears in 2 prefixes of row 0 → 2β; masked slots 0
+    np.testing.assert_allclose(g, [[1.0, 0.5, 0.0], [1.0, 0.0, 0.5]])
+
+
+def test_registry_lookup_and_error_lists_names():
+    assert registry.get("reward_loss", "bradley_terry") is reward.bradley_terry_loss
+    with pytest.raises(KeyError, match="bradley_terry"):
+        registry.get("reward_loss", "bradly_terry")
+    with pytest.raises(KeyError, match="known kinds"):
+        registry.get("no_such_kind", "x")

@@ -1,0 +1,352 @@
+"""Reading preference pairs (prompt, chosen, rejected) from JSONL files.
+
+Formats (detected per file from the first line that is a JSON object with a
+`prompt` or `chosen` field, or forced with `fmt=`):
+
+- "hh": Anthropic HH-RLHF transcripts, `{"chosen": str, "rejected": str}`,
+  each `"\\n\\nHuman: ...\\n\\nAssistant: ..."`. The prompt is everything up
+  to and including the last `"\\n\\nAssistant:"`; the response is the rest
+  (with its leading space, which is how the text continues). With
+  `hh_as_chat=True` the prompt turns become chat messages rendered by
+  `render_chat(messages, add_generation_prompt=True)`, and the response is the
+  final assistant text without the one space HH puts after `Assistant:`.
+- "trl": TRL explicit-prompt strings, `{"prompt": str, "chosen": str, "rejected": str}`.
+- "trl_chat": TRL explicit-prompt messages: `prompt` is a list of
+  `{"role", "content"}` messages, `chosen`/`rejected` each a list holding one
+  assistant message. The prompt is rendered with `render_chat`.
+- "trl_implicit": TRL implicit prompt: `chosen`/`rejected` are whole
+  conversations (message lists) that share every message but the final
+  assistant one; the shared prefix is the prompt.
+
+For chat formats the response is the assistant's plain text; the end of the
+turn is the EOS that `tokenize_pairs(append_eos=True)` appends.
+
+Every bad line is reported with its file, line number and field. With
+`on_error="skip"` it is dropped and counted by reason in a `ReadReport`.
+"""
+import dataclasses
+import gzip
+import json
+import pathlib
+import re
+from typing import Callable
+
+import jinja2
+
+HH_HUMAN = "\n\nHuman:"
+HH_ASSISTANT = "\n\nAssistant:"
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+FORMATS = ("hh", "trl", "trl_chat", "trl_implicit")
+_EXAMPLES_PER_REASON = 5
+
+RenderChat = Callable[..., str]
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferencePair:
+    """One preference pair; `prompt + chosen` is the preferred text.
+
+    `source` is "file:line" (file name only, line numbers from 1).
+    """
+
+    prompt: str
+    chosen: str
+    rejected: str
+    source: str
+
+
+class DataError(ValueError):
+    """A bad line in a data file. Its message is "path:line: field 'f': reason (detail)".
+
+    Attributes: path, line (1-based), field (None when the whole line is bad),
+    reason (a short fixed label such as "prompt mismatch"), label (the reason
+    with its field, as counted in `ReadReport`).
+    """
+
+    def __init__(self, path: str, line: int, field: str | None, reason: str, detail: str = ""):
+        self.path, self.line, self.field, self.reason, self.detail = path, line, field, reason, detail
+        where = f"{path}:{line}: " + (f"field '{field}': " if field else "")
+        super().__init__(where + reason + (f" ({detail})" if detail else ""))
+
+    @property
+    def label(self) -> str:
+        return _label(self.reason, self.field)
+
+
+def _label(reason: str, field: str | None) -> str:
+    if reason == "empty response":
+        return f"empty {field} response"
+    joins = {"missing field": "", "wrong type": " of", "bad message": " in"}
+    if field and reason in joins:
+        return f"{reason}{joins[reason]} '{field}'"
+    return reason
+
+
+class _Bad(Exception):
+    """Raised by the per-format parsers; turned into a DataError with file and line."""
+
+    def __init__(self, field: str | None, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.field, self.reason, self.detail = field, reason, detail
+
+
+@dataclasses.dataclass
+class ReadReport:
+    """What `read_preference_pairs` read, kept and skipped (by reason)."""
+
+    path: str
+    fmt: str | None = None
+    lines: int = 0  # non-blank lines read
+    kept: int = 0
+    blank: int = 0  # blank lines, ignored and not counted as errors
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # label -> count
+    examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # label -> ["file:line"]
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def add_error(self, error: DataError, source: str) -> None:
+        self.skipped[error.label] = self.skipped.get(error.label, 0) + 1
+        examples = self.examples.setdefault(error.label, [])
+        if len(examples) < _EXAMPLES_PER_REASON:
+            examples.append(source)
+
+    def summary(self) -> str:
+        """One line, e.g. "read 10 lines (hh): kept 8, skipped 2 (prompt mismatch: 2 [f:3, f:7])"."""
+        text = f"{self.path}: read {self.lines} lines ({self.fmt or 'format unknown'}): kept {self.kept}"
+        text += f", skipped {self.num_skipped}"
+        if self.skipped:
+            parts = []
+            for label, count in sorted(self.skipped.items(), key=lambda kv: (-kv[1], kv[0])):
+                shown = self.examples[label]
+                more = ", ..." if count > len(shown) else ""
+                parts.append(f"{label}: {count} [{', '.join(shown)}{more}]")
+            text += " (" + "; ".join(parts) + ")"
+        return text
+
+
+def read_preference_pairs(
+    path: str | pathlib.Path,
+    *,
+    fmt: str = "auto",
+    on_error: str = "skip",
+    render_chat: RenderChat | None = None,
+    hh_as_chat: bool = False,
+) -> tuple[list[PreferencePair], ReadReport]:
+    """Reads preference pairs from a `.jsonl` or `.jsonl.gz` file.
+
+    Args:
+      path: the file; `.gz` files are decompressed.
+      fmt: "auto" (detect from the first JSON object with `prompt` or `chosen`),
+        or one of "hh", "trl", "trl_chat", "trl_implicit" (see module doc).
+      on_error: "skip" drops bad lines and counts them in the report;
+        "raise" raises on the first bad line.
+      render_chat: `render_chat(messages, add_generation_prompt=True) -> str`,
+        normally `tokenizer.apply_chat_template`; needed for chat formats and
+        for `hh_as_chat`.
+      hh_as_chat: render HH transcripts' prompts as chat (see module doc).
+
+    Returns:
+      (pairs, report): the valid pairs in file order, and a `ReadReport`.
+
+    Raises:
+      DataError (a ValueError): with on_error="raise", the first bad line,
+        naming file:line and field. Reasons: malformed JSON, not a JSON object,
+        missing field, wrong type, bad message, no assistant turn, malformed
+        transcript, empty prompt, empty response, prompt mismatch, chat
+        template error.
+      ValueError: bad `fmt`/`on_error`, or chat content without `render_chat`.
+    """
+    if fmt != "auto" and fmt not in FORMATS:
+        raise ValueError(f"fmt must be 'auto' or one of {FORMATS}, got {fmt!r}")
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    path = pathlib.Path(path)
+    name = path.name
+    report = ReadReport(path=name, fmt=None if fmt == "auto" else fmt)
+    pairs = []
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                report.blank += 1
+                continue
+            report.lines += 1
+            source = f"{name}:{lineno}"
+            try:
+                obj = _parse_json(raw)
+                if report.fmt is None:
+                    report.fmt = _detect(obj)
+                    if report.fmt is None:
+                        raise _Bad("chosen", "missing field", "cannot detect the format without it")
+                _check_render(report.fmt, hh_as_chat, render_chat)
+                prompt, chosen, rejected = _PARSERS[report.fmt](obj, render_chat, hh_as_chat)
+            except _Bad as bad:
+                error = DataError(str(path), lineno, bad.field, bad.reason, bad.detail)
+                if on_error == "raise":
+                    raise error from None
+                report.add_error(error, source)
+                continue
+            pairs.append(PreferencePair(prompt, chosen, rejected, source))
+            report.kept += 1
+    return pairs, report
+
+
+def _parse_json(raw: bytes):
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise _Bad(None, "malformed JSON", f"not UTF-8: {e}") from None
+    except json.JSONDecodeError as e:
+        raise _Bad(None, "malformed JSON", str(e)) from None
+    if not isinstance(obj, dict):
+        raise _Bad(None, "not a JSON object", f"got {type(obj).__name__}")
+    return obj
+
+
+def _detect(obj: dict) -> str | None:
+    if "prompt" in obj:
+        return "trl_chat" if isinstance(obj["prompt"], list) else "trl"
+    if "chosen" in obj:
+        return "trl_implicit" if isinstance(obj["chosen"], list) else "hh"
+    return None
+
+
+def _check_render(fmt, hh_as_chat, render_chat):
+    needs = fmt in ("trl_chat", "trl_implicit") or (fmt == "hh" and hh_as_chat)
+    if needs and render_chat is None:
+        what = "holds chat messages" if fmt != "hh" else "is read with hh_as_chat=True"
+        raise ValueError(f"this file {what}: pass render_chat=tokenizer.apply_chat_template")
+
+
+def _field(obj: dict, key: str, kind: type):
+    if key not in obj:
+        raise _Bad(key, "missing field")
+    value = obj[key]
+    if not isinstance(value, kind):
+        raise _Bad(key, "wrong type", f"expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _require_responses(chosen: str, rejected: str) -> None:
+    for key, response in (("chosen", chosen), ("rejected", rejected)):
+        if not response.strip():
+            raise _Bad(key, "empty response")
+
+
+def _render(render_chat, messages):
+    try:
+        return render_chat(messages, add_generation_prompt=True)
+    except (ValueError, jinja2.exceptions.TemplateError) as e:
+        raise _Bad("prompt", "chat template error", str(e)) from None
+
+
+# ------------------------------------------------------------------ HH-RLHF
+
+
+def _split_hh(text: str, key: str) -> tuple[str, str]:
+    cut = text.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise _Bad(key, "no assistant turn", "no '\\n\\nAssistant:' in the transcript")
+    cut += len(HH_ASSISTANT)
+    return text[:cut], text[cut:]
+
+
+def _hh_messages(prompt: str) -> list[dict]:
+    """HH prompt text (ending in "\\n\\nAssistant:") -> messages, minus the open final turn."""
+    parts = _HH_TURN.split(prompt)
+    if parts[0].strip():
+        raise _Bad("chosen", "malformed transcript", "text before the first Human/Assistant turn")
+    messages = []
+    for role, content in zip(parts[1::2], parts[2::2]):
+        messages.append({"role": _HH_ROLES[role], "content": _strip_one_space(content)})
+    return messages[:-1]  # the last "Assistant:" is the turn the response fills
+
+
+def _strip_one_space(text: str) -> str:
+    return text[1:] if text.startswith(" ") else text
+
+
+def _parse_hh(obj, render_chat, hh_as_chat):
+    chosen_text, rejected_text = _field(obj, "chosen", str), _field(obj, "rejected", str)
+    prompt, chosen = _split_hh(chosen_text, "chosen")
+    rejected_prompt, rejected = _split_hh(rejected_text, "rejected")
+    if prompt != rejected_prompt:
+        raise _Bad("rejected", "prompt mismatch", "the transcripts differ before the last Assistant turn")
+    if not prompt[: -len(HH_ASSISTANT)].strip():
+        raise _Bad("chosen", "empty prompt")
+    _require_responses(chosen, rejected)
+    if not hh_as_chat:
+        return prompt, chosen, rejected
+    messages = _hh_messages(prompt)
+    return _render(render_chat, messages), _strip_one_space(chosen), _strip_one_space(rejected)
+
+
+# ---------------------------------------------------------------------- TRL
+
+
+def _parse_trl(obj, render_chat, hh_as_chat):
+    del render_chat, hh_as_chat
+    prompt = _field(obj, "prompt", str)
+    chosen, rejected = _field(obj, "chosen", str), _field(obj, "rejected", str)
+    if not prompt.strip():
+        raise _Bad("prompt", "empty prompt")
+    _require_responses(chosen, rejected)
+    return prompt, chosen, rejected
+
+
+def _messages(value: list, key: str) -> list[dict]:
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise _Bad(key, "bad message", f"message {i} is not a {{'role', 'content'}} dict")
+        if not isinstance(message["role"], str) or not isinstance(message["content"], str):
+            raise _Bad(key, "bad message", f"message {i}: role and content must be strings")
+    return value
+
+
+def _assistant_reply(messages: list[dict], key: str, reason: str = "bad message") -> str:
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        roles = [m["role"] for m in messages]
+        raise _Bad(key, reason, f"expected one final assistant message, got roles {roles}")
+    return messages[0]["content"]
+
+
+def _parse_trl_chat(obj, render_chat, hh_as_chat):
+    del hh_as_chat
+    prompt = _messages(_field(obj, "prompt", list), "prompt")
+    chosen = _assistant_reply(_messages(_field(obj, "chosen", list), "chosen"), "chosen")
+    rejected = _assistant_reply(_messages(_field(obj, "rejected", list), "rejected"), "rejected")
+    if not prompt:
+        raise _Bad("prompt", "empty prompt")
+    _require_responses(chosen, rejected)
+    return _render(render_chat, prompt), chosen, rejected
+
+
+def _parse_trl_implicit(obj, render_chat, hh_as_chat):
+    del hh_as_chat
+    chosen = _messages(_field(obj, "chosen", list), "chosen")
+    rejected = _messages(_field(obj, "rejected", list), "rejected")
+    if not chosen:
+        raise _Bad("chosen", "empty response", "empty conversation")
+    if not rejected:
+        raise _Bad("rejected", "empty response", "empty conversation")
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    shared = min(shared, len(chosen) - 1, len(rejected) - 1)  # the last message is always a reply
+    chosen_reply = _assistant_reply(chosen[shared:], "chosen", "prompt mismatch")
+    rejected_reply = _assistant_reply(rejected[shared:], "rejected", "prompt mismatch")
+    if shared == 0:
+        raise _Bad("chosen", "empty prompt", "the conversations share no message")
+    _require_responses(chosen_reply, rejected_reply)
+    return _render(render_chat, chosen[:shared]), chosen_reply, rejected_reply
+
+
+_PARSERS = {
+    "hh": _parse_hh,
+    "trl": _parse_trl,
+    "trl_chat": _parse_trl_chat,
+    "trl_implicit": _parse_trl_implicit,
+}

@@ -275,8 +275,8 @@ def _parse_hh(obj, render_chat, hh_as_chat):
     rejected_prompt, rejected = _split_hh(rejected_text, "rejected")
     if prompt != rejected_prompt:
         raise _Bad("rejected", "prompt mismatch", "the transcripts differ before the last Assistant turn")
-    if not prompt[: -len(HH_ASSISTANT)].strip():
-        raise _Bad("chosen", "empty prompt")
+    if not _HH_TURN.sub("", prompt).strip():
+        raise _Bad("chosen", "empty prompt", "no text in the turns before the last reply")
     _require_responses(chosen, rejected)
     if not hh_as_chat:
         return prompt, chosen, rejected

@@ -1,0 +1,388 @@
+"""Preference losses: hand-computed values, masking, identities, a DPO bandit."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxreward.objectives import preference, registry
+
+
+def ls(x):  # log σ(x)
+    return -math.log1p(math.exp(-x))
+
+
+def sig(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+# A two-pair batch used throughout.
+#   ρ_c = chosen − ref_chosen   = [−1 − (−1.5), −2 − (−1.5)] = [0.5, −0.5]
+#   ρ_r = rejected − ref_rejected = [−3 − (−2.5), −1 − (−2)] = [−0.5, 1.0]
+#   h = ρ_c − ρ_r = [1.0, −1.5]
+C = jnp.array([-1.0, -2.0])
+R = jnp.array([-3.0, -1.0])
+RC = jnp.array([-1.5, -1.5])
+RR = jnp.array([-2.5, -2.0])
+RHO_C = [0.5, -0.5]
+RHO_R = [-0.5, 1.0]
+H = [1.0, -1.5]
+BETA = 0.5
+LEN_C = jnp.array([2.0, 4.0])
+LEN_R = jnp.array([3.0, 1.0])
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def check_reward_metrics(m, reward_c, reward_r):
+    """Implicit-reward metrics against python floats."""
+    np.testing.assert_allclose(m["chosen_reward_mean"], mean(reward_c), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(m["rejected_reward_mean"], mean(reward_r), rtol=1e-5, atol=1e-7)
+    diffs = [a - b for a, b in zip(reward_c, reward_r)]
+    np.testing.assert_allclose(m["margin_mean"], mean(diffs), rtol=1e-5, atol=1e-7)
+    acc = mean([1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs])
+    np.testing.assert_allclose(m["accuracy"], acc)
+
+
+def test_dpo_hand_value_and_gradient():
+    loss, m = preference.dpo_loss(C, R, RC, RR, beta=BETA)
+    # −log σ(βh) = log(1 + e^{−βh}): βh = [0.5, −0.75] → (0.474077 + 1.136871) / 2 = 0.805474
+    expected = mean([-ls(0.5), -ls(-0.75)])
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    np.testing.assert_allclose(expected, 0.805474, rtol=1e-5)
+    # implicit rewards β·ρ: chosen [0.25, −0.25], rejected [−0.25, 0.5]; accuracy 1/2
+    check_reward_metrics(m, [0.25, -0.25], [-0.25, 0.5])
+    np.testing.assert_allclose(m["accuracy"], 0.5)
+    # ∂loss/∂chosen_b = −β·σ(−βh_b)/B = −0.5·[σ(−0.5), σ(0.75)]/2 = [−0.093873, −0.169130]
+    g = jax.grad(lambda c: preference.dpo_loss(c, R, RC, RR, beta=BETA)[0])(C)
+    np.testing.assert_allclose(g, [-BETA * sig(-0.5) / 2, -BETA * sig(0.75) / 2], rtol=1e-5)
+
+
+def test_cdpo_and_robust_hand_values():
+    eps = 0.1
+    loss, m = preference.cdpo_loss(C, R, RC, RR, beta=BETA, label_smoothing=eps)
+    # −0.9·log σ(βh) − 0.1·log σ(−βh)
+    expected = mean([-(1 - eps) * ls(z) - eps * ls(-z) for z in (0.5, -0.75)])
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    check_reward_metrics(m, [0.25, -0.25], [-0.25, 0.5])
+    loss, _ = preference.robust_dpo_loss(C, R, RC, RR, beta=BETA, label_smoothing=eps)
+    # [−0.9·log σ(βh) + 0.1·log σ(−βh)] / 0.8
+    expected = mean([(-(1 - eps) * ls(z) + eps * ls(-z)) / (1 - 2 * eps) for z in (0.5, -0.75)])
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    with pytest.raises(ValueError):
+        preference.robust_dpo_loss(C, R, RC, RR, beta=BETA, label_smoothing=0.5)
+    with pytest.raises(ValueError):
+        preference.cdpo_loss(C, R, RC, RR, beta=BETA, label_smoothing=0.6)
+
+
+def test_robust_dpo_is_unbiased_under_label_noise():
+    # With labels flipped at rate ε: (1 − ε)·L(h) + ε·L(−h) == DPO(h).
+    eps = 0.2
+    clean, _ = preference.dpo_loss(C, R, RC, RR, beta=BETA)
+    kept, _ = preference.robust_dpo_loss(C, R, RC, RR, beta=BETA, label_smoothing=eps)
+    flipped, _ = preference.robust_dpo_loss(R, C, RR, RC, beta=BETA, label_smoothing=eps)
+    np.testing.assert_allclose((1 - eps) * kept + eps * flipped, clean, rtol=1e-5)
+
+
+def test_ipo_hand_value_and_length_normalized():
+    loss, _ = preference.ipo_loss(C, R, RC, RR, beta=BETA)
+    # (h − 1/(2β))² = (1 − 1)², (−1.5 − 1)² = 0, 6.25 → 3.125
+    np.testing.assert_allclose(loss, 3.125, rtol=1e-6)
+    loss, m = preference.ipo_loss(C, R, RC, RR, beta=BETA, length_normalize=True, chosen_lengths_B=LEN_C, rejected_lengths_B=LEN_R)
+    # ρ_c/|y_c| = [0.25, −0.125], ρ_r/|y_r| = [−1/6, 1.0] → h = [0.416667, −1.125]
+    expected = mean([(0.25 + 1 / 6 - 1) ** 2, (-0.125 - 1.0 - 1) ** 2])
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    with pytest.raises(ValueError):
+        preference.ipo_loss(C, R, RC, RR, beta=BETA, length_normalize=True)
+
+
+def test_hinge_hand_value():
+    loss, m = preference.hinge_loss(C, R, RC, RR, beta=BETA)
+    # max(0, 1 − βh) = max(0, 0.5), max(0, 1.75) → 1.125
+    np.testing.assert_allclose(loss, 1.125, rtol=1e-6)
+    check_reward_metrics(m, [0.25, -0.25], [-0.25, 0.5])
+
+
+def test_simpo_hand_value_ignores_reference():
+    gamma = 0.3
+    loss, m = preference.simpo_loss(C, R, None, None, beta=2.0, gamma=gamma, chosen_lengths_B=LEN_C, rejected_lengths_B=LEN_R)
+    # r_c = 2·[−1/2, −2/4] = [−1, −1]; r_r = 2·[−3/3, −1/1] = [−2, −2]
+    # −log σ(r_c − r_r − γ) = −log σ(0.7) for both
+    np.testing.assert_allclose(loss, -ls(0.7), rtol=1e-6)
+    check_reward_metrics(m, [-1.0, -1.0], [-2.0, -2.0])
+    assert preference.simpo_loss.uses_reference is False
+    # reference arrays are ignored
+    loss2, _ = preference.simpo_loss(C, R, RC, RR, beta=2.0, gamma=gamma, chosen_lengths_B=LEN_C, rejected_lengths_B=LEN_R)
+    assert loss2 == loss
+
+
+def test_orpo_hand_value():
+    loss, m = preference.orpo_loss(C, R, None, None, beta=0.1, chosen_lengths_B=LEN_C, rejected_lengths_B=LEN_R)
+    # mean log-probs: chosen [−0.5, −0.5], rejected [−1, −1]
+    # log odds(p) = p − log(1 − e^p): log odds(−0.5) = −0.5 − log(0.393469) = 0.432752
+    #                                 log odds(−1)   = −1 − log(0.632121) = −0.541325
+    lo = lambda p: p - math.log(1 - math.exp(p))
+    ratio = lo(-0.5) - lo(-1.0)
+    # loss = NLL + λ·(−log σ(ratio)) = 0.5 − 0.1·log σ(0.974077)
+    expected = 0.5 - 0.1 * ls(ratio)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    np.testing.assert_allclose(m["nll"], 0.5, rtol=1e-6)
+    np.testing.assert_allclose(m["log_odds_ratio"], ratio, rtol=1e-5)
+    check_reward_metrics(m, [-0.05, -0.05], [-0.1, -0.1])
+
+
+def test_nca_apo_hand_values():
+    rc = [BETA * x for x in RHO_C]  # [0.25, −0.25]
+    rr = [BETA * x for x in RHO_R]  # [−0.25, 0.5]
+    loss, m = preference.nca_loss(C, R, RC, RR, beta=BETA)
+    # −log σ(r_c) − ½ log σ(−r_c) − ½ log σ(−r_r)
+    expected = mean([-ls(a) - 0.5 * ls(-a) - 0.5 * ls(-b) for a, b in zip(rc, rr)])
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    check_reward_metrics(m, rc, rr)
+    loss, _ = preference.apo_zero_loss(C, R, RC, RR, beta=BETA)
+    # (1 − σ(r_c)) + σ(r_r)
+    expected = mean([(1 - sig(a)) + sig(b) for a, b in zip(rc, rr)])
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    loss, _ = preference.apo_down_loss(C, R, RC, RR, beta=BETA)
+    # σ(r_c) + (1 − σ(r_c − r_r))
+    expected = mean([sig(a) + (1 - sig(a - b)) for a, b in zip(rc, rr)])
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+
+
+def test_bco_pair_hand_value():
+    rc = [0.25, -0.25]
+    rr = [-0.25, 0.5]
+    loss, m = preference.bco_pair_loss(C, R, RC, RR, beta=BETA)
+    # δ = mean of all four rewards = 0.25 / 4 = 0.0625
+    d = mean(rc + rr)
+    expected = mean([-ls(a - d) - ls(-(b - d)) for a, b in zip(rc, rr)])
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    np.testing.assert_allclose(m["reference_point"], 0.0625, rtol=1e-6)
+    loss, m = preference.bco_pair_loss(C, R, RC, RR, beta=BETA, reference_point=jnp.float32(0.0))
+    expected = mean([-ls(a) - ls(-b) for a, b in zip(rc, rr)])
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+
+
+def test_exo_hand_value():
+    eps = 1e-3
+    loss, _ = preference.exo_loss(C, R, RC, RR, beta=BETA, epsilon=eps)
+    # p = σ(βh); p(log p − log(1−ε)) + (1−p)(log(1−p) − log ε)
+    expected = mean([sig(z) * (ls(z) - math.log(1 - eps)) + sig(-z) * (ls(-z) - math.log(eps)) for z in (0.5, -0.75)])
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    # a KL is ≥ 0 and is 0 when p = 1 − ε: βh = logit(0.999)
+    z = math.log(0.999 / 0.001)
+    zero, _ = preference.exo_loss(jnp.array([z / BETA]), jnp.zeros(1), jnp.zeros(1), jnp.zeros(1), beta=BETA, epsilon=eps)
+    np.testing.assert_allclose(zero, 0.0, atol=1e-5)
+
+
+def test_beta_dpo_per_pair_beta():
+    # margins m = [1, 3], m0 = mean = 2, α = 0.5: β_i = 0.5·(1 + 0.5·[−1, 1]) = [0.25, 0.75]
+    loss, m = preference.beta_dpo_loss(C, R, RC, RR, beta=BETA, alpha=0.5, reward_margin_B=jnp.array([1.0, 3.0]))
+    expected = mean([-ls(0.25 * 1.0), -ls(0.75 * -1.5)])
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    np.testing.assert_allclose(m["beta_mean"], 0.5, rtol=1e-6)
+    # α = 0 is DPO
+    dpo, _ = preference.dpo_loss(C, R, RC, RR, beta=BETA)
+    loss0, _ = preference.beta_dpo_loss(C, R, RC, RR, beta=BETA, alpha=0.0)
+    np.testing.assert_allclose(loss0, dpo, rtol=1e-6)
+    # the floor: m = [−100, 100] with α = 1 → β_0 = max(0.5·(1 − 100), 1e-3)
+    lossf, _ = preference.beta_dpo_loss(C, R, RC, RR, beta=BETA, alpha=1.0, reward_margin_B=jnp.array([-100.0, 100.0]))
+    expected = mean([-ls(1e-3 * 1.0), -ls(0.5 * 101 * -1.5)])
+    np.testing.assert_allclose(lossf, expected, rtol=1e-5)
+
+
+def test_cream_matches_dpo_and_cdpo():
+    dpo, _ = preference.dpo_loss(C, R, RC, RR, beta=BETA)
+    c1, _ = preference.cream_loss(C, R, RC, RR, beta=BETA, consistency=1.0)
+    np.testing.assert_allclose(c1, dpo, rtol=1e-6)
+    cd, _ = preference.cdpo_loss(C, R, RC, RR, beta=BETA, label_smoothing=0.25)
+    c75, _ = preference.cream_loss(C, R, RC, RR, beta=BETA, consistency=jnp.array([0.75, 0.75]))
+    np.testing.assert_allclose(c75, cd, rtol=1e-6)
+
+
+def test_cream_consistency_kendall():
+    now = jnp.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    prev = jnp.array([[1.0, 2.0, 3.0], [2.0, 1.0, 3.0]])
+    # row 0: identical → τ = 1 → C = 1
+    # row 1: pairs (0,1) discordant, (0,2) and (1,2) concordant → τ = (2 − 1)/3 → C = 2/3
+    np.testing.assert_allclose(preference.cream_consistency(now, prev), (1 + 2 / 3) / 2, rtol=1e-6)
+    # a masked third response leaves row 1 with one discordant pair → C = 0
+    mask = jnp.array([[True, True, True], [True, True, False]])
+    np.testing.assert_allclose(preference.cream_consistency(now, prev, mask), (1 + 0) / 2, rtol=1e-6)
+
+
+def test_tgdpo_alpha_zero_is_dpo_and_hand_value():
+    lp_c = jnp.array([[-0.5, -0.5, 9.0], [-1.0, -1.0, 7.0]])  # 9/7 in masked slots
+    lp_r = jnp.array([[-1.0, -2.0], [-0.5, -0.5]])
+    ref_c = jnp.array([[-0.75, -0.75, 0.0], [-0.75, -0.75, 0.0]])
+    ref_r = jnp.array([[-1.0, -1.5], [-1.0, -1.0]])
+    mc = jnp.array([[True, True, False], [True, True, False]])
+    mr = jnp.ones((2, 2), bool)
+    guide_c = jnp.array([[1.0, -1.0, 0.0], [2.0, 0.0, 0.0]])
+    guide_r = jnp.array([[0.5, 0.5], [-1.0, 1.0]])
+    kw = dict(chosen_mask_BT=mc, rejected_mask_BT=mr, chosen_token_rewards_BT=guide_c, rejected_token_rewards_BT=guide_r)
+    loss0, m0 = preference.tgdpo_loss(lp_c, lp_r, ref_c, ref_r, beta=BETA, alpha=0.0, **kw)
+    seq = preference.sequence_logps
+    dpo, md = preference.dpo_loss(seq(lp_c, mc), seq(lp_r, mr), seq(ref_c, mc), seq(ref_r, mr), beta=BETA)
+    np.testing.assert_allclose(loss0, dpo, rtol=1e-6)
+    np.testing.assert_allclose(m0["chosen_reward_mean"], md["chosen_reward_mean"], rtol=1e-6)
+    loss, _ = preference.tgdpo_loss(lp_c, lp_r, ref_c, ref_r, beta=BETA, alpha=0.5, **kw)
+    # token log-ratios: chosen [[0.25, 0.25], [−0.25, −0.25]], rejected [[0, −0.5], [0.5, 0.5]]
+    # u_c = Σ β(1 + α r̂)ρ: row 0: 0.5·(1.5·0.25 + 0.5·0.25) = 0.25; row 1: 0.5·(2·−0.25 + 1·−0.25) = −0.375
+    # u_r = Σ β(1 − α r̂)ρ: row 0: 0.5·(0.75·0 + 0.75·−0.5) = −0.1875; row 1: 0.5·(1.5·0.5 + 0.5·0.5) = 0.5
+    expected = mean([-ls(0.25 + 0.1875), -ls(-0.375 - 0.5)])
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
+def test_mixture_is_weighted_sum():
+    comps = (("dpo", 1.0), ("ipo", 0.5, {"beta": 0.25}), ("simpo", 2.0, {"beta": 2.0}))
+    loss, m = preference.mixture_loss(
+        C, R, RC, RR, components=comps, beta=BETA, gamma=0.3, chosen_lengths_B=LEN_C, rejected_lengths_B=LEN_R
+    )
+    dpo, md = preference.dpo_loss(C, R, RC, RR, beta=BETA)
+    ipo, _ = preference.ipo_loss(C, R, RC, RR, beta=0.25)
+    simpo, _ = preference.simpo_loss(C, R, None, None, beta=2.0, gamma=0.3, chosen_lengths_B=LEN_C, rejected_lengths_B=LEN_R)
+    np.testing.assert_allclose(loss, dpo + 0.5 * ipo + 2.0 * simpo, rtol=1e-6)
+    np.testing.assert_allclose(m["ipo/loss"], ipo, rtol=1e-6)
+    assert m["accuracy"] == md["accuracy"]
+    # via the registry by name
+    fn = registry.get("preference", "mixture")
+    loss2, _ = fn(C, R, RC, RR, components=(("dpo", 1.0),), beta=BETA)
+    np.testing.assert_allclose(loss2, dpo, rtol=1e-6)
+
+
+def test_kto_hand_value():
+    logps = jnp.array([-1.0, -2.0, -1.0])
+    ref = jnp.array([-1.5, -1.5, 0.0])
+    desirable = jnp.array([True, False, False])
+    kl_logps = jnp.array([-3.0, -3.0, -3.0])
+    ref_kl = jnp.array([-3.5, -3.0, -3.3])
+    beta = 0.5
+    loss, m = preference.kto_loss(logps, ref, desirable, kl_logps, ref_kl, beta=beta, desirable_weight=1.0, undesirable_weight=2.0)
+    # ρ = [0.5, −0.5, −1.0]; z0 = max(0, mean[0.5, 0, 0.3]) = 0.266667
+    z0 = 0.8 / 3
+    # desirable:   1·(1 − σ(0.5·(0.5 − z0)))
+    # undesirable: 2·(1 − σ(0.5·(z0 − ρ)))
+    losses = [1 - sig(0.5 * (0.5 - z0)), 2 * (1 - sig(0.5 * (z0 + 0.5))), 2 * (1 - sig(0.5 * (z0 + 1.0)))]
+    np.testing.assert_allclose(loss, mean(losses), rtol=1e-5)
+    np.testing.assert_allclose(m["kl"], z0, rtol=1e-5)
+    np.testing.assert_allclose(m["chosen_reward_mean"], 0.25, rtol=1e-6)
+    np.testing.assert_allclose(m["rejected_reward_mean"], -0.375, rtol=1e-6)
+    np.testing.assert_allclose(m["margin_mean"], 0.625, rtol=1e-6)
+    # all three rows on the right side of z0
+    np.testing.assert_allclose(m["accuracy"], 1.0)
+    # z0 is a constant: no gradient flows into the mismatched log-probs
+    g = jax.grad(lambda x: preference.kto_loss(logps, ref, desirable, x, ref_kl, beta=beta)[0])(kl_logps)
+    np.testing.assert_array_equal(g, 0.0)
+    # a negative KL estimate is clipped to 0
+    _, m = preference.kto_loss(logps, ref, desirable, kl_logps, ref_kl + 1.0, beta=beta)
+    assert m["kl"] == 0.0
+
+
+# ----------------------------------------------------------------------------
+# Every registered pairwise loss: padding is inert, all-masked is 0.
+# ----------------------------------------------------------------------------
+
+EXTRA_KWARGS = {
+    "cdpo": {"label_smoothing": 0.1},
+    "robust_dpo": {"label_smoothing": 0.1},
+    "simpo": {"gamma": 0.3},
+    "beta_dpo": {"alpha": 0.5},
+    "cream": {"consistency": 0.8},
+    "mixture": {"components": (("dpo", 1.0), ("ipo", 0.5), ("orpo", 0.25))},
+}
+PAIRWISE = [n for n in registry.names("preference") if n != "tgdpo"]
+
+
+def _call(name, c, r, rc, rr, mask, lengths):
+    fn = registry.get("preference", name)
+    available = dict(
+        beta=BETA, example_mask_B=mask, chosen_lengths_B=lengths[0], rejected_lengths_B=lengths[1], **EXTRA_KWARGS.get(name, {})
+    )
+    return fn(c, r, rc, rr, **registry.accepted_kwargs(fn, available))
+
+
+def test_every_pairwise_loss_is_registered():
+    expected = {"dpo", "cdpo", "robust_dpo", "ipo", "hinge", "simpo", "orpo", "nca", "apo_zero", "apo_down",
+                "bco_pair", "exo", "beta_dpo", "cream", "tgdpo", "mixture"}
+    assert expected == set(registry.names("preference"))
+    assert registry.names("unpaired_preference") == ("kto",)
+
+
+@pytest.mark.parametrize("name", PAIRWISE)
+@pytest.mark.parametrize("fill", [np.nan, 1e9])
+def test_pairwise_padding_is_inert(name, fill):
+    mask = jnp.array([True, True, False])
+    pad = lambda x, v: jnp.concatenate([x, jnp.array([v])])
+    lengths = (pad(LEN_C, 0.0), pad(LEN_R, fill))
+
+    def f(c, r):
+        return _call(name, c, r, pad(RC, fill), pad(RR, -fill), mask, lengths)
+
+    (loss, m), (gc, gr) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(pad(C, fill), pad(R, fill))
+    (ref_loss, ref_m), (rgc, rgr) = jax.value_and_grad(
+        lambda c, r: _call(name, c, r, RC, RR, None, (LEN_C, LEN_R)), argnums=(0, 1), has_aux=True
+    )(C, R)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(gc, pad(rgc, 0.0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(gr, pad(rgr, 0.0), rtol=1e-5, atol=1e-7)
+    for key in ("accuracy", "margin_mean", "chosen_reward_mean", "rejected_reward_mean"):
+        np.testing.assert_allclose(m[key], ref_m[key], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", PAIRWISE)
+def test_pairwise_all_masked_is_zero(name):
+    mask = jnp.zeros(2, bool)
+    nan = jnp.full(2, np.nan)
+    (loss, m), grads = jax.value_and_grad(
+        lambda c, r: _call(name, c, r, nan, nan, mask, (nan, nan)), argnums=(0, 1), has_aux=True
+    )(nan, nan)
+    assert loss == 0.0
+    for g in grads:
+        np.testing.assert_array_equal(g, 0.0)
+    assert all(np.isfinite(v) for v in m.values()), m
+
+
+@pytest.mark.parametrize("name", PAIRWISE)
+def test_pairwise_jit_with_static_hparams(name):
+    eager, _ = _call(name, C, R, RC, RR, None, (LEN_C, LEN_R))
+    jitted = jax.jit(lambda c, r, rc, rr: _call(name, c, r, rc, rr, None, (LEN_C, LEN_R))[0])(C, R, RC, RR)
+    np.testing.assert_allclose(jitted, eager, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Tabular bandit: DPO recovers β·log(π/π_ref) differences = reward differences.
+# ----------------------------------------------------------------------------
+
+
+def test_dpo_bandit_recovers_reward_differences():
+    reward_A = np.array([1.0, 0.0, -0.5])
+    ref_logits = jnp.array([0.3, -0.2, 0.1])
+    ref_logp = jax.nn.log_softmax(ref_logits)
+    beta = 0.5
+    pairs = [(i, j) for i in range(3) for j in range(3) if i != j]
+    # Preferences follow Bradley–Terry with the true reward: P(i ≻ j) = σ(r_i − r_j).
+    # The expected DPO loss weights the ordered pair (i ≻ j) by that probability.
+    win = jnp.array([1 / (1 + math.exp(-(reward_A[i] - reward_A[j]))) for i, j in pairs])
+    ci = jnp.array([i for i, _ in pairs])
+    ri = jnp.array([j for _, j in pairs])
+
+    def expected_loss(theta):
+        logp = jax.nn.log_softmax(theta)
+        losses = []
+        for k in range(len(pairs)):
+            loss_k, _ = preference.dpo_loss(logp[ci[k]][None], logp[ri[k]][None], ref_logp[ci[k]][None], ref_logp[ri[k]][None], beta=beta)
+            losses.append(win[k] * loss_k)
+        return sum(losses)
+
+    @jax.jit
+    def run(theta):
+        step = lambda _, t: t - 2.0 * jax.grad(expected_loss)(t)
+        return jax.lax.fori_loop(0, 400, step, theta)
+
+    theta = run(ref_logits)
+    implicit = beta * (jax.nn.log_softmax(theta) - ref_logp)
+    np.testing.assert_allclose(implicit - implicit[1], reward_A - reward_A[1], atol=2e-3)

@@ -1,0 +1,399 @@
+"""HF transformers checkpoint directories <-> `Decoder` params.
+
+A checkpoint directory holds `config.json`, the weights as one
+`model.safetensors` or as shards listed in `model.safetensors.index.json`,
+and usually `tokenizer.json` (+ `tokenizer_config.json`,
+`generation_config.json`). Llama, Mistral (no sliding window) and Qwen2
+(Llama + q/k/v biases) map onto `LlamaConfig`.
+
+One table, `_hf_tensors`, names every HF tensor with its shape, its place in
+our param tree and the reshape between the two layouts; loading and export
+both read it:
+
+    q/k/v_proj.weight [H*D, E]  ->  kernel = W.T.reshape(E, H, D)
+    q/k/v_proj.bias   [H*D]     ->  bias   = b.reshape(H, D)
+    o_proj.weight     [E, H*D]  ->  kernel = W.T.reshape(H, D, E)
+    mlp / lm_head     [out, in] ->  kernel = W.T
+    norms' weight               ->  scale
+    embed_tokens.weight [V, E]  ->  embedding (as is)
+
+Both use the rotate-half RoPE layout, so no permutation is needed here
+(GGUF files do need one, see `gguf_io`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from jaxreward.models.llama import LlamaConfig
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Buffers some checkpoints carry that are not parameters.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+# ---------------------------------------------------------------------- config
+
+def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> LlamaConfig:
+    """`LlamaConfig` from an HF `config.json` dict.
+
+    Raises:
+      ValueError: naming `source` and the field, for a model type or feature
+        the decoder does not implement (RoPE scaling, sliding-window layers,
+        attention/MLP output biases, a non-SiLU activation) or a missing field.
+    """
+    def need(field):
+        if field not in hf or hf[field] is None:
+            raise ValueError(f"{source}: required field {field!r} is missing")
+        return hf[field]
+
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{source}: model_type {model_type!r} is not supported "
+                         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
+    for field in ("attention_bias", "mlp_bias"):
+        if model_type != "qwen2" and hf.get(field):
+            raise ValueError(f"{source}: {field}=true is not supported (the decoder has no "
+                             "output-projection / MLP biases)")
+    if hf.get("use_sliding_window"):
+        raise ValueError(f"{source}: use_sliding_window=true is not supported")
+    layer_types = hf.get("layer_types") or []
+    if any(t != "full_attention" for t in layer_types):
+        raise ValueError(f"{source}: layer_types {sorted(set(layer_types))} not supported "
+                         "(only full_attention)")
+    if float(hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError(f"{source}: partial_rotary_factor != 1 is not supported")
+
+    # RoPE: transformers 5 writes `rope_parameters`, 4.x `rope_theta` + `rope_scaling`.
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    for field, params in (("rope_parameters", rope), ("rope_scaling", scaling)):
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind not in ("default", None):
+            raise ValueError(f"{source}: {field} of type {kind!r} is not implemented "
+                             "(only default RoPE)")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+
+    max_positions = int(hf.get("max_position_embeddings", 2048))
+    window = hf.get("sliding_window")
+    if model_type == "mistral" and window is not None and window < max_positions:
+        log.warning("%s: sliding_window=%d is not implemented; max_position_embeddings is "
+                    "lowered from %d to %d, where full attention is exact",
+                    source, window, max_positions, window)
+        max_positions = int(window)
+
+    num_heads = int(need("num_attention_heads"))
+    hidden = int(need("hidden_size"))
+    return LlamaConfig(
+        vocab_size=int(need("vocab_size")),
+        hidden_size=hidden,
+        intermediate_size=int(need("intermediate_size")),
+        num_layers=int(need("num_hidden_layers")),
+        num_heads=num_heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+        head_dim=int(hf.get("head_dim") or hidden // num_heads),
+        rope_theta=float(theta),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=model_type == "qwen2",
+        max_position_embeddings=max_positions,
+    )
+
+
+def config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
+    """HF `config.json` dict: "qwen2" when the config has q/k/v biases, else "llama"."""
+    qwen2 = cfg.qkv_bias
+    out = {
+        "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+        "model_type": "qwen2" if qwen2 else "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.dim_per_head,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        # Both spellings: transformers 5 reads rope_parameters, 4.x rope_theta.
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_scaling": None,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "torch_dtype": str(jnp.dtype(cfg.param_dtype)),
+    }
+    if qwen2:
+        out.update(use_sliding_window=False, sliding_window=None,
+                   layer_types=["full_attention"] * cfg.num_layers)
+    else:
+        out.update(attention_bias=False, mlp_bias=False)
+    return out
+
+
+# ------------------------------------------------------------ tensor mapping
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    hf_name: str
+    hf_shape: tuple[int, ...]
+    path: tuple[str, ...]              # keys in our param tree
+    to_ours: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def _hf_tensors(cfg: LlamaConfig) -> Iterator[_Entry]:
+    """Every tensor of an HF checkpoint of `cfg`, with its place in our tree."""
+    E, F, V, D = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.dim_per_head
+    same = lambda x: x
+    t = lambda x: x.T
+    yield _Entry("model.embed_tokens.weight", (V, E), ("embed_tokens", "embedding"), same, same)
+    for i in range(cfg.num_layers):
+        hf, ours = f"model.layers.{i}.", f"layers_{i}"
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            yield _Entry(hf + norm + ".weight", (E,), (ours, norm, "scale"), same, same)
+        for name, heads in (("q", cfg.num_heads), ("k", cfg.num_kv_heads), ("v", cfg.num_kv_heads)):
+            proj = f"{name}_proj"
+            yield _Entry(f"{hf}self_attn.{proj}.weight", (heads * D, E),
+                         (ours, "self_attn", proj, "kernel"),
+                         lambda w, h=heads: w.T.reshape(E, h, D),
+                         lambda k, h=heads: k.reshape(E, h * D).T)
+            if cfg.qkv_bias:
+                yield _Entry(f"{hf}self_attn.{proj}.bias", (heads * D,),
+                             (ours, "self_attn", proj, "bias"),
+                             lambda b, h=heads: b.reshape(h, D), lambda b: b.reshape(-1))
+        H = cfg.num_heads
+        yield _Entry(f"{hf}self_attn.o_proj.weight", (E, H * D), (ours, "self_attn", "o_proj", "kernel"),
+                     lambda w: w.T.reshape(H, D, E), lambda k: k.reshape(H * D, E).T)
+        for proj, shape in (("gate_proj", (F, E)), ("up_proj", (F, E)), ("down_proj", (E, F))):
+            yield _Entry(f"{hf}mlp.{proj}.weight", shape, (ours, "mlp", proj, "kernel"), t, t)
+    yield _Entry("model.norm.weight", (E,), ("norm", "scale"), same, same)
+    if not cfg.tie_embeddings:
+        yield _Entry("lm_head.weight", (V, E), ("lm_head", "kernel"), t, t)
+
+
+def _short_list(names) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:20])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+
+
+def params_from_hf_tensors(
+    tensors: Mapping[str, Any],
+    cfg: LlamaConfig,
+    *,
+    dtype: Any = "float32",
+    source: str = "checkpoint",
+) -> dict:
+    """Our param tree (jax arrays of `dtype`) from HF-named `[out, in]` tensors.
+
+    `tensors` maps HF names to arrays, or to zero-argument callables returning
+    one (so a loader can read each tensor only when it is converted).
+
+    Raises:
+      ValueError: listing missing or unexpected tensor names, or a tensor
+        whose shape disagrees with the config.
+    """
+    entries = list(_hf_tensors(cfg))
+    expected = {e.hf_name for e in entries}
+    ignored = {n for n in tensors if n.endswith(_IGNORED_SUFFIXES)}
+    if cfg.tie_embeddings and "lm_head.weight" in tensors:
+        ignored.add("lm_head.weight")   # a tied checkpoint that stores the copy anyway
+    missing = expected - set(tensors)
+    unexpected = set(tensors) - expected - ignored
+    if missing or unexpected:
+        msg = [f"{source}: tensor names do not match the config"]
+        if missing:
+            msg.append(f"missing: {_short_list(missing)}")
+        if unexpected:
+            msg.append(f"unexpected: {_short_list(unexpected)}")
+        raise ValueError("; ".join(msg))
+    np_dtype = jnp.dtype(dtype)
+    params: dict = {}
+    for e in entries:
+        value = tensors[e.hf_name]
+        value = value() if callable(value) else value
+        if tuple(value.shape) != e.hf_shape:
+            raise ValueError(f"{source}: tensor {e.hf_name} has shape {tuple(value.shape)}, "
+                             f"the config implies {e.hf_shape}")
+        node = params
+        for key in e.path[:-1]:
+            node = node.setdefault(key, {})
+        node[e.path[-1]] = jnp.asarray(e.to_ours(np.asarray(value)).astype(np_dtype))
+    return params
+
+
+def params_to_hf_tensors(params: Mapping, cfg: LlamaConfig, dtype: Any = None) -> dict[str, np.ndarray]:
+    """HF-named numpy tensors from our param tree (inverse of `params_from_hf_tensors`)."""
+    out = {}
+    for e in _hf_tensors(cfg):
+        node = params
+        for key in e.path:
+            node = node[key]
+        value = np.asarray(jax.device_get(node))
+        if dtype is not None:
+            value = value.astype(jnp.dtype(dtype))
+        out[e.hf_name] = np.ascontiguousarray(e.to_hf(value))
+    return out
+
+
+# ---------------------------------------------------------------- safetensors
+
+def _safetensors_files(directory: pathlib.Path) -> list[pathlib.Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({directory / f for f in weight_map.values()})
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise FileNotFoundError(f"{index} lists shards that are missing: {absent}")
+        return files
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {directory}")
+    return files
+
+
+def _lazy_tensors(files: list[pathlib.Path]) -> dict[str, Callable[[], np.ndarray]]:
+    """name -> reader. numpy has no bfloat16, so BF16 tensors are read
+    through the flax API and come back as ml_dtypes bfloat16 arrays."""
+    readers = {}
+    for path in files:
+        with safetensors.safe_open(str(path), framework="numpy") as f:
+            for name in f.keys():
+                if name in readers:
+                    raise ValueError(f"tensor {name} appears in more than one shard ({path})")
+                bf16 = f.get_slice(name).get_dtype() == "BF16"
+                readers[name] = lambda p=path, n=name, b=bf16: _read_tensor(p, n, b)
+    return readers
+
+
+def _read_tensor(path: pathlib.Path, name: str, bf16: bool) -> np.ndarray:
+    with safetensors.safe_open(str(path), framework="flax" if bf16 else "numpy") as f:
+        return np.asarray(f.get_tensor(name))
+
+
+# ------------------------------------------------------------ directory I/O
+
+def load_hf_dir(path: str | pathlib.Path, *, dtype: Any = "float32"):
+    """Loads an HF checkpoint directory.
+
+    Args:
+      path: the directory (`config.json`, safetensors weights, tokenizer files).
+      dtype: dtype of the params and of the model's compute (`LlamaConfig.dtype`
+        and `param_dtype`); bf16 checkpoints are converted to it.
+
+    Returns:
+      `(config, params, tokenizer)`; tokenizer is a
+      `jaxreward.data.tokenizer.Tokenizer`, or None (with a warning) when the
+      directory has no `tokenizer.json`.
+    """
+    from jaxreward.data.tokenizer import Tokenizer
+
+    directory = pathlib.Path(path)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no config.json in {directory}")
+    cfg = config_from_hf(json.loads(config_path.read_text()), source=str(config_path))
+    dtype_name = jnp.dtype(dtype).name
+    cfg = dataclasses.replace(cfg, dtype=dtype_name, param_dtype=dtype_name)
+    params = params_from_hf_tensors(_lazy_tensors(_safetensors_files(directory)), cfg,
+                                    dtype=dtype_name, source=str(directory))
+    tokenizer = None
+    if (directory / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_file(directory / "tokenizer.json")
+    else:
+        log.warning("%s has no tokenizer.json; returning tokenizer=None", directory)
+    return cfg, params, tokenizer
+
+
+def save_hf_dir(path: str | pathlib.Path, cfg: LlamaConfig, params: Mapping, tokenizer=None,
+                *, dtype: Any = None) -> pathlib.Path:
+    """Writes an HF checkpoint directory that `transformers.AutoModelForCausalLM`
+    and `load_hf_dir` both load: `config.json`, `model.safetensors` and, with a
+    tokenizer, `tokenizer.json`, `tokenizer_config.json`, `generation_config.json`.
+
+    Args:
+      path: output directory (created).
+      cfg: the model's config.
+      params: `Decoder` params (jax or numpy arrays; sharded arrays are gathered).
+      tokenizer: optional `jaxreward.data.tokenizer.Tokenizer`.
+      dtype: dtype of the saved tensors (default: as the params are).
+
+    Returns:
+      The directory.
+    """
+    import safetensors.flax
+
+    directory = pathlib.Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = params_to_hf_tensors(params, cfg, dtype)
+    hf_config = config_to_hf(cfg)
+    saved_dtype = next(iter(tensors.values())).dtype
+    hf_config["torch_dtype"] = str(saved_dtype)
+    if any(v.dtype == jnp.bfloat16 for v in tensors.values()):
+        # safetensors' numpy API has no bfloat16; its flax API writes the same file format.
+        safetensors.flax.save_file({k: jnp.asarray(v) for k, v in tensors.items()},
+                                   str(directory / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        safetensors.numpy.save_file(tensors, str(directory / "model.safetensors"),
+                                    metadata={"format": "pt"})
+    if tokenizer is not None:
+        ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+               "pad_token_id": tokenizer.pad_id}
+        hf_config.update(ids)
+        _save_tokenizer(directory, tokenizer, cfg)
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    return directory
+
+
+def _save_tokenizer(directory: pathlib.Path, tokenizer, cfg: LlamaConfig) -> None:
+    import tokenizers
+    from tokenizers import processors
+
+    # The post-processor says the BOS policy to transformers; ours reads add_bos_token.
+    hf_tok = tokenizers.Tokenizer.from_str(tokenizer.hf_tokenizer.to_str())
+    if tokenizer.add_bos:
+        bos = tokenizer.bos_token
+        hf_tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+            special_tokens=[(bos, tokenizer.bos_id)])
+    else:
+        hf_tok.post_processor = processors.TemplateProcessing(
+            single="$A:0", pair="$A:0 $B:1", special_tokens=[])
+    hf_tok.save(str(directory / "tokenizer.json"))
+    token = lambda i: None if i is None else tokenizer.id_to_token(i)
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": token(tokenizer.bos_id),
+        "eos_token": token(tokenizer.eos_id),
+        "pad_token": token(tokenizer.pad_id),
+        "add_bos_token": tokenizer.add_bos,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": cfg.max_position_embeddings,
+    }
+    if tokenizer.chat_template:
+        config["chat_template"] = tokenizer.chat_template
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    stop = list(tokenizer.stop_ids)
+    generation = {"bos_token_id": tokenizer.bos_id,
+                  "eos_token_id": stop[0] if len(stop) == 1 else stop,
+                  "pad_token_id": tokenizer.pad_id}
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

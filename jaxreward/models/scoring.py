@@ -49,14 +49,19 @@ def process_logits(logits_BV: Array, temperature: float = 1.0, top_k: int = 0,
         kth = jax.lax.top_k(x, top_k)[0][..., -1:]
         x = jnp.where(x >= kth, x, NEG_INF)
     if top_p < 1.0:
-        logp = jax.nn.log_softmax(x, axis=-1)
-        sorted_logp = jnp.sort(logp, axis=-1)[..., ::-1]
-        # Mass strictly before each sorted token; keep while it is < top_p.
-        before = jnp.cumsum(jnp.exp(sorted_logp), axis=-1) - jnp.exp(sorted_logp)
+        sorted_x = jnp.sort(x, axis=-1)[..., ::-1]
+        sorted_p = jax.nn.softmax(sorted_x, axis=-1)
+        # Mass strictly before each sorted token (exclusive cumsum, so the most
+        # likely token has exactly 0); keep while it is < top_p.
+        cum = jnp.cumsum(sorted_p, axis=-1)
+        before = jnp.concatenate([jnp.zeros_like(cum[..., :1]), cum[..., :-1]], axis=-1)
         keep_sorted = before < top_p
-        # Smallest kept log-prob is the threshold.
-        threshold = jnp.min(jnp.where(keep_sorted, sorted_logp, jnp.inf), axis=-1, keepdims=True)
-        x = jnp.where(logp >= threshold, x, NEG_INF)
+        # The threshold is the smallest kept *scaled logit*, compared with x
+        # itself. Comparing recomputed log-probs instead is not exact under
+        # jit: XLA may evaluate exp/log in two fusions with different rounding,
+        # and then even the top token can fail `logp >= threshold`.
+        threshold = jnp.min(jnp.where(keep_sorted, sorted_x, jnp.inf), axis=-1, keepdims=True)
+        x = jnp.where(x >= threshold, x, NEG_INF)
     return jax.nn.log_softmax(x, axis=-1)
 
 

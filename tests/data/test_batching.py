@@ -105,6 +105,14 @@ def test_truncation_and_dropping_counts(tiny_tok):
     assert "dropped 1 (empty chosen response: 1 [f:9])" in report.summary()
 
 
+def test_no_pairs_gives_empty_fixed_width_arrays(tiny_tok):
+    arrays, report = tokenize_pairs([], tiny_tok, max_length=8)
+    assert sorted(arrays) == sorted(
+        f"{s}_{k}" for s in ("chosen", "rejected") for k in ("tokens", "attention_mask", "loss_mask", "positions")
+    )
+    assert all(a.shape == (0, 8) for a in arrays.values()) and report.num_kept == 0
+
+
 def test_left_padding_is_a_shift_of_right_padding(tiny_tok):
     pairs = [pair("hi the cat", " at", " the hat"), pair("q", "y", "z"), pair("xxxxxxxxxx", "yyyyyyyy", "z")]
     right, _ = tokenize_pairs(pairs, tiny_tok, max_length=10, padding_side="right")

@@ -55,6 +55,11 @@ def test_hh_as_chat(tmp_path):
     assert (pairs[0].chosen, pairs[0].rejected) == ("because", "no")
     with pytest.raises(ValueError, match="render_chat"):
         read_preference_pairs(path, hh_as_chat=True)
+    # Only the one space after "Human:"/"Assistant:" goes; other whitespace is content.
+    spaced = _hh([("Human", " two spaces "), ("Assistant", "ok\n")], "  indented ", "x")
+    pairs, _ = read_preference_pairs(_write(tmp_path / "s.jsonl", [spaced]), hh_as_chat=True, render_chat=render)
+    assert pairs[0].prompt == "user| two spaces \nassistant|ok\n\nassistant|"
+    assert (pairs[0].chosen, pairs[0].rejected) == ("  indented ", "x")
 
 
 def test_trl_formats_auto_detected(tmp_path):

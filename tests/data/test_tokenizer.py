@@ -252,6 +252,13 @@ def test_from_file_template_from_jinja_file_and_explicit_config_path(tmp_path):
     )
 
 
+def test_from_file_jinja_file_wins_over_config(tmp_path):
+    directory = _write_checkpoint(
+        tmp_path, post_processor=None, config={"chat_template": "OLD"}, chat_template_file=CHATML
+    )
+    assert Tokenizer.from_file(directory).chat_template == CHATML
+
+
 def test_from_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         Tokenizer.from_file(tmp_path / "tokenizer.json")

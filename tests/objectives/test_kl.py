@@ -1,0 +1,150 @@
+"""KL estimators: values, exact expected gradients on a 3-action policy, KL steps."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxreward.objectives import kl, policy_gradient as pg
+
+REF_LOGP = jnp.log(jnp.array([0.2, 0.3, 0.5]))
+THETA = jnp.array([1.0, -0.5, 0.2])
+
+
+def test_estimator_hand_values():
+    logp = jnp.array([[math.log(0.5)]])
+    ref = jnp.array([[math.log(0.25)]])
+    mask = jnp.ones((1, 1), bool)
+    x = math.log(2.0)  # log-ratio 0.693147
+    np.testing.assert_allclose(kl.kl_per_token(logp, ref, mask, "k1"), [[x]], rtol=1e-6)
+    # ½ x² = 0.240227
+    np.testing.assert_allclose(kl.kl_per_token(logp, ref, mask, "k2"), [[0.5 * x * x]], rtol=1e-6)
+    # e^{−x} − 1 + x = 0.5 − 1 + 0.693147 = 0.193147
+    np.testing.assert_allclose(kl.kl_per_token(logp, ref, mask, "k3"), [[0.5 - 1 + x]], rtol=1e-5)
+    with pytest.raises(KeyError, match="k3"):
+        kl.kl_per_token(logp, ref, mask, "k4")
+
+
+def _tabular_kls(theta):
+    logp = jax.nn.log_softmax(theta)
+    p, q = jnp.exp(logp), jnp.exp(REF_LOGP)
+    reverse = jnp.sum(p * (logp - REF_LOGP))  # KL(π‖π_ref)
+    forward = jnp.sum(q * (REF_LOGP - logp))  # KL(π_ref‖π)
+    return reverse, forward
+
+
+def _expected_estimator(theta, estimator):
+    """E_{a~π}[k(a)] with the sampling distribution held fixed (no reparameterization)."""
+    logp = jax.nn.log_softmax(theta)
+    k = kl.kl_per_token(logp[:, None], REF_LOGP[:, None], jnp.ones((3, 1), bool), estimator)[:, 0]
+    return jnp.sum(jax.lax.stop_gradient(jnp.exp(logp)) * k)
+
+
+def test_expected_gradients_of_estimators_enumerated():
+    grad_reverse = jax.grad(lambda t: _tabular_kls(t)[0])(THETA)
+    grad_forward = jax.grad(lambda t: _tabular_kls(t)[1])(THETA)
+    g1, g2, g3 = [jax.grad(_expected_estimator)(THETA, e) for e in ("k1", "k2", "k3")]
+    # k1: E[∇ log π] = Σ ∇π = 0
+    np.testing.assert_allclose(g1, 0.0, atol=1e-6)
+    # k2: E[x ∇ log π] = ∇ KL(π‖π_ref)
+    np.testing.assert_allclose(g2, grad_reverse, rtol=1e-5, atol=1e-6)
+    # k3: E[(1 − π_ref/π) ∇ log π] = ∇ KL(π_ref‖π), which is not ∇ KL(π‖π_ref)
+    np.testing.assert_allclose(g3, grad_forward, rtol=1e-5, atol=1e-6)
+    assert np.max(np.abs(g3 - grad_reverse)) > 1e-2
+    assert np.max(np.abs(g2 - grad_forward)) > 1e-2
+
+
+def test_expected_values_of_estimators():
+    reverse, _ = _tabular_kls(THETA)
+    # k1 and k3 are unbiased for KL(π‖π_ref); k2 is not
+    np.testing.assert_allclose(_expected_estimator(THETA, "k1"), reverse, rtol=1e-5)
+    np.testing.assert_allclose(_expected_estimator(THETA, "k3"), reverse, rtol=1e-5)
+    assert abs(float(_expected_estimator(THETA, "k2")) - float(reverse)) > 1e-3
+
+
+# A batch of one-token responses whose empirical distribution is exactly π:
+# π = [1/2, 1/4, 1/4] and the batch holds actions [0, 0, 1, 2], so a token
+# mean over it is the exact expectation under π (no sampling noise).
+THETA_Q = jnp.log(jnp.array([0.5, 0.25, 0.25]))
+ACTIONS = jnp.array([0, 0, 1, 2])
+MASK = jnp.ones((4, 1), bool)
+
+
+def _batch_logps(theta):
+    return jax.nn.log_softmax(theta)[ACTIONS][:, None]
+
+
+def _ref_batch():
+    return REF_LOGP[ACTIONS][:, None]
+
+
+def test_kl_loss_gradients_on_exact_batch():
+    grad_reverse = jax.grad(lambda t: _tabular_kls(t)[0])(THETA_Q)
+    grad_forward = jax.grad(lambda t: _tabular_kls(t)[1])(THETA_Q)
+    grads = {
+        e: jax.grad(lambda t: kl.kl_loss(_batch_logps(t), _ref_batch(), MASK, estimator=e)[0])(THETA_Q)
+        for e in kl.ESTIMATORS
+    }
+    np.testing.assert_allclose(grads["k1"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(grads["k2"], grad_reverse, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grads["k3"], grad_forward, rtol=1e-5, atol=1e-6)
+
+
+def test_one_step_on_kl_in_loss_lowers_kl():
+    before, _ = _tabular_kls(THETA_Q)
+    g = jax.grad(lambda t: kl.kl_loss(_batch_logps(t), _ref_batch(), MASK, estimator="k2")[0])(THETA_Q)
+    after, _ = _tabular_kls(THETA_Q - 0.1 * g)
+    assert after < before - 1e-4, (before, after)
+
+
+def test_one_step_on_kl_in_reward_lowers_kl():
+    before, _ = _tabular_kls(THETA_Q)
+    old = _batch_logps(THETA_Q)
+    rewards, m = kl.apply_kl_penalty(jnp.zeros((4, 1)), old, _ref_batch(), MASK, beta=1.0)
+    # the penalty is −β·k1 at every token and carries no gradient
+    np.testing.assert_allclose(rewards, -(old - _ref_batch()), rtol=1e-6)
+    g = jax.grad(lambda t: pg.ppo_policy_loss(_batch_logps(t), old, rewards, MASK)[0])(THETA_Q)
+    # REINFORCE with reward −k1 is exactly −∇KL(π‖π_ref) in expectation → descent direction ∇KL
+    grad_reverse = jax.grad(lambda t: _tabular_kls(t)[0])(THETA_Q)
+    np.testing.assert_allclose(g, grad_reverse, rtol=1e-5, atol=1e-6)
+    after, _ = _tabular_kls(THETA_Q - 0.1 * g)
+    assert after < before - 1e-4, (before, after)
+
+
+def test_metrics_report_all_estimators_and_ignore_padding():
+    logp = jnp.array([[math.log(0.5), np.nan], [math.log(0.25), 1e9]])
+    ref = jnp.array([[math.log(0.25), np.inf], [math.log(0.5), -1e9]])
+    mask = jnp.array([[True, False], [True, False]])
+    loss, m = kl.kl_loss(logp, ref, mask, estimator="k3")
+    x = math.log(2.0)
+    # tokens: x and −x. k1 mean 0; k2 mean ½x²; k3 mean ((e^{−x} − 1 + x) + (e^{x} − 1 − x))/2 = (0.5 + 2)/2 − 1 = 0.25
+    np.testing.assert_allclose(m["kl_k1"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(m["kl_k2"], 0.5 * x * x, rtol=1e-5)
+    np.testing.assert_allclose(m["kl_k3"], 0.25, rtol=1e-5)
+    np.testing.assert_allclose(loss, 0.25, rtol=1e-5)
+    assert {"kl_k1_seq", "kl_k2_seq", "kl_k3_seq"} <= set(m)
+    g = jax.grad(lambda l: kl.kl_loss(l, ref, mask, estimator="k3")[0])(logp)
+    assert np.isfinite(g).all()
+    np.testing.assert_array_equal(g[:, 1], 0.0)
+    _, mr = kl.apply_kl_penalty(jnp.zeros((2, 2)), logp, ref, mask, beta=0.1)
+    for key in ("kl_k1", "kl_k2", "kl_k3", "kl_penalty_mean"):
+        assert np.isfinite(mr[key])
+
+
+def test_all_masked_kl_is_zero():
+    nan = jnp.full((2, 2), np.nan)
+    mask = jnp.zeros((2, 2), bool)
+    (loss, m), g = jax.value_and_grad(lambda l: kl.kl_loss(l, nan, mask, estimator="k2"), has_aux=True)(nan)
+    assert loss == 0.0
+    np.testing.assert_array_equal(g, 0.0)
+    assert all(v == 0.0 for v in m.values())
+
+
+def test_adaptive_kl_controller():
+    # KL 12 vs target 6: error clip(1, ±0.2) = 0.2; β·(1 + 0.2·256/10000) = 0.1·1.00512
+    np.testing.assert_allclose(kl.adaptive_kl_coef(0.1, 12.0, 256, target=6.0, horizon=10000), 0.100512, rtol=1e-6)
+    # KL 5.7: error −0.05 → 0.1·(1 − 0.05·0.0256) = 0.099872
+    np.testing.assert_allclose(kl.adaptive_kl_coef(0.1, 5.7, 256, target=6.0, horizon=10000), 0.099872, rtol=1e-6)
+    with pytest.raises(ValueError):
+        kl.adaptive_kl_coef(0.1, 1.0, 1, target=0.0, horizon=1.0)

@@ -69,12 +69,26 @@ def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None]) -> NamedSha
 def param_shardings(mesh: Mesh, boxed_params: Any) -> Any:
     """Shardings for a (possibly `nn.LogicallyPartitioned`-boxed) param tree.
 
-    Leaves without logical names are replicated.
+    Leaves without logical names are replicated. A dimension whose size does
+    not divide by its mesh axes (e.g. 1 KV head on a 2-way `tensor` axis) is
+    replicated along that dimension instead of failing.
     """
     specs = nn.get_partition_spec(boxed_params)
     specs = nn.logical_to_mesh(specs, AXIS_RULES)
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
-                        is_leaf=lambda x: isinstance(x, P))
+    shapes = jax.tree.map(lambda x: x.value.shape if hasattr(x, "value") else x.shape,
+                          boxed_params, is_leaf=lambda x: hasattr(x, "names"))
+    return jax.tree.map(lambda s, shape: NamedSharding(mesh, fit_spec(mesh, s, shape)),
+                        specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def fit_spec(mesh: Mesh, spec: P, shape: Sequence[int]) -> P:
+    """Drops mesh axes from `spec` where they do not divide the dimension."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        out.append(axes if dim % size == 0 else None)
+    return P(*out)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -6,7 +6,7 @@ from token ids). K = 1 is the Bradley–Terry reward model of "Training
 language models to follow instructions with human feedback" (2022); K > 1
 gives one reward per objective (e.g. helpfulness, harmlessness).
 
-Params: `{"backbone": <Decoder params>, "head": {"kernel": [E, K], "bias": [K]}}`,
+Params: `{"backbone": <Decoder params>, "head": {"kernel": [E, K]}}`,
 so a pretrained decoder's params drop in as `backbone`.
 """
 from __future__ import annotations
@@ -32,12 +32,14 @@ class RewardModel(nn.Module):
 
     def setup(self):
         self.backbone = Decoder(self.config, frozen_blocks=self.frozen_blocks)
+        # No bias: the Bradley–Terry likelihood depends only on reward
+        # differences, so a bias gets a zero gradient up to round-off, which
+        # Adam would turn into learning-rate-sized random steps.
         self.head = nn.Dense(
-            self.num_objectives, dtype=jnp.float32, param_dtype=jnp.float32,
+            self.num_objectives, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
             kernel_init=nn.with_logical_partitioning(
                 nn.initializers.normal(stddev=1.0 / (self.config.hidden_size + 1) ** 0.5),
-                ("embed", "objectives")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("objectives",)))
+                ("embed", "objectives")))
 
     def __call__(self, tokens_BT: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None) -> jax.Array:

@@ -1,0 +1,71 @@
+"""Metric writers: JSONL + TensorBoard event files in the workdir, and a summary table."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+
+def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Device scalars -> Python floats (one host transfer for the whole dict)."""
+    host = jax.device_get(dict(metrics))
+    return {k: float(np.asarray(v)) for k, v in host.items()}
+
+
+class MetricWriter:
+    """Writes `<workdir>/metrics.jsonl` (one JSON object per write) and
+    TensorBoard event files under `<workdir>/tensorboard` (tensorboardX).
+    Only process 0 writes.
+    """
+
+    def __init__(self, workdir: str):
+        self._active = jax.process_index() == 0
+        self._tb = None
+        if not self._active:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        try:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:  # TensorBoard files are optional; JSONL is not.
+            self._tb = None
+
+    def write(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> None:
+        if not self._active:
+            return
+        record = {"step": int(step), **{f"{prefix}/{k}": v for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def close(self) -> None:
+        if not self._active:
+            return
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def format_table(rows: list[Mapping[str, Any]], columns: list[str] | None = None,
+                 floatfmt: str = ".4f") -> str:
+    """A plain aligned text table (header, rule, rows)."""
+    if not rows:
+        return "(no rows)"
+    columns = columns or list(rows[0].keys())
+
+    def fmt(v):
+        if isinstance(v, float):
+            return "nan" if math.isnan(v) else format(v, floatfmt)
+        return str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])

@@ -1,0 +1,95 @@
+"""Train state and optimizer: AdamW with warmup + cosine decay, clipping, freezing."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes; saved whole in each checkpoint.
+
+    Attributes:
+      step: int32 scalar, optimizer steps taken.
+      params: parameter pytree.
+      opt_state: optax state.
+      rng: uint32 `[2]` PRNG key, split once per step.
+    """
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def learning_rate_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to `cfg.learning_rate` over `cfg.warmup_steps`, then
+    cosine decay to `cfg.learning_rate * cfg.final_lr_ratio` at `num_steps`."""
+    warmup = min(int(cfg.warmup_steps), max(num_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
+        decay_steps=max(num_steps, warmup + 1),
+        end_value=cfg.learning_rate * cfg.final_lr_ratio)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int,
+                   trainable: Callable[[tuple[str, ...]], bool] | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW ("Decoupled Weight Decay Regularization", 2019) with global-norm
+    clipping; parameters for which `trainable(path)` is False get zero updates
+    and no weight decay. Weight decay applies to matrices only (ndim >= 2).
+
+    Args:
+      cfg: `learning_rate`, `warmup_steps`, `final_lr_ratio`, `b1`, `b2`,
+        `eps`, `weight_decay`, `max_grad_norm` (0 disables clipping).
+      num_steps: total optimizer steps (length of the schedule).
+      trainable: predicate on a param's key path (tuple of names).
+    """
+    schedule = learning_rate_schedule(cfg, num_steps)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    parts = []
+    if cfg.max_grad_norm:
+        parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
+    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, mask=decay_mask))
+    tx = optax.chain(*parts)
+    if trainable is not None:
+        def labels(params):
+            return jax.tree_util.tree_map_with_path(
+                lambda path, _: "train" if trainable(path_names(path)) else "freeze", params)
+        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+    return tx, schedule
+
+
+def path_names(path) -> tuple[str, ...]:
+    """('backbone', 'layers_3', 'mlp', ...) from a jax key path."""
+    return tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
+
+
+def block_trainable(num_layers: int, trainable_blocks: int):
+    """Predicate: head, final norm and the top `trainable_blocks` blocks train.
+
+    `trainable_blocks < 0` (or >= num_layers) trains everything.
+    """
+    if trainable_blocks < 0 or trainable_blocks >= num_layers:
+        return None
+    first = num_layers - trainable_blocks
+
+    def trainable(names: tuple[str, ...]) -> bool:
+        if names[0] != "backbone":
+            return True  # heads
+        if names[1] == "norm":
+            return True
+        if names[1].startswith("layers_"):
+            return int(names[1].split("_")[1]) >= first
+        return False  # embeddings (and a tied lm_head) stay frozen
+    return trainable
+
+
+def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), rng=jax.random.PRNGKey(seed))

@@ -1,0 +1,130 @@
+"""Sharded, jitted train steps, built once: `step(state, batch) -> (state, metrics)`.
+
+A step is assembled from two pure pieces:
+
+- `loss_fn(params, batch, rng) -> (loss, outputs)`: the scalar loss of one
+  (micro-)batch, a *mean over its examples*, and per-example outputs
+  (arrays with a leading batch axis, e.g. rewards).
+- `metrics_fn(outputs, batch) -> dict` of scalars, computed on the whole
+  batch's outputs after the micro-batches are stitched back together, so
+  metrics do not depend on the micro-batch split.
+
+Micro-batching splits the batch into k equal parts, scans over them and
+averages the gradients; since each part's loss is a mean over the same
+number of examples, the result equals the one-shot gradient.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from jaxreward import parallel
+from jaxreward.train.state import TrainState
+
+LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+MetricsFn = Callable[[dict, dict], dict]
+
+
+def _split(batch: dict, k: int) -> dict:
+    def f(x):
+        if x.shape[0] % k:
+            raise ValueError(f"batch size {x.shape[0]} does not split into {k} micro-batches")
+        return x.reshape((k, x.shape[0] // k) + x.shape[1:])
+    return jax.tree.map(f, batch)
+
+
+def _merge(tree: dict) -> dict:
+    return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), tree)
+
+
+def loss_and_grad(loss_fn: LossFn, params, batch: dict, rng: jax.Array, micro_batches: int = 1):
+    """Mean loss, per-example outputs and gradient over `micro_batches` parts."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if micro_batches == 1:
+        (loss, outputs), grads = grad_fn(params, batch, rng)
+        return loss, outputs, grads
+    parts = _split(batch, micro_batches)
+    rngs = jax.random.split(rng, micro_batches)
+
+    def body(acc, xs):
+        part, r = xs
+        (loss, outputs), grads = grad_fn(params, part, r)
+        acc = jax.tree.map(jnp.add, acc, (loss, grads))
+        return acc, outputs
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), outputs = jax.lax.scan(body, zeros, (parts, rngs))
+    scale = 1.0 / micro_batches
+    return loss * scale, _merge(outputs), jax.tree.map(lambda g: g * scale, grads)
+
+
+def make_train_step(loss_fn: LossFn, metrics_fn: MetricsFn, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, mesh: Mesh, state_shardings: Any,
+                    micro_batches: int = 1):
+    """Builds the jitted step with explicit in/out shardings (pjit semantics).
+
+    Args:
+      loss_fn, metrics_fn: see the module docstring.
+      tx, schedule: the optimizer and its learning-rate schedule (for metrics).
+      mesh: the device mesh; batches are split along `data` × `fsdp`.
+      state_shardings: a `TrainState` of `NamedSharding`s.
+      micro_batches: gradient-accumulation parts per step.
+
+    Returns:
+      `step(state, batch) -> (state, metrics)`; the input state is donated.
+      Metrics add `loss`, `grad_norm` and `learning_rate` to `metrics_fn`'s.
+    """
+    def step(state: TrainState, batch: dict):
+        rng, sub = jax.random.split(state.rng)
+        loss, outputs, grads = loss_and_grad(loss_fn, state.params, batch, sub, micro_batches)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics_fn(outputs, batch))
+        metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
+                       learning_rate=schedule(state.step))
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+        return new_state, metrics
+
+    batch_sharding = parallel.batch_sharding(mesh)
+    return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, parallel.replicated(mesh)),
+                   donate_argnums=(0,))
+
+
+def state_shardings(mesh: Mesh, boxed_params: Any, tx: optax.GradientTransformation) -> TrainState:
+    """Shardings of a `TrainState` from logically-boxed (abstract) params.
+
+    Each optimizer-state leaf whose key path ends with a parameter's key path
+    (and has its shape) takes that parameter's sharding: this covers Adam's
+    moments, including inside `multi_transform`/`masked` states. Everything
+    else (counts, the RNG, the step) is replicated.
+    """
+    p_shard = parallel.param_shardings(mesh, boxed_params)
+    params = unbox(boxed_params)
+    rep = parallel.replicated(mesh)
+    by_path = {}
+    for (path, leaf), shard in zip(jax.tree_util.tree_leaves_with_path(params),
+                                   jax.tree.leaves(p_shard)):
+        by_path[tuple(map(str, path))] = (leaf.shape, shard)
+    opt_shape = jax.eval_shape(tx.init, params)
+
+    def leaf_sharding(path, leaf):
+        keys = tuple(map(str, path))
+        for i in range(len(keys)):
+            hit = by_path.get(keys[i:])
+            if hit is not None and hit[0] == leaf.shape:
+                return hit[1]
+        return rep
+
+    opt_shard = jax.tree_util.tree_map_with_path(leaf_sharding, opt_shape)
+    return TrainState(step=rep, params=p_shard, opt_state=opt_shard, rng=rep)
+
+
+def unbox(tree: Any) -> Any:
+    """Strips `nn.LogicallyPartitioned` boxes, leaving the arrays."""
+    return jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, tree,
+                        is_leaf=lambda x: hasattr(x, "unbox"))

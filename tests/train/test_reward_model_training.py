@@ -1,0 +1,156 @@
+"""Reward-model training: mesh shape, micro-batch split, resume, freezing, schedule."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxreward import parallel
+from jaxreward.data import synthetic
+from jaxreward.models.heads import RewardModel
+from jaxreward.models.llama import LlamaConfig
+from jaxreward.train import defaults
+from jaxreward.train import reward_model as rm_train
+from jaxreward.train import state as state_lib
+from jaxreward.train.step import unbox
+import ml_collections
+
+MODEL = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2,
+                    num_heads=4, num_kv_heads=2, rope_theta=500.0)
+
+
+def _config(num_steps=4, mesh=(1, 1, 1), micro_batches=1, batch_size=16):
+    c = ml_collections.ConfigDict()
+    c.seed = 3
+    c.loss = defaults.loss()
+    c.optimizer = defaults.optimizer(learning_rate=3e-3, warmup_steps=2)
+    c.optimizer.weight_decay = 0.01
+    c.train = defaults.train(num_steps=num_steps, log_every=1)
+    c.train.progress_bar = False
+    c.train.micro_batches = micro_batches
+    c.mesh = defaults.mesh()
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+    c.data = ml_collections.ConfigDict(dict(batch_size=batch_size, eval_batch_size=24))
+    return c
+
+
+def _pairs(n=64, seed=0):
+    task = synthetic.CountingTask(MODEL.vocab_size, prompt_length=4, response_length=6, seed=seed)
+    rng = np.random.default_rng(seed)
+    r1 = rng.integers(1, MODEL.vocab_size, (n, 6))
+    r2 = rng.integers(1, MODEL.vocab_size, (n, 6))
+    # Ragged responses: some rows shorter (right padding inside the row).
+    m1 = np.arange(6)[None] < rng.integers(2, 7, (n, 1))
+    m2 = np.arange(6)[None] < rng.integers(2, 7, (n, 1))
+    g1, g2 = task.gold_reward(r1, m1), task.gold_reward(r2, m2)
+    return synthetic.pair_arrays(task.prompts(n, 0), r1, r2, task.label(g1, g2, 0), m1, m2)
+
+
+def _init(model):
+    arrays = _pairs(1)
+    return unbox(model.init(jax.random.PRNGKey(0), arrays["chosen_tokens"])["params"])
+
+
+@pytest.fixture(autouse=True)
+def _mesh_uses_first_devices(monkeypatch):
+    """A (1, 1, 1) mesh runs on device 0 alone; larger meshes on the first n."""
+    real = parallel.make_mesh
+
+    def make_mesh(d, f, t):
+        return real(d, f, t, devices=jax.devices()[:d * f * t])
+    monkeypatch.setattr(parallel, "make_mesh", make_mesh)
+
+
+def _fit(tmp_path, name, config, model=None, **kw):
+    model = model or RewardModel(MODEL)
+    return rm_train.fit_reward_model(config, str(tmp_path / name), model, _init(model),
+                                     _pairs(), kw.pop("eval_arrays", None), **kw)
+
+
+def _flat(params):
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(params)])
+
+
+def _assert_params_close(a, b, rtol):
+    fa, fb = _flat(a), _flat(b)
+    assert np.linalg.norm(fa - fb) <= rtol * np.linalg.norm(fb), np.abs(fa - fb).max()
+
+
+def _metrics(out):
+    return {k: v for k, v in out["history"][-1].items() if k != "step"}
+
+
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2)])
+def test_mesh_shape_does_not_change_training(tmp_path, mesh):
+    one = _fit(tmp_path, "one", _config(3, (1, 1, 1)))
+    eight = _fit(tmp_path, "eight", _config(3, mesh))
+    assert len(eight["mesh"].devices.ravel()) == 8
+    _assert_params_close(eight["state"].params, one["state"].params, 1e-5)
+    for k, v in _metrics(one).items():
+        np.testing.assert_allclose(_metrics(eight)[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_micro_batches_match_one_shot(tmp_path):
+    whole = _fit(tmp_path, "whole", _config(3, micro_batches=1))
+    split = _fit(tmp_path, "split", _config(3, micro_batches=4))
+    _assert_params_close(split["state"].params, whole["state"].params, 1e-5)
+    for k, v in _metrics(whole).items():
+        np.testing.assert_allclose(_metrics(split)[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_resume_gives_identical_params_and_metrics(tmp_path):
+    straight = _fit(tmp_path, "straight", _config(6))
+    first = _config(6)
+    first.train.stop_after_steps = 3
+    half = _fit(tmp_path, "resumed", first)
+    assert int(half["state"].step) == 3
+    resumed = _fit(tmp_path, "resumed", _config(6))  # same workdir: resumes at 3
+    assert int(resumed["state"].step) == 6
+    np.testing.assert_array_equal(_flat(resumed["state"].params), _flat(straight["state"].params))
+
+    def lines(name):
+        with open(tmp_path / name / "metrics.jsonl") as f:
+            return [json.loads(l) for l in f]
+    a, b = lines("straight"), lines("resumed")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert a == b  # every metric of every step, bit for bit
+
+
+def test_frozen_blocks_do_not_move(tmp_path):
+    model = RewardModel(MODEL, frozen_blocks=1)
+    before = _init(model)
+    out = _fit(tmp_path, "frozen", _config(3), model=model,
+               trainable=state_lib.block_trainable(MODEL.num_layers, 1))
+    after = out["state"].params
+    for path in [("backbone", "embed_tokens"), ("backbone", "layers_0")]:
+        a, b = after, before
+        for k in path:
+            a, b = a[k], b[k]
+        np.testing.assert_array_equal(_flat(a), _flat(b))  # no update, no weight decay
+    for path in [("backbone", "layers_1"), ("head",)]:
+        a, b = after, before
+        for k in path:
+            a, b = a[k], b[k]
+        assert np.abs(_flat(a) - _flat(b)).max() > 1e-4
+
+
+def test_learning_rate_schedule_values():
+    cfg = defaults.optimizer(learning_rate=1e-3, warmup_steps=10)
+    sched = state_lib.learning_rate_schedule(cfg, num_steps=110)
+    # warmup: 0 at step 0, 1e-3 * 5/10 at step 5, peak at step 10.
+    np.testing.assert_allclose(sched(0), 0.0)
+    np.testing.assert_allclose(sched(5), 5e-4, rtol=1e-6)
+    np.testing.assert_allclose(sched(10), 1e-3, rtol=1e-6)
+    # cosine from 1e-3 to 1e-4 over 100 steps; halfway: 1e-4 + 0.9e-3 * (1 + cos(pi/2)) / 2 = 5.5e-4
+    np.testing.assert_allclose(sched(60), 5.5e-4, rtol=1e-5)
+    np.testing.assert_allclose(sched(110), 1e-4, rtol=1e-5)
+
+
+def test_training_learns_the_gold_preference_and_eval_counts_every_pair(tmp_path):
+    eval_arrays = _pairs(50, seed=1)  # 50 pairs: not a multiple of the eval batch (24)
+    out = _fit(tmp_path, "learn", _config(40, batch_size=32), eval_arrays=eval_arrays)
+    assert out["eval"]["num_pairs"] == 50
+    first, last = out["history"][0], out["history"][-1]
+    assert last["loss"] < first["loss"] - 0.05
+    assert os.path.exists(tmp_path / "learn" / "tensorboard")

@@ -1,0 +1,163 @@
+"""Best-of-N sampling: draw N responses per prompt, keep the highest reward.
+
+The N samples share one prefill of the prompt (`generate(...,
+num_samples=N)`). A reward function maps a `SampleBatch` (full sequences
+plus the prompt/response split, R = B * N rows) to float32 `[R]`; two
+adapters cover a trained `RewardModel` and a Python function of the
+decoded text.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxreward.sampling.sampler import SampleBatch, SampleOutput, generate
+
+Array = jax.Array
+RewardFn = Callable[[SampleBatch], Array]
+
+
+def best_of_n_kl_bound(n: int) -> float:
+    """`log N - (N - 1) / N`, the classic KL(best-of-N || base policy) formula.
+
+    "Theoretical guarantees on the best-of-n alignment policy" (Beirami et
+    al., 2024) shows this analytic value is an *upper bound* on the actual
+    KL divergence (it is exact only when all responses are distinct with
+    vanishing probability each), so report it as a bound, not the KL.
+
+    Raises:
+      ValueError: n < 1.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return math.log(n) - (n - 1) / n
+
+
+@flax.struct.dataclass
+class BestOfNOutput:
+    """Best-of-N result for B prompts.
+
+    Attributes:
+      best: `SampleOutput` with B rows, the highest-reward sample per prompt.
+      best_index_B: int32 `[B]`, which sample j won (lowest j on ties).
+      best_reward_B: float32 `[B]`.
+      rewards_BN: float32 `[B, N]`, every sample's reward.
+      samples: `SampleOutput` with B * N rows (row b * N + j).
+      kl_bound: `best_of_n_kl_bound(N)` (static).
+    """
+    best: SampleOutput
+    best_index_B: Array
+    best_reward_B: Array
+    rewards_BN: Array
+    samples: SampleOutput
+    kl_bound: float = flax.struct.field(pytree_node=False)
+
+
+def _score(reward_fn: RewardFn, batch: SampleBatch, chunk_size: int | None) -> Array:
+    R = batch.num_rows
+    if not chunk_size or chunk_size >= R:
+        return jnp.asarray(reward_fn(batch), jnp.float32)
+    outs = []
+    for start in range(0, R, chunk_size):
+        # Every chunk has chunk_size rows (the last repeats row R - 1), so a
+        # jitted reward model compiles once.
+        idx = jnp.minimum(jnp.arange(start, start + chunk_size), R - 1)
+        chunk = jax.tree.map(lambda x: x[idx], batch)
+        outs.append(jnp.asarray(reward_fn(chunk), jnp.float32)[: min(chunk_size, R - start)])
+    return jnp.concatenate(outs)
+
+
+def best_of_n(model, params, prompt_tokens: Array, prompt_mask: Array, reward_fn: RewardFn, *,
+              n: int, rng: Array, reward_chunk_size: int | None = None,
+              **sampling_kwargs) -> BestOfNOutput:
+    """Samples n responses per prompt and keeps the one with the highest reward.
+
+    Args:
+      model, params, prompt_tokens, prompt_mask, rng: as for `generate`
+        (prompt arrays `[B, T]`).
+      reward_fn: `SampleBatch` (R = B * n rows) -> float32 `[R]`, e.g.
+        `reward_model_fn(...)` or `text_reward_fn(...)`.
+      n: samples per prompt, >= 1.
+      reward_chunk_size: score at most this many rows per `reward_fn` call
+        (bounds reward-model memory); None scores all R rows at once.
+      **sampling_kwargs: max_new_tokens, temperature, top_k, top_p, stop_ids,
+        pad_id for `generate`.
+
+    Returns:
+      `BestOfNOutput`. Ties go to the lowest sample index.
+
+    Raises:
+      ValueError: n < 1, reward_fn returns the wrong shape or a NaN reward
+        (checked on the host), plus everything `generate` raises.
+      TypeError: num_samples passed in sampling_kwargs (use n).
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if "num_samples" in sampling_kwargs:
+        raise TypeError("pass n, not num_samples")
+    samples = generate(model, params, prompt_tokens, prompt_mask, rng=rng, num_samples=n,
+                       **sampling_kwargs)
+    B = samples.lengths_B.shape[0] // n
+    rewards = _score(reward_fn, samples.sequences(), reward_chunk_size)
+    if rewards.shape != (B * n,):
+        raise ValueError(f"reward_fn must return float32 [{B * n}], got shape {rewards.shape}")
+    if np.isnan(np.asarray(rewards)).any():
+        raise ValueError("reward_fn returned NaN")
+    rewards_BN = rewards.reshape(B, n)
+    best_B = jnp.argmax(rewards_BN, axis=1).astype(jnp.int32)  # first maximum on ties
+    rows = jnp.arange(B) * n + best_B
+    return BestOfNOutput(best=jax.tree.map(lambda x: x[rows], samples), best_index_B=best_B,
+                         best_reward_B=rewards_BN[jnp.arange(B), best_B], rewards_BN=rewards_BN,
+                         samples=samples, kl_bound=best_of_n_kl_bound(n))
+
+
+def reward_model_fn(reward_model, reward_params, objective: int = 0) -> RewardFn:
+    """Adapter: a `RewardModel` scoring the full sequences, objective column k.
+
+    The reward model must share the policy's vocabulary. It reads the last
+    attended token of each row (the last response token, or the last prompt
+    token for an empty response).
+
+    Raises:
+      ValueError: objective outside [0, reward_model.num_objectives).
+    """
+    k = getattr(reward_model, "num_objectives", 1)
+    if not 0 <= objective < k:
+        raise ValueError(f"objective must be in [0, {k}), got {objective}")
+
+    @jax.jit
+    def score(params, tokens, mask, positions):
+        return reward_model.apply({"params": params}, tokens, mask, positions)[:, objective]
+
+    def fn(batch: SampleBatch) -> Array:
+        return score(reward_params, batch.tokens_BL, batch.attention_mask_BL,
+                     batch.positions_BL).astype(jnp.float32)
+
+    return fn
+
+
+def text_reward_fn(tokenizer_decode: Callable[[list[int]], str],
+                   fn: Callable[[str, str], float]) -> RewardFn:
+    """Adapter: a Python function of the decoded (prompt, response) text.
+
+    Args:
+      tokenizer_decode: token ids -> text, e.g. `Tokenizer.decode`. It gets
+        only the real tokens (by mask); the stop token is included in the
+        response ids.
+      fn: (prompt_text, response_text) -> float reward.
+
+    Runs on the host, one call per row.
+    """
+    def reward(batch: SampleBatch) -> Array:
+        pt, pm = np.asarray(batch.prompt_tokens_BP), np.asarray(batch.prompt_mask_BP)
+        rt, rm = np.asarray(batch.response_tokens_BM), np.asarray(batch.response_mask_BM)
+        out = [fn(tokenizer_decode(pt[i][pm[i]].tolist()), tokenizer_decode(rt[i][rm[i]].tolist()))
+               for i in range(pt.shape[0])]
+        return jnp.asarray(np.asarray(out, np.float32).reshape(pt.shape[0]))
+
+    return reward

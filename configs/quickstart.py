@@ -49,7 +49,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         trainable_blocks=-1,          # top blocks trained (-1 = all)
     ))
     c.data = ml_collections.ConfigDict(dict(
-        batch_size=64,                # pairs per optimizer step
+        batch_size=32,                # pairs per optimizer step
         eval_batch_size=256,          # pairs per eval forward
     ))
     c.best_of_n = ml_collections.ConfigDict(dict(
@@ -58,8 +58,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     ))
     c.loss = defaults.loss()
     c.optimizer = defaults.optimizer(learning_rate=1e-3, warmup_steps=20)
-    c.train = defaults.train(num_steps=400, log_every=20)
-    c.train.checkpoint_every = 200
+    c.train = defaults.train(num_steps=200, log_every=20)
+    c.train.checkpoint_every = 100
     c.mesh = defaults.mesh()
 
     if variant == "tiny":

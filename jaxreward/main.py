@@ -34,6 +34,8 @@ TASKS = {
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # quiet library INFO logs by default
     config = flags.FLAGS.config
     if config.get("task") not in TASKS:
         raise app.UsageError(f"config.task={config.get('task')!r}; known tasks: {sorted(TASKS)}")

@@ -358,12 +358,15 @@ def save_hf_dir(path: str | pathlib.Path, cfg: LlamaConfig, params: Mapping, tok
         ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
                "pad_token_id": tokenizer.pad_id}
         hf_config.update(ids)
-        _save_tokenizer(directory, tokenizer, cfg)
+        save_tokenizer(directory, tokenizer, model_max_length=cfg.max_position_embeddings)
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     return directory
 
 
-def _save_tokenizer(directory: pathlib.Path, tokenizer, cfg: LlamaConfig) -> None:
+def save_tokenizer(directory: str | pathlib.Path, tokenizer, *, model_max_length: int | None = None) -> None:
+    """Writes `tokenizer.json`, `tokenizer_config.json` and `generation_config.json`
+    for a `jaxreward.data.tokenizer.Tokenizer`, readable by `transformers.AutoTokenizer`
+    and by `Tokenizer.from_file` (same ids, same BOS policy, same stop ids)."""
     import tokenizers
     from tokenizers import processors
 
@@ -377,6 +380,8 @@ def _save_tokenizer(directory: pathlib.Path, tokenizer, cfg: LlamaConfig) -> Non
     else:
         hf_tok.post_processor = processors.TemplateProcessing(
             single="$A:0", pair="$A:0 $B:1", special_tokens=[])
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     hf_tok.save(str(directory / "tokenizer.json"))
     token = lambda i: None if i is None else tokenizer.id_to_token(i)
     config = {
@@ -387,8 +392,9 @@ def _save_tokenizer(directory: pathlib.Path, tokenizer, cfg: LlamaConfig) -> Non
         "add_bos_token": tokenizer.add_bos,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": cfg.max_position_embeddings,
     }
+    if model_max_length is not None:
+        config["model_max_length"] = model_max_length
     if tokenizer.chat_template:
         config["chat_template"] = tokenizer.chat_template
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

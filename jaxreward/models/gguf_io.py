@@ -80,12 +80,14 @@ def config_from_gguf(reader, source: str = "gguf") -> LlamaConfig:
         raise ValueError(f"{source}: general.architecture {arch!r} is not supported "
                          f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
 
-    def need(key):
-        value = _value(reader, f"{arch}.{key}")
+    def get(key, default=None):
+        value = _value(reader, f"{arch}.{key}", default)
         if value is None:
             raise ValueError(f"{source}: metadata key {arch}.{key} is missing")
         if isinstance(value, list):
             raise ValueError(f"{source}: {arch}.{key} is a per-layer list; not supported")
+        if isinstance(value, float):
+            value = float(str(np.float32(value)))   # f32 metadata: 1e-05, not 9.9999997e-06
         return value
 
     scaling = _value(reader, f"{arch}.rope.scaling.type")
@@ -98,9 +100,9 @@ def config_from_gguf(reader, source: str = "gguf") -> LlamaConfig:
                          "Llama 3.1) is not implemented (only default RoPE)")
     if "token_embd.weight" not in tensors:
         raise ValueError(f"{source}: tensor token_embd.weight is missing")
-    hidden = int(need("embedding_length"))
-    num_heads = int(need("attention.head_count"))
-    head_dim = int(_value(reader, f"{arch}.attention.key_length", hidden // num_heads))
+    hidden = int(get("embedding_length"))
+    num_heads = int(get("attention.head_count"))
+    head_dim = int(get("attention.key_length", hidden // num_heads))
     rotary = _value(reader, f"{arch}.rope.dimension_count")
     if rotary is not None and int(rotary) != head_dim:
         raise ValueError(f"{source}: {arch}.rope.dimension_count={rotary} differs from the head "
@@ -110,16 +112,16 @@ def config_from_gguf(reader, source: str = "gguf") -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
-        intermediate_size=int(need("feed_forward_length")),
-        num_layers=int(need("block_count")),
+        intermediate_size=int(get("feed_forward_length")),
+        num_layers=int(get("block_count")),
         num_heads=num_heads,
-        num_kv_heads=int(_value(reader, f"{arch}.attention.head_count_kv", num_heads)),
+        num_kv_heads=int(get("attention.head_count_kv", num_heads)),
         head_dim=head_dim,
-        rope_theta=float(_value(reader, f"{arch}.rope.freq_base", 10000.0)),
-        rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
         tie_embeddings="output.weight" not in tensors,
         qkv_bias="blk.0.attn_q.bias" in tensors,
-        max_position_embeddings=int(_value(reader, f"{arch}.context_length", 2048)),
+        max_position_embeddings=int(get("context_length", 2048)),
     )
 
 

@@ -201,6 +201,16 @@ def test_bf16_sharded_checkpoint(tmp_path):
     np.testing.assert_array_equal(np.asarray(params16["norm"]["scale"], np.float32),
                                   state["model.norm.weight"])
 
+    # bf16 params export as bf16 safetensors that transformers and we read back exactly.
+    out = jaxreward.save_pretrained(tmp_path / "export16", model, params16)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    for name, value in reloaded.state_dict().items():
+        np.testing.assert_array_equal(value.float().numpy(), state[name], err_msg=name)
+    _, params16b, _ = jaxreward.load_pretrained(out, dtype="bfloat16")
+    for a, b in zip(jax.tree.leaves(params16), jax.tree.leaves(params16b)):
+        assert b.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
 
 def _tiny_tensors(cfg):
     rng = np.random.default_rng(0)

@@ -60,3 +60,21 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs of `tree` carrying `shardings` (restore targets)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         tree, shardings)
+
+
+def save_params(directory: str, params: Any) -> None:
+    """Saves a param pytree alone (e.g. an exported reward model)."""
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.abspath(directory), params, force=True)
+    checkpointer.wait_until_finished()
+
+
+def load_params(directory: str, shardings: Any = None) -> Any:
+    """Loads `save_params`' tree (onto `shardings` if given, else device 0)."""
+    checkpointer = ocp.StandardCheckpointer()
+    directory = os.path.abspath(directory)
+    if shardings is None:
+        return checkpointer.restore(directory)
+    meta = checkpointer.metadata(directory)
+    tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
+    return checkpointer.restore(directory, abstract_like(tree, shardings))

@@ -1,0 +1,40 @@
+"""Best-of-N sampling from a pretrained policy, ranked by a trained reward model.
+
+    python -m jaxreward.main --config=configs/best_of_n.py:smollm2 --workdir=runs/bon \
+        --config.reward_model_dir=runs/rm_hh/reward_model
+
+Variants:
+  smollm2: SmolLM2-135M-Instruct samples N completions per chat prompt (from
+    `prompts_path` — .txt one per line, or .jsonl with a `prompt` field — or
+    a short built-in list) and a reward model from configs/reward_model.py
+    ranks them.
+"""
+import ml_collections
+
+VARIANTS = ("smollm2",)
+
+
+def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
+    variant = variant or "smollm2"
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r} of configs/best_of_n.py; "
+                         f"choose one of: {', '.join(VARIANTS)}")
+    c = ml_collections.ConfigDict()
+    c.task = "best_of_n"
+    c.seed = 0                                  # sampling seed
+    c.model = ml_collections.ConfigDict(dict(
+        pretrained="smollm2-135m-instruct",     # policy: HF dir, .gguf, or known name
+        dtype="float32",                        # compute dtype
+    ))
+    c.reward_model_dir = ""                     # <workdir>/reward_model of a reward_model run
+    c.objective = 0                             # which head output ranks samples
+    c.prompts_path = ""                         # .txt / .jsonl prompts; "" = built-in list
+    c.prompt_batch_size = 4                     # prompts per sampling call
+    c.n = 8                                     # samples per prompt (N)
+    c.sampling = ml_collections.ConfigDict(dict(
+        max_new_tokens=48,                      # tokens per completion (stop token included)
+        temperature=0.7,                        # softmax temperature (0 = greedy)
+        top_k=0,                                # keep the k most likely tokens (0 = all)
+        top_p=0.95,                             # nucleus mass (1 = all)
+    ))
+    return c

@@ -26,5 +26,5 @@ HH_TEST_FILE = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 def hh_file():
     """The real HH-RLHF harmless-base test file; skips when ../shared is absent."""
     if not HH_TEST_FILE.exists():
-    pytest.skip(f"real data not found at {HH_TEST_FILE} (needs ../shared/data)")
+        pytest.skip(f"real data not found at {HH_TEST_FILE} (needs ../shared/data)")
     return HH_TEST_FILE

@@ -1,4 +1,5 @@
 """Preference losses: hand-computed values, masking, identities, a DPO bandit."""
+import functools
 import math
 
 import jax
@@ -312,45 +313,48 @@ def test_every_pairwise_loss_is_registered():
     assert registry.names("unpaired_preference") == ("kto",)
 
 
+def _pad(x, v):
+    return jnp.concatenate([x, jnp.array([v], jnp.float32)])
+
+
 @pytest.mark.parametrize("name", PAIRWISE)
-@pytest.mark.parametrize("fill", [np.nan, 1e9])
-def test_pairwise_padding_is_inert(name, fill):
+def test_pairwise_padding_is_inert_and_all_masked_is_zero(name):
     mask = jnp.array([True, True, False])
-    pad = lambda x, v: jnp.concatenate([x, jnp.array([v])])
-    lengths = (pad(LEN_C, 0.0), pad(LEN_R, fill))
 
-    def f(c, r):
-        return _call(name, c, r, pad(RC, fill), pad(RR, -fill), mask, lengths)
+    def f(c, r, rc, rr, mask, len_c, len_r):
+        return _call(name, c, r, rc, rr, mask, (len_c, len_r))
 
-    (loss, m), (gc, gr) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(pad(C, fill), pad(R, fill))
-    (ref_loss, ref_m), (rgc, rgr) = jax.value_and_grad(
-        lambda c, r: _call(name, c, r, RC, RR, None, (LEN_C, LEN_R)), argnums=(0, 1), has_aux=True
-    )(C, R)
-    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-    np.testing.assert_allclose(gc, pad(rgc, 0.0), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(gr, pad(rgr, 0.0), rtol=1e-5, atol=1e-7)
+    run = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
+
+    def padded(fill):
+        return run(_pad(C, fill), _pad(R, fill), _pad(RC, fill), _pad(RR, -fill), mask, _pad(LEN_C, 0.0), _pad(LEN_R, fill))
+
+    # Padding with a benign value is the same as not having the row.
+    (loss0, m0), (gc0, gr0) = padded(0.0)
+    (ref_loss, ref_m), (rgc, rgr) = run(C, R, RC, RR, None, LEN_C, LEN_R)
+    np.testing.assert_allclose(loss0, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(gc0, _pad(rgc, 0.0), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(gr0, _pad(rgr, 0.0), rtol=1e-5, atol=1e-8)
     for key in ("accuracy", "margin_mean", "chosen_reward_mean", "rejected_reward_mean"):
-        np.testing.assert_allclose(m[key], ref_m[key], rtol=1e-5, atol=1e-7)
-
-
-@pytest.mark.parametrize("name", PAIRWISE)
-def test_pairwise_all_masked_is_zero(name):
-    mask = jnp.zeros(2, bool)
-    nan = jnp.full(2, np.nan)
-    (loss, m), grads = jax.value_and_grad(
-        lambda c, r: _call(name, c, r, nan, nan, mask, (nan, nan)), argnums=(0, 1), has_aux=True
-    )(nan, nan)
+        np.testing.assert_allclose(m0[key], ref_m[key], rtol=1e-5, atol=1e-7)
+    # NaN, inf or 1e9 in the masked row change neither values nor gradients.
+    for fill in (np.nan, np.inf, 1e9):
+        (loss, m), (gc, gr) = padded(fill)
+        np.testing.assert_allclose(loss, loss0, rtol=1e-6)
+        np.testing.assert_allclose(gc, gc0, rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(gr, gr0, rtol=1e-6, atol=1e-8)
+        for key in m0:
+            np.testing.assert_allclose(m[key], m0[key], rtol=1e-6, atol=1e-8)
+    # All rows masked: loss 0, zero gradients, finite metrics.
+    nan = jnp.full(3, np.nan)
+    (loss, m), grads = run(nan, nan, nan, nan, jnp.zeros(3, bool), nan, nan)
     assert loss == 0.0
     for g in grads:
         np.testing.assert_array_equal(g, 0.0)
     assert all(np.isfinite(v) for v in m.values()), m
-
-
-@pytest.mark.parametrize("name", PAIRWISE)
-def test_pairwise_jit_with_static_hparams(name):
-    eager, _ = _call(name, C, R, RC, RR, None, (LEN_C, LEN_R))
-    jitted = jax.jit(lambda c, r, rc, rr: _call(name, c, r, rc, rr, None, (LEN_C, LEN_R))[0])(C, R, RC, RR)
-    np.testing.assert_allclose(jitted, eager, rtol=1e-6)
+    # Jittable with the hyper-parameters static, and equal to eager.
+    jitted = jax.jit(lambda c, r, rc, rr: f(c, r, rc, rr, None, LEN_C, LEN_R)[0])(C, R, RC, RR)
+    np.testing.assert_allclose(jitted, ref_loss, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------

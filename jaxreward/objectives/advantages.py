@@ -9,8 +9,9 @@ group by group (N = `group_size` consecutive rows share a prompt), and
 return `advantages_B`; broadcast them over the tokens with
 `broadcast_to_tokens`.
 
-A response that is empty (no valid token), or marked invalid in `valid_B`,
-gets advantage 0 and is left out of its group's baseline and statistics.
+A member marked invalid in `valid_B` gets advantage 0 and is left out of its
+group's baseline and statistics; pass `valid_B = mask_BT.any(-1)` so that
+responses with no valid token (empty) are excluded.
 Degenerate groups (fewer than two valid members, or all rewards equal) get
 exact zeros.
 
@@ -18,8 +19,6 @@ None of these functions stops gradients: advantages are targets, and the
 policy losses treat them as constants.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -123,7 +122,21 @@ def gae_advantages(
 
 
 def discounted_returns(rewards_BT, mask_BT, *, gamma: float = 1.0) -> jnp.ndarray:
-    """G_t = Σ_{s ≥ t, valid} γ^{(number of valid steps from t to s)} r_s, 0 at masked slots."""
+    """Discounted reward-to-go over the valid tokens of each row.
+
+        G_t = r_t + γ·G_{t'}      (t' = the next valid step; G = 0 after the last)
+
+    Masked slots are skipped (they neither add reward nor count as a step)
+    and read 0.
+
+    Args:
+      rewards_BT: float32 `[B, T]` per-token rewards.
+      mask_BT: bool `[B, T]`.
+      gamma: static discount γ in [0, 1].
+
+    Returns:
+      float32 `[B, T]`.
+    """
     mask = as_bool(mask_BT)
     rewards = select(jnp.asarray(rewards_BT, jnp.float32), mask)
 

@@ -40,7 +40,6 @@ from jaxreward.objectives.masking import (
     as_bool,
     masked_count,
     masked_mean,
-    masked_sum,
     safe_divide,
     select,
 )

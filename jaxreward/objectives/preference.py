@@ -28,7 +28,7 @@ KTO is unpaired and registered under kind ``unpaired_preference``.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -87,13 +87,39 @@ def _pair_inputs(chosen, rejected, ref_chosen, ref_rejected, example_mask_B, fil
     return (*out, mask)
 
 
-def _log_ratios(chosen, rejected, ref_chosen, ref_rejected):
+def log_ratios(chosen, rejected, ref_chosen, ref_rejected, example_mask_B):
+    """Log-ratios of a pair batch, the first step of every reference-based loss.
+
+    Args:
+      chosen, rejected, ref_chosen, ref_rejected: float32 `[B]` summed log-probs.
+      example_mask_B: optional bool `[B]`; masked pairs are zeroed first.
+
+    Returns:
+      (ρ_c, ρ_r, mask): ρ = log π − log π_ref for chosen and rejected, float32
+      `[B]` (0 for masked pairs), and the bool `[B]` mask.
+
+    Raises:
+      ValueError: if a reference array is None.
+    """
     if ref_chosen is None or ref_rejected is None:
         raise ValueError("this loss needs the reference log-probs (ref_chosen_logps_B, ref_rejected_logps_B)")
-    return chosen - ref_chosen, rejected - ref_rejected
+    c, r, rc, rr, mask = _pair_inputs(chosen, rejected, ref_chosen, ref_rejected, example_mask_B)
+    return c - rc, r - rr, mask
 
 
-def _finish(losses_B, chosen_rewards_B, rejected_rewards_B, mask_B, **extra):
+def reduce_pair_loss(losses_B, chosen_rewards_B, rejected_rewards_B, mask_B, **extra):
+    """Averages per-pair losses over valid pairs and builds the standard metrics.
+
+    Args:
+      losses_B: float32 `[B]` per-pair losses.
+      chosen_rewards_B, rejected_rewards_B: float32 `[B]` implicit rewards.
+      mask_B: bool `[B]`.
+      **extra: more metrics: `[B]` arrays are averaged over valid pairs,
+        scalars are reported as they are (all without gradient).
+
+    Returns:
+      (loss, metrics) with the keys of `reward.pair_metrics` plus ``loss``.
+    """
     loss = masked_mean(losses_B, mask_B)
     metrics = {"loss": loss, **pair_metrics(chosen_rewards_B, rejected_rewards_B, mask_B)}
     for k, v in extra.items():
@@ -134,7 +160,8 @@ def dpo_loss(
     Args:
       chosen_logps_B, rejected_logps_B, ref_chosen_logps_B,
         ref_rejected_logps_B: float32 `[B]` summed response log-probs.
-      beta: static β > 0 (inverse KL strength; typical 0.1).
+      beta: static β > 0, the KL coefficient (larger stays closer to the
+        reference; typical 0.1). Units: nats⁻¹ on log-ratios.
       example_mask_B: optional bool `[B]`.
 
     Returns:
@@ -144,11 +171,12 @@ def dpo_loss(
       ValueError: if beta <= 0 or a reference array is None.
     """
     _check_beta(beta)
-    c, r, rc, rr, mask = _pair_inputs(chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B)
-    rho_c, rho_r = _log_ratios(c, r, rc, rr)
+    rho_c, rho_r, mask = log_ratios(
+        chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B
+    )
     h = rho_c - rho_r
     losses = -log_sigmoid(beta * h)
-    return _finish(losses, beta * rho_c, beta * rho_r, mask)
+    return reduce_pair_loss(losses, beta * rho_c, beta * rho_r, mask)
 
 
 @registry.register("preference", "cdpo")
@@ -181,12 +209,13 @@ def cdpo_loss(
     _check_beta(beta)
     if not 0.0 <= label_smoothing <= 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
-    c, r, rc, rr, mask = _pair_inputs(chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B)
-    rho_c, rho_r = _log_ratios(c, r, rc, rr)
+    rho_c, rho_r, mask = log_ratios(
+        chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B
+    )
     h = rho_c - rho_r
     eps = label_smoothing
     losses = -(1.0 - eps) * log_sigmoid(beta * h) - eps * log_sigmoid(-beta * h)
-    return _finish(losses, beta * rho_c, beta * rho_r, mask)
+    return reduce_pair_loss(losses, beta * rho_c, beta * rho_r, mask)
 
 
 @registry.register("preference", "robust_dpo")
@@ -221,12 +250,13 @@ def robust_dpo_loss(
     _check_beta(beta)
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    c, r, rc, rr, mask = _pair_inputs(chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B)
-    rho_c, rho_r = _log_ratios(c, r, rc, rr)
+    rho_c, rho_r, mask = log_ratios(
+        chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B
+    )
     h = rho_c - rho_r
     eps = label_smoothing
     losses = (-(1.0 - eps) * log_sigmoid(beta * h) + eps * log_sigmoid(-beta * h)) / (1.0 - 2.0 * eps)
-    return _finish(losses, beta * rho_c, beta * rho_r, mask)
+    return reduce_pair_loss(losses, beta * rho_c, beta * rho_r, mask)
 
 
 @registry.register("preference", "ipo")
@@ -265,8 +295,9 @@ def ipo_loss(
       ValueError: if beta <= 0, or lengths are missing when needed.
     """
     _check_beta(beta)
-    c, r, rc, rr, mask = _pair_inputs(chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B)
-    rho_c, rho_r = _log_ratios(c, r, rc, rr)
+    rho_c, rho_r, mask = log_ratios(
+        chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B
+    )
     if length_normalize:
         if chosen_lengths_B is None or rejected_lengths_B is None:
             raise ValueError("length_normalize=True needs chosen_lengths_B and rejected_lengths_B")
@@ -274,7 +305,7 @@ def ipo_loss(
         rho_r = safe_divide(rho_r, select(jnp.asarray(rejected_lengths_B, jnp.float32), mask))
     h = rho_c - rho_r
     losses = jnp.square(h - 1.0 / (2.0 * beta))
-    return _finish(losses, beta * rho_c, beta * rho_r, mask)
+    return reduce_pair_loss(losses, beta * rho_c, beta * rho_r, mask)
 
 
 @registry.register("preference", "hinge")
@@ -299,11 +330,12 @@ def hinge_loss(
       beta: static β > 0 (margin 1/β in nats).
     """
     _check_beta(beta)
-    c, r, rc, rr, mask = _pair_inputs(chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B)
-    rho_c, rho_r = _log_ratios(c, r, rc, rr)
+    rho_c, rho_r, mask = log_ratios(
+        chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B
+    )
     h = rho_c - rho_r
     losses = jax.nn.relu(1.0 - beta * h)
-    return _finish(losses, beta * rho_c, beta * rho_r, mask)
+    return reduce_pair_loss(losses, beta * rho_c, beta * rho_r, mask)
 
 
 @_reference_free
@@ -344,7 +376,7 @@ def simpo_loss(
     reward_c = beta * safe_divide(c, select(jnp.asarray(chosen_lengths_B, jnp.float32), mask))
     reward_r = beta * safe_divide(r, select(jnp.asarray(rejected_lengths_B, jnp.float32), mask))
     losses = -log_sigmoid(reward_c - reward_r - gamma)
-    return _finish(losses, reward_c, reward_r, mask)
+    return reduce_pair_loss(losses, reward_c, reward_r, mask)
 
 
 @_reference_free
@@ -396,7 +428,7 @@ def orpo_loss(
     log_odds_ratio = log_odds(mean_c) - log_odds(mean_r)
     nll = -mean_c
     losses = nll - beta * log_sigmoid(log_odds_ratio)
-    return _finish(losses, beta * mean_c, beta * mean_r, mask, nll=nll, log_odds_ratio=log_odds_ratio)
+    return reduce_pair_loss(losses, beta * mean_c, beta * mean_r, mask, nll=nll, log_odds_ratio=log_odds_ratio)
 
 
 @registry.register("preference", "nca")
@@ -417,11 +449,12 @@ def nca_loss(
     with Explicit Rewards" (2024). TRL: ``nca_pair``.
     """
     _check_beta(beta)
-    c, r, rc, rr, mask = _pair_inputs(chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B)
-    rho_c, rho_r = _log_ratios(c, r, rc, rr)
+    rho_c, rho_r, mask = log_ratios(
+        chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B
+    )
     reward_c, reward_r = beta * rho_c, beta * rho_r
     losses = -log_sigmoid(reward_c) - 0.5 * log_sigmoid(-reward_c) - 0.5 * log_sigmoid(-reward_r)
-    return _finish(losses, reward_c, reward_r, mask)
+    return reduce_pair_loss(losses, reward_c, reward_r, mask)
 
 
 @registry.register("preference", "apo_zero")
@@ -445,10 +478,11 @@ def apo_zero_loss(
     (2024), eq. 7.
     """
     _check_beta(beta)
-    c, r, rc, rr, mask = _pair_inputs(chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B)
-    rho_c, rho_r = _log_ratios(c, r, rc, rr)
+    rho_c, rho_r, mask = log_ratios(
+        chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B
+    )
     losses = (1.0 - jax.nn.sigmoid(beta * rho_c)) + jax.nn.sigmoid(beta * rho_r)
-    return _finish(losses, beta * rho_c, beta * rho_r, mask)
+    return reduce_pair_loss(losses, beta * rho_c, beta * rho_r, mask)
 
 
 @registry.register("preference", "apo_down")
@@ -472,10 +506,11 @@ def apo_down_loss(
     (2024), eq. 8.
     """
     _check_beta(beta)
-    c, r, rc, rr, mask = _pair_inputs(chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B)
-    rho_c, rho_r = _log_ratios(c, r, rc, rr)
+    rho_c, rho_r, mask = log_ratios(
+        chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B
+    )
     losses = jax.nn.sigmoid(beta * rho_c) + (1.0 - jax.nn.sigmoid(beta * (rho_c - rho_r)))
-    return _finish(losses, beta * rho_c, beta * rho_r, mask)
+    return reduce_pair_loss(losses, beta * rho_c, beta * rho_r, mask)
 
 
 @registry.register("preference", "bco_pair")
@@ -510,15 +545,16 @@ def bco_pair_loss(
       (loss, metrics); extra metric ``reference_point``.
     """
     _check_beta(beta)
-    c, r, rc, rr, mask = _pair_inputs(chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B)
-    rho_c, rho_r = _log_ratios(c, r, rc, rr)
+    rho_c, rho_r, mask = log_ratios(
+        chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B
+    )
     reward_c, reward_r = beta * rho_c, beta * rho_r
     if reference_point is None:
         delta = sg(0.5 * (masked_mean(reward_c, mask) + masked_mean(reward_r, mask)))
     else:
         delta = sg(jnp.asarray(reference_point, jnp.float32))
     losses = -log_sigmoid(reward_c - delta) - log_sigmoid(-(reward_r - delta))
-    return _finish(losses, reward_c, reward_r, mask, reference_point=delta)
+    return reduce_pair_loss(losses, reward_c, reward_r, mask, reference_point=delta)
 
 
 @registry.register("preference", "exo")
@@ -554,12 +590,13 @@ def exo_loss(
     _check_beta(beta)
     if not 0.0 < epsilon < 0.5:
         raise ValueError(f"epsilon must be in (0, 0.5), got {epsilon}")
-    c, r, rc, rr, mask = _pair_inputs(chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B)
-    rho_c, rho_r = _log_ratios(c, r, rc, rr)
+    rho_c, rho_r, mask = log_ratios(
+        chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B
+    )
     z = beta * (rho_c - rho_r)
     p = jax.nn.sigmoid(z)
     losses = p * (log_sigmoid(z) - math.log(1.0 - epsilon)) + (1.0 - p) * (log_sigmoid(-z) - math.log(epsilon))
-    return _finish(losses, beta * rho_c, beta * rho_r, mask)
+    return reduce_pair_loss(losses, beta * rho_c, beta * rho_r, mask)
 
 
 @registry.register("preference", "beta_dpo")
@@ -605,8 +642,9 @@ def beta_dpo_loss(
       (loss, metrics); implicit rewards use the base β; extra ``beta_mean``.
     """
     _check_beta(beta)
-    c, r, rc, rr, mask = _pair_inputs(chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B)
-    rho_c, rho_r = _log_ratios(c, r, rc, rr)
+    rho_c, rho_r, mask = log_ratios(
+        chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B
+    )
     h = rho_c - rho_r
     if reward_margin_B is None:
         margin = sg(beta * h)
@@ -615,7 +653,7 @@ def beta_dpo_loss(
     m0 = masked_mean(margin, mask) if margin_reference is None else jnp.asarray(margin_reference, jnp.float32)
     beta_i = jnp.maximum(beta * (1.0 + alpha * (margin - sg(m0))), beta_min)
     losses = -log_sigmoid(beta_i * h)
-    return _finish(losses, beta * rho_c, beta * rho_r, mask, beta_mean=beta_i)
+    return reduce_pair_loss(losses, beta * rho_c, beta * rho_r, mask, beta_mean=beta_i)
 
 
 @registry.register("preference", "cream")
@@ -650,12 +688,13 @@ def cream_loss(
       (loss, metrics); extra ``consistency``.
     """
     _check_beta(beta)
-    c, r, rc, rr, mask = _pair_inputs(chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B)
-    rho_c, rho_r = _log_ratios(c, r, rc, rr)
+    rho_c, rho_r, mask = log_ratios(
+        chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B
+    )
     h = rho_c - rho_r
     cons = sg(jnp.broadcast_to(jnp.asarray(consistency, jnp.float32), h.shape))
     losses = -cons * log_sigmoid(beta * h) - (1.0 - cons) * log_sigmoid(-beta * h)
-    return _finish(losses, beta * rho_c, beta * rho_r, mask, consistency=cons)
+    return reduce_pair_loss(losses, beta * rho_c, beta * rho_r, mask, consistency=cons)
 
 
 def cream_consistency(scores_now_NM, scores_prev_NM, mask_NM=None) -> jnp.ndarray:
@@ -750,7 +789,7 @@ def tgdpo_loss(
     u_c = jnp.sum(beta * (1.0 + alpha * guide_c) * rho_c, axis=-1)
     u_r = jnp.sum(beta * (1.0 - alpha * guide_r) * rho_r, axis=-1)
     losses = -log_sigmoid(u_c - u_r)
-    return _finish(losses, u_c, u_r, mask_B)
+    return reduce_pair_loss(losses, u_c, u_r, mask_B)
 
 
 @registry.register("preference", "mixture")

@@ -1,7 +1,6 @@
 """Objectives by name, so a config can pick one with a string.
 
-Each function is registered under a kind (what it computes, which fixes its
-calling convention) and a name::
+Each function is registered under a kind (what it computes) and a name::
 
     from jaxreward.objectives import registry
 
@@ -13,15 +12,18 @@ calling convention) and a name::
 
     loss_fn = registry.get("preference", config.loss_type)
 
-Kinds used in this package (the calling convention is documented in the
-module that defines each):
+Kinds used in this package (each module documents the calling convention
+of its kind; the functions of one kind are interchangeable where the
+convention says so):
 
-* ``preference``   pairwise and unpaired preference losses (preference.py)
-* ``reward_loss``  reward-model training losses (reward.py)
-* ``policy_loss``  policy-gradient surrogate losses (policy_gradient.py)
-* ``advantage``    advantage estimators (advantages.py)
-* ``kl``           per-token KL estimators (kl.py)
-* ``aggregation``  loss aggregation modes (policy_gradient.py)
+* ``preference``           pairwise preference losses; all take the four
+                           sequence log-prob arrays first (preference.py)
+* ``unpaired_preference``  KTO (preference.py)
+* ``reward_loss``          reward-model training losses (reward.py)
+* ``policy_loss``          policy-gradient surrogates, one signature (policy_gradient.py)
+* ``aggregation``          per-token weights of each loss-aggregation mode (policy_gradient.py)
+* ``advantage``            advantage estimators; inputs differ per estimator (advantages.py)
+* ``kl``                   per-token KL estimators k1/k2/k3 (kl.py)
 
 A new kind needs no declaration: the first `register` call creates it.
 """

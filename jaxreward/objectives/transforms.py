@@ -6,8 +6,6 @@ rewards are float32 `[B, K]` over K reasoning steps with a bool
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 

@@ -1,5 +1,4 @@
 """Preference losses: hand-computed values, masking, identities, a DPO bandit."""
-import functools
 import math
 
 import jax

@@ -166,3 +166,24 @@ def test_registry_lookup_and_error_lists_names():
         registry.get("reward_loss", "bradly_terry")
     with pytest.raises(KeyError, match="known kinds"):
         registry.get("no_such_kind", "x")
+
+
+def test_register_decorator_and_duplicates():
+    @registry.register("test_only_kind", "double")
+    def double(x):
+        return 2 * x
+
+    assert registry.get("test_only_kind", "double")(3) == 6
+    assert registry.names("test_only_kind") == ("double",)
+    # re-registering the same function is harmless; a different one is an error
+    registry.register("test_only_kind", "double")(double)
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register("test_only_kind", "double")(lambda x: x)
+
+
+def test_accepted_kwargs_filters_by_signature():
+    def f(a, *, beta, gamma=0.0):
+        return a
+
+    assert registry.accepted_kwargs(f, {"beta": 1, "gamma": 2, "delta": 3, "a": 0}) == {"beta": 1, "gamma": 2, "a": 0}
+    assert registry.accepted_kwargs(lambda **kw: kw, {"x": 1}) == {"x": 1}

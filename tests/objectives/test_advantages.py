@@ -115,8 +115,11 @@ def test_grpo_hand_values_and_degenerate_groups():
     np.testing.assert_allclose(a_dr[:3], [-1.0, 0.0, 1.0], rtol=1e-6)
     np.testing.assert_allclose(a_dr[6:9], [-1.0, 1.0, 0.0], rtol=1e-6)
     # the invalid member's reward does not move the baseline
-    moved = adv.grpo_advantages(rewards.at[8].set(-5.0), group_size=3, valid_B=valid)
-    np.testing.assert_allclose(moved, a, rtol=1e-6)
+    for fill in (-5.0, np.nan, np.inf, 1e9):
+        moved = adv.grpo_advantages(rewards.at[8].set(fill), group_size=3, valid_B=valid)
+        np.testing.assert_allclose(moved, a, rtol=1e-6)
+    g = jax.grad(lambda x: jnp.sum(adv.grpo_advantages(x, group_size=3, valid_B=valid) ** 2))(rewards.at[8].set(np.nan))
+    assert np.isfinite(g).all() and g[8] == 0.0
 
 
 def test_grpo_group_of_one_and_gradients_finite():
@@ -129,7 +132,7 @@ def test_grpo_group_of_one_and_gradients_finite():
 
 
 def test_rloo_hand_values():
-    rewards = jnp.array([1.0, 2.0, 3.0, 1.0, 3.0, 50.0, 4.0, 4.0, 4.0])
+    rewards = jnp.array([1.0, 2.0, 3.0, 1.0, 3.0, np.nan, 4.0, 4.0, 4.0])
     valid = jnp.array([True, True, True, True, True, False, True, True, True])
     a = adv.rloo_advantages(rewards, group_size=3, valid_B=valid)
     # group 0: baselines (2+3)/2, (1+3)/2, (1+2)/2 → [1 − 2.5, 2 − 2, 3 − 1.5] = [−1.5, 0, 1.5]

@@ -215,7 +215,7 @@ def test_cream_consistency_kendall():
 
 
 def test_tgdpo_alpha_zero_is_dpo_and_hand_value():
-    lp_c = jnp.array([[-0.5, -0.5, 9.0], [-1.0, -1.0, 7.0]])  # 9/7 in masked slots
+    lp_c = jnp.array([[-0.5, -0.5, np.nan], [-1.0, -1.0, np.inf]])  # NaN/inf in masked slots
     lp_r = jnp.array([[-1.0, -2.0], [-0.5, -0.5]])
     ref_c = jnp.array([[-0.75, -0.75, 0.0], [-0.75, -0.75, 0.0]])
     ref_r = jnp.array([[-1.0, -1.5], [-1.0, -1.0]])
@@ -230,6 +230,8 @@ def test_tgdpo_alpha_zero_is_dpo_and_hand_value():
     np.testing.assert_allclose(loss0, dpo, rtol=1e-6)
     np.testing.assert_allclose(m0["chosen_reward_mean"], md["chosen_reward_mean"], rtol=1e-6)
     loss, _ = preference.tgdpo_loss(lp_c, lp_r, ref_c, ref_r, beta=BETA, alpha=0.5, **kw)
+    g = jax.grad(lambda x: preference.tgdpo_loss(x, lp_r, ref_c, ref_r, beta=BETA, alpha=0.5, **kw)[0])(lp_c)
+    assert np.isfinite(g).all() and np.all(g[:, 2] == 0.0)
     # token log-ratios: chosen [[0.25, 0.25], [−0.25, −0.25]], rejected [[0, −0.5], [0.5, 0.5]]
     # u_c = Σ β(1 + α r̂)ρ: row 0: 0.5·(1.5·0.25 + 0.5·0.25) = 0.25; row 1: 0.5·(2·−0.25 + 1·−0.25) = −0.375
     # u_r = Σ β(1 − α r̂)ρ: row 0: 0.5·(0.75·0 + 0.75·−0.5) = −0.1875; row 1: 0.5·(1.5·0.5 + 0.5·0.5) = 0.5
@@ -280,6 +282,37 @@ def test_kto_hand_value():
     # a negative KL estimate is clipped to 0
     _, m = preference.kto_loss(logps, ref, desirable, kl_logps, ref_kl + 1.0, beta=beta)
     assert m["kl"] == 0.0
+
+
+def test_kto_padding_is_inert_and_all_masked_is_zero():
+    logps = jnp.array([-1.0, -2.0, -1.0, 0.0])
+    ref = jnp.array([-1.5, -1.5, 0.0, 0.0])
+    desirable = jnp.array([True, False, False, True])
+    kl_logps = jnp.array([-3.0, -3.0, -3.0, 0.0])
+    ref_kl = jnp.array([-3.5, -3.0, -3.3, 0.0])
+    mask = jnp.array([True, True, True, False])
+
+    def run(lp, rf, kl_lp, rkl, m):
+        return jax.value_and_grad(
+            lambda x: preference.kto_loss(x, rf, desirable, kl_lp, rkl, beta=0.5, example_mask_B=m), has_aux=True
+        )(lp)
+
+    (loss0, m0), g0 = run(logps, ref, kl_logps, ref_kl, mask)
+    # the padded row behaves as if absent: compare with the 3-row batch
+    loss3, _ = preference.kto_loss(logps[:3], ref[:3], desirable[:3], kl_logps[:3], ref_kl[:3], beta=0.5)
+    np.testing.assert_allclose(loss0, loss3, rtol=1e-6)
+    for fill in (np.nan, np.inf, 1e9):
+        pad = lambda x: x.at[3].set(fill)
+        (loss, m), g = run(pad(logps), pad(ref), pad(kl_logps), pad(ref_kl), mask)
+        np.testing.assert_allclose(loss, loss0, rtol=1e-6)
+        np.testing.assert_allclose(g, g0, rtol=1e-6, atol=1e-8)
+        for key in m0:
+            np.testing.assert_allclose(m[key], m0[key], rtol=1e-6, atol=1e-8)
+    nan = jnp.full(4, np.nan)
+    (loss, m), g = run(nan, nan, nan, nan, jnp.zeros(4, bool))
+    assert loss == 0.0
+    np.testing.assert_array_equal(g, 0.0)
+    assert all(np.isfinite(v) for v in m.values())
 
 
 # ----------------------------------------------------------------------------

@@ -59,11 +59,13 @@ def test_clip_and_length_penalties():
 
 def test_par_reward():
     r = jnp.array([1.0, 0.0])
-    ref = jnp.array([[1.0, 0.0], [0.0, 7.0]])
+    ref = jnp.array([[1.0, 0.0], [0.0, np.nan]])
     mask = jnp.array([[True, True], [True, False]])
     # row 0: (σ(0) + σ(1))/2 = (0.5 + 0.731059)/2; row 1: σ(0) = 0.5
     out = transforms.par_reward(r, ref, mask)
     np.testing.assert_allclose(out, [(0.5 + 1 / (1 + math.exp(-1))) / 2, 0.5], rtol=1e-6)
+    g = jax.grad(lambda x: jnp.sum(transforms.par_reward(r, x, mask)))(ref)
+    assert np.isfinite(g).all() and g[1, 1] == 0.0
 
 
 def test_log_sigmoid_centering_and_combination():

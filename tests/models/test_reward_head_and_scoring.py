@@ -1,0 +1,121 @@
+"""RewardModel invariances and the shared log-prob helper (hand-computed values)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxreward.models.heads import RewardModel
+from jaxreward.models.llama import Decoder, LlamaConfig, last_token_index
+from jaxreward.models.scoring import (logps_from_hidden, process_logits, sequence_logps,
+                                      shift_mask, token_logps)
+from jaxreward.train.step import unbox
+
+CFG = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=4, num_kv_heads=2, rope_theta=1000.0)
+
+
+@pytest.fixture(scope="module")
+def rm_and_params():
+    rm = RewardModel(CFG, num_objectives=3)
+    params = unbox(rm.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    return rm, params
+
+
+def _pad(rows, T, side, pad_id=0):
+    tokens = np.full((len(rows), T), pad_id, np.int32)
+    mask = np.zeros((len(rows), T), bool)
+    for i, r in enumerate(rows):
+        if side == "right":
+            tokens[i, :len(r)], mask[i, :len(r)] = r, True
+        else:
+            tokens[i, T - len(r):], mask[i, T - len(r):] = r, True
+    return tokens, mask
+
+
+def test_reward_ignores_padding_side_amount_and_batch_companions(rm_and_params):
+    rm, params = rm_and_params
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(1, 50, n).tolist() for n in (7, 3, 11, 1)]
+    apply = jax.jit(lambda t, m: rm.apply({"params": params}, t, m))
+    ref = np.stack([np.asarray(apply(*_pad([r], len(r), "right")))[0] for r in rows])  # alone, no padding
+    assert ref.shape == (4, 3)
+    for side in ("right", "left"):
+        for T in (11, 16):
+            # pad ids that are real tokens (7), so only the mask can tell padding apart
+            got = np.asarray(apply(*_pad(rows, T, side, pad_id=7)))
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5, err_msg=f"{side} T={T}")
+    # A different companion in the batch changes nothing for row 0.
+    other = np.asarray(apply(*_pad([rows[0], [5] * 11], 11, "left")))[0]
+    np.testing.assert_allclose(other, ref[0], rtol=1e-5, atol=1e-5)
+
+
+def test_last_token_index_comes_from_the_mask():
+    mask = np.array([[1, 1, 0, 0], [0, 1, 1, 1], [0, 0, 0, 0], [1, 0, 1, 0]], bool)
+    np.testing.assert_array_equal(last_token_index(jnp.asarray(mask)), [1, 3, 0, 2])
+
+
+def test_process_logits_hand_values():
+    logits = jnp.log(jnp.array([[0.5, 0.25, 0.125, 0.125]]))
+    # temperature 1: unchanged distribution
+    np.testing.assert_allclose(jnp.exp(process_logits(logits)), [[0.5, 0.25, 0.125, 0.125]], rtol=1e-6)
+    # temperature 0.5 squares the probabilities: (.25, .0625, .015625, .015625) / 0.34375
+    np.testing.assert_allclose(jnp.exp(process_logits(logits, temperature=0.5)),
+                               np.array([[0.25, 0.0625, 0.015625, 0.015625]]) / 0.34375, rtol=1e-5)
+    # top_k=2 keeps 0.5 and 0.25 -> (2/3, 1/3)
+    np.testing.assert_allclose(jnp.exp(process_logits(logits, top_k=2)),
+                               [[2 / 3, 1 / 3, 0, 0]], atol=1e-6)
+    # top_p=0.6: mass before each sorted token is 0, .5, .75, .875 -> keep the first two
+    np.testing.assert_allclose(jnp.exp(process_logits(logits, top_p=0.6)),
+                               [[2 / 3, 1 / 3, 0, 0]], atol=1e-6)
+    # top_p=0.5: mass before token 2 is exactly 0.5, not < 0.5 -> only the top token
+    np.testing.assert_allclose(jnp.exp(process_logits(logits, top_p=0.5)), [[1, 0, 0, 0]], atol=1e-6)
+    with pytest.raises(ValueError, match="temperature"):
+        process_logits(logits, temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        process_logits(logits, top_p=0.0)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5, 64])
+def test_chunked_logps_equal_full_log_softmax(chunk):
+    model = Decoder(CFG)
+    params = unbox(model.init(jax.random.PRNGKey(1), jnp.zeros((1, 4), jnp.int32))["params"])
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 50, (2, 9)), jnp.int32)
+    mask = jnp.ones((2, 9), bool)
+    logits = model.apply({"params": params}, tokens, attention_mask=mask)
+    full = jax.nn.log_softmax(logits / 0.7, axis=-1)
+    expect = jnp.take_along_axis(full[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
+    got = token_logps(model, params, tokens, mask, temperature=0.7, chunk_size=chunk)
+    np.testing.assert_allclose(got[:, :-1], expect, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[:, -1], 0.0)
+
+
+def test_sequence_logps_hand_values_and_nan_in_masked_slots():
+    # tokens t0..t4; response = tokens 2,3 -> their log-probs live at columns 1, 2.
+    loss_mask = jnp.array([[0, 0, 1, 1, 0]], bool)
+    np.testing.assert_array_equal(shift_mask(loss_mask), [[0, 1, 1, 0, 0]])
+    logps = jnp.array([[jnp.nan, -1.0, -2.0, jnp.inf, -jnp.inf]])
+    # sum = -1 + -2 = -3; average = -3 / 2 = -1.5
+    np.testing.assert_allclose(sequence_logps(logps, loss_mask), [-3.0])
+    np.testing.assert_allclose(sequence_logps(logps, loss_mask, average=True), [-1.5])
+    g = jax.grad(lambda x: sequence_logps(x, loss_mask, average=True).sum())(logps)
+    np.testing.assert_array_equal(g, [[0, 0.5, 0.5, 0, 0]])  # finite, zero at masked slots
+    empty = jnp.zeros((1, 5), bool)
+    assert float(sequence_logps(logps, empty, average=True)[0]) == 0.0
+    assert np.isfinite(jax.grad(lambda x: sequence_logps(x, empty, average=True).sum())(logps)).all()
+
+
+def test_chunked_logps_gradient_matches_unchunked():
+    """Backward through the checkpointed chunks equals the plain gradient."""
+    h = jax.random.normal(jax.random.PRNGKey(2), (2, 7, 8))
+    w = jax.random.normal(jax.random.PRNGKey(3), (8, 11))
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 7), 0, 11)
+
+    def plain(w):
+        lp = jax.nn.log_softmax(h @ w, axis=-1)[:, :-1]
+        return jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1).sum()
+
+    def chunked(w):
+        return logps_from_hidden(lambda x: x @ w, h, tokens, chunk_size=3).sum()
+
+    np.testing.assert_allclose(chunked(w), plain(w), rtol=1e-5)
+    np.testing.assert_allclose(jax.grad(chunked)(w), jax.grad(plain)(w), rtol=1e-4, atol=1e-5)

@@ -107,7 +107,8 @@ def test_mean_best_reward_grows_with_n(model, params):
     for n in (1, 4, 16):
         outs[n] = best_of_n(model, params, tokens, mask, reward, n=n, rng=jax.random.key(5), **KW)
         means.append(float(outs[n].best_reward_B.mean()))
-    assert means[0] < means[1] < means[2], means
+    # Nested samples make the mean non-decreasing; over 16 samples it must rise.
+    assert means[0] <= means[1] <= means[2] and means[0] < means[2], means
     # Key scheme: sample j of prompt b does not depend on n, so the n = 4
     # samples are the first 4 of the n = 16 ones and the best reward can only
     # grow, prompt by prompt.

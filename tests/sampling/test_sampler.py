@@ -234,3 +234,16 @@ def test_bad_arguments_raise(model, params, kw):
     args = dict(rng=jax.random.key(0), max_new_tokens=2) | kw
     with pytest.raises(ValueError):
         generate(model, params, tokens, mask, **args)
+
+
+def test_inverse_cdf_sample_frequencies_and_zero_mass():
+    from jaxreward.sampling.sampler import inverse_cdf_sample
+    p = jnp.array([0.5, 0.25, 0.0, 0.25, 0.0])
+    logp = jnp.where(p > 0, jnp.log(jnp.maximum(p, 1e-30)), -1e30)
+    n = 40_000
+    keys = jax.random.split(jax.random.PRNGKey(0), n)
+    tok = np.asarray(inverse_cdf_sample(keys, jnp.tile(logp, (n, 1))))
+    freq = np.bincount(tok, minlength=5) / n
+    # Binomial std at p=0.5 with n=40k is 0.0025; 5 sigma = 0.0125.
+    np.testing.assert_allclose(freq, [0.5, 0.25, 0.0, 0.25, 0.0], atol=0.0125)
+    assert freq[2] == 0 and freq[4] == 0  # removed tokens are never drawn

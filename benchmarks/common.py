@@ -10,9 +10,12 @@ from typing import Callable
 
 import jax
 
-# Stated peaks for MFU (FLOP/s). CPU: measured fp32 matmul peak of the 2-core
-# dev/CI machine (see benchmarks/README.md); override with JAXREWARD_PEAK_FLOPS.
-PEAKS = {"cpu": 120e9, "gpu": 989e12 / 2, "tpu": 197e12}
+# Stated peaks for MFU (FLOP/s), float32 unless noted. CPU: the best float32
+# matmul throughput bench_matmul_peak.py measured on the 2-core dev/CI machine
+# (about 200 GFLOP/s with both cores; see benchmarks/README.md). GPU: H100/H200
+# dense TF32 tensor-core peak (494 TFLOP/s); TPU v5e bf16. Override with
+# JAXREWARD_PEAK_FLOPS.
+PEAKS = {"cpu": 200e9, "gpu": 494e12, "tpu": 197e12}
 
 
 def peak_flops() -> tuple[float, str]:

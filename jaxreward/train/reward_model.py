@@ -22,6 +22,7 @@ import tqdm
 
 from jaxreward import parallel
 from jaxreward.data.batching import PairBatcher
+from jaxreward.objectives import registry
 from jaxreward.objectives import reward as reward_objectives
 from jaxreward.train import checkpoint as ckpt_lib
 from jaxreward.train import metrics as metrics_lib
@@ -57,8 +58,21 @@ def make_loss_fns(model: nn.Module, loss_name: str = "bradley_terry"):
     return loss_fn, metrics_fn
 
 
+# Reward losses the pair trainer can drive: f(chosen [B, K], rejected [B, K], margin).
+PAIR_LOSSES = ("bradley_terry",)
+
+
 def reward_objectives_loss(name: str) -> Callable:
-    from jaxreward.objectives import registry
+    """The registered pairwise reward loss `name`.
+
+    Raises:
+      ValueError: `name` is not a pairwise reward loss this trainer can feed
+        (e.g. `regression` needs rated data, not pairs).
+    """
+    if name not in PAIR_LOSSES:
+        raise ValueError(f"loss.name={name!r} is not a pairwise reward loss; choose one of "
+                         f"{PAIR_LOSSES} (registered reward losses: "
+                         f"{registry.names('reward_loss')})")
     return registry.get("reward_loss", name)
 
 

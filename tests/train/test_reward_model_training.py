@@ -86,6 +86,13 @@ def test_mesh_shape_does_not_change_training(tmp_path, mesh):
     one = _fit(tmp_path, "one", _config(3, (1, 1, 1)))
     eight = _fit(tmp_path, "eight", _config(3, mesh))
     assert len(eight["mesh"].devices.ravel()) == 8
+    if mesh == (2, 2, 2):
+        # Params and their Adam moments really are split over fsdp/tensor.
+        kernel = eight["state"].params["backbone"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+        assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+        moments = [x for x in jax.tree.leaves(eight["state"].opt_state)
+                   if getattr(x, "shape", None) == kernel.shape]
+        assert moments and all(m.sharding.spec == kernel.sharding.spec for m in moments)
     _assert_params_close(eight["state"].params, one["state"].params, 1e-5)
     for k, v in _metrics(one).items():
         np.testing.assert_allclose(_metrics(eight)[k], v, rtol=1e-5, atol=1e-6, err_msg=k)

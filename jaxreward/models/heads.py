@@ -43,10 +43,14 @@ class RewardModel(nn.Module):
 
     def __call__(self, tokens_BT: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None) -> jax.Array:
-        """Rewards float32 `[B, K]` at the last attended token of each row."""
+        """Rewards float32 `[B, K]` at the last attended token of each row
+        (0 for a row with no attended token)."""
         if attention_mask is None:
             attention_mask = jnp.ones(tokens_BT.shape, bool)
         h_BTE = self.backbone.hidden_states(tokens_BT, attention_mask, positions)
         idx_B = last_token_index(attention_mask)
         h_BE = jnp.take_along_axis(h_BTE, idx_B[:, None, None], axis=1)[:, 0]
-        return self.head(h_BE.astype(jnp.float32))
+        rewards_BK = self.head(h_BE.astype(jnp.float32))
+        # A row with no attended token has no reward: 0, not a value read
+        # from padding.
+        return jnp.where(attention_mask.any(axis=1)[:, None], rewards_BK, 0.0)

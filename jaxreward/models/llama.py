@@ -222,7 +222,9 @@ class Decoder(nn.Module):
         """Final-norm hidden states `[B, T, E]` (and the updated cache).
 
         Args:
-          tokens_BT: int32 `[B, T]`.
+          tokens_BT: int32 `[B, T]`; ids in [0, vocab_size) at attended slots
+            (an out-of-range id there gives NaN, as jnp.take does); masked
+            slots may hold any id.
           attention_mask: bool `[B, T]`, True at real tokens (default all).
           positions: int32 `[B, T]` (default: counted from the mask, continuing
             from the cache's lengths when a cache is given).
@@ -259,7 +261,10 @@ class Decoder(nn.Module):
             mask_BTS = mask_BTS | jnp.eye(T, dtype=bool)[None]
         else:
             mask_BTS = mask_BTS | (jnp.arange(S)[None, :] == query_slot_T[:, None])[None]
-        x = self.embed_tokens(tokens_BT)
+        # Ids at masked slots may be anything (pad_id = vocab_size, -1, ...):
+        # an out-of-range id embeds as NaN, and 0 * NaN in attention would
+        # leak into real positions. Masked slots read token 0 instead.
+        x = self.embed_tokens(jnp.where(attention_mask, tokens_BT, 0))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):

@@ -44,7 +44,14 @@ def process_logits(logits_BV: Array, temperature: float = 1.0, top_k: int = 0,
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    x = logits_BV.astype(jnp.float32) / temperature
+    x = logits_BV.astype(jnp.float32)
+    # Shift by the (constant) row max before scaling: log_softmax is shift
+    # invariant, and a tiny temperature then sends logits towards -inf, never
+    # +inf; the clamp keeps them finite so no NaN can appear.
+    x = x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+    # 1/T is capped at 1e30 (below float32's max), so even a subnormal T
+    # gives finite, greedy-like log-probs instead of 0 * inf = NaN.
+    x = jnp.maximum(x * min(1.0 / temperature, 1e30), NEG_INF)
     if top_k and top_k < x.shape[-1]:
         kth = jax.lax.top_k(x, top_k)[0][..., -1:]
         x = jnp.where(x >= kth, x, NEG_INF)
@@ -119,13 +126,20 @@ def token_logps(model, params, tokens_BT: Array, attention_mask_BT: Array,
       **kwargs: temperature, top_k, top_p, chunk_size (see `logps_from_hidden`).
 
     Returns:
-      float32 `[B, T]`, `logps[b, t] = log p(tokens[b, t+1] | tokens[b, :t+1])`.
+      float32 `[B, T]`, `logps[b, t] = log p(tokens[b, t+1] | tokens[b, :t+1])`;
+      0 where token t+1 is padding (and in the last column). Ids at padded
+      slots are never read.
     """
     variables = {"params": params}
+    attention_mask_BT = jnp.asarray(attention_mask_BT).astype(bool)
+    # Padding ids may be anything (even out of range): read token 0 there, and
+    # report 0 wherever the next token is padding.
+    tokens_BT = jnp.where(attention_mask_BT, tokens_BT, 0)
     h = model.apply(variables, tokens_BT, attention_mask_BT, positions_BT,
                     method=model.hidden_states)
     logits_fn = functools.partial(model.apply, variables, method=model.logits)
-    return logps_from_hidden(logits_fn, h, tokens_BT, **kwargs)
+    logps = logps_from_hidden(logits_fn, h, tokens_BT, **kwargs)
+    return jnp.where(shift_mask(attention_mask_BT), logps, 0.0)
 
 
 def sequence_logps(logps_BT: Array, loss_mask_BT: Array, average: bool = False) -> Array:

@@ -119,3 +119,35 @@ def test_chunked_logps_gradient_matches_unchunked():
 
     np.testing.assert_allclose(chunked(w), plain(w), rtol=1e-5)
     np.testing.assert_allclose(jax.grad(chunked)(w), jax.grad(plain)(w), rtol=1e-4, atol=1e-5)
+
+
+def test_any_id_in_masked_slots_changes_nothing(rm_and_params):
+    """pad_id = vocab_size (or -1) at masked slots must not reach real positions."""
+    rm, params = rm_and_params
+    rows = [[3, 4, 5], [6, 7, 8, 9, 10]]
+    tokens, mask = _pad(rows, 6, "left")
+    ref = rm.apply({"params": params}, tokens, mask)
+    for pad in (CFG.vocab_size, CFG.vocab_size + 100, -1):
+        got = rm.apply({"params": params}, np.where(mask, tokens, pad), mask)
+        np.testing.assert_array_equal(got, ref)
+        logps = token_logps(Decoder(CFG), params["backbone"], np.where(mask, tokens, pad), mask)
+        assert np.isfinite(np.asarray(logps)).all()
+
+
+def test_all_masked_row_has_zero_reward(rm_and_params):
+    rm, params = rm_and_params
+    tokens = np.array([[3, 4, 5], [1, 2, 3]], np.int32)
+    mask = np.array([[True, True, True], [False, False, False]])
+    out = np.asarray(rm.apply({"params": params}, tokens, mask))
+    np.testing.assert_array_equal(out[1], 0.0)
+    assert np.abs(out[0]).sum() > 0
+
+
+@pytest.mark.parametrize("temperature", [1e-4, 1e-30, 1e-38])
+def test_tiny_temperature_is_finite_and_greedy_like(temperature):
+    logits = jnp.array([[1.0, 3.0, 2.0, -5.0]])
+    logp = process_logits(logits, temperature=temperature)
+    assert np.isfinite(np.asarray(logp)).all()
+    # All mass on the argmax: log-prob 0 there, effectively -inf elsewhere.
+    np.testing.assert_allclose(logp[0, 1], 0.0, atol=1e-6)
+    assert float(jnp.max(logp[0, jnp.array([0, 2, 3])])) < -1e3

@@ -33,7 +33,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         num_heads=4,                  # query heads
         num_kv_heads=2,               # key/value heads (GQA)
         rope_theta=10000.0,           # RoPE base
-        tie_embeddings=True,
+        tie_embeddings=True,          # output layer shares the embedding matrix
         dtype="float32",              # compute dtype
     ))
     c.synthetic = ml_collections.ConfigDict(dict(
@@ -59,7 +59,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.loss = defaults.loss()
     c.optimizer = defaults.optimizer(learning_rate=1e-3, warmup_steps=20)
     c.train = defaults.train(num_steps=200, log_every=20)
-    c.train.checkpoint_every = 100
+    c.train.checkpoint_every = 100    # steps between checkpoints
     c.mesh = defaults.mesh()
 
     if variant == "tiny":

@@ -34,7 +34,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         train_path="../shared/data/hh-rlhf/harmless-base-test.jsonl.gz",  # .jsonl[.gz] pairs
         eval_path="",                          # held-out file; "" holds out num_eval_pairs
         num_eval_pairs=128,                    # pairs held out of train_path when no eval_path
-        format="auto",                         # auto | hh | trl (see jaxreward/data/preference.py)
+        format="auto",                         # auto | hh | trl | trl_chat | trl_implicit (data/preference.py)
         on_error="skip",                       # skip | raise, for malformed/degenerate lines
         hh_as_chat=True,                       # render HH transcripts with the chat template
         max_length=192,                        # tokens per sequence (prompt + response + EOS)
@@ -51,6 +51,6 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.loss = defaults.loss()
     c.optimizer = defaults.optimizer(learning_rate=5e-5, warmup_steps=4)
     c.train = defaults.train(num_steps=32, log_every=4)
-    c.train.checkpoint_every = 16
+    c.train.checkpoint_every = 16              # steps between checkpoints
     c.mesh = defaults.mesh()
     return c

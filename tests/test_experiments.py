@@ -30,7 +30,13 @@ def test_quickstart_tiny_runs_resumes_and_reports_best_of_n(tmp_path):
     wd = str(tmp_path / "qs")
     first = _cli("--config=configs/quickstart.py:tiny", f"--workdir={wd}",
                  "--config.train.stop_after_steps=10")
-    assert "held-out pairwise accuracy" in first.stdout
+    assert "stopped at step 10 of 20 (train.stop_after_steps)" in first.stdout
+    assert not os.path.exists(os.path.join(wd, "best_of_n.json"))  # not a finished run
+    changed = _cli("--config=configs/quickstart.py:tiny", f"--workdir={wd}",
+                   "--config.model.hidden_size=64", check=False)
+    assert changed.returncode != 0
+    assert "holds checkpoints of a different config" in changed.stderr
+    assert "model.hidden_size: 32 -> 64" in changed.stderr
     second = _cli("--config=configs/quickstart.py:tiny", f"--workdir={wd}")
     assert "Resuming from checkpoint at step 10" in second.stdout
     with open(os.path.join(wd, "best_of_n.json")) as f:
@@ -59,6 +65,14 @@ def test_unknown_variant_and_field_give_clear_errors(tmp_path):
                      "--config.optimizer.learnin_rate=1e-3", check=False)
     assert bad_field.returncode != 0
     assert "learnin_rate" in bad_field.stderr
+    for field, value, message in [
+            ("data.batch_size", "-4", "data.batch_size must be an integer >= 1, got -4"),
+            ("train.log_every", "0", "train.log_every must be an integer >= 1, got 0"),
+            ("train.micro_batches", "5", "data.batch_size=32 does not split into train.micro_batches=5")]:
+        bad = _cli("--config=configs/quickstart.py:tiny", f"--workdir={tmp_path / field}",
+                   f"--config.{field}={value}", check=False)
+        assert bad.returncode != 0 and message in bad.stderr, bad.stderr[-500:]
+        assert not os.path.exists(tmp_path / field / "config.json")  # nothing written
 
 
 def test_reward_model_on_real_hh_then_best_of_n(tmp_path, hh_file):

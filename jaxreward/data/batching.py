@@ -133,7 +133,10 @@ def tokenize_pairs(
             limit = max(max_length // 2, max_length - max(len(r) for r in response.values()))
         prompt_cut = len(prompt) > limit
         if prompt_cut:
-            prompt = _keep_end(prompt, limit, tokenizer.bos_id)
+            # Keep a BOS in front only when we added it (the model wants one);
+            # a chat template's own first token (SmolLM2's BOS is
+            # <|im_start|>) is just text and is cut with the rest.
+            prompt = _keep_end(prompt, limit, tokenizer.bos_id if tokenizer.add_bos else None)
         room = max_length - len(prompt)
         if room <= 0:
             report._drop("no room for the response after the prompt", where)

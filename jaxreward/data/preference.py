@@ -26,6 +26,7 @@ Every bad line is reported with its file, line number and field. With
 """
 import dataclasses
 import gzip
+import zlib
 import json
 import pathlib
 import re
@@ -169,7 +170,9 @@ def read_preference_pairs(
     pairs = []
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        for lineno, raw in _lines(f, path, on_error, report):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # UTF-8 byte-order mark
             if not raw.strip():
                 report.blank += 1
                 continue
@@ -192,6 +195,24 @@ def read_preference_pairs(
             pairs.append(PreferencePair(prompt, chosen, rejected, source))
             report.kept += 1
     return pairs, report
+
+
+def _lines(f, path: pathlib.Path, on_error: str, report: "ReadReport"):
+    """(line number, bytes) of a file. A corrupt or truncated (gzip) stream is
+    a `DataError` naming the file and the line it broke at: raised with
+    on_error="raise", else counted in the report, keeping every pair before it.
+    """
+    lineno = 0
+    try:
+        for lineno, raw in enumerate(f, start=1):
+            yield lineno, raw
+    except (OSError, EOFError, zlib.error) as e:
+        what = ("not a gzip file" if isinstance(e, gzip.BadGzipFile) and lineno == 0
+                else "corrupt or truncated file")
+        error = DataError(str(path), lineno + 1, None, what, str(e))
+        if on_error == "raise":
+            raise error from e
+        report.add_error(error, f"{path.name}:{lineno + 1}")
 
 
 def _parse_json(raw: bytes):

@@ -37,7 +37,7 @@ def read_prompts(path: str) -> list[str]:
     if not path:
         return list(BUILTIN_PROMPTS)
     prompts = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: drop a byte-order mark
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue

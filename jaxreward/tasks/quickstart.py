@@ -96,6 +96,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rm_params["backbone"] = policy_params  # the RM starts from the policy, as in RLHF
     trainable = state_lib.block_trainable(mcfg.num_layers, config.reward.trainable_blocks)
     fit = rm_train.fit_reward_model(config, workdir, rm, rm_params, train, evals, trainable)
+    if fit["stopped_early"]:
+        return {"stopped_at": int(fit["state"].step)}
     print(f"proxy reward model: held-out pairwise accuracy {fit['eval']['accuracy']:.3f} "
           f"(ceiling {eval_agree:.3f})")
 

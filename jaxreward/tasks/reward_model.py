@@ -115,7 +115,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f"training the head and {'all' if trainable is None else tb} of {cfg.num_layers} blocks "
           f"on {len(train['chosen_tokens'])} pairs, {config.train.num_steps} steps of "
           f"{config.data.batch_size} pairs, length {config.data.max_length}")
+    if not len(evals["chosen_tokens"]):
+        print("warning: no usable eval pairs; the run reports no held-out accuracy")
     fit = rm_train.fit_reward_model(config, workdir, rm, params, train, evals, trainable)
+    if fit["stopped_early"]:
+        return {"stopped_at": int(fit["state"].step)}
 
     export_reward_model(os.path.join(workdir, EXPORT_DIR), rm, fit["state"].params, m.pretrained)
     rows = []

@@ -126,7 +126,8 @@ def fit_reward_model(config: ml_collections.ConfigDict, workdir: str, model: nn.
 
     Returns:
       dict with `state` (final TrainState), `history` (list of logged train
-      metrics), `eval` (final held-out metrics or None).
+      metrics), `eval` (final held-out metrics, or None without eval data or
+      when `train.stop_after_steps` stopped the run early), `stopped_early`.
     """
     cfg_t = config.train
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -177,9 +178,14 @@ def fit_reward_model(config: ml_collections.ConfigDict, workdir: str, model: nn.
                                               mesh), prefix="eval")
         if done % cfg_t.checkpoint_every == 0 or done == stop:
             checkpointer.save(done, state, batcher.state())
-    if eval_arrays is not None and len(eval_arrays["chosen_tokens"]):
+    stopped_early = int(state.step) < cfg_t.num_steps
+    if stopped_early:
+        print(f"stopped at step {int(state.step)} of {cfg_t.num_steps} (train.stop_after_steps); "
+              "re-run with the same --workdir to continue")
+    elif eval_arrays is not None and len(eval_arrays["chosen_tokens"]):
         eval_metrics = evaluate_pairs(reward_fn, state.params, eval_arrays, config.data.eval_batch_size, mesh)
         writer.write(int(state.step), eval_metrics, prefix="eval")
     checkpointer.close()
     writer.close()
-    return {"state": state, "history": history, "eval": eval_metrics, "mesh": mesh}
+    return {"state": state, "history": history, "eval": eval_metrics, "mesh": mesh,
+            "stopped_early": stopped_early}

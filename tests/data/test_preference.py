@@ -240,3 +240,40 @@ def test_real_hh_file_as_chat(hh_file):
     assert [p.source for p in text_pairs] == [p.source for p in pairs]
     for text_pair, chat_pair in zip(text_pairs, pairs):
         assert text_pair.chosen == " " + chat_pair.chosen and text_pair.rejected == " " + chat_pair.rejected
+
+
+def _hh_line(i):
+    import json as _json
+    return _json.dumps({"chosen": f"\n\nHuman: question {i}\n\nAssistant: yes {i}",
+                        "rejected": f"\n\nHuman: question {i}\n\nAssistant: no {i}"})
+
+
+def test_utf8_bom_does_not_cost_the_first_pair(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (_hh_line(0) + "\n" + _hh_line(1) + "\n").encode())
+    pairs, report = read_preference_pairs(path)
+    assert len(pairs) == 2 and report.kept == 2
+    assert pairs[0].prompt == "\n\nHuman: question 0\n\nAssistant:"
+
+
+def test_corrupt_and_truncated_gzip_name_the_file(tmp_path):
+    import gzip as _gzip
+    import numpy as _np
+    fake = tmp_path / "plain.jsonl.gz"
+    fake.write_text(_hh_line(0) + "\n")
+    with pytest.raises(DataError, match=r"plain\.jsonl\.gz:1: not a gzip file"):
+        read_preference_pairs(fake, on_error="raise")
+    pairs, report = read_preference_pairs(fake)
+    assert pairs == [] and "not a gzip file: 1" in report.summary()
+    # Random text compresses poorly, so half the stream holds many whole lines.
+    rng = _np.random.default_rng(0)
+    lines = [_hh_line("".join(rng.choice(list("abcdefgh"), 200))) for _ in range(400)]
+    blob = _gzip.compress(("\n".join(lines) + "\n").encode())
+    trunc = tmp_path / "trunc.jsonl.gz"
+    trunc.write_bytes(blob[: len(blob) // 2])
+    pairs, report = read_preference_pairs(trunc)
+    assert 0 < len(pairs) < 400  # every pair before the break is kept
+    assert report.kept == len(pairs)
+    assert f"corrupt or truncated file: 1 [trunc.jsonl.gz:{len(pairs) + 1}]" in report.summary()
+    with pytest.raises(DataError, match=r"trunc\.jsonl\.gz:\d+: corrupt or truncated file"):
+        read_preference_pairs(trunc, on_error="raise")

@@ -4,6 +4,7 @@ Everything here is a function of arrays and static hyper-parameters; nothing
 depends on Flax or on a model. Modules, one concept each:
 
   masking          masked reductions safe for NaN/inf padding
+  checks           shape and hyper-parameter checks shared by every objective
   registry         `register(kind, name)` / `get(kind, name)`
   reward           reward-model losses, ensembles, implicit rewards
   preference       DPO family, SimPO, ORPO, KTO, ... (pairwise and unpaired)
@@ -16,6 +17,7 @@ README.md in this folder lists every registered name.
 """
 from jaxreward.objectives import (
     advantages,
+    checks,
     kl,
     masking,
     policy_gradient,

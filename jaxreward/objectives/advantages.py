@@ -17,6 +17,10 @@ exact zeros.
 
 None of these functions stops gradients: advantages are targets, and the
 policy losses treat them as constants.
+
+Shapes are checked exactly (no broadcasting) and static hyper-parameters
+against their documented range (γ, λ in [0, 1], group_size an integer ≥ 1);
+both raise a ValueError naming the argument (`checks.py`).
 """
 from __future__ import annotations
 
@@ -24,6 +28,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxreward.objectives import registry
+from jaxreward.objectives.checks import (
+    check_int,
+    check_ndim,
+    check_range,
+    check_same_shape,
+    check_shape,
+    check_token_arrays,
+)
 from jaxreward.objectives.masking import (
     as_bool,
     masked_all_equal,
@@ -47,6 +59,8 @@ def broadcast_to_tokens(advantages_B, mask_BT) -> jnp.ndarray:
     Returns:
       float32 `[B, T]`.
     """
+    check_ndim("mask_BT", mask_BT, 2, "[B, T]")
+    check_shape("advantages_B", advantages_B, jnp.shape(mask_BT)[:1], "mask_BT's batch axis")
     mask = as_bool(mask_BT)
     adv = jnp.asarray(advantages_B, jnp.float32)
     return select(jnp.broadcast_to(adv[:, None], mask.shape), mask)
@@ -97,7 +111,15 @@ def gae_advantages(
 
     Returns:
       (advantages_BT, returns_BT), float32, 0 at masked slots.
+
+    Raises:
+      ValueError: γ or λ outside [0, 1], or an array of the wrong shape.
     """
+    check_range("gamma", gamma, low=0.0, high=1.0)
+    check_range("lam", lam, low=0.0, high=1.0)
+    shape = check_token_arrays("rewards_BT", rewards_BT, values_BT=values_BT, mask_BT=mask_BT)
+    for name, x in (("terminated_B", terminated_B), ("bootstrap_values_B", bootstrap_values_B)):
+        check_shape(name, x, shape[:1], "rewards_BT's batch axis")
     mask = as_bool(mask_BT)
     rewards = select(jnp.asarray(rewards_BT, jnp.float32), mask)
     values = select(jnp.asarray(values_BT, jnp.float32), mask)
@@ -136,7 +158,12 @@ def discounted_returns(rewards_BT, mask_BT, *, gamma: float = 1.0) -> jnp.ndarra
 
     Returns:
       float32 `[B, T]`.
+
+    Raises:
+      ValueError: γ outside [0, 1], or shapes that are not one `[B, T]`.
     """
+    check_range("gamma", gamma, low=0.0, high=1.0)
+    check_token_arrays("rewards_BT", rewards_BT, mask_BT=mask_BT)
     mask = as_bool(mask_BT)
     rewards = select(jnp.asarray(rewards_BT, jnp.float32), mask)
 
@@ -148,17 +175,21 @@ def discounted_returns(rewards_BT, mask_BT, *, gamma: float = 1.0) -> jnp.ndarra
     return _reverse_masked_scan(step, jnp.zeros((mask.shape[0],), jnp.float32), (rewards, mask))
 
 
-def _groups(x_B, group_size):
-    x_B = jnp.asarray(x_B)
-    if x_B.ndim != 1 or x_B.shape[0] % group_size:
-        raise ValueError(f"expected [B] with B a multiple of group_size={group_size}, got {x_B.shape}")
-    return x_B.reshape(-1, group_size)
-
-
 def _valid(valid_B, rewards_B):
+    check_same_shape("rewards_B", rewards_B, valid_B=valid_B)
     if valid_B is None:
         return jnp.ones(jnp.shape(rewards_B), bool)
     return as_bool(valid_B)
+
+
+def _grouped(rewards_B, valid_B, group_size):
+    """(rewards `[G, N]` zeroed where invalid, valid `[G, N]`), all arguments checked."""
+    n = check_int("group_size", group_size, minimum=1)
+    (b,) = check_ndim("rewards_B", rewards_B, 1, "[B]")
+    if b % n:
+        raise ValueError(f"rewards_B has shape {(b,)}: B must be a multiple of group_size={n}")
+    valid = _valid(valid_B, rewards_B).reshape(-1, n)
+    return select(jnp.asarray(rewards_B, jnp.float32).reshape(-1, n), valid), valid
 
 
 @registry.register("advantage", "grpo")
@@ -194,10 +225,11 @@ def grpo_advantages(
       fewer than two valid members or all-equal rewards.
 
     Raises:
-      ValueError: if B is not a multiple of group_size.
+      ValueError: if group_size is not an integer >= 1, B is not a multiple
+        of it, eps < 0, or valid_B is not shaped like rewards_B.
     """
-    valid = _groups(_valid(valid_B, rewards_B), group_size)
-    r = select(_groups(jnp.asarray(rewards_B, jnp.float32), group_size), valid)
+    check_range("eps", eps, low=0.0)
+    r, valid = _grouped(rewards_B, valid_B, group_size)
     mean = masked_mean(r, valid, axis=1)[:, None]
     adv = r - mean
     if scale_by_std:
@@ -225,9 +257,11 @@ def rloo_advantages(rewards_B, *, group_size: int, valid_B=None):
     Returns:
       float32 `[B]`; zeros for groups with fewer than two valid members or
       all-equal rewards.
+
+    Raises:
+      ValueError: as `grpo_advantages`.
     """
-    valid = _groups(_valid(valid_B, rewards_B), group_size)
-    r = select(_groups(jnp.asarray(rewards_B, jnp.float32), group_size), valid)
+    r, valid = _grouped(rewards_B, valid_B, group_size)
     n = masked_count(valid, axis=1)[:, None]
     total = masked_sum(r, valid, axis=1)[:, None]
     baseline = safe_divide(total - r, n - 1.0)
@@ -254,6 +288,7 @@ def reinforce_pp_advantages(token_rewards_BT, mask_BT, *, gamma: float = 1.0):
       (advantages_BT, returns_BT); whitening statistics are those of this
       batch (compute on the full batch before splitting into micro-batches).
     """
+    check_token_arrays("token_rewards_BT", token_rewards_BT, mask_BT=mask_BT)
     mask = as_bool(mask_BT)
     returns = discounted_returns(token_rewards_BT, mask, gamma=gamma)
     return masked_whiten(returns, mask), returns
@@ -276,6 +311,8 @@ def remax_advantages(rewards_B, greedy_rewards_B, *, valid_B=None):
     Returns:
       float32 `[B]`.
     """
+    check_ndim("rewards_B", rewards_B, 1, "[B]")
+    check_same_shape("rewards_B", rewards_B, greedy_rewards_B=greedy_rewards_B)
     valid = _valid(valid_B, rewards_B)
     r = select(jnp.asarray(rewards_B, jnp.float32), valid)
     b = select(jnp.asarray(greedy_rewards_B, jnp.float32), valid)

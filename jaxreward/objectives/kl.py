@@ -27,7 +27,9 @@ sampled tokens, samples held fixed), their expected gradients are:
 tests/objectives/test_kl.py checks these by enumerating a 3-action policy.
 
 Masked slots are selected away before any arithmetic. The log-ratio is
-clamped to ±20 in k3 so e^{−x} cannot overflow.
+clamped to ±20 in k3 so e^{−x} cannot overflow. Log-probs and masks must
+share one `[B, T]` shape exactly (no broadcasting); a mismatch raises a
+ValueError naming both shapes.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxreward.objectives import registry
+from jaxreward.objectives.checks import check_range, check_same_shape, check_token_arrays
 from jaxreward.objectives.masking import as_bool, masked_mean, select
 from jaxreward.objectives.policy_gradient import aggregate_loss
 
@@ -48,7 +51,8 @@ ESTIMATORS = ("k1", "k2", "k3")
 
 @registry.register("kl", "k1")
 def kl_k1(logps, ref_logps) -> jnp.ndarray:
-    """k1 = log π − log π_ref (elementwise; float32 in, float32 out)."""
+    """k1 = log π − log π_ref (elementwise on same-shaped arrays; float32 in, float32 out)."""
+    check_same_shape("logps", logps, ref_logps=ref_logps)
     return jnp.asarray(logps, jnp.float32) - jnp.asarray(ref_logps, jnp.float32)
 
 
@@ -82,6 +86,7 @@ def kl_per_token(logps_BT, ref_logps_BT, mask_BT, estimator: str) -> jnp.ndarray
       KeyError: for an unknown estimator.
     """
     fn = registry.get("kl", estimator)
+    check_token_arrays("logps_BT", logps_BT, ref_logps_BT=ref_logps_BT, mask_BT=mask_BT)
     mask = as_bool(mask_BT)
     lp = select(jnp.asarray(logps_BT, jnp.float32), mask)
     ref = select(jnp.asarray(ref_logps_BT, jnp.float32), mask)
@@ -96,6 +101,7 @@ def kl_metrics(logps_BT, ref_logps_BT, mask_BT) -> dict:
       ``kl_k1_seq``, ``kl_k2_seq``, ``kl_k3_seq``: mean over non-empty rows
       of the per-sequence sum (nats/response).
     """
+    check_token_arrays("logps_BT", logps_BT, ref_logps_BT=ref_logps_BT, mask_BT=mask_BT)
     mask = as_bool(mask_BT)
     nonempty = jnp.any(mask, axis=-1)
     lp, ref = sg(jnp.asarray(logps_BT, jnp.float32)), sg(jnp.asarray(ref_logps_BT, jnp.float32))
@@ -138,6 +144,9 @@ def apply_kl_penalty(
       (rewards_BT, metrics): penalized rewards (0 at masked slots), and the
       `kl_metrics` plus ``kl_penalty_mean`` (mean per token of β·k).
     """
+    check_token_arrays("token_rewards_BT", token_rewards_BT, logps_BT=logps_BT, ref_logps_BT=ref_logps_BT,
+                       mask_BT=mask_BT)
+    check_range("beta", beta, low=0.0)
     mask = as_bool(mask_BT)
     k = sg(kl_per_token(logps_BT, ref_logps_BT, mask, estimator))
     beta = jnp.asarray(beta, jnp.float32)
@@ -208,10 +217,11 @@ def adaptive_kl_coef(beta, observed_kl, n_steps, *, target: float, horizon: floa
       float32 scalar, the new β.
 
     Raises:
-      ValueError: if target or horizon is not positive.
+      ValueError: if target, horizon or max_error is not positive.
     """
-    if not (target > 0 and horizon > 0):
-        raise ValueError(f"target and horizon must be > 0, got {target}, {horizon}")
+    check_range("target", target, low=0.0, low_open=True)
+    check_range("horizon", horizon, low=0.0, low_open=True)
+    check_range("max_error", max_error, low=0.0, low_open=True)
     error = jnp.clip(jnp.asarray(observed_kl, jnp.float32) / target - 1.0, -max_error, max_error)
     return jnp.asarray(beta, jnp.float32) * (1.0 + error * jnp.asarray(n_steps, jnp.float32) / horizon)
 

@@ -27,6 +27,10 @@ intends.
 
 Policy losses (kind ``policy_loss``) share the signature
 `(logps_BT, old_logps_BT, advantages, mask_BT, *, ...) -> (loss, metrics)`.
+
+Every per-token array must have exactly the shape of `mask_BT` (no
+broadcasting); a mismatch raises a ValueError naming both shapes
+(`checks.check_token_arrays`).
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxreward.objectives import registry
+from jaxreward.objectives.checks import check_int, check_ndim, check_range, check_shape, check_token_arrays
 from jaxreward.objectives.masking import (
     as_bool,
     masked_count,
@@ -67,6 +72,7 @@ def aggregation_normalizers(mask_BT) -> dict:
     Returns:
       dict of float32 scalars `num_tokens`, `num_seqs`.
     """
+    check_ndim("mask_BT", mask_BT, 2, "[B, T]")
     mask = as_bool(mask_BT)
     return {
         "num_tokens": masked_count(mask),
@@ -75,6 +81,10 @@ def aggregation_normalizers(mask_BT) -> dict:
 
 
 def _counts(mask, num_tokens, num_seqs):
+    check_ndim("mask_BT", mask, 2, "[B, T]")
+    for name, value in (("num_tokens", num_tokens), ("num_seqs", num_seqs)):
+        if value is not None:
+            check_ndim(name, value, 0, "a scalar (a count over the whole batch)")
     n_tok = masked_count(mask) if num_tokens is None else jnp.asarray(num_tokens, jnp.float32)
     n_seq = masked_count(jnp.any(mask, axis=-1)) if num_seqs is None else jnp.asarray(num_seqs, jnp.float32)
     return n_tok, n_seq
@@ -128,7 +138,7 @@ def seq_mean_token_sum_norm_weights(mask_BT, *, num_tokens=None, num_seqs=None, 
     """
     mask = as_bool(mask_BT)
     _, n_seq = _counts(mask, num_tokens, num_seqs)
-    length = float(mask.shape[-1] if max_len is None else max_len)
+    length = float(mask.shape[-1] if max_len is None else check_int("max_len", max_len))
     return select(jnp.broadcast_to(safe_divide(1.0, n_seq * length), mask.shape), mask)
 
 
@@ -152,6 +162,8 @@ def aggregation_weights(mask_BT, mode: str, *, num_tokens=None, num_seqs=None, m
       KeyError: for an unknown mode (the message lists the modes).
     """
     fn = registry.get("aggregation", mode)
+    if max_len is not None:
+        check_int("max_len", max_len)
     return fn(mask_BT, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len)
 
 
@@ -170,6 +182,7 @@ def aggregate_loss(loss_BT, mask_BT, mode: str = "token-mean", *, num_tokens=Non
     Returns:
       float32 scalar.
     """
+    check_token_arrays("loss_BT", loss_BT, mask_BT=mask_BT)
     weights = sg(aggregation_weights(mask_BT, mode, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len))
     return jnp.sum(select(jnp.asarray(loss_BT, jnp.float32), mask_BT) * weights)
 
@@ -186,13 +199,18 @@ def log_ratio(logps_BT, old_logps_BT, mask_BT) -> jnp.ndarray:
       logps_BT: float32 `[B, T]` current-policy log-probs.
       old_logps_BT: float32 `[B, T]` behaviour-policy log-probs.
       mask_BT: bool `[B, T]`.
+
+    Raises:
+      ValueError: if the three shapes are not one `[B, T]`.
     """
+    check_token_arrays("logps_BT", logps_BT, old_logps_BT=old_logps_BT, mask_BT=mask_BT)
     lp = select(jnp.asarray(logps_BT, jnp.float32), mask_BT)
     old = select(jnp.asarray(old_logps_BT, jnp.float32), mask_BT)
     return lp - old
 
 
 def _token_advantages(advantages, mask):
+    check_shape("advantages", advantages, mask.shape, "mask_BT", allow_prefix=True)
     adv = jnp.asarray(advantages, jnp.float32)
     if adv.ndim == 1:
         adv = jnp.broadcast_to(adv[:, None], mask.shape)
@@ -214,12 +232,12 @@ def _clipped_surrogate(ratio, adv, clip_eps_low, clip_eps_high, dual_clip):
 
 
 def _check_clip(clip_eps, clip_eps_high, dual_clip):
-    high = clip_eps if clip_eps_high is None else clip_eps_high
-    if not (clip_eps > 0 and high > 0):
-        raise ValueError(f"clip ranges must be > 0, got {clip_eps}, {high}")
-    if dual_clip is not None and not dual_clip > 1.0:
-        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
-    return high
+    check_range("clip_eps", clip_eps, low=0.0, low_open=True)
+    if clip_eps_high is not None:
+        check_range("clip_eps_high", clip_eps_high, low=0.0, low_open=True)
+    if dual_clip is not None:
+        check_range("dual_clip", dual_clip, low=1.0, low_open=True)
+    return clip_eps if clip_eps_high is None else clip_eps_high
 
 
 # ----------------------------------------------------------------------------
@@ -272,7 +290,9 @@ def ppo_policy_loss(
       log π_old − log π, an estimate of KL(π_old‖π)), ``ratio_mean``.
 
     Raises:
-      ValueError: for non-positive ε or c <= 1; KeyError for an unknown mode.
+      ValueError: for non-positive ε, c <= 1, or arrays whose shapes are not
+        one `[B, T]` (advantages: `[B, T]` or `[B]`); KeyError for an
+        unknown mode.
     """
     high = _check_clip(clip_eps, clip_eps_high, dual_clip)
     mask = as_bool(mask_BT)
@@ -383,6 +403,12 @@ def value_loss(
       (loss, metrics): ``loss``, ``vf_clipfrac``, ``value_mean``,
       ``return_mean``.
     """
+    check_token_arrays("values_BT", values_BT, old_values_BT=old_values_BT, returns_BT=returns_BT,
+                       mask_BT=mask_BT)
+    if clip_eps is not None:
+        check_range("clip_eps", clip_eps, low=0.0, low_open=True)
+        if old_values_BT is None:
+            raise ValueError("value_loss with clip_eps needs old_values_BT")
     mask = as_bool(mask_BT)
     v = select(jnp.asarray(values_BT, jnp.float32), mask)
     ret = sg(select(jnp.asarray(returns_BT, jnp.float32), mask))
@@ -415,6 +441,8 @@ def entropy_from_logits(logits_BTV, mask_BT) -> jnp.ndarray:
     Returns:
       float32 `[B, T]` entropies in nats, 0 at masked slots.
     """
+    shape = check_ndim("logits_BTV", logits_BTV, 3, "[B, T, V]")
+    check_shape("mask_BT", mask_BT, shape[:2], "logits_BTV's [B, T]")
     mask = as_bool(mask_BT)
     logits = select(jnp.asarray(logits_BTV, jnp.float32), mask[..., None])
     logp = jax.nn.log_softmax(logits, axis=-1)
@@ -441,6 +469,7 @@ def entropy_loss(
     Returns:
       (loss, metrics): ``loss`` (= −entropy) and ``entropy``.
     """
+    check_token_arrays("entropy_BT", entropy_BT, mask_BT=mask_BT)
     ent = aggregate_loss(entropy_BT, mask_BT, loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len)
     return -ent, {"loss": -ent, "entropy": sg(ent)}
 

@@ -13,7 +13,10 @@ keyword-only and static (`beta`, ...). Losses that need response lengths
 accept the reference arguments and ignore them (pass None); they carry the
 attribute ``uses_reference = False`` so a trainer can skip the reference pass.
 Every loss takes an optional `example_mask_B` (bool) and averages over the
-valid pairs (0 if none).
+valid pairs (0 if none). Every `[B]` argument (log-probs, mask, lengths,
+margins) must have exactly the shape of `chosen_logps_B`: nothing is
+broadcast, and a mismatch raises a ValueError naming the argument and both
+shapes (`check_pair_shapes`).
 
 Every loss returns `(loss, metrics)` where metrics holds at least ``loss``,
 ``accuracy`` (chosen implicit reward > rejected, ties 0.5), ``margin_mean``,
@@ -34,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxreward.objectives import registry
+from jaxreward.objectives.checks import check_ndim, check_range, check_same_shape, check_shape
 from jaxreward.objectives.masking import (
     as_bool,
     masked_mean,
@@ -77,14 +81,58 @@ def _mask(example_mask_B, like) -> jnp.ndarray:
     return as_bool(example_mask_B)
 
 
+_SUMMED_HINT = "per-token [B, T] log-probs must be summed first (sequence_logps(logps_BT, mask_BT))"
+
+
+def check_pair_shapes(
+    chosen_logps_B,
+    rejected_logps_B,
+    ref_chosen_logps_B=None,
+    ref_rejected_logps_B=None,
+    example_mask_B=None,
+    **per_pair_B,
+) -> tuple[int]:
+    """Checks the shapes of a pairwise loss's arrays; every loss calls it first.
+
+    `chosen_logps_B` must be `[B]`, and every other array given (None is
+    skipped) must be `[B]` too: the other log-probs, `example_mask_B`, and any
+    per-pair array passed by keyword (`chosen_lengths_B=...`, ...). JAX would
+    otherwise broadcast a `[B, 1]` mask or length against `[B]` log-probs into
+    a `[B, B]` loss and return a wrong number.
+
+    Returns:
+      `(B,)`.
+
+    Raises:
+      ValueError: naming the argument and both shapes.
+    """
+    check_ndim("chosen_logps_B", chosen_logps_B, 1, "[B] (one summed log-prob per response)", _SUMMED_HINT)
+    return check_same_shape(
+        "chosen_logps_B",
+        chosen_logps_B,
+        rejected_logps_B=rejected_logps_B,
+        ref_chosen_logps_B=ref_chosen_logps_B,
+        ref_rejected_logps_B=ref_rejected_logps_B,
+        example_mask_B=example_mask_B,
+        **per_pair_B,
+    )
+
+
 def _pair_inputs(chosen, rejected, ref_chosen, ref_rejected, example_mask_B, fill=0.0):
-    """float32 inputs with masked pairs replaced by `fill` before any arithmetic."""
+    """float32 inputs with masked pairs replaced by `fill` before any arithmetic (shapes checked)."""
+    check_pair_shapes(chosen, rejected, ref_chosen, ref_rejected, example_mask_B)
     chosen = jnp.asarray(chosen, jnp.float32)
     mask = _mask(example_mask_B, chosen)
     out = [select(chosen, mask, fill), select(jnp.asarray(rejected, jnp.float32), mask, fill)]
     for ref in (ref_chosen, ref_rejected):
         out.append(None if ref is None else select(jnp.asarray(ref, jnp.float32), mask, fill))
     return (*out, mask)
+
+
+def _per_pair(name, x, mask, chosen_logps_B) -> jnp.ndarray:
+    """A per-pair `[B]` array (lengths, margins) as float32, 0 at masked pairs."""
+    check_shape(name, x, jnp.shape(chosen_logps_B), "chosen_logps_B")
+    return select(jnp.asarray(x, jnp.float32), mask)
 
 
 def log_ratios(chosen, rejected, ref_chosen, ref_rejected, example_mask_B):
@@ -133,8 +181,7 @@ def _reference_free(fn):
 
 
 def _check_beta(beta):
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+    check_range("beta", beta, low=0.0, low_open=True)
 
 
 # ----------------------------------------------------------------------------
@@ -207,8 +254,7 @@ def cdpo_loss(
       ValueError: if ε is outside [0, 0.5] or beta <= 0.
     """
     _check_beta(beta)
-    if not 0.0 <= label_smoothing <= 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
+    check_range("label_smoothing", label_smoothing, low=0.0, high=0.5)
     rho_c, rho_r, mask = log_ratios(
         chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B
     )
@@ -248,8 +294,7 @@ def robust_dpo_loss(
       ValueError: if ε is outside [0, 0.5) or beta <= 0.
     """
     _check_beta(beta)
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    check_range("label_smoothing", label_smoothing, low=0.0, high=0.5, high_open=True)
     rho_c, rho_r, mask = log_ratios(
         chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B
     )
@@ -298,11 +343,13 @@ def ipo_loss(
     rho_c, rho_r, mask = log_ratios(
         chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B
     )
+    check_pair_shapes(chosen_logps_B, rejected_logps_B, chosen_lengths_B=chosen_lengths_B,
+                      rejected_lengths_B=rejected_lengths_B)
     if length_normalize:
         if chosen_lengths_B is None or rejected_lengths_B is None:
             raise ValueError("length_normalize=True needs chosen_lengths_B and rejected_lengths_B")
-        rho_c = safe_divide(rho_c, select(jnp.asarray(chosen_lengths_B, jnp.float32), mask))
-        rho_r = safe_divide(rho_r, select(jnp.asarray(rejected_lengths_B, jnp.float32), mask))
+        rho_c = safe_divide(rho_c, _per_pair("chosen_lengths_B", chosen_lengths_B, mask, chosen_logps_B))
+        rho_r = safe_divide(rho_r, _per_pair("rejected_lengths_B", rejected_lengths_B, mask, chosen_logps_B))
     h = rho_c - rho_r
     losses = jnp.square(h - 1.0 / (2.0 * beta))
     return reduce_pair_loss(losses, beta * rho_c, beta * rho_r, mask)
@@ -373,8 +420,9 @@ def simpo_loss(
     """
     _check_beta(beta)
     c, r, _, _, mask = _pair_inputs(chosen_logps_B, rejected_logps_B, None, None, example_mask_B)
-    reward_c = beta * safe_divide(c, select(jnp.asarray(chosen_lengths_B, jnp.float32), mask))
-    reward_r = beta * safe_divide(r, select(jnp.asarray(rejected_lengths_B, jnp.float32), mask))
+    check_range("gamma", gamma, low=0.0)
+    reward_c = beta * safe_divide(c, _per_pair("chosen_lengths_B", chosen_lengths_B, mask, chosen_logps_B))
+    reward_r = beta * safe_divide(r, _per_pair("rejected_lengths_B", rejected_lengths_B, mask, chosen_logps_B))
     losses = -log_sigmoid(reward_c - reward_r - gamma)
     return reduce_pair_loss(losses, reward_c, reward_r, mask)
 
@@ -417,8 +465,10 @@ def orpo_loss(
     _check_beta(beta)
     c, r, _, _, mask = _pair_inputs(chosen_logps_B, rejected_logps_B, None, None, example_mask_B)
     # Masked pairs get p̄ = −1 (any value < 0 works) so the log-odds are finite.
-    mean_c = select(safe_divide(c, select(jnp.asarray(chosen_lengths_B, jnp.float32), mask)), mask, -1.0)
-    mean_r = select(safe_divide(r, select(jnp.asarray(rejected_lengths_B, jnp.float32), mask)), mask, -1.0)
+    len_c = _per_pair("chosen_lengths_B", chosen_lengths_B, mask, chosen_logps_B)
+    len_r = _per_pair("rejected_lengths_B", rejected_lengths_B, mask, chosen_logps_B)
+    mean_c = select(safe_divide(c, len_c), mask, -1.0)
+    mean_r = select(safe_divide(r, len_r), mask, -1.0)
     mean_c = jnp.minimum(mean_c, -1e-6)
     mean_r = jnp.minimum(mean_r, -1e-6)
 
@@ -549,6 +599,8 @@ def bco_pair_loss(
         chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B
     )
     reward_c, reward_r = beta * rho_c, beta * rho_r
+    if reference_point is not None:
+        check_ndim("reference_point", reference_point, 0, "a scalar")
     if reference_point is None:
         delta = sg(0.5 * (masked_mean(reward_c, mask) + masked_mean(reward_r, mask)))
     else:
@@ -588,8 +640,7 @@ def exo_loss(
       ValueError: if ε is outside (0, 0.5).
     """
     _check_beta(beta)
-    if not 0.0 < epsilon < 0.5:
-        raise ValueError(f"epsilon must be in (0, 0.5), got {epsilon}")
+    check_range("epsilon", epsilon, low=0.0, high=0.5, low_open=True, high_open=True)
     rho_c, rho_r, mask = log_ratios(
         chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B
     )
@@ -642,14 +693,18 @@ def beta_dpo_loss(
       (loss, metrics); implicit rewards use the base β; extra ``beta_mean``.
     """
     _check_beta(beta)
+    check_range("alpha", alpha, low=0.0)
+    check_range("beta_min", beta_min, low=0.0)
     rho_c, rho_r, mask = log_ratios(
         chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B
     )
+    if margin_reference is not None:
+        check_ndim("margin_reference", margin_reference, 0, "a scalar")
     h = rho_c - rho_r
     if reward_margin_B is None:
         margin = sg(beta * h)
     else:
-        margin = sg(select(jnp.asarray(reward_margin_B, jnp.float32), mask))
+        margin = sg(_per_pair("reward_margin_B", reward_margin_B, mask, chosen_logps_B))
     m0 = masked_mean(margin, mask) if margin_reference is None else jnp.asarray(margin_reference, jnp.float32)
     beta_i = jnp.maximum(beta * (1.0 + alpha * (margin - sg(m0))), beta_min)
     losses = -log_sigmoid(beta_i * h)
@@ -691,6 +746,7 @@ def cream_loss(
     rho_c, rho_r, mask = log_ratios(
         chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B
     )
+    check_shape("consistency", consistency, jnp.shape(chosen_logps_B), "chosen_logps_B", allow_scalar=True)
     h = rho_c - rho_r
     cons = sg(jnp.broadcast_to(jnp.asarray(consistency, jnp.float32), h.shape))
     losses = -cons * log_sigmoid(beta * h) - (1.0 - cons) * log_sigmoid(-beta * h)
@@ -777,6 +833,17 @@ def tgdpo_loss(
       (loss, metrics); implicit rewards u_c, u_r above.
     """
     _check_beta(beta)
+    check_range("alpha", alpha, low=0.0)
+    c_shape = check_ndim("chosen_logps_BT", chosen_logps_BT, 2, "[B, T_c] (per-token log-probs)")
+    r_shape = check_ndim("rejected_logps_BT", rejected_logps_BT, 2, "[B, T_r] (per-token log-probs)")
+    if r_shape[0] != c_shape[0]:
+        raise ValueError(f"rejected_logps_BT has shape {r_shape} but chosen_logps_BT has shape "
+                         f"{c_shape}; the batch sizes B must match")
+    check_same_shape("chosen_logps_BT", chosen_logps_BT, ref_chosen_logps_BT=ref_chosen_logps_BT,
+                     chosen_mask_BT=chosen_mask_BT, chosen_token_rewards_BT=chosen_token_rewards_BT)
+    check_same_shape("rejected_logps_BT", rejected_logps_BT, ref_rejected_logps_BT=ref_rejected_logps_BT,
+                     rejected_mask_BT=rejected_mask_BT, rejected_token_rewards_BT=rejected_token_rewards_BT)
+    check_shape("example_mask_B", example_mask_B, c_shape[:1], "chosen_logps_BT's batch axis")
     f32 = jnp.float32
     chosen_logps_BT = jnp.asarray(chosen_logps_BT, f32)
     mask_B = _mask(example_mask_B, chosen_logps_BT[:, 0])
@@ -792,6 +859,34 @@ def tgdpo_loss(
     return reduce_pair_loss(losses, u_c, u_r, mask_B)
 
 
+Component = Union[tuple[str, float], tuple[str, float, Union[Mapping[str, Any], tuple[tuple[str, Any], ...]]]]
+
+
+def _mixture_components(components) -> list[tuple[str, float, dict]]:
+    """`(name, weight, overrides)` of each component, checked."""
+    if isinstance(components, (str, bytes, Mapping)) or not isinstance(components, Sequence):
+        raise ValueError("components must be a tuple (or list) of (name, weight) or "
+                         f"(name, weight, overrides) tuples, got {components!r}")
+    if not components:
+        raise ValueError("mixture_loss needs at least one component")
+    out = []
+    for i, comp in enumerate(components):
+        if isinstance(comp, (str, bytes)) or not isinstance(comp, Sequence) or len(comp) not in (2, 3):
+            raise ValueError(f"mixture component {i} must be (name, weight) or (name, weight, overrides), "
+                             f"got {comp!r}")
+        name, weight = comp[0], comp[1]
+        if not isinstance(name, str):
+            raise ValueError(f"mixture component {i}: name must be a str, got {name!r}")
+        check_range(f"weight of mixture component {i} ({name!r})", weight)
+        try:
+            overrides = dict(comp[2]) if len(comp) == 3 else {}
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"mixture component {i} ({name!r}): overrides must be a dict or a tuple of "
+                             f"(key, value) pairs, got {comp[2]!r}") from e
+        out.append((name, float(weight), overrides))
+    return out
+
+
 @registry.register("preference", "mixture")
 def mixture_loss(
     chosen_logps_B,
@@ -799,16 +894,25 @@ def mixture_loss(
     ref_chosen_logps_B=None,
     ref_rejected_logps_B=None,
     *,
-    components: Sequence[Union[tuple[str, float], tuple[str, float, Mapping[str, Any]]]],
+    components: Sequence[Component],
     example_mask_B=None,
     **shared_kwargs,
 ):
     """Weighted sum of registered pairwise losses: Σ_i w_i · loss_i.
 
-    Each component is `(name, weight)` or `(name, weight, kwargs)`; kwargs
-    (e.g. `{"beta": 0.05}`) override the shared keyword arguments
-    (`beta`, lengths, ...) for that component only. Each component receives
-    only the keyword arguments its signature accepts.
+    Each component is `(name, weight)` or `(name, weight, overrides)`, where
+    `overrides` (a dict, or a tuple of `(key, value)` pairs) replaces shared
+    keyword arguments for that component only, e.g. `{"beta": 0.05}`. Every
+    override key must be a keyword argument of that component's loss (a typo
+    raises). The shared keyword arguments (`beta`, lengths, ...) are filtered
+    per component: each loss receives only those its signature accepts.
+
+    `components` is a hyper-parameter, fixed at trace time. To pass it to a
+    jitted function as a static argument it must be hashable: use a tuple of
+    tuples, with overrides as a tuple of pairs, e.g.
+    `(("dpo", 1.0), ("ipo", 0.5, (("beta", 0.1),)))` and
+    `jax.jit(fn, static_argnames="components")`. (Closing over a list of
+    dicts, as with any other hyper-parameter, works too.)
 
     Paper: W. Wang et al., "Enhancing the Reasoning Ability of Multimodal
     Large Language Models via Mixed Preference Optimization" (2024) (MPO:
@@ -816,7 +920,7 @@ def mixture_loss(
 
     Args:
       first four: float32 `[B]` summed log-probs.
-      components: static sequence as above; names from kind ``preference``.
+      components: static tuple (or list) as above; names from kind ``preference``.
       example_mask_B: optional bool `[B]`.
       **shared_kwargs: keyword arguments offered to every component.
 
@@ -826,17 +930,20 @@ def mixture_loss(
       repeats).
 
     Raises:
-      ValueError: for an empty `components`; KeyError for an unknown name.
+      ValueError: for an empty or malformed `components`, a weight that is
+        not a number, or an override key the component's loss does not accept; KeyError
+        for an unknown name.
     """
-    if not components:
-        raise ValueError("mixture_loss needs at least one component")
+    parsed = _mixture_components(components)   # each component checks the array shapes itself
+    fns = []
+    for i, (name, _, overrides) in enumerate(parsed):
+        fn = registry.get("preference", name)
+        registry.check_accepted(fn, overrides, f"mixture component {i} ({name!r}) overrides")
+        fns.append(fn)
     total = 0.0
     metrics: dict = {}
     seen: dict[str, int] = {}
-    for i, comp in enumerate(components):
-        name, weight = comp[0], float(comp[1])
-        overrides = dict(comp[2]) if len(comp) > 2 else {}
-        fn = registry.get("preference", name)
+    for i, ((name, weight, overrides), fn) in enumerate(zip(parsed, fns)):
         available = {**shared_kwargs, **overrides, "example_mask_B": example_mask_B}
         loss_i, metrics_i = fn(
             chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B,
@@ -902,6 +1009,13 @@ def kto_loss(
       (ties 0.5), and ``kl`` is z_0.
     """
     _check_beta(beta)
+    check_range("desirable_weight", desirable_weight, low=0.0, low_open=True)
+    check_range("undesirable_weight", undesirable_weight, low=0.0, low_open=True)
+    check_ndim("logps_B", logps_B, 1, "[B] (one summed log-prob per completion)", _SUMMED_HINT)
+    check_same_shape("logps_B", logps_B, ref_logps_B=ref_logps_B, desirable_B=desirable_B,
+                     kl_logps_B=kl_logps_B, ref_kl_logps_B=ref_kl_logps_B, example_mask_B=example_mask_B)
+    if (kl_logps_B is None) != (ref_kl_logps_B is None):
+        raise ValueError("kl_logps_B and ref_kl_logps_B must be given together (or neither)")
     f32 = jnp.float32
     logps_B = jnp.asarray(logps_B, f32)
     mask = _mask(example_mask_B, logps_B)
@@ -945,6 +1059,7 @@ __all__ = [
     "bco_pair_loss",
     "beta_dpo_loss",
     "cdpo_loss",
+    "check_pair_shapes",
     "cream_consistency",
     "cream_loss",
     "dpo_loss",

@@ -81,19 +81,52 @@ def kinds() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
+def _keyword_names(fn: Callable[..., Any]):
+    """Names `fn` accepts as keyword arguments, or None if it takes `**kwargs`."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return {
+        n
+        for n, p in params.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+
+
 def accepted_kwargs(fn: Callable[..., Any], available: Mapping[str, Any]) -> dict[str, Any]:
     """The subset of `available` that `fn` accepts as keyword arguments.
 
     Lets a trainer hold every array and hyper-parameter it has in one dict and
     call whichever loss the config named: `fn(**accepted_kwargs(fn, kw))`. If
     `fn` takes `**kwargs`, everything is passed.
+
+    This filter drops a misspelled name silently, so use it only for the
+    shared pool; check the arguments meant for one function in particular
+    (a config's `loss_kwargs`, a mixture component's overrides) with
+    `check_accepted` first.
     """
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    allowed = _keyword_names(fn)
+    if allowed is None:
         return dict(available)
-    allowed = {
-        n
-        for n, p in params.items()
-        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    }
     return {k: v for k, v in available.items() if k in allowed}
+
+
+def check_accepted(fn: Callable[..., Any], kwargs: Mapping[str, Any], context: str = "") -> None:
+    """Raises if `fn` does not accept every key of `kwargs` as a keyword argument.
+
+    Args:
+      fn: the function the keyword arguments are meant for.
+      kwargs: the arguments (only the keys are read).
+      context: prefix of the message, e.g. "mixture component 0 ('dpo')".
+
+    Raises:
+      ValueError: naming the unknown keys and the keywords `fn` accepts.
+    """
+    allowed = _keyword_names(fn)
+    if allowed is None:
+        return
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        where = f"{context}: " if context else ""
+        raise ValueError(f"{where}unknown keyword argument(s) {unknown} for "
+                         f"{fn.__module__}.{fn.__qualname__}; it accepts {sorted(allowed)}")

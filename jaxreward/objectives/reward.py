@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxreward.objectives import registry
+from jaxreward.objectives.checks import check_ndim, check_range, check_same_shape, check_shape
 from jaxreward.objectives.masking import (
     as_bool,
     masked_cumsum,
@@ -32,18 +33,20 @@ Metrics = dict
 # ----------------------------------------------------------------------------
 
 
-def _example_mask(mask_B, shape) -> jnp.ndarray:
-    """Broadcasts an optional `[B]` example mask to `shape` (`[B]` or `[B, K]`)."""
+def _example_mask(mask_B, shape, ref_name) -> jnp.ndarray:
+    """Broadcasts an optional `[B]` (or `[B, K]`) example mask to `shape` (`[B]` or `[B, K]`)."""
     if mask_B is None:
         return jnp.ones(shape, bool)
+    check_shape("example_mask_B", mask_B, shape, ref_name, allow_prefix=True)
     mask_B = as_bool(mask_B)
     if len(shape) == 2 and mask_B.ndim == 1:
         mask_B = mask_B[:, None]
     return jnp.broadcast_to(mask_B, shape)
 
 
-def _per_example(x, shape) -> jnp.ndarray:
-    """Broadcasts a scalar, `[B]` or `[B, K]` array to `shape`."""
+def _per_example(name, x, shape, ref_name) -> jnp.ndarray:
+    """Broadcasts a scalar, `[B]` or `[B, K]` array to `shape` (`[B]` or `[B, K]`)."""
+    check_shape(name, x, shape, ref_name, allow_scalar=True, allow_prefix=True)
     x = jnp.asarray(x, jnp.float32)
     if len(shape) == 2 and x.ndim == 1:
         x = x[:, None]
@@ -144,14 +147,17 @@ def bradley_terry_loss(
       K > 1.
 
     Raises:
-      ValueError: if the reward shapes differ or are not `[B]`/`[B, K]`.
+      ValueError: if the reward shapes differ or are not `[B]`/`[B, K]`, or
+        `example_mask_B` / `margin_B` has a shape other than those above
+        (nothing is broadcast; the message names the argument and both shapes).
     """
     rc = jnp.asarray(rewards_chosen_B, jnp.float32)
     rr = jnp.asarray(rewards_rejected_B, jnp.float32)
     if rc.shape != rr.shape or rc.ndim not in (1, 2):
         raise ValueError(f"reward shapes {rc.shape} and {rr.shape} must match and be [B] or [B, K]")
-    mask = _example_mask(example_mask_B, rc.shape)
-    margin = jnp.zeros(rc.shape, jnp.float32) if margin_B is None else _per_example(margin_B, rc.shape)
+    mask = _example_mask(example_mask_B, rc.shape, "rewards_chosen_B")
+    margin = (jnp.zeros(rc.shape, jnp.float32) if margin_B is None
+              else _per_example("margin_B", margin_B, rc.shape, "rewards_chosen_B"))
     rc, rr, margin = select(rc, mask), select(rr, mask), select(margin, mask)
 
     loss_BK = -jax.nn.log_sigmoid(rc - rr - margin)
@@ -193,8 +199,8 @@ def scaled_bradley_terry_loss(
     rr = jnp.asarray(rewards_rejected_B, jnp.float32)
     if rc.shape != rr.shape or rc.ndim not in (1, 2):
         raise ValueError(f"reward shapes {rc.shape} and {rr.shape} must match and be [B] or [B, K]")
-    mask = _example_mask(example_mask_B, rc.shape)
-    strength = select(_per_example(strength_B, rc.shape), mask)
+    mask = _example_mask(example_mask_B, rc.shape, "rewards_chosen_B")
+    strength = select(_per_example("strength_B", strength_B, rc.shape, "rewards_chosen_B"), mask)
     rc, rr = select(rc, mask), select(rr, mask)
     loss = masked_mean(-strength * jax.nn.log_sigmoid(rc - rr), mask)
     return loss, {"loss": loss, **pair_metrics(rc, rr, mask)}
@@ -230,9 +236,9 @@ def regression_loss(
     """
     r = jnp.asarray(rewards_B, jnp.float32)
     y = jnp.asarray(targets_B, jnp.float32)
-    if r.shape != y.shape:
-        raise ValueError(f"rewards {r.shape} and targets {y.shape} must have the same shape")
-    mask = _example_mask(example_mask_B, r.shape)
+    check_ndim("rewards_B", r, (1, 2), "[B] or [B, K]")
+    check_same_shape("rewards_B", r, targets_B=y)
+    mask = _example_mask(example_mask_B, r.shape, "rewards_B")
     r, y = select(r, mask), select(y, mask)
     err = r - y
     loss = _reduce_objectives(jnp.square(err), mask, objective_weights_K)
@@ -298,6 +304,8 @@ def ensemble_reward(rewards_EB, mode: str = "mean", *, std_coef: float = 1.0) ->
       ValueError: for an unknown mode.
     """
     r = jnp.asarray(rewards_EB, jnp.float32)
+    check_ndim("rewards_EB", r, (2, 3), "[E, B] or [E, B, K]")
+    check_range("std_coef", std_coef, low=0.0)
     if mode == "mean":
         return jnp.mean(r, axis=0)
     if mode == "min":
@@ -331,6 +339,9 @@ def implicit_token_rewards(logps_BT, ref_logps_BT, mask_BT, *, beta: float) -> j
     Returns:
       float32 `[B, T]`, 0 at masked slots.
     """
+    check_ndim("logps_BT", logps_BT, 2, "[B, T]")
+    check_same_shape("logps_BT", logps_BT, ref_logps_BT=ref_logps_BT, mask_BT=mask_BT)
+    check_range("beta", beta, low=0.0, low_open=True)
     lp = select(jnp.asarray(logps_BT, jnp.float32), mask_BT)
     ref = select(jnp.asarray(ref_logps_BT, jnp.float32), mask_BT)
     return select(beta * (lp - ref), mask_BT)

@@ -2,20 +2,29 @@
 
 Sequence rewards are float32 `[B]` (or `[B, K]` for K aspects); process
 rewards are float32 `[B, K]` over K reasoning steps with a bool
-`step_mask_BK`. Units are those of the reward model unless stated.
+`step_mask_BK`. Units are those of the reward model unless stated. Masks and
+per-row arrays must have exactly the documented shapes (a mismatch raises a
+ValueError naming both shapes, see `checks.py`).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from jaxreward.objectives.checks import check_int, check_ndim, check_range, check_same_shape, check_shape
 from jaxreward.objectives.masking import as_bool, masked_mean, masked_whiten, select
 
 sg = jax.lax.stop_gradient
 
 
-def _mask_like(mask, x):
-    return jnp.ones(jnp.shape(x), bool) if mask is None else jnp.broadcast_to(as_bool(mask), jnp.shape(x))
+def _mask_like(mask, x, mask_name, x_name):
+    check_shape(mask_name, mask, jnp.shape(x), x_name)
+    return jnp.ones(jnp.shape(x), bool) if mask is None else as_bool(mask)
+
+
+def _check_steps(step_rewards_BK, step_mask_BK):
+    check_ndim("step_rewards_BK", step_rewards_BK, 2, "[B, K]")
+    check_same_shape("step_rewards_BK", step_rewards_BK, step_mask_BK=step_mask_BK)
 
 
 def whiten_rewards(rewards, mask=None, *, shift_mean: bool = True, eps: float = 1e-8) -> jnp.ndarray:
@@ -31,8 +40,9 @@ def whiten_rewards(rewards, mask=None, *, shift_mean: bool = True, eps: float = 
       float32, same shape; 0 at masked slots; the centred part is exactly 0
       when all valid rewards are equal.
     """
+    check_range("eps", eps, low=0.0)
     rewards = jnp.asarray(rewards, jnp.float32)
-    return masked_whiten(rewards, _mask_like(mask, rewards), shift_mean=shift_mean, eps=eps)
+    return masked_whiten(rewards, _mask_like(mask, rewards, "mask", "rewards"), shift_mean=shift_mean, eps=eps)
 
 
 def clip_rewards(rewards, *, low: float, high: float) -> jnp.ndarray:
@@ -41,8 +51,8 @@ def clip_rewards(rewards, *, low: float, high: float) -> jnp.ndarray:
     Raises:
       ValueError: if low > high.
     """
-    if low > high:
-        raise ValueError(f"low ({low}) must be <= high ({high})")
+    check_range("low", low)
+    check_range("high", high, low=low)
     return jnp.clip(jnp.asarray(rewards, jnp.float32), low, high)
 
 
@@ -58,6 +68,9 @@ def length_penalty(rewards_B, lengths_B, *, coef: float, free_length: float = 0.
     Returns:
       float32 `[B]`.
     """
+    check_ndim("rewards_B", rewards_B, 1, "[B]")
+    check_same_shape("rewards_B", rewards_B, lengths_B=lengths_B)
+    check_range("free_length", free_length, low=0.0)
     excess = jnp.maximum(jnp.asarray(lengths_B, jnp.float32) - free_length, 0.0)
     return jnp.asarray(rewards_B, jnp.float32) - coef * excess
 
@@ -80,8 +93,9 @@ def overlong_penalty(lengths_B, *, max_length: int, cache_length: int) -> jnp.nd
     Returns:
       float32 `[B]` in [−1, 0].
     """
-    if not 0 < cache_length <= max_length:
-        raise ValueError(f"need 0 < cache_length <= max_length, got {cache_length}, {max_length}")
+    check_int("max_length", max_length, minimum=1)
+    check_int("cache_length", cache_length, minimum=1)
+    check_range("cache_length", cache_length, high=max_length)
     lengths = jnp.asarray(lengths_B, jnp.float32)
     soft = (max_length - cache_length - lengths) / cache_length
     return jnp.clip(soft, -1.0, 0.0)
@@ -105,8 +119,10 @@ def par_reward(rewards_B, ref_rewards_BM, ref_mask_BM=None) -> jnp.ndarray:
     Returns:
       float32 `[B]` in (0, 1); 0 for a row with no valid reference.
     """
+    shape = check_ndim("ref_rewards_BM", ref_rewards_BM, 2, "[B, M]")
+    check_shape("rewards_B", rewards_B, shape[:1], "ref_rewards_BM's batch axis")
     ref = jnp.asarray(ref_rewards_BM, jnp.float32)
-    mask = _mask_like(ref_mask_BM, ref)
+    mask = _mask_like(ref_mask_BM, ref, "ref_mask_BM", "ref_rewards_BM")
     r = jnp.asarray(rewards_B, jnp.float32)[:, None]
     return masked_mean(jax.nn.sigmoid(r - select(ref, mask)), mask, axis=-1)
 
@@ -130,8 +146,13 @@ def log_sigmoid_centered(rewards, base_rewards, *, quantile: float) -> jnp.ndarr
     Returns:
       float32, shape of `rewards`, ≤ 0.
     """
-    if not 0.0 <= quantile <= 1.0:
-        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+    check_range("quantile", quantile, low=0.0, high=1.0)
+    shape = check_ndim("rewards", rewards, (1, 2), "[B] or [B, K]")
+    layout = "[B, M]" if len(shape) == 1 else "[B, M, K]"
+    base_shape = check_ndim("base_rewards", base_rewards, len(shape) + 1, layout)
+    if base_shape[:1] + base_shape[2:] != shape:
+        raise ValueError(f"base_rewards has shape {base_shape}, expected {layout} with the B (and K) "
+                         f"of rewards, whose shape is {shape}")
     ref = jnp.quantile(sg(jnp.asarray(base_rewards, jnp.float32)), quantile, axis=1)
     return jax.nn.log_sigmoid(jnp.asarray(rewards, jnp.float32) - ref)
 
@@ -174,8 +195,8 @@ def pure_min_form(step_rewards_BK, step_mask_BK, *, temperature: float) -> jnp.n
     Returns:
       float32 `[B, K]`, 0 at masked steps and for rows without steps.
     """
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_range("temperature", temperature, low=0.0, low_open=True)
+    _check_steps(step_rewards_BK, step_mask_BK)
     mask = as_bool(step_mask_BK)
     r = select(jnp.asarray(step_rewards_BK, jnp.float32), mask)
     logits = jnp.where(mask, -r / temperature, -jnp.inf)
@@ -202,6 +223,8 @@ def clip_process_rewards(step_rewards_BK, step_mask_BK, *, threshold: float) -> 
     Returns:
       float32 `[B, K]`, 0 at masked steps.
     """
+    check_range("threshold", threshold)
+    _check_steps(step_rewards_BK, step_mask_BK)
     mask = as_bool(step_mask_BK)
     r = select(jnp.asarray(step_rewards_BK, jnp.float32), mask)
     return select(jnp.minimum(r - threshold, 0.0), mask)
@@ -224,6 +247,7 @@ def delta_process_rewards(step_rewards_BK, step_mask_BK) -> jnp.ndarray:
     Returns:
       float32 `[B, K]`, 0 at masked steps.
     """
+    _check_steps(step_rewards_BK, step_mask_BK)
     mask = as_bool(step_mask_BK)
     r = select(jnp.asarray(step_rewards_BK, jnp.float32), mask)
 
@@ -250,6 +274,8 @@ def place_on_last_token(rewards_B, mask_BT) -> jnp.ndarray:
       float32 `[B, T]`: r_b at the last true slot of row b, 0 elsewhere; an
       empty response gets no reward anywhere (and no gradient to r_b).
     """
+    shape = check_ndim("mask_BT", mask_BT, 2, "[B, T]")
+    check_shape("rewards_B", rewards_B, shape[:1], "mask_BT's batch axis")
     mask = as_bool(mask_BT)
     t = mask.shape[-1]
     positions = jnp.arange(t)

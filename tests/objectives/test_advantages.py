@@ -1,5 +1,6 @@
 """Advantage estimators against hand-computed values and degenerate cases."""
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -159,3 +160,83 @@ def test_remax():
 def test_broadcast_to_tokens():
     out = adv.broadcast_to_tokens(jnp.array([2.0, np.nan]), jnp.array([[True, False], [False, False]]))
     np.testing.assert_array_equal(out, [[2.0, 0.0], [0.0, 0.0]])
+
+
+# ----------------------------------------------------------------------------
+# Hyper-parameters and shapes are checked with errors that name the argument.
+# ----------------------------------------------------------------------------
+
+
+def _raises(message):
+    return pytest.raises(ValueError, match=re.escape(message))
+
+
+@pytest.mark.parametrize("fn", [adv.grpo_advantages, adv.rloo_advantages])
+@pytest.mark.parametrize("group_size", [0, -2, 2.0, True, None])
+def test_group_size_must_be_a_positive_integer(fn, group_size):
+    # 0 used to raise ZeroDivisionError, negative and float sizes raw JAX errors.
+    with _raises(f"group_size must be an integer >= 1, got {group_size!r}"):
+        fn(jnp.zeros(4), group_size=group_size)
+
+
+def test_group_shapes_are_checked():
+    with _raises("rewards_B has shape (5,): B must be a multiple of group_size=2"):
+        adv.grpo_advantages(jnp.zeros(5), group_size=2)
+    with _raises("rewards_B must be [B], got shape (2, 2)"):
+        adv.rloo_advantages(jnp.zeros((2, 2)), group_size=2)
+    with _raises("valid_B has shape (4, 1), expected (4,) to match rewards_B with shape (4,)"):
+        adv.grpo_advantages(jnp.zeros(4), group_size=2, valid_B=jnp.ones((4, 1), bool))
+    with _raises("greedy_rewards_B has shape (3,), expected (2,)"):
+        adv.remax_advantages(jnp.zeros(2), jnp.zeros(3))
+    with _raises("eps must be in [0, inf), got -1.0"):
+        adv.grpo_advantages(jnp.zeros(4), group_size=2, eps=-1.0)
+    # An integer group size of numpy type is fine and gives the hand value:
+    # group [1, 3]: mean 2, std (ddof 1) √2 → [−1/√2, 1/√2]
+    np.testing.assert_allclose(adv.grpo_advantages(jnp.array([1.0, 3.0]), group_size=np.int64(2), eps=0.0),
+                               [-1 / math.sqrt(2), 1 / math.sqrt(2)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(gamma=2.0), "gamma must be in [0, 1], got 2.0"),
+    (dict(gamma=2), "gamma must be in [0, 1], got 2"),
+    (dict(gamma=-0.1), "gamma must be in [0, 1], got -0.1"),
+    (dict(lam=1.5), "lam must be in [0, 1], got 1.5"),
+    (dict(lam=float("nan")), "lam must be in [0, 1], got nan"),
+])
+def test_gae_gamma_lambda_in_unit_interval(kw, message):
+    r = jnp.zeros((1, 3))
+    with _raises(message):
+        adv.gae_advantages(r, r, jnp.ones((1, 3), bool), **kw)
+
+
+def test_discounted_returns_and_reinforce_pp_check_gamma_and_shapes():
+    r, mask = jnp.zeros((2, 3)), jnp.ones((2, 3), bool)
+    with _raises("gamma must be in [0, 1], got 1.01"):
+        adv.discounted_returns(r, mask, gamma=1.01)
+    with _raises("gamma must be in [0, 1], got 3"):
+        adv.reinforce_pp_advantages(r, mask, gamma=3)
+    with _raises("mask_BT has shape (2, 4), expected (2, 3) to match token_rewards_BT with shape (2, 3)"):
+        adv.reinforce_pp_advantages(r, jnp.ones((2, 4), bool))
+    with _raises("rewards_BT must be [B, T], got shape (3,)"):
+        adv.discounted_returns(jnp.zeros(3), jnp.ones(3, bool))
+
+
+def test_gae_shapes_are_checked():
+    r, mask = jnp.zeros((2, 3)), jnp.ones((2, 3), bool)
+    with _raises("values_BT has shape (2, 1), expected (2, 3) to match rewards_BT with shape (2, 3)"):
+        adv.gae_advantages(r, jnp.zeros((2, 1)), mask)
+    with _raises("mask_BT has shape (3,), expected (2, 3)"):
+        adv.gae_advantages(r, r, jnp.ones(3, bool))
+    with _raises("bootstrap_values_B has shape (2, 1), expected (2,)"):
+        adv.gae_advantages(r, r, mask, bootstrap_values_B=jnp.zeros((2, 1)))
+    with _raises("terminated_B has shape (3,), expected (2,)"):
+        adv.gae_advantages(r, r, mask, terminated_B=jnp.ones(3, bool), bootstrap_values_B=jnp.zeros(2))
+    with _raises("advantages_B has shape (2, 1), expected (2,)"):
+        adv.broadcast_to_tokens(jnp.zeros((2, 1)), mask)
+
+
+def test_traced_hyper_parameters_are_not_checked_under_jit():
+    # A traced γ is not static; the check must not try to read it.
+    r = jnp.array([[0.0, 1.0]])
+    out = jax.jit(lambda g: adv.discounted_returns(r, jnp.ones((1, 2), bool), gamma=g))(0.5)
+    np.testing.assert_allclose(out, [[0.5, 1.0]])

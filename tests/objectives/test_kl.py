@@ -1,6 +1,7 @@
 """KL estimators: values, exact expected gradients on a 3-action policy, KL steps."""
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -149,3 +150,28 @@ def test_adaptive_kl_controller():
     np.testing.assert_allclose(kl.adaptive_kl_coef(0.1, 5.7, 256, target=6.0, horizon=10000), 0.099872, rtol=1e-6)
     with pytest.raises(ValueError):
         kl.adaptive_kl_coef(0.1, 1.0, 1, target=0.0, horizon=1.0)
+
+
+def _raises(message):
+    return pytest.raises(ValueError, match=re.escape(message))
+
+
+def test_kl_functions_check_shapes_and_parameters():
+    lp, mask = jnp.zeros((2, 3)), jnp.ones((2, 3), bool)
+    with _raises("ref_logps has shape (2, 1), expected (2, 3) to match logps with shape (2, 3)"):
+        kl.kl_k3(lp, jnp.zeros((2, 1)))
+    with _raises("mask_BT has shape (3,), expected (2, 3) to match logps_BT with shape (2, 3)"):
+        kl.kl_per_token(lp, lp, jnp.ones(3, bool), "k1")
+    with _raises("ref_logps_BT has shape (2, 4), expected (2, 3)"):
+        kl.kl_loss(lp, jnp.zeros((2, 4)), mask, estimator="k2")
+    with _raises("ref_logps_BT has shape (1, 3), expected (2, 3)"):
+        kl.kl_metrics(lp, jnp.zeros((1, 3)), mask)
+    with _raises("logps_BT has shape (2, 4), expected (2, 3) to match token_rewards_BT with shape (2, 3)"):
+        kl.apply_kl_penalty(lp, jnp.zeros((2, 4)), lp, mask, beta=0.1)
+    with _raises("beta must be in [0, inf), got -0.1"):
+        kl.apply_kl_penalty(lp, lp, lp, mask, beta=-0.1)
+    with _raises("max_error must be in (0, inf), got 0.0"):
+        kl.adaptive_kl_coef(0.1, 1.0, 10, target=1.0, horizon=100.0, max_error=0.0)
+    # k1 of log-ratio 1 on the valid tokens; the penalized reward is r − β·k1.
+    rewards, _ = kl.apply_kl_penalty(jnp.ones((2, 3)), lp + 1.0, lp, mask, beta=0.5)
+    np.testing.assert_allclose(rewards, 0.5)

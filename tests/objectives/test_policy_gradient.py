@@ -1,5 +1,6 @@
 """Policy-gradient losses and aggregation modes."""
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -289,3 +290,56 @@ def test_ppo_with_kl_reward_converges_to_tilted_reference():
     theta = train(jnp.zeros(3))
     target = jax.nn.softmax(ref_logp + reward_A / beta)
     np.testing.assert_allclose(jax.nn.softmax(theta), target, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------
+# Per-token arrays and masks share one [B, T]; no silent broadcasting.
+# ----------------------------------------------------------------------------
+
+
+def _raises(message):
+    return pytest.raises(ValueError, match=re.escape(message))
+
+
+@pytest.mark.parametrize("name", ["ppo", "gspo"])
+def test_policy_losses_check_shapes(name):
+    fn = registry.get("policy_loss", name)
+    lp, mask = jnp.zeros((2, 3)), jnp.ones((2, 3), bool)
+    with _raises("old_logps_BT has shape (2, 4), expected (2, 3) to match logps_BT with shape (2, 3)"):
+        fn(lp, jnp.zeros((2, 4)), jnp.zeros(2), mask)
+    with _raises("mask_BT has shape (2, 1), expected (2, 3) to match logps_BT with shape (2, 3)"):
+        fn(lp, lp, jnp.zeros(2), jnp.ones((2, 1), bool))
+    with _raises("logps_BT must be [B, T], got shape (2,)"):
+        fn(jnp.zeros(2), jnp.zeros(2), jnp.zeros(2), jnp.ones(2, bool))
+    # Advantages are [B, T] or [B]; [B, 1] or another B is refused.
+    with _raises("advantages has shape (2, 1), expected (2, 3) or (2,) to match mask_BT with shape (2, 3)"):
+        fn(lp, lp, jnp.zeros((2, 1)), mask)
+    with _raises("advantages has shape (3,), expected (2, 3) or (2,)"):
+        fn(lp, lp, jnp.zeros(3), mask)
+    # Equal log-probs: ratio 1, loss = −mean(A) over tokens = −(1·3 + 2·3)/6 = −1.5.
+    loss, _ = fn(lp, lp, jnp.array([1.0, 2.0]), mask, loss_agg_mode="token-mean")
+    np.testing.assert_allclose(loss, -1.5, rtol=1e-6)
+
+
+def test_aggregation_value_and_entropy_check_shapes():
+    with _raises("mask_BT has shape (3, 2), expected (3, 3) to match loss_BT with shape (3, 3)"):
+        pg.aggregate_loss(LOSS, MASK[:, :2])
+    with _raises("mask_BT must be [B, T], got shape (3,)"):
+        pg.aggregation_weights(MASK[:, 0], "token-mean")
+    with _raises("max_len must be an integer >= 1, got 0"):
+        pg.aggregate_loss(LOSS, MASK, "seq-mean-token-sum-norm", max_len=0)
+    with _raises("num_tokens must be a scalar (a count over the whole batch), got shape (3,)"):
+        pg.aggregate_loss(LOSS, MASK, num_tokens=jnp.ones(3))
+    v, mask = jnp.zeros((2, 3)), jnp.ones((2, 3), bool)
+    with _raises("returns_BT has shape (2,), expected (2, 3) to match values_BT with shape (2, 3)"):
+        pg.value_loss(v, v, jnp.zeros(2), mask)
+    with _raises("value_loss with clip_eps needs old_values_BT"):
+        pg.value_loss(v, None, v, mask, clip_eps=0.2)
+    with _raises("clip_eps must be in (0, inf), got -0.2"):
+        pg.value_loss(v, v, v, mask, clip_eps=-0.2)
+    with _raises("mask_BT has shape (2, 4), expected (2, 3) to match logits_BTV's [B, T] with shape (2, 3)"):
+        pg.entropy_from_logits(jnp.zeros((2, 3, 5)), jnp.ones((2, 4), bool))
+    with _raises("mask_BT has shape (2, 1), expected (2, 3) to match entropy_BT with shape (2, 3)"):
+        pg.entropy_loss(v, jnp.ones((2, 1), bool))
+    with _raises("dual_clip must be in (1, inf), got 1.0"):
+        pg.ppo_policy_loss(v, v, jnp.zeros(2), mask, dual_clip=1.0)

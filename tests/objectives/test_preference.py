@@ -1,5 +1,6 @@
 """Preference losses: hand-computed values, masking, identities, a DPO bandit."""
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -422,3 +423,144 @@ def test_dpo_bandit_recovers_reward_differences():
     theta = run(ref_logits)
     implicit = beta * (jax.nn.log_softmax(theta) - ref_logp)
     np.testing.assert_allclose(implicit - implicit[1], reward_A - reward_A[1], atol=2e-3)
+
+
+# ----------------------------------------------------------------------------
+# Shapes are checked exactly: no silent broadcasting.
+# ----------------------------------------------------------------------------
+
+
+def _raises(message):
+    return pytest.raises(ValueError, match=re.escape(message))
+
+
+@pytest.mark.parametrize("name", PAIRWISE)
+def test_pairwise_shape_mismatch_names_argument_and_shapes(name):
+    lengths = (LEN_C, LEN_R)
+    # A [B, 1] mask used to broadcast against [B] log-probs into a [B, B] loss.
+    with _raises("example_mask_B has shape (2, 1), expected (2,) to match chosen_logps_B with shape (2,)"):
+        _call(name, C, R, RC, RR, jnp.ones((2, 1), bool), lengths)
+    # Per-token [B, T] log-probs where summed [B] ones are expected.
+    with _raises("chosen_logps_B must be [B] (one summed log-prob per response), got shape (2, 4)"):
+        _call(name, jnp.zeros((2, 4)), jnp.zeros((2, 4)), jnp.zeros((2, 4)), jnp.zeros((2, 4)), None, lengths)
+    # Mismatched B used to give a bare JAX broadcasting error (or broadcast a length-1 array).
+    with _raises("rejected_logps_B has shape (3,), expected (2,) to match chosen_logps_B with shape (2,)"):
+        _call(name, C, _pad(R, 0.0), RC, RR, None, lengths)
+    with _raises("rejected_logps_B has shape (1,), expected (2,)"):
+        _call(name, C, R[:1], RC, RR, None, lengths)
+
+
+def test_reference_shapes_and_per_pair_arrays_are_checked():
+    with _raises("ref_rejected_logps_B has shape (2, 1), expected (2,) to match chosen_logps_B with shape (2,)"):
+        preference.dpo_loss(C, R, RC, RR[:, None], beta=BETA)
+    # [B, 1] lengths used to broadcast into a [B, B] reward for SimPO / ORPO / IPO.
+    col = LEN_C[:, None]
+    with _raises("chosen_lengths_B has shape (2, 1), expected (2,) to match chosen_logps_B with shape (2,)"):
+        preference.simpo_loss(C, R, beta=BETA, gamma=0.3, chosen_lengths_B=col, rejected_lengths_B=LEN_R)
+    with _raises("rejected_lengths_B has shape (2, 1), expected (2,)"):
+        preference.orpo_loss(C, R, beta=BETA, chosen_lengths_B=LEN_C, rejected_lengths_B=LEN_R[:, None])
+    with _raises("chosen_lengths_B has shape (2, 1), expected (2,)"):
+        preference.ipo_loss(C, R, RC, RR, beta=BETA, length_normalize=True, chosen_lengths_B=col, rejected_lengths_B=LEN_R)
+    with _raises("reward_margin_B has shape (3,), expected (2,)"):
+        preference.beta_dpo_loss(C, R, RC, RR, beta=BETA, alpha=0.5, reward_margin_B=jnp.zeros(3))
+    with _raises("consistency has shape (2, 1), expected (2,) or ()"):
+        preference.cream_loss(C, R, RC, RR, beta=BETA, consistency=jnp.ones((2, 1)))
+    with _raises("reference_point must be a scalar, got shape (2,)"):
+        preference.bco_pair_loss(C, R, RC, RR, beta=BETA, reference_point=jnp.zeros(2))
+
+
+def test_correct_mask_gives_the_hand_value_that_a_column_mask_got_wrong():
+    c, r, z = jnp.array([-1.0, -2.0, -3.0]), jnp.array([-2.0, -2.5, 0.0]), jnp.zeros(3)
+    dpo = registry.get("preference", "dpo")
+    loss, _ = dpo(c, r, z, z, beta=1.0, example_mask_B=np.array([True, True, False]))
+    # h = c − r = [1, 0.5] on the valid rows: mean(−log σ(1), −log σ(0.5)) = (0.313262 + 0.474077) / 2
+    np.testing.assert_allclose(loss, mean([-ls(1.0), -ls(0.5)]), rtol=1e-6)
+    np.testing.assert_allclose(loss, 0.3936693, rtol=1e-5)
+    with _raises("example_mask_B has shape (3, 1), expected (3,)"):
+        dpo(c, r, z, z, beta=1.0, example_mask_B=np.array([[1], [1], [0]], bool))
+
+
+def test_tgdpo_shapes_are_checked():
+    lp_c, lp_r = jnp.zeros((2, 3)), jnp.zeros((2, 4))
+    kw = dict(chosen_mask_BT=jnp.ones((2, 3), bool), rejected_mask_BT=jnp.ones((2, 4), bool),
+              chosen_token_rewards_BT=jnp.zeros((2, 3)), rejected_token_rewards_BT=jnp.zeros((2, 4)))
+    loss, _ = preference.tgdpo_loss(lp_c, lp_r, lp_c, lp_r, beta=BETA, alpha=0.5, **kw)
+    np.testing.assert_allclose(loss, math.log(2.0), rtol=1e-6)   # all log-ratios 0: −log σ(0)
+    with _raises("chosen_mask_BT has shape (2, 4), expected (2, 3) to match chosen_logps_BT with shape (2, 3)"):
+        preference.tgdpo_loss(lp_c, lp_r, lp_c, lp_r, beta=BETA, alpha=0.5, **{**kw, "chosen_mask_BT": jnp.ones((2, 4), bool)})
+    with _raises("rejected_logps_BT has shape (3, 4) but chosen_logps_BT has shape (2, 3); the batch sizes B must match"):
+        preference.tgdpo_loss(lp_c, jnp.zeros((3, 4)), lp_c, jnp.zeros((3, 4)), beta=BETA, alpha=0.5, **kw)
+    with _raises("chosen_logps_BT must be [B, T_c] (per-token log-probs), got shape (2,)"):
+        preference.tgdpo_loss(C, lp_r, C, lp_r, beta=BETA, alpha=0.5, **kw)
+    with _raises("example_mask_B has shape (2, 1), expected (2,)"):
+        preference.tgdpo_loss(lp_c, lp_r, lp_c, lp_r, beta=BETA, alpha=0.5, example_mask_B=jnp.ones((2, 1), bool), **kw)
+
+
+def test_kto_shapes_are_checked():
+    lp, ref, des = jnp.array([-1.0, -2.0, -1.0]), jnp.array([-1.5, -1.5, 0.0]), jnp.array([True, False, False])
+    with _raises("example_mask_B has shape (3, 1), expected (3,) to match logps_B with shape (3,)"):
+        preference.kto_loss(lp, ref, des, beta=0.5, example_mask_B=jnp.ones((3, 1), bool))
+    with _raises("desirable_B has shape (1,), expected (3,)"):
+        preference.kto_loss(lp, ref, des[:1], beta=0.5)
+    with _raises("logps_B must be [B] (one summed log-prob per completion), got shape (3, 2)"):
+        preference.kto_loss(jnp.zeros((3, 2)), jnp.zeros((3, 2)), des, beta=0.5)
+    with _raises("kl_logps_B and ref_kl_logps_B must be given together"):
+        preference.kto_loss(lp, ref, des, lp, beta=0.5)
+    with _raises("undesirable_weight must be in (0, inf), got 0.0"):
+        preference.kto_loss(lp, ref, des, beta=0.5, undesirable_weight=0.0)
+
+
+def test_hyper_parameters_are_checked():
+    with _raises("beta must be in (0, inf), got 0.0"):
+        preference.dpo_loss(C, R, RC, RR, beta=0.0)
+    with _raises("beta must be in (0, inf), got nan"):
+        preference.dpo_loss(C, R, RC, RR, beta=float("nan"))
+    with _raises("gamma must be in [0, inf), got -0.1"):
+        preference.simpo_loss(C, R, beta=BETA, gamma=-0.1, chosen_lengths_B=LEN_C, rejected_lengths_B=LEN_R)
+    with _raises("label_smoothing must be in [0, 0.5), got 0.5"):
+        preference.robust_dpo_loss(C, R, RC, RR, beta=BETA, label_smoothing=0.5)
+    with _raises("alpha must be in [0, inf), got -1.0"):
+        preference.beta_dpo_loss(C, R, RC, RR, beta=BETA, alpha=-1.0)
+
+
+# ----------------------------------------------------------------------------
+# Mixture: override typos raise; a tuple of components is a static jit argument.
+# ----------------------------------------------------------------------------
+
+
+def test_mixture_override_typo_raises():
+    mix = registry.get("preference", "mixture")
+    with _raises("mixture component 0 ('dpo') overrides: unknown keyword argument(s) ['bta']"):
+        mix(C, R, RC, RR, components=[("dpo", 1.0, {"bta": 5.0})], beta=0.1)
+    with _raises("mixture component 1 ('ipo') overrides: unknown keyword argument(s) ['gama']"):
+        mix(C, R, RC, RR, components=(("dpo", 1.0), ("ipo", 0.5, (("gama", 1.0),))), beta=0.1)
+    # Shared kwargs are still filtered per loss: dpo ignores gamma and the lengths.
+    loss, _ = mix(C, R, RC, RR, components=(("dpo", 1.0),), beta=BETA, gamma=0.3,
+                  chosen_lengths_B=LEN_C, rejected_lengths_B=LEN_R)
+    np.testing.assert_allclose(loss, preference.dpo_loss(C, R, RC, RR, beta=BETA)[0], rtol=1e-6)
+    # A correct override is applied.
+    loss, _ = mix(C, R, RC, RR, components=[("dpo", 1.0, {"beta": 5.0})], beta=0.1)
+    np.testing.assert_allclose(loss, preference.dpo_loss(C, R, RC, RR, beta=5.0)[0], rtol=1e-6)
+
+
+def test_mixture_malformed_components_raise():
+    mix = registry.get("preference", "mixture")
+    with _raises("components must be a tuple (or list)"):
+        mix(C, R, RC, RR, components={"dpo": 1.0}, beta=BETA)
+    with _raises("mixture component 0 must be (name, weight) or (name, weight, overrides), got ('dpo',)"):
+        mix(C, R, RC, RR, components=(("dpo",),), beta=BETA)
+    with _raises("mixture_loss needs at least one component"):
+        mix(C, R, RC, RR, components=(), beta=BETA)
+    with _raises("overrides must be a dict or a tuple of (key, value) pairs"):
+        mix(C, R, RC, RR, components=(("dpo", 1.0, 3),), beta=BETA)
+
+
+def test_mixture_tuple_components_are_static_under_jit():
+    comps = (("dpo", 1.0), ("ipo", 0.5, (("beta", 0.25),)))
+    hash(comps)   # hashable: usable as a static argument
+    jitted = jax.jit(preference.mixture_loss, static_argnames=("components", "beta"))
+    loss, m = jitted(C, R, RC, RR, components=comps, beta=BETA)
+    dpo, _ = preference.dpo_loss(C, R, RC, RR, beta=BETA)
+    ipo, _ = preference.ipo_loss(C, R, RC, RR, beta=0.25)
+    np.testing.assert_allclose(loss, dpo + 0.5 * ipo, rtol=1e-6)
+    np.testing.assert_allclose(m["ipo/loss"], ipo, rtol=1e-6)

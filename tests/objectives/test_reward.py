@@ -1,5 +1,6 @@
 """Reward-model losses and rewards against hand-computed values."""
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -187,3 +188,29 @@ def test_accepted_kwargs_filters_by_signature():
 
     assert registry.accepted_kwargs(f, {"beta": 1, "gamma": 2, "delta": 3, "a": 0}) == {"beta": 1, "gamma": 2, "a": 0}
     assert registry.accepted_kwargs(lambda **kw: kw, {"x": 1}) == {"x": 1}
+
+
+def _raises(message):
+    return pytest.raises(ValueError, match=re.escape(message))
+
+
+def test_reward_losses_check_mask_and_margin_shapes():
+    rc, rr = jnp.array([1.0, 0.0, 2.0]), jnp.array([0.0, 1.0, 1.0])
+    with _raises("example_mask_B has shape (3, 1), expected (3,) to match rewards_chosen_B with shape (3,)"):
+        reward.bradley_terry_loss(rc, rr, example_mask_B=jnp.ones((3, 1), bool))
+    with _raises("margin_B has shape (2,), expected (3,) or () to match rewards_chosen_B with shape (3,)"):
+        reward.bradley_terry_loss(rc, rr, jnp.zeros(2))
+    with _raises("example_mask_B has shape (1,), expected (3,)"):
+        reward.scaled_bradley_terry_loss(rc, rr, 1.0, example_mask_B=jnp.ones(1, bool))
+    with _raises("targets_B has shape (3, 1), expected (3,) to match rewards_B with shape (3,)"):
+        reward.regression_loss(rc, rr[:, None])
+    with _raises("ref_logps_BT has shape (2, 1), expected (2, 3) to match logps_BT with shape (2, 3)"):
+        reward.implicit_reward(jnp.zeros((2, 3)), jnp.zeros((2, 1)), jnp.ones((2, 3), bool), beta=0.1)
+    with _raises("std_coef must be in [0, inf), got -1.0"):
+        reward.ensemble_reward(jnp.zeros((2, 3)), "mean_minus_std", std_coef=-1.0)
+    # [B, K] rewards take a [B] mask and a [B] margin (one per pair), as the trainer passes.
+    rc2, rr2 = jnp.stack([rc, rc], 1), jnp.stack([rr, rr], 1)
+    loss, _ = reward.bradley_terry_loss(rc2, rr2, jnp.zeros(3), jnp.array([True, True, False]))
+    # valid pairs: r_c − r_r = 1, −1 → (−log σ(1) − log σ(−1)) / 2 = (0.313262 + 1.313262) / 2
+    np.testing.assert_allclose(loss, (-math.log(1 / (1 + math.exp(-1))) - math.log(1 / (1 + math.exp(1)))) / 2,
+                               rtol=1e-6)

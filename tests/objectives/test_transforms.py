@@ -1,5 +1,6 @@
 """Reward transforms and masking helpers against hand-computed values."""
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -117,3 +118,24 @@ def test_place_on_last_token():
     np.testing.assert_array_equal(out, [[0.0, 1.0, 0.0], [0.0, 0.0, 2.0], [0.0, 0.0, 0.0]])
     g = jax.grad(lambda x: jnp.sum(transforms.place_on_last_token(x, mask)))(r)
     np.testing.assert_array_equal(g, [1.0, 1.0, 0.0])
+
+
+def _raises(message):
+    return pytest.raises(ValueError, match=re.escape(message))
+
+
+def test_transforms_check_shapes():
+    with _raises("mask has shape (3, 1), expected (3,) to match rewards with shape (3,)"):
+        transforms.whiten_rewards(jnp.zeros(3), jnp.ones((3, 1), bool))
+    with _raises("rewards_B has shape (3,), expected (2,) to match mask_BT's batch axis with shape (2,)"):
+        transforms.place_on_last_token(jnp.zeros(3), jnp.ones((2, 4), bool))
+    with _raises("ref_mask_BM has shape (2, 1), expected (2, 3) to match ref_rewards_BM with shape (2, 3)"):
+        transforms.par_reward(jnp.zeros(2), jnp.zeros((2, 3)), jnp.ones((2, 1), bool))
+    with _raises("lengths_B has shape (2, 1), expected (2,) to match rewards_B with shape (2,)"):
+        transforms.length_penalty(jnp.zeros(2), jnp.ones((2, 1)), coef=0.1)
+    with _raises("step_mask_BK has shape (2, 2), expected (2, 3)"):
+        transforms.delta_process_rewards(jnp.zeros((2, 3)), jnp.ones((2, 2), bool))
+    with _raises("base_rewards has shape (3, 4), expected [B, M] with the B (and K) of rewards, whose shape is (2,)"):
+        transforms.log_sigmoid_centered(jnp.zeros(2), jnp.zeros((3, 4)), quantile=0.5)
+    with _raises("cache_length must be an integer >= 1, got 0"):
+        transforms.overlong_penalty(jnp.zeros(2), max_length=10, cache_length=0)

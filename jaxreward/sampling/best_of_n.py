@@ -58,17 +58,28 @@ class BestOfNOutput:
     kl_bound: float = flax.struct.field(pytree_node=False)
 
 
+def _checked_rewards(out, rows: int, where: str) -> Array:
+    """`out` as float32 `[rows]`; anything else (a scalar, [rows, 1], too few or too many) raises."""
+    shape = tuple(np.shape(out))
+    if shape != (rows,):
+        raise ValueError(f"reward_fn must return float32 [{rows}] (one reward per row) for {where}, "
+                         f"got shape {shape}")
+    return jnp.asarray(out, jnp.float32)
+
+
 def _score(reward_fn: RewardFn, batch: SampleBatch, chunk_size: int | None) -> Array:
     R = batch.num_rows
-    if not chunk_size or chunk_size >= R:
-        return jnp.asarray(reward_fn(batch), jnp.float32)
+    if chunk_size is None or chunk_size >= R:
+        return _checked_rewards(reward_fn(batch), R, f"the batch of {R} rows")
     outs = []
     for start in range(0, R, chunk_size):
         # Every chunk has chunk_size rows (the last repeats row R - 1), so a
-        # jitted reward model compiles once.
+        # jitted reward model compiles once; each chunk's output is checked
+        # before the repeated rows are cut off.
         idx = jnp.minimum(jnp.arange(start, start + chunk_size), R - 1)
         chunk = jax.tree.map(lambda x: x[idx], batch)
-        outs.append(jnp.asarray(reward_fn(chunk), jnp.float32)[: min(chunk_size, R - start)])
+        where = f"the chunk of {chunk_size} rows starting at row {start} (reward_chunk_size={chunk_size})"
+        outs.append(_checked_rewards(reward_fn(chunk), chunk_size, where)[: min(chunk_size, R - start)])
     return jnp.concatenate(outs)
 
 
@@ -84,7 +95,9 @@ def best_of_n(model, params, prompt_tokens: Array, prompt_mask: Array, reward_fn
         `reward_model_fn(...)` or `text_reward_fn(...)`.
       n: samples per prompt, >= 1.
       reward_chunk_size: score at most this many rows per `reward_fn` call
-        (bounds reward-model memory); None scores all R rows at once.
+        (bounds reward-model memory), an integer >= 1; None scores all R rows
+        at once. Every call gets exactly this many rows (the last chunk is
+        padded by repeating the last row) and must return that many rewards.
       **sampling_kwargs: max_new_tokens, temperature, top_k, top_p, stop_ids,
         pad_id for `generate`.
 
@@ -92,12 +105,17 @@ def best_of_n(model, params, prompt_tokens: Array, prompt_mask: Array, reward_fn
       `BestOfNOutput`. Ties go to the lowest sample index.
 
     Raises:
-      ValueError: n < 1, reward_fn returns the wrong shape or a NaN reward
-        (checked on the host), plus everything `generate` raises.
+      ValueError: n < 1, reward_chunk_size not an integer >= 1, reward_fn
+        returns the wrong shape (for the whole batch or for any chunk) or a
+        NaN reward (checked on the host), plus everything `generate` raises.
       TypeError: num_samples passed in sampling_kwargs (use n).
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if reward_chunk_size is not None and (isinstance(reward_chunk_size, bool)
+                                          or not isinstance(reward_chunk_size, (int, np.integer))
+                                          or reward_chunk_size < 1):
+        raise ValueError(f"reward_chunk_size must be an integer >= 1 or None, got {reward_chunk_size!r}")
     if "num_samples" in sampling_kwargs:
         raise TypeError("pass n, not num_samples")
     samples = generate(model, params, prompt_tokens, prompt_mask, rng=rng, num_samples=n,

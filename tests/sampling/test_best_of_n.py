@@ -1,5 +1,6 @@
 """Tests for best-of-N selection, its reward adapters and the KL bound."""
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -129,3 +130,36 @@ def test_bad_rewards_raise(model, params):
     with pytest.raises(TypeError):
         best_of_n(model, params, tokens, mask, lambda b: jnp.zeros((16,)), n=4,
                   rng=jax.random.key(0), num_samples=4, **KW)
+
+
+def test_chunked_rewards_are_shape_checked(model, params):
+    tokens, mask = make_prompts(LENGTHS, 6)   # 4 prompts x n = 4: 16 rows, chunks of 5
+    run = lambda fn, **kw: best_of_n(model, params, tokens, mask, fn, n=4, rng=jax.random.key(0), **KW, **kw)
+    # One reward too many per chunk used to be cut silently.
+    with pytest.raises(ValueError, match=re.escape(
+            "reward_fn must return float32 [5] (one reward per row) for the chunk of 5 rows starting at "
+            "row 0 (reward_chunk_size=5), got shape (6,)")):
+        run(lambda b: jnp.zeros((b.num_rows + 1,)), reward_chunk_size=5)
+    # A scalar used to raise a bare IndexError.
+    with pytest.raises(ValueError, match=re.escape("got shape ()")):
+        run(lambda b: jnp.float32(1.0), reward_chunk_size=5)
+    # [rows, 1] (a reward model's K = 1 column) is refused too, chunked or not.
+    with pytest.raises(ValueError, match=re.escape("got shape (5, 1)")):
+        run(lambda b: jnp.zeros((b.num_rows, 1)), reward_chunk_size=5)
+    with pytest.raises(ValueError, match=re.escape("for the batch of 16 rows, got shape (16, 1)")):
+        run(lambda b: jnp.zeros((b.num_rows, 1)))
+    # Correctly shaped rewards: chunks of 3 (16 = 5 x 3 + 1, the last padded) give every row its own reward.
+    def token_sum(b):
+        return jnp.sum(jnp.where(b.response_mask_BM, b.response_tokens_BM, 0), axis=1).astype(jnp.float32)
+    whole = run(token_sum)
+    chunked = run(token_sum, reward_chunk_size=3)
+    assert len(np.unique(np.asarray(whole.rewards_BN))) > 4
+    np.testing.assert_array_equal(np.asarray(chunked.rewards_BN), np.asarray(whole.rewards_BN))
+
+
+@pytest.mark.parametrize("size", [-3, 0, 2.5, True])
+def test_reward_chunk_size_must_be_a_positive_integer(model, params, size):
+    tokens, mask = make_prompts(LENGTHS, 6)
+    with pytest.raises(ValueError, match=re.escape(f"reward_chunk_size must be an integer >= 1 or None, got {size!r}")):
+        best_of_n(model, params, tokens, mask, lambda b: jnp.zeros((b.num_rows,)), n=4,
+                  rng=jax.random.key(0), reward_chunk_size=size, **KW)

@@ -70,8 +70,11 @@ def render_chat_template(
 
     Raises:
       ChatTemplateError: `template` is None or empty, does not compile, a
-        message is not a dict, or the template called `raise_exception` (e.g.
-        roles that do not alternate).
+        message is not a dict, the template called `raise_exception` (e.g.
+        roles that do not alternate), or rendering failed in any other way
+        (e.g. a TypeError from `'...' + message['content']` when the content
+        is None). The message says what failed and summarizes the messages
+        (index, role, content type); the original error is chained.
     """
     if not template:
         raise ChatTemplateError(
@@ -91,4 +94,20 @@ def render_chat_template(
             **kwargs,
         )
     except jinja2.exceptions.TemplateError as e:
-        raise ChatTemplateError(f"chat template raised: {e}") from e
+        raise ChatTemplateError(f"chat template raised: {e} [{_summary(messages)}]") from e
+    except Exception as e:
+        # The template is arbitrary code run on the caller's data: a TypeError
+        # (None content), KeyError, ZeroDivisionError, ... all mean "this
+        # template cannot render these messages".
+        raise ChatTemplateError(
+            f"chat template failed to render the messages: {type(e).__name__}: {e} [{_summary(messages)}]"
+        ) from e
+
+
+def _summary(messages: list[dict], limit: int = 8) -> str:
+    """"0: role='user', content NoneType; ..." for the first `limit` messages."""
+    parts = [f"{i}: role={m.get('role')!r}, content {type(m.get('content')).__name__}"
+             for i, m in enumerate(messages[:limit])]
+    if len(messages) > limit:
+        parts.append(f"... ({len(messages)} messages)")
+    return "messages " + "; ".join(parts) if parts else "no messages"

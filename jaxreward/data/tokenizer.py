@@ -14,14 +14,15 @@ the GGUF metadata.
 """
 import json
 import pathlib
-from typing import Any, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import tokenizers
 
 from jaxreward.data import chat_template as chat_template_lib
 
 # Special tokens that end a turn or a document in common chat checkpoints.
-# When one of these is a special token of the vocabulary, generation stops on it.
+# When one of these is a special token of the vocabulary and the chat template
+# writes it, generation stops on it (see `chat_stop_ids`).
 END_OF_TURN_TOKENS = (
     "<|im_end|>",
     "<|endoftext|>",
@@ -30,6 +31,41 @@ END_OF_TURN_TOKENS = (
     "<end_of_turn>",
     "<|end|>",
 )
+
+
+def chat_stop_ids(
+    eos_id: int | None,
+    chat_template: str | None,
+    special_tokens: Mapping[str, int],
+    declared_ids: Iterable[int] = (),
+) -> tuple[int, ...]:
+    """The ids that end generation; one rule for every loader (HF directory, GGUF).
+
+    In order, de-duplicated:
+
+    1. EOS;
+    2. `declared_ids`: the checkpoint's own list of end ids
+       (`generation_config.json`'s `eos_token_id`; a GGUF's
+       `tokenizer.ggml.eot_token_id` / `eom_token_id`);
+    3. every `END_OF_TURN_TOKENS` token that is a special (control) token of
+       the vocabulary *and* appears in the chat template, i.e. the token the
+       template closes a turn with (`<|im_end|>`, `<|eot_id|>`, ...).
+
+    A special token the template never writes (e.g. SmolLM2's
+    `<|endoftext|>`, a pretraining document separator) is not a stop id: a
+    chat model ends its turn with the template's token.
+
+    Args:
+      eos_id: the EOS id, or None.
+      chat_template: the jinja2 chat template, or None.
+      special_tokens: content -> id of the special/control tokens.
+      declared_ids: end ids the checkpoint lists itself.
+    """
+    ids = [] if eos_id is None else [int(eos_id)]
+    ids += [int(i) for i in declared_ids]
+    if chat_template:
+        ids += [int(special_tokens[t]) for t in END_OF_TURN_TOKENS if t in special_tokens and t in chat_template]
+    return tuple(dict.fromkeys(ids))
 
 
 class Tokenizer:
@@ -102,7 +138,8 @@ class Tokenizer:
         `tokenizer.json` is used if present. Also read when present next to it:
         `chat_template.jinja` (newer checkpoints keep the template there; it
         wins over the config's, as in transformers), `chat_template.json`, and
-        `generation_config.json` (its `eos_token_id` list adds stop ids).
+        `generation_config.json` (its `eos_token_id` list adds stop ids). Stop
+        ids follow `chat_stop_ids`, the rule the GGUF loader uses too.
 
         BOS policy: an explicit `add_bos_token` in the config decides;
         otherwise a `tokenizer.json` post-processor that prepends a special
@@ -162,12 +199,11 @@ class Tokenizer:
             template = _pick_template(json.loads((directory / "chat_template.json").read_text()).get("chat_template"))
 
         stop = generation_config.get("eos_token_id")
-        stop_ids = [stop] if isinstance(stop, int) else list(stop or [])
-        if eos_id is None and stop_ids:
-            eos_id = stop_ids[0]
-        for token_index, added in sorted(hf.get_added_tokens_decoder().items()):
-            if added.special and added.content in END_OF_TURN_TOKENS:
-                stop_ids.append(token_index)
+        declared = [stop] if isinstance(stop, int) else list(stop or [])
+        if eos_id is None and declared:
+            eos_id = declared[0]
+        special = {added.content: index for index, added in hf.get_added_tokens_decoder().items() if added.special}
+        stop_ids = chat_stop_ids(eos_id, template, special, declared)
         return cls(
             hf,
             bos_id=bos_id,
@@ -261,8 +297,10 @@ class Tokenizer:
         arguments are visible to the template.
 
         Raises:
-          ChatTemplateError (a ValueError): no template, or the template
-            raised (e.g. roles that do not alternate).
+          ChatTemplateError (a ValueError): no template, the template raised
+            (e.g. roles that do not alternate), or rendering failed in any
+            other way (e.g. a message whose content is None); the message
+            summarizes the messages and the original error is chained.
         """
         return chat_template_lib.render_chat_template(
             self.chat_template,

@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import pathlib
 import re
+import struct
 from typing import Any
 
 import numpy as np
@@ -213,9 +214,10 @@ def _pre_tokenizer(pre: str | None, source: str):
 def tokenizer_from_gguf(reader, source: str = "gguf"):
     """`jaxreward.data.tokenizer.Tokenizer` from the GGUF vocabulary.
 
-    Byte-level BPE (`tokenizer.ggml.model == "gpt2"`) only. Stop ids: EOS,
-    `tokenizer.ggml.eot_token_id` when present, and every end-of-turn control
-    token (e.g. `<|im_end|>`) the chat template writes.
+    Byte-level BPE (`tokenizer.ggml.model == "gpt2"`) only. Stop ids follow
+    `jaxreward.data.tokenizer.chat_stop_ids`, the rule of the HF loader: EOS,
+    `tokenizer.ggml.eot_token_id` / `eom_token_id` when present, and every
+    end-of-turn control token (e.g. `<|im_end|>`) the chat template writes.
 
     Raises:
       ValueError: another tokenizer model (e.g. sentencepiece "llama") or an
@@ -224,7 +226,7 @@ def tokenizer_from_gguf(reader, source: str = "gguf"):
     import tokenizers
     from tokenizers import decoders, models
 
-    from jaxreward.data.tokenizer import END_OF_TURN_TOKENS, Tokenizer
+    from jaxreward.data.tokenizer import Tokenizer, chat_stop_ids
 
     kind = _value(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
@@ -254,9 +256,8 @@ def tokenizer_from_gguf(reader, source: str = "gguf"):
 
     bos_id, eos_id = token_id("bos_token_id"), token_id("eos_token_id")
     template = _value(reader, "tokenizer.chat_template")
-    stop_ids = [i for i in (token_id("eot_token_id"), token_id("eom_token_id")) if i is not None]
-    if template:
-        stop_ids += [vocab[t] for t in END_OF_TURN_TOKENS if t in control and t in template]
+    declared = [i for i in (token_id("eot_token_id"), token_id("eom_token_id")) if i is not None]
+    stop_ids = chat_stop_ids(eos_id, template, {t: vocab[t] for t in control}, declared)
     add_bos = _value(reader, "tokenizer.ggml.add_bos_token")
     return Tokenizer(
         hf,
@@ -271,26 +272,64 @@ def tokenizer_from_gguf(reader, source: str = "gguf"):
 
 # ------------------------------------------------------------------ loading
 
+def open_gguf(path: str | pathlib.Path):
+    """`gguf.GGUFReader` of `path`, with the file named in every error.
+
+    Raises:
+      FileNotFoundError: `path` is not a file.
+      ValueError: "{path}: not a valid GGUF file (...)" for a file that is not
+        GGUF (bad magic), is empty or is truncated, chained to gguf's error.
+    """
+    import gguf
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    try:
+        return gguf.GGUFReader(str(path))
+    # gguf reports a bad magic, a short header or truncated tensor data with
+    # bare numpy/struct errors that do not name the file.
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, struct.error) as e:
+        size = path.stat().st_size
+        raise ValueError(f"{path}: not a valid GGUF file ({size} bytes; empty, truncated or not "
+                         f"GGUF): {type(e).__name__}: {e}") from e
+
+
+def _naming_file(fn, reader, source: str):
+    """`fn(reader, source=source)`, with a malformed-metadata error (a bare
+    TypeError, KeyError, ... from a value of the wrong type) turned into a
+    ValueError that names the file."""
+    try:
+        return fn(reader, source=source)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
+        if str(e).startswith(f"{source}:"):
+            raise
+        raise ValueError(f"{source}: invalid GGUF metadata ({type(e).__name__}: {e})") from e
+
+
 def load_gguf(path: str | pathlib.Path, *, dtype: Any = "float32", with_tokenizer: bool = True):
     """Loads a GGUF file.
 
     Args:
       path: the `.gguf` file.
-      dtype: params and compute dtype (tensors are dequantized to float32 first).
+      dtype: params and compute dtype, a float dtype (tensors are dequantized
+        to float32 first).
       with_tokenizer: build the tokenizer from the vocabulary (else None).
 
     Returns:
       `(config, params, tokenizer)`.
-    """
-    import gguf
-    import jax.numpy as jnp
 
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: naming the file, for a file that is not (valid) GGUF, an
+        unsupported model or tokenizer, or a non-float `dtype`.
+    """
     path = pathlib.Path(path)
-    reader = gguf.GGUFReader(str(path))
-    cfg = config_from_gguf(reader, source=str(path))
-    dtype_name = jnp.dtype(dtype).name
+    dtype_name = hf_io.float_dtype_name(dtype)
+    reader = open_gguf(path)
+    cfg = _naming_file(config_from_gguf, reader, str(path))
     cfg = dataclasses.replace(cfg, dtype=dtype_name, param_dtype=dtype_name)
     params = hf_io.params_from_hf_tensors(hf_tensors_from_gguf(reader, cfg), cfg,
                                           dtype=dtype_name, source=str(path))
-    tokenizer = tokenizer_from_gguf(reader, source=str(path)) if with_tokenizer else None
+    tokenizer = _naming_file(tokenizer_from_gguf, reader, str(path)) if with_tokenizer else None
     return cfg, params, tokenizer

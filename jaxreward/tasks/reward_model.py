@@ -106,8 +106,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          f"one batch ({config.data.batch_size})")
 
     tb = config.reward.trainable_blocks
-    frozen = cfg.num_layers - tb if 0 <= tb < cfg.num_layers else 0
-    rm = RewardModel(cfg, num_objectives=config.reward.num_objectives, frozen_blocks=frozen)
+    rm = RewardModel(cfg, num_objectives=config.reward.num_objectives,
+                     frozen_blocks=state_lib.frozen_blocks(cfg.num_layers, tb))
     head = rm.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 2), jnp.int32))
     params = {"backbone": backbone_params, "head": unbox(head["params"]["head"])}
     del head

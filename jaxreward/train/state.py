@@ -90,6 +90,13 @@ def block_trainable(num_layers: int, trainable_blocks: int):
     return trainable
 
 
+def frozen_blocks(num_layers: int, trainable_blocks: int) -> int:
+    """Bottom blocks frozen when the top `trainable_blocks` train (-1: none)."""
+    if trainable_blocks < 0 or trainable_blocks >= num_layers:
+        return 0
+    return num_layers - trainable_blocks
+
+
 def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), rng=jax.random.PRNGKey(seed))

@@ -161,3 +161,11 @@ def test_training_learns_the_gold_preference_and_eval_counts_every_pair(tmp_path
     first, last = out["history"][0], out["history"][-1]
     assert last["loss"] < first["loss"] - 0.05
     assert os.path.exists(tmp_path / "learn" / "tensorboard")
+
+
+def test_frozen_blocks_count():
+    # top 2 of 30 train -> 28 frozen; -1 or >= L trains everything -> 0 frozen
+    assert state_lib.frozen_blocks(30, 2) == 28
+    assert state_lib.frozen_blocks(2, 1) == 1
+    assert state_lib.frozen_blocks(4, -1) == state_lib.frozen_blocks(4, 4) == state_lib.frozen_blocks(4, 9) == 0
+    assert state_lib.frozen_blocks(4, 0) == 4  # head only

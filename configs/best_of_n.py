@@ -11,14 +11,13 @@ Variants:
 """
 import ml_collections
 
+from jaxreward.train import defaults
+
 VARIANTS = ("smollm2",)
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-    variant = variant or "smollm2"
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} of configs/best_of_n.py; "
-                         f"choose one of: {', '.join(VARIANTS)}")
+    variant = defaults.pick_variant(variant, VARIANTS, "configs/best_of_n.py")
     c = ml_collections.ConfigDict()
     c.task = "best_of_n"
     c.seed = 0                                  # sampling seed

@@ -16,11 +16,11 @@ import ml_collections
 from jaxreward.train import defaults
 
 
+VARIANTS = ("default", "tiny")
+
+
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-    variant = variant or "default"
-    if variant not in ("default", "tiny"):
-        raise ValueError(f"unknown variant {variant!r} of configs/quickstart.py; "
-                         "choose one of: default, tiny")
+    variant = defaults.pick_variant(variant, VARIANTS, "configs/quickstart.py")
     c = ml_collections.ConfigDict()
     c.task = "quickstart"
     c.seed = 0                        # seeds init, data order, sampling

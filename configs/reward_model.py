@@ -18,10 +18,7 @@ VARIANTS = ("smollm2_hh",)
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-    variant = variant or "smollm2_hh"
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} of configs/reward_model.py; "
-                         f"choose one of: {', '.join(VARIANTS)}")
+    variant = defaults.pick_variant(variant, VARIANTS, "configs/reward_model.py")
     c = ml_collections.ConfigDict()
     c.task = "reward_model"
     c.seed = 0                                 # seeds head init, data order, eval split

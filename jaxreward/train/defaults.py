@@ -6,6 +6,19 @@ its unit in a comment. Experiment files override what they need.
 import ml_collections
 
 
+def pick_variant(variant: str | None, variants: tuple[str, ...], config_file: str) -> str:
+    """The requested variant (the first one by default).
+
+    Raises:
+      ValueError: an unknown variant, naming the file and the known ones.
+    """
+    variant = variant or variants[0]
+    if variant not in variants:
+        raise ValueError(f"unknown variant {variant!r} of {config_file}; "
+                         f"choose one of: {', '.join(variants)}")
+    return variant
+
+
 def mesh() -> ml_collections.ConfigDict:
     """Device mesh `(data, fsdp, tensor)`; -1 takes the remaining devices."""
     return ml_collections.ConfigDict(dict(

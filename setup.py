@@ -23,6 +23,10 @@ setuptools.setup(
         "tensorboardX",
         "einops",
         "absl-py",
+        # Datasets at scale: TFDS array_record builders read with grain.
+        # TensorFlow itself is never needed (.ci/run fails if it is installed).
+        "tensorflow-datasets>=4.9.10",
+        "grain>=0.2.18",
     ],
     extras_require={
         # Tests compare against HF transformers (torch CPU) and load the real

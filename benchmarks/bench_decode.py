@@ -40,7 +40,7 @@ def prompt_batch(tokenizer, batch: int) -> tuple[np.ndarray, np.ndarray]:
 def bench_ours(model, params, tokenizer, batch: int, new: int) -> dict:
     tokens, mask = prompt_batch(tokenizer, batch)
     run = lambda: generate(model, params, tokens, mask, rng=jax.random.PRNGKey(0),
-                           max_new_tokens=new, temperature=1.0).tokens_BN
+                           max_new_tokens=new, temperature=1.0).tokens_RM
     first, sec = common.time_fn(run, warmup=1, iters=3)
     return {"impl": "jaxreward", "batch": batch, "prompt_len": tokens.shape[1], "new_tokens": new,
             "compile_s": first - sec, "seconds": sec, "tokens_per_s": batch * new / sec}

@@ -48,13 +48,15 @@ RenderChat = Callable[..., str]
 class PreferencePair:
     """One preference pair; `prompt + chosen` is the preferred text.
 
-    `source` is "file:line" (file name only, line numbers from 1).
+    `source` is "file:line" (file name only, line numbers from 1). `subset`
+    is the line's optional `subset` string (RewardBench-style), else None.
     """
 
     prompt: str
     chosen: str
     rejected: str
     source: str
+    subset: str | None = None
 
 
 class DataError(ValueError):
@@ -186,13 +188,14 @@ def read_preference_pairs(
                         raise _Bad("chosen", "missing field", "cannot detect the format without it")
                 _check_render(report.fmt, hh_as_chat, render_chat)
                 prompt, chosen, rejected = _PARSERS[report.fmt](obj, render_chat, hh_as_chat)
+                subset = _field(obj, "subset", str) if "subset" in obj else None
             except _Bad as bad:
                 error = DataError(str(path), lineno, bad.field, bad.reason, bad.detail)
                 if on_error == "raise":
                     raise error from None
                 report.add_error(error, source)
                 continue
-            pairs.append(PreferencePair(prompt, chosen, rejected, source))
+            pairs.append(PreferencePair(prompt, chosen, rejected, source, subset))
             report.kept += 1
     return pairs, report
 

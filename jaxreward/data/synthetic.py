@@ -89,3 +89,30 @@ def pair_arrays(prompts_NP: np.ndarray, resp_1_NR: np.ndarray, resp_2_NR: np.nda
         out[f"{side}_loss_mask"] = np.concatenate([np.zeros((N, P), bool), mask], axis=1)
         out[f"{side}_positions"] = np.maximum(np.cumsum(attn, axis=1) - 1, 0).astype(np.int32)
     return out
+
+
+def random_pairs(task: CountingTask, n: int, seed: int, ragged: bool = True
+                 ) -> tuple[dict[str, np.ndarray], float]:
+    """n labelled pairs of uniformly random responses (no policy needed).
+
+    Responses have tokens uniform in [1, V); with `ragged`, each response
+    keeps a random length in [2, R] (the rest is padding). Labels follow
+    `task.label` (Bradley–Terry of the gold reward).
+
+    Returns:
+      `(pair arrays as in pair_arrays, fraction of pairs whose chosen
+      response has the higher gold reward)` — the accuracy ceiling.
+    """
+    rng = np.random.default_rng([task.seed, 4, seed])
+    R = task.response_length
+    r1 = rng.integers(1, task.vocab_size, (n, R))
+    r2 = rng.integers(1, task.vocab_size, (n, R))
+    if ragged:
+        m1 = np.arange(R)[None] < rng.integers(min(2, R), R + 1, (n, 1))
+        m2 = np.arange(R)[None] < rng.integers(min(2, R), R + 1, (n, 1))
+    else:
+        m1 = m2 = np.ones((n, R), bool)
+    g1, g2 = task.gold_reward(r1, m1), task.gold_reward(r2, m2)
+    prefer_1 = task.label(g1, g2, seed)
+    agree = float(np.mean(np.where(prefer_1, g1 > g2, g2 > g1)))
+    return pair_arrays(task.prompts(n, seed), r1, r2, prefer_1, m1, m2), agree

@@ -120,7 +120,7 @@ def best_of_n(model, params, prompt_tokens: Array, prompt_mask: Array, reward_fn
         raise TypeError("pass n, not num_samples")
     samples = generate(model, params, prompt_tokens, prompt_mask, rng=rng, num_samples=n,
                        **sampling_kwargs)
-    B = samples.lengths_B.shape[0] // n
+    B = samples.lengths_R.shape[0] // n
     rewards = _score(reward_fn, samples.sequences(), reward_chunk_size)
     if rewards.shape != (B * n,):
         raise ValueError(f"reward_fn must return float32 [{B * n}], got shape {rewards.shape}")
@@ -153,8 +153,8 @@ def reward_model_fn(reward_model, reward_params, objective: int = 0) -> RewardFn
         return reward_model.apply({"params": params}, tokens, mask, positions)[:, objective]
 
     def fn(batch: SampleBatch) -> Array:
-        return score(reward_params, batch.tokens_BL, batch.attention_mask_BL,
-                     batch.positions_BL).astype(jnp.float32)
+        return score(reward_params, batch.tokens_RL, batch.attention_mask_RL,
+                     batch.positions_RL).astype(jnp.float32)
 
     return fn
 
@@ -172,8 +172,8 @@ def text_reward_fn(tokenizer_decode: Callable[[list[int]], str],
     Runs on the host, one call per row.
     """
     def reward(batch: SampleBatch) -> Array:
-        pt, pm = np.asarray(batch.prompt_tokens_BP), np.asarray(batch.prompt_mask_BP)
-        rt, rm = np.asarray(batch.response_tokens_BM), np.asarray(batch.response_mask_BM)
+        pt, pm = np.asarray(batch.prompt_tokens_RP), np.asarray(batch.prompt_mask_RP)
+        rt, rm = np.asarray(batch.response_tokens_RM), np.asarray(batch.response_mask_RM)
         out = [fn(tokenizer_decode(pt[i][pm[i]].tolist()), tokenizer_decode(rt[i][rm[i]].tolist()))
                for i in range(pt.shape[0])]
         return jnp.asarray(np.asarray(out, np.float32).reshape(pt.shape[0]))

@@ -52,40 +52,40 @@ class SampleBatch:
     padded), then the response (columns `[P:]`, right padded).
 
     Attributes:
-      tokens_BL: int32 `[R, L]` full sequences.
-      attention_mask_BL: bool `[R, L]`, True at real prompt and response tokens.
-      loss_mask_BL: bool `[R, L]`, True at response tokens (token-aligned,
+      tokens_RL: int32 `[R, L]` full sequences.
+      attention_mask_RL: bool `[R, L]`, True at real prompt and response tokens.
+      loss_mask_RL: bool `[R, L]`, True at response tokens (token-aligned,
         see `scoring.shift_mask`).
-      positions_BL: int32 `[R, L]`, `positions_from_mask(attention_mask)`.
-      sample_logps_BL: float32 `[R, L]` on the log-prob grid of
+      positions_RL: int32 `[R, L]`, `positions_from_mask(attention_mask)`.
+      sample_logps_RL: float32 `[R, L]` on the log-prob grid of
         `scoring.token_logps`: `[r, t]` is the sampling log-prob of token t+1
         (the response logps moved to columns `P-1 .. L-2`), 0 elsewhere.
-      prompt_tokens_BP, prompt_mask_BP: the left-aligned prompt `[R, P]`.
-      response_tokens_BM: int32 `[R, M]`; pad_id after a row stops.
-      response_mask_BM: bool `[R, M]`.
+      prompt_tokens_RP, prompt_mask_RP: the left-aligned prompt `[R, P]`.
+      response_tokens_RM: int32 `[R, M]`; pad_id after a row stops.
+      response_mask_RM: bool `[R, M]`.
       prompt_length: P (static).
     """
-    tokens_BL: Array
-    attention_mask_BL: Array
-    loss_mask_BL: Array
-    positions_BL: Array
-    sample_logps_BL: Array
-    prompt_tokens_BP: Array
-    prompt_mask_BP: Array
-    response_tokens_BM: Array
-    response_mask_BM: Array
+    tokens_RL: Array
+    attention_mask_RL: Array
+    loss_mask_RL: Array
+    positions_RL: Array
+    sample_logps_RL: Array
+    prompt_tokens_RP: Array
+    prompt_mask_RP: Array
+    response_tokens_RM: Array
+    response_mask_RM: Array
     prompt_length: int = flax.struct.field(pytree_node=False)
 
     @property
     def num_rows(self) -> int:
-        return self.tokens_BL.shape[0]
+        return self.tokens_RL.shape[0]
 
     def as_dict(self) -> dict[str, Array]:
         """The DESIGN batch dict: tokens, attention_mask, loss_mask, positions,
         plus `sample_logps` (the behaviour policy's log-probs on the grid)."""
-        return {"tokens": self.tokens_BL, "attention_mask": self.attention_mask_BL,
-                "loss_mask": self.loss_mask_BL, "positions": self.positions_BL,
-                "sample_logps": self.sample_logps_BL}
+        return {"tokens": self.tokens_RL, "attention_mask": self.attention_mask_RL,
+                "loss_mask": self.loss_mask_RL, "positions": self.positions_RL,
+                "sample_logps": self.sample_logps_RL}
 
 
 @flax.struct.dataclass
@@ -93,23 +93,23 @@ class SampleOutput:
     """What `generate` returns; R = B * num_samples rows, M = max_new_tokens.
 
     Attributes:
-      tokens_BN: int32 `[R, M]` drawn tokens; the stop token is included,
+      tokens_RM: int32 `[R, M]` drawn tokens; the stop token is included,
         after it the row holds pad_id.
-      logps_BN: float32 `[R, M]`, log-prob of each drawn token under the
+      logps_RM: float32 `[R, M]`, log-prob of each drawn token under the
         processed distribution it was drawn from (see `generate` for greedy);
         0 at masked slots.
-      mask_BN: bool `[R, M]`, True for the first `lengths_B[r]` columns.
-      lengths_B: int32 `[R]`, response lengths (stop token counted).
-      prompt_tokens_BT, prompt_mask_BT: `[R, T]` the prompts, left-aligned
+      mask_RM: bool `[R, M]`, True for the first `lengths_R[r]` columns.
+      lengths_R: int32 `[R]`, response lengths (stop token counted).
+      prompt_tokens_RP, prompt_mask_RP: `[R, P]` the prompts, left-aligned
         (real tokens moved to the right end of the row) and repeated per
         sample.
     """
-    tokens_BN: Array
-    logps_BN: Array
-    mask_BN: Array
-    lengths_B: Array
-    prompt_tokens_BT: Array
-    prompt_mask_BT: Array
+    tokens_RM: Array
+    logps_RM: Array
+    mask_RM: Array
+    lengths_R: Array
+    prompt_tokens_RP: Array
+    prompt_mask_RP: Array
 
     def sequences(self) -> SampleBatch:
         """Prompt + response as a `SampleBatch` (the training-path arrays)."""
@@ -118,18 +118,18 @@ class SampleOutput:
 
 @jax.jit
 def _sequences(out: SampleOutput) -> SampleBatch:
-    R, T = out.prompt_tokens_BT.shape
-    M = out.tokens_BN.shape[1]
-    tokens = jnp.concatenate([out.prompt_tokens_BT, out.tokens_BN], axis=1)
-    mask = jnp.concatenate([out.prompt_mask_BT, out.mask_BN], axis=1)
-    loss_mask = jnp.concatenate([jnp.zeros((R, T), bool), out.mask_BN], axis=1)
+    R, T = out.prompt_tokens_RP.shape
+    M = out.tokens_RM.shape[1]
+    tokens = jnp.concatenate([out.prompt_tokens_RP, out.tokens_RM], axis=1)
+    mask = jnp.concatenate([out.prompt_mask_RP, out.mask_RM], axis=1)
+    loss_mask = jnp.concatenate([jnp.zeros((R, T), bool), out.mask_RM], axis=1)
     # logps[:, t] scores token t + 1: response column i lives at T - 1 + i.
-    grid = jnp.concatenate([jnp.zeros((R, T - 1), jnp.float32), out.logps_BN,
+    grid = jnp.concatenate([jnp.zeros((R, T - 1), jnp.float32), out.logps_RM,
                             jnp.zeros((R, 1), jnp.float32)], axis=1)
-    return SampleBatch(tokens_BL=tokens, attention_mask_BL=mask, loss_mask_BL=loss_mask,
-                       positions_BL=positions_from_mask(mask), sample_logps_BL=grid,
-                       prompt_tokens_BP=out.prompt_tokens_BT, prompt_mask_BP=out.prompt_mask_BT,
-                       response_tokens_BM=out.tokens_BN, response_mask_BM=out.mask_BN,
+    return SampleBatch(tokens_RL=tokens, attention_mask_RL=mask, loss_mask_RL=loss_mask,
+                       positions_RL=positions_from_mask(mask), sample_logps_RL=grid,
+                       prompt_tokens_RP=out.prompt_tokens_RP, prompt_mask_RP=out.prompt_mask_RP,
+                       response_tokens_RM=out.tokens_RM, response_mask_RM=out.mask_RM,
                        prompt_length=T)
 
 
@@ -310,7 +310,7 @@ def _compiled(model, max_new_tokens: int, temperature: float, top_k: int, top_p:
     return jax.jit(run)
 
 
-def generate(model, params, prompt_tokens_BT: Array, prompt_mask_BT: Array, *, rng: Array,
+def generate(model, params, prompt_tokens_BP: Array, prompt_mask_BP: Array, *, rng: Array,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              stop_ids=(), pad_id: int = 0, num_samples: int = 1) -> SampleOutput:
     """Samples `num_samples` continuations of each prompt with the KV cache.
@@ -325,8 +325,8 @@ def generate(model, params, prompt_tokens_BT: Array, prompt_mask_BT: Array, *, r
     Args:
       model: a `jaxreward.models.llama.Decoder`.
       params: its parameters.
-      prompt_tokens_BT: int `[B, T]`, T >= 1; any padding side.
-      prompt_mask_BT: bool `[B, T]`, True at real prompt tokens. Every row
+      prompt_tokens_BP: int `[B, P]`, P >= 1; any padding side.
+      prompt_mask_BP: bool `[B, P]`, True at real prompt tokens. Every row
         needs at least one real token (e.g. BOS): an empty prompt has no
         next-token distribution and its samples are meaningless.
       rng: one PRNG key (typed or raw), or a `[B, N]` batch of keys, one per
@@ -353,12 +353,12 @@ def generate(model, params, prompt_tokens_BT: Array, prompt_mask_BT: Array, *, r
         top_k < 0, top_p outside (0, 1], num_samples < 1, rng of the wrong
         shape, or T + max_new_tokens > model.config.max_position_embeddings.
     """
-    prompt_tokens_BT = jnp.asarray(prompt_tokens_BT)
-    prompt_mask_BT = jnp.asarray(prompt_mask_BT)
-    if prompt_tokens_BT.ndim != 2 or prompt_tokens_BT.shape != prompt_mask_BT.shape:
-        raise ValueError(f"prompt tokens {prompt_tokens_BT.shape} and mask "
-                         f"{prompt_mask_BT.shape} must be the same [B, T] shape")
-    B, T = prompt_tokens_BT.shape
+    prompt_tokens_BP = jnp.asarray(prompt_tokens_BP)
+    prompt_mask_BP = jnp.asarray(prompt_mask_BP)
+    if prompt_tokens_BP.ndim != 2 or prompt_tokens_BP.shape != prompt_mask_BP.shape:
+        raise ValueError(f"prompt tokens {prompt_tokens_BP.shape} and mask "
+                         f"{prompt_mask_BP.shape} must be the same [B, P] shape")
+    B, T = prompt_tokens_BP.shape
     if T < 1:
         raise ValueError("prompts need T >= 1 columns")
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
@@ -379,11 +379,11 @@ def generate(model, params, prompt_tokens_BT: Array, prompt_mask_BT: Array, *, r
     if shape not in ((), (B, num_samples)):
         raise ValueError(f"rng must be one key or a [{B}, {num_samples}] batch of keys, "
                          f"got key batch shape {shape}")
-    if not isinstance(prompt_tokens_BT, jax.core.Tracer):  # concrete: check on the host
-        _check_prompts(np.asarray(prompt_tokens_BT), np.asarray(prompt_mask_BT),
+    if not isinstance(prompt_tokens_BP, jax.core.Tracer):  # concrete: check on the host
+        _check_prompts(np.asarray(prompt_tokens_BP), np.asarray(prompt_mask_BP),
                        model.config.vocab_size)
     if isinstance(stop_ids, (int, np.integer)):
         stop_ids = (stop_ids,)
     fn = _compiled(model, int(max_new_tokens), float(temperature), int(top_k), float(top_p),
                    tuple(sorted({int(s) for s in stop_ids})), int(pad_id), int(num_samples))
-    return fn(params, prompt_tokens_BT, prompt_mask_BT, rng)
+    return fn(params, prompt_tokens_BP, prompt_mask_BP, rng)

@@ -3,6 +3,9 @@
 Each function returns a fresh `ml_collections.ConfigDict`; every field has
 its unit in a comment. Experiment files override what they need.
 """
+import math
+import os
+
 import ml_collections
 
 
@@ -59,3 +62,133 @@ def loss() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         name="bradley_terry",      # reward_loss registry name (jaxreward.objectives.registry)
     ))
+
+
+# ---------------------------------------------------------------------------
+# Checks. Each raises ConfigError with one line naming the config field; main
+# runs `check_common` on every config, then the driver's own `check_config`,
+# all before any model loads.
+
+class ConfigError(ValueError):
+    """An impossible config value; the message names the field."""
+
+
+_MISSING = object()
+
+
+def get_field(config, name: str):
+    """The value at dotted `name`, or `_MISSING` if the config has no such field."""
+    node = config
+    for part in name.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def check_int(config, name: str, low: int = 0, high: int | None = None) -> None:
+    """`name`, if present, is an integer in [low, high]."""
+    v = get_field(config, name)
+    if v is _MISSING:
+        return
+    if not isinstance(v, int) or isinstance(v, bool) or v < low or (high is not None and v > high):
+        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ConfigError(f"config field {name} must be an integer {rng}, got {v!r}")
+
+
+def check_float(config, name: str, low: float | None = None, high: float | None = None,
+                low_open: bool = False, high_open: bool = False) -> None:
+    """`name`, if present, is a finite number in the given (half-)open range."""
+    v = get_field(config, name)
+    if v is _MISSING:
+        return
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if ok and low is not None:
+        ok = v > low if low_open else v >= low
+    if ok and high is not None:
+        ok = v < high if high_open else v <= high
+    if not ok:
+        lo = "" if low is None else ("(" if low_open else "[") + f"{low}"
+        hi = "" if high is None else f"{high}" + (")" if high_open else "]")
+        where = f" in {lo or '(-inf'}, {hi or 'inf)'}"
+        raise ConfigError(f"config field {name} must be a finite number{where}, got {v!r}")
+
+
+def check_choice(config, name: str, choices) -> None:
+    """`name`, if present, is one of `choices`."""
+    v = get_field(config, name)
+    if v is not _MISSING and v not in choices:
+        raise ConfigError(f"config field {name} must be one of {', '.join(map(str, choices))}; "
+                          f"got {v!r}")
+
+
+def check_path(config, name: str, required: bool = False) -> None:
+    """`name`, if present and non-empty, is an existing file or folder."""
+    v = get_field(config, name)
+    if v is _MISSING:
+        return
+    if not v:
+        if required:
+            raise ConfigError(f"config field {name} is empty: set --config.{name}=PATH")
+        return
+    if not isinstance(v, str) or not os.path.exists(v):
+        raise ConfigError(f"config field {name}: {v!r} does not exist")
+
+
+def check_mesh(config) -> None:
+    """`mesh.data/fsdp/tensor` fit the devices of this run (one may be -1)."""
+    if get_field(config, "mesh") is _MISSING:
+        return
+    import jax  # local: config checks import no jax until a mesh is checked
+    n = jax.device_count()
+    shape = {k: config.mesh[k] for k in ("data", "fsdp", "tensor")}
+    for k, v in shape.items():
+        if not isinstance(v, int) or isinstance(v, bool) or (v < 1 and v != -1):
+            raise ConfigError(f"config field mesh.{k} must be an integer >= 1 or -1, got {v!r}")
+    if list(shape.values()).count(-1) > 1:
+        raise ConfigError(f"config fields mesh.*: at most one of data/fsdp/tensor may be -1, got {shape}")
+    known = math.prod(v for v in shape.values() if v != -1)
+    fits = n % known == 0 if -1 in shape.values() else known == n
+    if not fits:
+        raise ConfigError(f"config field mesh: data×fsdp×tensor = {shape} does not fit the "
+                          f"{n} device(s) of this run")
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_common(config) -> None:
+    """Checks the shared blocks (optimizer, train, mesh, data, sampling,
+    model.dtype) wherever a config has them.
+
+    Raises:
+      ConfigError: naming the first field with an impossible value.
+    """
+    check_float(config, "optimizer.learning_rate", low=0.0, low_open=True)
+    check_int(config, "optimizer.warmup_steps", 0)
+    check_float(config, "optimizer.final_lr_ratio", 0.0, 1.0)
+    check_float(config, "optimizer.b1", 0.0, 1.0, high_open=True)
+    check_float(config, "optimizer.b2", 0.0, 1.0, high_open=True)
+    check_float(config, "optimizer.eps", 0.0, low_open=True)
+    check_float(config, "optimizer.weight_decay", 0.0)
+    check_float(config, "optimizer.max_grad_norm", 0.0)
+    for name in ("train.num_steps", "train.log_every", "train.checkpoint_every",
+                 "train.micro_batches", "data.batch_size", "data.eval_batch_size"):
+        check_int(config, name, 1)
+    for name in ("train.eval_every", "train.stop_after_steps", "data.num_eval_pairs",
+                 "data.max_train_pairs", "data.max_eval_pairs", "data.max_prompt_length",
+                 "sampling.max_new_tokens", "sampling.top_k"):
+        check_int(config, name, 0)
+    check_int(config, "data.max_length", 2)
+    check_int(config, "seed", 0)
+    check_float(config, "sampling.temperature", 0.0)
+    check_float(config, "sampling.top_p", 0.0, 1.0, low_open=True)
+    check_choice(config, "model.dtype", DTYPES)
+    check_choice(config, "data.on_error", ("skip", "raise"))
+    check_choice(config, "data.format", ("auto", "hh", "trl", "trl_chat", "trl_implicit"))
+    check_mesh(config)
+    micro = get_field(config, "train.micro_batches")
+    batch = get_field(config, "data.batch_size")
+    if micro is not _MISSING and batch is not _MISSING and batch % micro:
+        raise ConfigError(f"config field data.batch_size={batch} does not split into "
+                          f"train.micro_batches={micro}")

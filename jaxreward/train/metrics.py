@@ -20,15 +20,37 @@ class MetricWriter:
     """Writes `<workdir>/metrics.jsonl` (one JSON object per write) and
     TensorBoard event files under `<workdir>/tensorboard` (tensorboardX).
     Only process 0 writes.
+
+    Each (step, prefix) is written once: on a resumed run, pass the restored
+    step as `resume_step` and records after it (written after the last
+    checkpoint, before a crash) are dropped, since the run writes them again;
+    a write whose (step, prefix) is already in the file is skipped, so
+    re-running a finished workdir adds no duplicate rows.
     """
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, resume_step: int | None = None):
         self._active = jax.process_index() == 0
         self._tb = None
+        self._seen: set[tuple[int, str]] = set()
         if not self._active:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        path = os.path.join(workdir, "metrics.jsonl")
+        kept = []
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut short by a crash
+                    if resume_step is None or record.get("step", 0) <= resume_step:
+                        kept.append(record)
+                        self._seen.add((record.get("step"), _prefix_of(record)))
+        self._jsonl = open(path, "w", encoding="utf-8")
+        for record in kept:
+            self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
         try:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -36,8 +58,9 @@ class MetricWriter:
             self._tb = None
 
     def write(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> None:
-        if not self._active:
+        if not self._active or (int(step), prefix) in self._seen:
             return
+        self._seen.add((int(step), prefix))
         record = {"step": int(step), **{f"{prefix}/{k}": v for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
@@ -51,6 +74,14 @@ class MetricWriter:
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _prefix_of(record: Mapping[str, Any]) -> str | None:
+    """The prefix of a metrics.jsonl record ("train", "eval", ...)."""
+    for key in record:
+        if "/" in key:
+            return key.split("/", 1)[0]
+    return None
 
 
 def format_table(rows: list[Mapping[str, Any]], columns: list[str] | None = None,

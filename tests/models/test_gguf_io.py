@@ -283,7 +283,7 @@ def test_smollm_greedy_matches_hf_generate(smollm, hf_smollm):
     out = generate(model, params, jnp.asarray(tokens), jnp.asarray(mask), rng=jax.random.key(0),
                    max_new_tokens=M, temperature=0.0, stop_ids=tokenizer.stop_ids,
                    pad_id=tokenizer.pad_id)
-    ours_tokens, lengths = np.asarray(out.tokens_BN), np.asarray(out.lengths_B)
+    ours_tokens, lengths = np.asarray(out.tokens_RM), np.asarray(out.lengths_R)
     for b, s in enumerate(ids):
         with torch.no_grad():
             seq = hf_model.generate(torch.tensor([s]), attention_mask=torch.ones(1, len(s), dtype=torch.long),

@@ -52,8 +52,8 @@ def test_argmax_ties_go_to_lowest_index(model, params):
     np.testing.assert_array_equal(np.asarray(out.rewards_BN), np.asarray(fixed))
     # `best` holds exactly those rows of `samples`.
     rows = np.arange(4) * 4 + np.array([1, 0, 0, 3])
-    np.testing.assert_array_equal(np.asarray(out.best.tokens_BN),
-                                  np.asarray(out.samples.tokens_BN)[rows])
+    np.testing.assert_array_equal(np.asarray(out.best.tokens_RM),
+                                  np.asarray(out.samples.tokens_RM)[rows])
     assert out.kl_bound == pytest.approx(math.log(4) - 0.75)
 
 
@@ -67,13 +67,13 @@ def test_text_reward_picks_the_sample_with_most_favoured_tokens(model, params):
 
     out = best_of_n(model, params, tokens, mask, text_reward_fn(_decode, fn), n=8,
                     rng=jax.random.key(1), stop_ids=(52,), **KW)
-    toks = np.asarray(out.samples.tokens_BN).reshape(4, 8, -1)
-    m = np.asarray(out.samples.mask_BN).reshape(4, 8, -1)
+    toks = np.asarray(out.samples.tokens_RM).reshape(4, 8, -1)
+    m = np.asarray(out.samples.mask_RM).reshape(4, 8, -1)
     counts = ((toks == FAVOURED) & m).sum(-1).astype(np.float32)
     np.testing.assert_array_equal(np.asarray(out.rewards_BN), counts)
     assert counts.max() >= 1 and len(np.unique(counts)) > 1  # a non-trivial choice
     np.testing.assert_array_equal(np.asarray(out.best_index_B), counts.argmax(1))
-    assert (np.asarray(out.samples.lengths_B) < 6).any()  # stops fired: masks matter
+    assert (np.asarray(out.samples.lengths_R) < 6).any()  # stops fired: masks matter
     # The text fn saw the real prompt tokens (no padding) and the masked response.
     p0 = np.asarray(tokens[0])[np.asarray(mask[0])]
     assert seen[0][0] == _decode(p0.tolist())
@@ -87,8 +87,8 @@ def test_reward_model_adapter_and_chunking(model, params):
     fn = reward_model_fn(rm, rm_params, objective=1)
     out = best_of_n(model, params, tokens, mask, fn, n=4, rng=jax.random.key(3), **KW)
     batch = out.samples.sequences()
-    direct = rm.apply({"params": rm_params}, batch.tokens_BL, batch.attention_mask_BL,
-                      batch.positions_BL)[:, 1]
+    direct = rm.apply({"params": rm_params}, batch.tokens_RL, batch.attention_mask_RL,
+                      batch.positions_RL)[:, 1]
     np.testing.assert_allclose(np.asarray(out.rewards_BN).ravel(), np.asarray(direct),
                                atol=1e-5)
     # Chunks of 5 rows (16 = 5 + 5 + 5 + 1, the last padded): same rewards.
@@ -113,8 +113,8 @@ def test_mean_best_reward_grows_with_n(model, params):
     # Key scheme: sample j of prompt b does not depend on n, so the n = 4
     # samples are the first 4 of the n = 16 ones and the best reward can only
     # grow, prompt by prompt.
-    t4 = np.asarray(outs[4].samples.tokens_BN).reshape(B, 4, -1)
-    t16 = np.asarray(outs[16].samples.tokens_BN).reshape(B, 16, -1)
+    t4 = np.asarray(outs[4].samples.tokens_RM).reshape(B, 4, -1)
+    t16 = np.asarray(outs[16].samples.tokens_RM).reshape(B, 16, -1)
     np.testing.assert_array_equal(t4, t16[:, :4])
     assert np.all(np.asarray(outs[16].best_reward_B) >= np.asarray(outs[4].best_reward_B))
 
@@ -150,7 +150,7 @@ def test_chunked_rewards_are_shape_checked(model, params):
         run(lambda b: jnp.zeros((b.num_rows, 1)))
     # Correctly shaped rewards: chunks of 3 (16 = 5 x 3 + 1, the last padded) give every row its own reward.
     def token_sum(b):
-        return jnp.sum(jnp.where(b.response_mask_BM, b.response_tokens_BM, 0), axis=1).astype(jnp.float32)
+        return jnp.sum(jnp.where(b.response_mask_RM, b.response_tokens_RM, 0), axis=1).astype(jnp.float32)
     whole = run(token_sum)
     chunked = run(token_sum, reward_chunk_size=3)
     assert len(np.unique(np.asarray(whole.rewards_BN))) > 4

@@ -25,22 +25,22 @@ def _token_logps(model, params, tokens, mask, positions, **kw):
 def _training_logps(model, params, out, **kw):
     """Training-path log-probs of the sampled tokens, `[R, M]`, via token_logps."""
     batch = out.sequences()
-    lp_BL = _token_logps(model, params, batch.tokens_BL, batch.attention_mask_BL,
-                         batch.positions_BL, **kw)
+    lp_BL = _token_logps(model, params, batch.tokens_RL, batch.attention_mask_RL,
+                         batch.positions_RL, **kw)
     T = batch.prompt_length
-    return np.asarray(lp_BL[:, T - 1:T - 1 + out.tokens_BN.shape[1]]), batch
+    return np.asarray(lp_BL[:, T - 1:T - 1 + out.tokens_RM.shape[1]]), batch
 
 
 def _check_against_training_path(model, params, out, **kw):
     lp, batch = _training_logps(model, params, out, **kw)
-    mask = np.asarray(out.mask_BN)
+    mask = np.asarray(out.mask_RM)
     # The grid copy in the batch is the same numbers at the shifted loss mask.
-    grid_mask = np.asarray(scoring.shift_mask(batch.loss_mask_BL))
-    np.testing.assert_array_equal(np.asarray(batch.sample_logps_BL)[grid_mask],
-                                  np.asarray(out.logps_BN)[mask])
+    grid_mask = np.asarray(scoring.shift_mask(batch.loss_mask_RL))
+    np.testing.assert_array_equal(np.asarray(batch.sample_logps_RL)[grid_mask],
+                                  np.asarray(out.logps_RM)[mask])
     assert np.all(lp[mask] > -1e29), "a drawn token is outside the processed support"
-    np.testing.assert_allclose(np.asarray(out.logps_BN)[mask], lp[mask], atol=2e-5, rtol=0)
-    assert np.all(np.asarray(out.logps_BN)[~mask] == 0.0)
+    np.testing.assert_allclose(np.asarray(out.logps_RM)[mask], lp[mask], atol=2e-5, rtol=0)
+    assert np.all(np.asarray(out.logps_RM)[~mask] == 0.0)
 
 
 def test_logps_match_training_path_top_p_with_stops(model, params):
@@ -49,14 +49,14 @@ def test_logps_match_training_path_top_p_with_stops(model, params):
     # others run to M; asserted below so the test keeps covering both cases.
     out = generate(model, params, tokens, mask, rng=jax.random.key(3), max_new_tokens=M,
                    temperature=0.7, top_p=0.9, stop_ids=(7, 11, 20, 33, 45))
-    lengths = np.asarray(out.lengths_B)
+    lengths = np.asarray(out.lengths_R)
     assert (lengths < M).any() and (lengths == M).any(), lengths
     _check_against_training_path(model, params, out, temperature=0.7, top_p=0.9)
     # top_p actually truncated something: some drawn token's processed log-prob
     # differs from its untruncated temperature-0.7 log-prob.
     plain, _ = _training_logps(model, params, out, temperature=0.7)
-    m = np.asarray(out.mask_BN)
-    assert np.abs(plain[m] - np.asarray(out.logps_BN)[m]).max() > 1e-3
+    m = np.asarray(out.mask_RM)
+    assert np.abs(plain[m] - np.asarray(out.logps_RM)[m]).max() > 1e-3
 
 
 def test_logps_match_training_path_top_k(model, params):
@@ -84,8 +84,8 @@ def test_greedy_matches_naive_full_forward_loop(model, params):
         nxt = jnp.argmax(logits[:, 6 + t - 1], axis=-1).astype(jnp.int32)
         seq = seq.at[:, 6 + t].set(nxt)
         seq_mask = seq_mask.at[:, 6 + t].set(True)
-    np.testing.assert_array_equal(np.asarray(out.tokens_BN), np.asarray(seq[:, 6:]))
-    assert len(np.unique(np.asarray(out.tokens_BN))) > 3  # not a degenerate model
+    np.testing.assert_array_equal(np.asarray(out.tokens_RM), np.asarray(seq[:, 6:]))
+    assert len(np.unique(np.asarray(out.tokens_RM))) > 3  # not a degenerate model
     # Greedy reports log-probs under temperature 1 (documented choice).
     _check_against_training_path(model, params, out, temperature=1.0)
 
@@ -111,10 +111,10 @@ def test_left_right_and_irregular_padding_give_identical_samples(model, params):
     c = generate(model, params, jnp.asarray(irr), jnp.asarray(irr_mask), **kw)
     # The left-aligned inputs are identical, so is every number.
     for other in (b, c):
-        np.testing.assert_array_equal(np.asarray(a.tokens_BN), np.asarray(other.tokens_BN))
-        np.testing.assert_array_equal(np.asarray(a.logps_BN), np.asarray(other.logps_BN))
+        np.testing.assert_array_equal(np.asarray(a.tokens_RM), np.asarray(other.tokens_RM))
+        np.testing.assert_array_equal(np.asarray(a.logps_RM), np.asarray(other.logps_RM))
     # The returned prompts are left-aligned.
-    np.testing.assert_array_equal(np.asarray(b.prompt_mask_BT), np.asarray(lmask))
+    np.testing.assert_array_equal(np.asarray(b.prompt_mask_RP), np.asarray(lmask))
 
 
 def test_samples_do_not_depend_on_batch_companions(model, params):
@@ -126,13 +126,13 @@ def test_samples_do_not_depend_on_batch_companions(model, params):
     kw = dict(rng=jax.random.key(6), **BASE)
     a = generate(model, params, tokens, mask, **kw)
     b = generate(model, params, mixed, mixed_mask, **kw)
-    np.testing.assert_array_equal(np.asarray(a.tokens_BN[1]), np.asarray(b.tokens_BN[1]))
-    assert not np.array_equal(np.asarray(a.tokens_BN[0]), np.asarray(b.tokens_BN[0]))
+    np.testing.assert_array_equal(np.asarray(a.tokens_RM[1]), np.asarray(b.tokens_RM[1]))
+    assert not np.array_equal(np.asarray(a.tokens_RM[0]), np.asarray(b.tokens_RM[0]))
     # With explicit per-sample keys, permuting the batch permutes the samples.
     keys = sample_keys(jax.random.key(6), 4, 1)
     perm = np.array([2, 0, 3, 1])
     c = generate(model, params, tokens[perm], mask[perm], rng=keys[perm], **BASE)
-    np.testing.assert_array_equal(np.asarray(c.tokens_BN), np.asarray(a.tokens_BN)[perm])
+    np.testing.assert_array_equal(np.asarray(c.tokens_RM), np.asarray(a.tokens_RM)[perm])
 
 
 @pytest.mark.parametrize("n_new", [0, 1, 2])
@@ -141,28 +141,28 @@ def test_short_outputs_are_prefixes(model, params, n_new):
     long = generate(model, params, tokens, mask, rng=jax.random.key(7), **BASE)
     out = generate(model, params, tokens, mask, rng=jax.random.key(7),
                    **(BASE | dict(max_new_tokens=n_new)))
-    assert out.tokens_BN.shape == (4, n_new) and out.tokens_BN.dtype == jnp.int32
-    assert out.logps_BN.shape == (4, n_new) and out.logps_BN.dtype == jnp.float32
-    assert out.mask_BN.shape == (4, n_new) and out.mask_BN.dtype == jnp.bool_
-    np.testing.assert_array_equal(np.asarray(out.lengths_B), [n_new] * 4)
-    np.testing.assert_array_equal(np.asarray(out.tokens_BN), np.asarray(long.tokens_BN[:, :n_new]))
+    assert out.tokens_RM.shape == (4, n_new) and out.tokens_RM.dtype == jnp.int32
+    assert out.logps_RM.shape == (4, n_new) and out.logps_RM.dtype == jnp.float32
+    assert out.mask_RM.shape == (4, n_new) and out.mask_RM.dtype == jnp.bool_
+    np.testing.assert_array_equal(np.asarray(out.lengths_R), [n_new] * 4)
+    np.testing.assert_array_equal(np.asarray(out.tokens_RM), np.asarray(long.tokens_RM[:, :n_new]))
     # Different cache lengths: equal up to float rounding.
-    np.testing.assert_allclose(np.asarray(out.logps_BN), np.asarray(long.logps_BN[:, :n_new]),
+    np.testing.assert_allclose(np.asarray(out.logps_RM), np.asarray(long.logps_RM[:, :n_new]),
                                atol=2e-5)
     batch = out.sequences()
-    assert batch.tokens_BL.shape == (4, 6 + n_new)
-    np.testing.assert_array_equal(np.asarray(batch.loss_mask_BL[:, 6:]), np.ones((4, n_new), bool))
-    assert not np.asarray(batch.loss_mask_BL[:, :6]).any()
+    assert batch.tokens_RL.shape == (4, 6 + n_new)
+    np.testing.assert_array_equal(np.asarray(batch.loss_mask_RL[:, 6:]), np.ones((4, n_new), bool))
+    assert not np.asarray(batch.loss_mask_RL[:, :6]).any()
 
 
 def test_stop_tokens_truncate_rows(model, params):
     tokens, mask = make_prompts(LENGTHS, 6)
     kw = dict(rng=jax.random.key(8), **BASE)
-    free = np.asarray(generate(model, params, tokens, mask, **kw).tokens_BN)
+    free = np.asarray(generate(model, params, tokens, mask, **kw).tokens_RM)
     # Stop on two ids that appear in some rows of the free run (picked from it).
     stop = (int(free[0, 2]), int(free[2, 4]))
     out = generate(model, params, tokens, mask, stop_ids=stop, **kw)
-    toks, m, lengths = map(np.asarray, (out.tokens_BN, out.mask_BN, out.lengths_B))
+    toks, m, lengths = map(np.asarray, (out.tokens_RM, out.mask_RM, out.lengths_R))
     for b in range(4):
         hits = [t for t in range(M) if free[b, t] in stop]
         want = hits[0] + 1 if hits else M  # the stop token counts
@@ -173,10 +173,10 @@ def test_stop_tokens_truncate_rows(model, params):
     assert (lengths < M).any() and (lengths <= 3).any()
     # Every row stops at its first token: the loop exits early, all lengths 1.
     all_stop = generate(model, params, tokens, mask, stop_ids=tuple(range(64)), **kw)
-    np.testing.assert_array_equal(np.asarray(all_stop.lengths_B), [1] * 4)
-    np.testing.assert_array_equal(np.asarray(all_stop.tokens_BN[:, 0]), free[:, 0])
-    assert np.all(np.asarray(all_stop.tokens_BN[:, 1:]) == 63)
-    assert np.all(np.asarray(all_stop.logps_BN[:, 1:]) == 0.0)
+    np.testing.assert_array_equal(np.asarray(all_stop.lengths_R), [1] * 4)
+    np.testing.assert_array_equal(np.asarray(all_stop.tokens_RM[:, 0]), free[:, 0])
+    assert np.all(np.asarray(all_stop.tokens_RM[:, 1:]) == 63)
+    assert np.all(np.asarray(all_stop.logps_RM[:, 1:]) == 0.0)
 
 
 def test_num_samples_equals_repeated_prompts(model, params):
@@ -187,12 +187,12 @@ def test_num_samples_equals_repeated_prompts(model, params):
     keys = sample_keys(jax.random.key(9), 4, N).reshape(4 * N, 1)
     rep = generate(model, params, jnp.repeat(tokens, N, 0), jnp.repeat(mask, N, 0), rng=keys,
                    **kw)
-    assert shared.tokens_BN.shape == (4 * N, M)
-    for f in ("tokens_BN", "mask_BN", "lengths_B"):
+    assert shared.tokens_RM.shape == (4 * N, M)
+    for f in ("tokens_RM", "mask_RM", "lengths_R"):
         np.testing.assert_array_equal(np.asarray(getattr(shared, f)), np.asarray(getattr(rep, f)))
-    np.testing.assert_allclose(np.asarray(shared.logps_BN), np.asarray(rep.logps_BN), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(shared.logps_RM), np.asarray(rep.logps_RM), atol=1e-5)
     # The N samples of a prompt are different draws.
-    t = np.asarray(shared.tokens_BN).reshape(4, N, M)
+    t = np.asarray(shared.tokens_RM).reshape(4, N, M)
     assert all(len({tuple(t[b, j]) for j in range(N)}) > 1 for b in range(4))
     _check_against_training_path(model, params, shared, temperature=1.0)
 
@@ -209,9 +209,9 @@ def test_reproducible_and_compiled_once(model, params):
     c = generate(model, params, tokens, mask, rng=jax.random.key(11), **kw)
     # New values of params, prompts and rng: no re-trace (hence no re-compile).
     assert sampler._TRACE_COUNT[0] == traces
-    assert not np.array_equal(np.asarray(c.tokens_BN), np.asarray(d.tokens_BN))
-    np.testing.assert_array_equal(np.asarray(a.tokens_BN), np.asarray(b.tokens_BN))
-    assert not np.array_equal(np.asarray(a.tokens_BN), np.asarray(c.tokens_BN))
+    assert not np.array_equal(np.asarray(c.tokens_RM), np.asarray(d.tokens_RM))
+    np.testing.assert_array_equal(np.asarray(a.tokens_RM), np.asarray(b.tokens_RM))
+    assert not np.array_equal(np.asarray(a.tokens_RM), np.asarray(c.tokens_RM))
 
 
 def test_raw_and_typed_keys_agree(model, params):
@@ -220,7 +220,7 @@ def test_raw_and_typed_keys_agree(model, params):
     a = generate(model, params, tokens, mask, rng=jax.random.PRNGKey(12), **kw)
     b = generate(model, params, tokens, mask,
                  rng=jax.random.wrap_key_data(jax.random.PRNGKey(12)), **kw)
-    np.testing.assert_array_equal(np.asarray(a.tokens_BN), np.asarray(b.tokens_BN))
+    np.testing.assert_array_equal(np.asarray(a.tokens_RM), np.asarray(b.tokens_RM))
 
 
 @pytest.mark.parametrize("kw", [
@@ -274,5 +274,5 @@ def test_prompts_are_validated(model, params):
     padded = np.where(m, np.array(tokens), model.config.vocab_size + 7)
     a = generate(model, params, padded, m, rng=jax.random.PRNGKey(0), max_new_tokens=3)
     b_ = generate(model, params, tokens, m, rng=jax.random.PRNGKey(0), max_new_tokens=3)
-    np.testing.assert_array_equal(a.tokens_BN, b_.tokens_BN)
-    np.testing.assert_array_equal(a.logps_BN, b_.logps_BN)
+    np.testing.assert_array_equal(a.tokens_RM, b_.tokens_RM)
+    np.testing.assert_array_equal(a.logps_RM, b_.logps_RM)

@@ -1,4 +1,6 @@
-"""Reward-model training: mesh shape, micro-batch split, resume, freezing, schedule."""
+"""experiments/reward_model.py, in process on its `synthetic` variant: mesh
+shape, micro-batch split, resume, freezing, schedule, learning; the real HH
+run through the CLI is in tests/experiments/test_cli.py."""
 import json
 import os
 
@@ -6,50 +8,24 @@ import jax
 import numpy as np
 import pytest
 
+from configs import reward_model as rm_config
+from experiments import reward_model as driver
 from jaxreward import parallel
-from jaxreward.data import synthetic
-from jaxreward.models.heads import RewardModel
-from jaxreward.models.llama import LlamaConfig
 from jaxreward.train import defaults
-from jaxreward.train import reward_model as rm_train
 from jaxreward.train import state as state_lib
-from jaxreward.train.step import unbox
-import ml_collections
-
-MODEL = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2,
-                    num_heads=4, num_kv_heads=2, rope_theta=500.0)
 
 
-def _config(num_steps=4, mesh=(1, 1, 1), micro_batches=1, batch_size=16):
-    c = ml_collections.ConfigDict()
+def _config(num_steps=4, mesh=(1, 1, 1), micro_batches=1, batch_size=16, trainable_blocks=-1):
+    c = rm_config.get_config("synthetic")
     c.seed = 3
-    c.loss = defaults.loss()
-    c.optimizer = defaults.optimizer(learning_rate=3e-3, warmup_steps=2)
     c.optimizer.weight_decay = 0.01
     c.train = defaults.train(num_steps=num_steps, log_every=1)
     c.train.progress_bar = False
     c.train.micro_batches = micro_batches
-    c.mesh = defaults.mesh()
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
-    c.data = ml_collections.ConfigDict(dict(batch_size=batch_size, eval_batch_size=24))
+    c.data.update(batch_size=batch_size, max_train_pairs=64, num_eval_pairs=24, eval_batch_size=24)
+    c.reward.trainable_blocks = trainable_blocks
     return c
-
-
-def _pairs(n=64, seed=0):
-    task = synthetic.CountingTask(MODEL.vocab_size, prompt_length=4, response_length=6, seed=seed)
-    rng = np.random.default_rng(seed)
-    r1 = rng.integers(1, MODEL.vocab_size, (n, 6))
-    r2 = rng.integers(1, MODEL.vocab_size, (n, 6))
-    # Ragged responses: some rows shorter (right padding inside the row).
-    m1 = np.arange(6)[None] < rng.integers(2, 7, (n, 1))
-    m2 = np.arange(6)[None] < rng.integers(2, 7, (n, 1))
-    g1, g2 = task.gold_reward(r1, m1), task.gold_reward(r2, m2)
-    return synthetic.pair_arrays(task.prompts(n, 0), r1, r2, task.label(g1, g2, 0), m1, m2)
-
-
-def _init(model):
-    arrays = _pairs(1)
-    return unbox(model.init(jax.random.PRNGKey(0), arrays["chosen_tokens"])["params"])
 
 
 @pytest.fixture(autouse=True)
@@ -62,10 +38,9 @@ def _mesh_uses_first_devices(monkeypatch):
     monkeypatch.setattr(parallel, "make_mesh", make_mesh)
 
 
-def _fit(tmp_path, name, config, model=None, **kw):
-    model = model or RewardModel(MODEL)
-    return rm_train.fit_reward_model(config, str(tmp_path / name), model, _init(model),
-                                     _pairs(), kw.pop("eval_arrays", None), **kw)
+def _fit(tmp_path, name, config):
+    os.makedirs(tmp_path / name, exist_ok=True)
+    return driver.run(config, str(tmp_path / name))
 
 
 def _flat(params):
@@ -120,22 +95,25 @@ def test_resume_gives_identical_params_and_metrics(tmp_path):
         with open(tmp_path / name / "metrics.jsonl") as f:
             return [json.loads(l) for l in f]
     a, b = lines("straight"), lines("resumed")
-    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6, 6]  # train rows, then the final eval
     assert a == b  # every metric of every step, bit for bit
+    # Re-running the finished workdir adds no duplicate rows.
+    _fit(tmp_path, "resumed", _config(6))
+    assert lines("resumed") == b
 
 
 def test_frozen_blocks_do_not_move(tmp_path):
-    model = RewardModel(MODEL, frozen_blocks=1)
-    before = _init(model)
-    out = _fit(tmp_path, "frozen", _config(3), model=model,
-               trainable=state_lib.block_trainable(MODEL.num_layers, 1))
+    config = _config(3, trainable_blocks=1)
+    out = _fit(tmp_path, "frozen", config)
+    decoder, backbone, _ = driver.load_backbone(config)
+    before = {"backbone": backbone}
     after = out["state"].params
     for path in [("backbone", "embed_tokens"), ("backbone", "layers_0")]:
         a, b = after, before
         for k in path:
             a, b = a[k], b[k]
         np.testing.assert_array_equal(_flat(a), _flat(b))  # no update, no weight decay
-    for path in [("backbone", "layers_1"), ("head",)]:
+    for path in [("backbone", "layers_1")]:
         a, b = after, before
         for k in path:
             a, b = a[k], b[k]
@@ -155,8 +133,9 @@ def test_learning_rate_schedule_values():
 
 
 def test_training_learns_the_gold_preference_and_eval_counts_every_pair(tmp_path):
-    eval_arrays = _pairs(50, seed=1)  # 50 pairs: not a multiple of the eval batch (24)
-    out = _fit(tmp_path, "learn", _config(40, batch_size=32), eval_arrays=eval_arrays)
+    config = _config(40, batch_size=32)
+    config.data.num_eval_pairs = 50  # not a multiple of the eval batch (24)
+    out = _fit(tmp_path, "learn", config)
     assert out["eval"]["num_pairs"] == 50
     first, last = out["history"][0], out["history"][-1]
     assert last["loss"] < first["loss"] - 0.05

@@ -1,5 +1,8 @@
 """Best-of-N with a pretrained policy and a trained reward model (configs/best_of_n.py).
 
+    python -m jaxreward.main --config=configs/best_of_n.py:smollm2 --workdir=DIR \
+        --config.reward_model_dir=RM_RUN/reward_model
+
 The policy samples N completions per chat prompt (prompt prefilled once,
 its KV cache shared by the N continuations); a reward model exported by the
 reward_model task ranks them (or, without one, the built-in length-free
@@ -17,7 +20,8 @@ import numpy as np
 
 import jaxreward
 from jaxreward.sampling.best_of_n import best_of_n, reward_model_fn, text_reward_fn
-from jaxreward.tasks.reward_model import load_reward_model
+from jaxreward.models.reward_io import load_reward_model
+from jaxreward.train import defaults
 
 BUILTIN_PROMPTS = (
     "What is the capital of France?",
@@ -25,6 +29,15 @@ BUILTIN_PROMPTS = (
     "How do I politely decline a meeting invitation?",
     "Write a haiku about the sea.",
 )
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Checks this job's own fields (the shared blocks are checked by main)."""
+    defaults.check_path(config, "prompts_path")
+    defaults.check_int(config, "n", 1)
+    defaults.check_int(config, "prompt_batch_size", 1)
+    defaults.check_int(config, "objective", 0)
+    defaults.check_path(config, "reward_model_dir")
 
 
 def read_prompts(path: str) -> list[str]:
@@ -103,8 +116,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                         max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                         top_k=s.top_k, top_p=s.top_p, stop_ids=tokenizer.stop_ids,
                         pad_id=tokenizer.pad_id)
-        best_tokens = np.asarray(out.best.tokens_BN)
-        best_mask = np.asarray(out.best.mask_BN)
+        best_tokens = np.asarray(out.best.tokens_RM)
+        best_mask = np.asarray(out.best.mask_RM)
         rewards = np.asarray(out.rewards_BN)
         for i, prompt in enumerate(batch):
             text = tokenizer.decode(best_tokens[i][best_mask[i]].tolist())

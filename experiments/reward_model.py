@@ -1,0 +1,210 @@
+"""Reward model on real preference pairs (configs/reward_model.py).
+
+    python -m jaxreward.main --config=configs/reward_model.py:smollm2_hh --workdir=DIR
+
+A pretrained backbone (`load_pretrained`) + a fresh K-output head, trained
+with a registered pairwise reward loss (`loss.name`, default Bradley–Terry)
+on HH-RLHF- or TRL-format pairs. Prints the data reports, held-out pairwise
+accuracy and a summary table, and exports the reward model to
+`<workdir>/reward_model/` for best-of-N, evaluation and RL.
+
+The job, top to bottom: read pairs -> tokenize -> build model and params ->
+build the sharded step -> restore or init -> loop (step, log, eval,
+checkpoint) -> final eval -> export.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+import jaxreward
+from jaxreward import parallel
+from jaxreward.data import synthetic
+from jaxreward.data.batching import PairBatcher, tokenize_pairs
+from jaxreward.data.preference import read_preference_pairs
+from jaxreward.models.heads import RewardModel
+from jaxreward.models.llama import Decoder, LlamaConfig
+from jaxreward.models.reward_io import EXPORT_DIR, export_reward_model
+from jaxreward.train import checkpoint as ckpt_lib
+from jaxreward.train import defaults, loop, pairwise
+from jaxreward.train import metrics as metrics_lib
+from jaxreward.train import state as state_lib
+from jaxreward.train import step as step_lib
+from jaxreward.train.step import unbox
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Checks this job's own fields (the shared blocks are checked by main)."""
+    pairwise.pair_loss(config.loss.name)
+    defaults.check_choice(config, "data.source", ("jsonl", "tfds", "synthetic"))
+    if config.data.source == "jsonl":
+        defaults.check_path(config, "data.train_path", required=True)
+        defaults.check_path(config, "data.eval_path")
+    if not config.model.pretrained:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads"):
+            defaults.check_int(config, f"model.arch.{name}", 1)
+    defaults.check_int(config, "reward.num_objectives", 1)
+    defaults.check_int(config, "reward.trainable_blocks", -1)
+    for name in ("prompt_length", "response_length"):
+        defaults.check_int(config, f"synthetic.{name}", 1)
+    defaults.check_float(config, "synthetic.label_beta", 0.0)
+
+
+def load_backbone(config: ml_collections.ConfigDict):
+    """`(decoder, params, tokenizer)`: pretrained, or a random `model.arch`
+    decoder (tokenizer None) when `model.pretrained` is empty."""
+    m = config.model
+    if m.pretrained:
+        return jaxreward.load_pretrained(m.pretrained, dtype=m.dtype)
+    s = config.synthetic
+    cfg = LlamaConfig(**m.arch.to_dict(), dtype=m.dtype,
+                      max_position_embeddings=s.prompt_length + s.response_length)
+    decoder = Decoder(cfg)
+    params = unbox(decoder.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 2), jnp.int32))["params"])
+    return decoder, params, None
+
+
+def read_pairs(config: ml_collections.ConfigDict, tokenizer):
+    """Train and eval pairs per the config; prints each file's report.
+
+    Without `data.eval_path`, the last `data.num_eval_pairs` pairs of a
+    seeded shuffle of the train file are held out.
+    """
+    d = config.data
+    kw = dict(fmt=d.format, on_error=d.on_error, hh_as_chat=d.hh_as_chat,
+              render_chat=tokenizer.apply_chat_template if tokenizer.chat_template else None)
+    pairs, report = read_preference_pairs(d.train_path, **kw)
+    print(report.summary())
+    if d.eval_path:
+        eval_pairs, eval_report = read_preference_pairs(d.eval_path, **kw)
+        print(eval_report.summary())
+    else:
+        order = np.random.default_rng(config.seed).permutation(len(pairs))
+        n_eval = min(d.num_eval_pairs, len(pairs) // 2)
+        eval_pairs = [pairs[i] for i in order[len(pairs) - n_eval:]]
+        pairs = [pairs[i] for i in order[:len(pairs) - n_eval]]
+        print(f"held out {n_eval} of {len(pairs) + n_eval} pairs for evaluation (seed {config.seed})")
+    if d.max_train_pairs:
+        pairs = pairs[:d.max_train_pairs]
+    if d.max_eval_pairs:
+        eval_pairs = eval_pairs[:d.max_eval_pairs]
+    return pairs, eval_pairs
+
+
+def tokenize(pairs, tokenizer, d: ml_collections.ConfigDict, name: str):
+    arrays, report = tokenize_pairs(pairs, tokenizer, max_length=d.max_length,
+                                    max_prompt_length=d.max_prompt_length or None)
+    print(f"{name}: {report.summary()}")
+    return arrays
+
+
+def load_pair_arrays(config: ml_collections.ConfigDict, tokenizer):
+    """Tokenized train and eval pair arrays for `data.source`."""
+    d = config.data
+    if d.source == "synthetic":
+        s, vocab = config.synthetic, config.model.arch.vocab_size
+        task = synthetic.CountingTask(vocab, s.prompt_length, s.response_length,
+                                      seed=config.seed, label_beta=s.label_beta)
+        train, _ = synthetic.random_pairs(task, d.max_train_pairs or 1024, seed=1)
+        evals, ceiling = synthetic.random_pairs(task, d.num_eval_pairs, seed=2)
+        print(f"synthetic pairs: {len(train['chosen_tokens'])} train, {d.num_eval_pairs} eval; "
+              f"labels agree with the gold reward on {ceiling:.3f} of eval pairs")
+        return train, evals
+    pairs, eval_pairs = read_pairs(config, tokenizer)
+    return tokenize(pairs, tokenizer, d, "train"), tokenize(eval_pairs, tokenizer, d, "eval")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    # --- Data and model.
+    m, d, t = config.model, config.data, config.train
+    decoder, backbone_params, tokenizer = load_backbone(config)
+    cfg = dataclasses.replace(decoder.config, remat=m.remat)
+    print(f"backbone {m.pretrained or 'random model.arch'}: {cfg.num_params():,} params, "
+          f"{cfg.num_layers} blocks")
+    train, evals = load_pair_arrays(config, tokenizer)
+    if len(train["chosen_tokens"]) < d.batch_size:
+        raise ValueError(f"{len(train['chosen_tokens'])} usable train pairs is fewer than "
+                         f"one batch (data.batch_size={d.batch_size})")
+    has_eval = len(evals["chosen_tokens"]) > 0
+    if not has_eval:
+        print("warning: no usable eval pairs; the run reports no held-out accuracy")
+
+    tb = config.reward.trainable_blocks
+    rm = RewardModel(cfg, num_objectives=config.reward.num_objectives,
+                     frozen_blocks=state_lib.frozen_blocks(cfg.num_layers, tb))
+    head = rm.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 2), jnp.int32))
+    params = {"backbone": backbone_params, "head": unbox(head["params"]["head"])}
+    trainable = state_lib.block_trainable(cfg.num_layers, tb)
+    print(f"training the head and {'all' if trainable is None else tb} of {cfg.num_layers} blocks "
+          f"on {len(train['chosen_tokens'])} pairs, {t.num_steps} steps of "
+          f"{d.batch_size} pairs, length {d.max_length}")
+
+    # --- Sharded step, state, data iterator.
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    tx, schedule = state_lib.make_optimizer(config.optimizer, t.num_steps, trainable)
+    boxed = jax.eval_shape(lambda: rm.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))
+    shardings = step_lib.state_shardings(mesh, boxed["params"], tx)
+    loss_fn, metrics_fn = pairwise.make_loss_fns(rm, config.loss.name)
+    train_step = step_lib.make_train_step(loss_fn, metrics_fn, tx, schedule, mesh, shardings,
+                                          micro_batches=t.micro_batches)
+    score_fn = jax.jit(lambda p, b: pairwise.pair_rewards(rm, p, b))
+    evaluate = lambda p: pairwise.evaluate_pairs(rm, p, evals, d.eval_batch_size, mesh,
+                                                 config.loss.name, score_fn)
+    batcher = PairBatcher(train, d.batch_size, seed=config.seed)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+    make_state = jax.jit(lambda p: state_lib.init_state(p, tx, config.seed), out_shardings=shardings)
+    state, _ = loop.restore_or_init(checkpointer, make_state, (params,), shardings, batcher)
+    del params, backbone_params
+
+    # --- Train.
+    start, stop = int(state.step), loop.stop_step(t)
+    writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+    history = []
+    bar = tqdm.trange(start, stop, desc="train reward model", initial=start, total=stop,
+                      disable=not t.progress_bar, dynamic_ncols=True)
+    for step in bar:
+        state, metrics = train_step(state, parallel.shard_batch(next(batcher), mesh))
+        done = step + 1
+        if loop.due(done, t.log_every, stop):
+            mets = metrics_lib.to_floats(metrics)
+            if not np.isfinite(mets["loss"]):
+                raise FloatingPointError(f"non-finite loss {mets['loss']} at step {done}")
+            writer.write(done, mets)
+            history.append({"step": done, **mets})
+            bar.set_postfix(loss=f"{mets['loss']:.4f}", acc=f"{mets['accuracy']:.3f}")
+        if has_eval and t.eval_every and done % t.eval_every == 0 and done != t.num_steps:
+            writer.write(done, evaluate(state.params), prefix="eval")
+        if loop.due(done, t.checkpoint_every, stop):
+            checkpointer.save(done, state, batcher.state())
+    checkpointer.close()
+    if int(state.step) < t.num_steps:
+        writer.close()
+        print(f"stopped at step {int(state.step)} of {t.num_steps} (train.stop_after_steps); "
+              "re-run with the same --workdir to continue")
+        return {"stopped_at": int(state.step), "history": history, "state": state, "mesh": mesh}
+
+    # --- Final eval, summary, export.
+    rows, final = [], None
+    if history:
+        last = history[-1]
+        rows.append({"split": f"train (last batch, step {last['step']})", "pairs": d.batch_size,
+                     "loss": last["loss"], "accuracy": last["accuracy"],
+                     "margin": last["margin_mean"]})
+    if has_eval:
+        final = evaluate(state.params)
+        writer.write(int(state.step), final, prefix="eval")
+        rows.append({"split": "held-out", "pairs": int(final["num_pairs"]), "loss": final["loss"],
+                     "accuracy": final["accuracy"], "margin": final["margin_mean"]})
+        print(f"held-out pairwise accuracy: {final['accuracy']:.4f} on {int(final['num_pairs'])} pairs")
+    writer.close()
+    print(metrics_lib.format_table(rows))
+    export_reward_model(os.path.join(workdir, EXPORT_DIR), rm, state.params, m.pretrained or "random")
+    print(f"reward model saved to {os.path.join(workdir, EXPORT_DIR)}")
+    return {"eval": final, "history": history, "state": state, "mesh": mesh}

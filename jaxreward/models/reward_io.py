@@ -1,0 +1,55 @@
+"""Export and load trained reward models (a `RewardModel` + its params).
+
+An exported folder holds `reward_model.json` (architecture, head size and the
+pretrained source) and `params/` (an orbax checkpoint of the param pytree).
+Best-of-N, the evaluation job and the RL trainers read it back with
+`load_reward_model`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+
+from jaxreward.models.heads import RewardModel
+from jaxreward.models.llama import LlamaConfig
+from jaxreward.train import checkpoint as ckpt_lib
+
+EXPORT_DIR = "reward_model"  # the folder name a reward-model run writes in its workdir
+
+
+def export_reward_model(directory: str, rm: RewardModel, params, pretrained: str) -> None:
+    """Saves `params` (orbax) and `reward_model.json` into `directory`.
+
+    Args:
+      directory: output folder (created; an existing export is overwritten).
+      rm: the `RewardModel` (its config and `num_objectives` are stored).
+      params: its param pytree `{"backbone": ..., "head": ...}`.
+      pretrained: where the backbone came from (a path or known name), stored
+        for the record.
+    """
+    meta = {"pretrained": pretrained, "num_objectives": rm.num_objectives,
+            "llama_config": dataclasses.asdict(rm.config)}
+    ckpt_lib.save_params(os.path.join(directory, "params"), params)
+    if jax.process_index() == 0:
+        with open(os.path.join(directory, "reward_model.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+
+
+def load_reward_model(directory: str) -> tuple[RewardModel, dict, dict]:
+    """`(RewardModel, params, meta)` from `export_reward_model`'s folder.
+
+    Raises:
+      FileNotFoundError: the folder or its `reward_model.json` is missing.
+    """
+    path = os.path.join(directory, "reward_model.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: point at the `{EXPORT_DIR}/` folder a "
+                                "reward_model run wrote into its workdir")
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    rm = RewardModel(LlamaConfig(**meta["llama_config"]), num_objectives=meta["num_objectives"])
+    params = ckpt_lib.load_params(os.path.join(directory, "params"))
+    return rm, params, meta

@@ -1,0 +1,53 @@
+"""Small helpers every training driver shares, so resume, logging and eval
+timing behave the same in all of them (experiments/*.py)."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+
+from jaxreward.train import checkpoint as ckpt_lib
+
+
+def due(step: int, every: int, total: int) -> bool:
+    """True when something that runs every `every` steps runs after `step`.
+
+    `step` counts finished optimizer steps (1-based). It is due at multiples
+    of `every` and always at the last step `total`; `every = 0` means only at
+    `total`. Example: every=4, total=10 -> due at 4, 8, 10.
+    """
+    return step == total or (every > 0 and step % every == 0)
+
+
+def stop_step(train_config) -> int:
+    """Where this invocation stops: `train.num_steps`, or earlier at
+    `train.stop_after_steps` (a simulated preemption; 0 = off)."""
+    stop = train_config.num_steps
+    if train_config.stop_after_steps:
+        stop = min(stop, train_config.stop_after_steps)
+    return stop
+
+
+def restore_or_init(checkpointer: ckpt_lib.Checkpointer, make_state: Callable[..., Any],
+                    init_args: tuple, shardings: Any, data_iter: Any = None) -> tuple[Any, bool]:
+    """The latest checkpoint of `checkpointer` if there is one, else a new state.
+
+    Args:
+      checkpointer: the run's `Checkpointer` (`<workdir>/checkpoints`).
+      make_state: jitted `(*init_args) -> TrainState` (with out_shardings).
+      init_args: its arguments (e.g. the initial params).
+      shardings: the `TrainState` shardings to restore onto.
+      data_iter: an object with `restore(state_dict)` (a batcher/loader), or
+        None; its position is restored from the checkpoint.
+
+    Returns:
+      `(state, resumed)`. Prints where it resumed from.
+    """
+    if checkpointer.latest_step() is None:
+        return make_state(*init_args), False
+    abstract = ckpt_lib.abstract_like(jax.eval_shape(make_state, *init_args), shardings)
+    state, data_state = checkpointer.restore(abstract)
+    if data_iter is not None:
+        data_iter.restore(data_state)
+    print(f"Resuming from checkpoint at step {int(state.step)} ({checkpointer.directory})")
+    return state, True

@@ -1,0 +1,118 @@
+"""TFDS builders: each record kind built from .jsonl and loaded back, the real HH file, no TensorFlow."""
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from jaxreward.data import records as records_lib
+from jaxreward.data import tfds_builders
+from jaxreward.data.preference import DataError, read_preference_pairs
+from jaxreward.data.records import FeedbackRecord, PromptRecord, RatedRecord, read_feedback
+from tests.data.test_records import HELPSTEER, REPLY, USER, write
+
+
+def by_source(records):
+    return sorted(records, key=lambda r: r.source)
+
+
+def test_real_hh_file_as_tfds_pairs(tmp_path, hh_file):
+    builder, report = tfds_builders.build("pairs", hh_file, tmp_path, name="hh_harmless_test")
+    assert report.kept == 2303 and report.skipped == {"prompt mismatch": 5, "empty chosen response": 4}
+    assert report.files[0].examples["prompt mismatch"][0] == "harmless-base-test.jsonl.gz:1255"
+    # The report is stored with the dataset and comes back with it.
+    stored = json.loads((builder.data_path / "metadata.json").read_text())["read_report"]
+    assert stored["files"][0]["skipped"] == {"prompt mismatch": 5, "empty chosen response": 4}
+    source = tfds_builders.load("pairs/hh_harmless_test", tmp_path)
+    assert len(source) == 2303 and tfds_builders.stored_report(source) == report
+    records = tfds_builders.decode_all(source)
+    assert all(isinstance(r.prompt, str) and isinstance(r.chosen, str) for r in records)
+    pairs, _ = read_preference_pairs(hh_file)
+    assert by_source(records) == by_source(pairs)
+    assert "tensorflow" not in sys.modules
+
+
+def test_each_kind_round_trips(tmp_path, tiny_tok):
+    cases = {
+        "pairs": ([{"prompt": "p1", "chosen": "a", "rejected": "b", "subset": "chat"},
+                   {"prompt": "p2", "chosen": "c", "rejected": "d"}], {}),
+        "feedback": ([{"prompt": USER, "completion": REPLY, "label": True},
+                      {"prompt": USER, "completion": [{"role": "assistant", "content": "bad"}], "label": False}],
+                     {"render_chat": tiny_tok.apply_chat_template}),
+        "prompts": ([{"prompt": "2+2?", "answer": "4"}, {"prompt": "hi"}], {}),
+        "rated": ([{"prompt": "p", "response": "r", "helpfulness": 4, "correctness": 3.5, "coherence": 0},
+                   {"prompt": "q", "response": "s", "helpfulness": 1, "correctness": 2, "coherence": 3}],
+                  {"attributes": HELPSTEER}),
+    }
+    readers = {"pairs": read_preference_pairs, "feedback": records_lib.read_feedback,
+               "prompts": records_lib.read_prompts, "rated": records_lib.read_rated}
+    for kind, (lines, kwargs) in cases.items():
+        path = write(tmp_path / f"{kind}.jsonl", lines)
+        _, report = tfds_builders.build(kind, [path], tmp_path / "tfds", name="tiny", **kwargs)
+        assert report.kept == 2 and report.num_skipped == 0
+        source = tfds_builders.load(f"{kind}/tiny", tmp_path / "tfds")
+        expected, _ = readers[kind](path, **kwargs)
+        assert by_source(tfds_builders.decode_all(source)) == expected, kind
+    rated = tfds_builders.load("rated/tiny", tmp_path / "tfds")[0]["ratings"]
+    assert rated.dtype == np.float32 and rated.shape == (3,)
+    feedback = by_source(tfds_builders.decode_all(tfds_builders.load("feedback/tiny", tmp_path / "tfds")))
+    assert feedback[0] == FeedbackRecord("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n", "a", True,
+                                         "feedback.jsonl:1")
+    assert isinstance(feedback[1].label, bool) and feedback[1].label is False
+    prompts = by_source(tfds_builders.decode_all(tfds_builders.load("prompts/tiny", tmp_path / "tfds")))
+    assert prompts == [PromptRecord("2+2?", "4", "prompts.jsonl:1"), PromptRecord("hi", None, "prompts.jsonl:2")]
+    assert isinstance(tfds_builders.decode_all(tfds_builders.load("rated/tiny", tmp_path / "tfds"))[0], RatedRecord)
+    assert "tensorflow" not in sys.modules
+
+
+@pytest.mark.parametrize("kind,good,bad,kwargs,where", [
+    ("pairs", {"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a"}, {},
+     "field 'rejected': missing field"),
+    ("feedback", {"prompt": "p", "completion": "a", "label": True}, {"prompt": "p", "completion": "a", "label": 0},
+     {}, "field 'label': wrong type"),
+    ("prompts", {"prompt": "p"}, {"prompt": ""}, {}, "field 'prompt': empty prompt"),
+    ("rated", {"prompt": "p", "response": "r", "ratings": [1, 2]}, {"prompt": "p", "response": "r", "ratings": [1]},
+     {"num_ratings": 2}, "field 'ratings': wrong ratings count"),
+])
+def test_build_reports_and_raises_located_errors(tmp_path, kind, good, bad, kwargs, where):
+    path = write(tmp_path / "x.jsonl", [good, bad, good])
+    _, report = tfds_builders.build(kind, path, tmp_path / "tfds", name="skip", **kwargs)
+    assert report.kept == 2 and report.num_skipped == 1 and report.files[0].examples
+    assert list(report.files[0].examples.values()) == [["x.jsonl:2"]]
+    with pytest.raises(DataError, match=f"x.jsonl:2: {where}"):
+        tfds_builders.build(kind, path, tmp_path / "tfds", name="raise", on_error="raise", **kwargs)
+    assert not (tmp_path / "tfds" / f"jaxreward_{kind}" / "raise" / "1.0.0").exists()
+
+
+def test_empty_and_stale_datasets(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="no valid records"):
+        tfds_builders.build("pairs", empty, tmp_path / "tfds", name="empty")
+    with pytest.raises(DataError, match="empty.jsonl:1: empty file"):
+        tfds_builders.build("pairs", empty, tmp_path / "tfds", name="empty", on_error="raise")
+    path = write(tmp_path / "a.jsonl", [{"prompt": "p", "completion": "a", "label": True}])
+    _, first = tfds_builders.build("feedback", path, tmp_path / "tfds", name="fb")
+    _, again = tfds_builders.build("feedback", path, tmp_path / "tfds", name="fb")  # reused
+    assert again == first
+    write(path, [{"prompt": "p", "completion": "a", "label": True}, {"prompt": "q", "completion": "b", "label": False}])
+    with pytest.raises(ValueError, match="overwrite=True"):
+        tfds_builders.build("feedback", path, tmp_path / "tfds", name="fb")
+    _, rebuilt = tfds_builders.build("feedback", path, tmp_path / "tfds", name="fb", overwrite=True)
+    assert rebuilt.kept == 2 and len(tfds_builders.load("feedback/fb", tmp_path / "tfds")) == 2
+    with pytest.raises(ValueError, match="kind"):
+        tfds_builders.build("pears", path, tmp_path / "tfds")
+    with pytest.raises(ValueError, match="attributes"):
+        tfds_builders.build("rated", path, tmp_path / "tfds", name="r")
+
+
+def test_builder_class_directly_and_tfds_data_source(tmp_path):
+    """A user can drive the builder class and load with plain `tfds.data_source`."""
+    import tensorflow_datasets as tfds
+
+    path = write(tmp_path / "f.jsonl", [{"prompt": "p", "completion": "a", "label": True}])
+    builder = tfds_builders.FeedbackBuilder(paths=[path], name="direct", data_dir=str(tmp_path))
+    builder.download_and_prepare()
+    source = tfds.data_source("jaxreward_feedback/direct", data_dir=str(tmp_path), split="train")
+    assert tfds_builders.decode(source[0]) == read_feedback(path)[0][0]
+    assert "tensorflow" not in sys.modules

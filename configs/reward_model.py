@@ -32,6 +32,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     ))
     c.data = ml_collections.ConfigDict(dict(
         source="jsonl",                        # jsonl | tfds | synthetic
+        tfds_data_dir="~/tensorflow_datasets", # TFDS data dir (source=tfds)
+        tfds_name="hh",                        # datasets jaxreward_pairs/<name>_{train,eval} (source=tfds)
+        cache_dir="",                          # tokenized-array cache ("" = <workdir>/token_cache)
         train_path="../shared/data/hh-rlhf/harmless-base-test.jsonl.gz",  # .jsonl[.gz] pairs
         eval_path="",                          # held-out file; "" holds out num_eval_pairs
         num_eval_pairs=128,                    # pairs held out of train_path when no eval_path

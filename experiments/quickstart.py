@@ -27,7 +27,7 @@ import tqdm
 
 from jaxreward import parallel
 from jaxreward.data import synthetic
-from jaxreward.data.batching import PairBatcher
+from jaxreward.data.pipeline import GrainLoader
 from jaxreward.models.heads import RewardModel
 from jaxreward.models.llama import Decoder, LlamaConfig
 from jaxreward.sampling.best_of_n import best_of_n, best_of_n_kl_bound, reward_model_fn
@@ -128,7 +128,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     score_fn = jax.jit(lambda p, b: pairwise.pair_rewards(rm, p, b))
     evaluate = lambda p: pairwise.evaluate_pairs(rm, p, evals, config.data.eval_batch_size, mesh,
                                                  config.loss.name, score_fn)
-    batcher = PairBatcher(train, config.data.batch_size, seed=config.seed)
+    batcher = GrainLoader(train, config.data.batch_size // jax.process_count(), seed=config.seed)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
     make_state = jax.jit(lambda p: state_lib.init_state(p, tx, config.seed), out_shardings=shardings)
     state, _ = loop.restore_or_init(checkpointer, make_state, (rm_params,), shardings, batcher)

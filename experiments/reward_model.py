@@ -26,7 +26,7 @@ import tqdm
 import jaxreward
 from jaxreward import parallel
 from jaxreward.data import synthetic
-from jaxreward.data.batching import PairBatcher, tokenize_pairs
+from jaxreward.data import pipeline, tfds_builders
 from jaxreward.data.preference import read_preference_pairs
 from jaxreward.models.heads import RewardModel
 from jaxreward.models.llama import Decoder, LlamaConfig
@@ -43,7 +43,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """Checks this job's own fields (the shared blocks are checked by main)."""
     pairwise.pair_loss(config.loss.name)
     defaults.check_choice(config, "data.source", ("jsonl", "tfds", "synthetic"))
-    if config.data.source == "jsonl":
+    if config.data.source in ("jsonl", "tfds"):
         defaults.check_path(config, "data.train_path", required=True)
         defaults.check_path(config, "data.eval_path")
     if not config.model.pretrained:
@@ -74,17 +74,31 @@ def load_backbone(config: ml_collections.ConfigDict):
 def read_pairs(config: ml_collections.ConfigDict, tokenizer):
     """Train and eval pairs per the config; prints each file's report.
 
-    Without `data.eval_path`, the last `data.num_eval_pairs` pairs of a
-    seeded shuffle of the train file are held out.
+    `data.source = "tfds"` builds (or reuses) the TFDS dataset
+    `jaxreward_pairs/<data.tfds_name>_{train,eval}` under `data.tfds_data_dir`
+    from the files (the reader's validation runs during the build and its
+    report is stored with the dataset), then reads it back in file/line
+    order, so both sources give the same pairs. Without `data.eval_path`,
+    the last `data.num_eval_pairs` pairs of a seeded shuffle are held out.
     """
     d = config.data
     kw = dict(fmt=d.format, on_error=d.on_error, hh_as_chat=d.hh_as_chat,
               render_chat=tokenizer.apply_chat_template if tokenizer.chat_template else None)
-    pairs, report = read_preference_pairs(d.train_path, **kw)
-    print(report.summary())
+
+    def read(path, split_name):
+        if d.source == "tfds":
+            builder, report = tfds_builders.build("pairs", path, os.path.expanduser(d.tfds_data_dir),
+                                                  name=f"{d.tfds_name}_{split_name}", **kw)
+            print(report.summary())
+            return sorted(tfds_builders.decode_all(builder.as_data_source("train")),
+                          key=_source_order)
+        pairs, report = read_preference_pairs(path, **kw)
+        print(report.summary())
+        return pairs
+
+    pairs = read(d.train_path, "train")
     if d.eval_path:
-        eval_pairs, eval_report = read_preference_pairs(d.eval_path, **kw)
-        print(eval_report.summary())
+        eval_pairs = read(d.eval_path, "eval")
     else:
         order = np.random.default_rng(config.seed).permutation(len(pairs))
         n_eval = min(d.num_eval_pairs, len(pairs) // 2)
@@ -98,14 +112,24 @@ def read_pairs(config: ml_collections.ConfigDict, tokenizer):
     return pairs, eval_pairs
 
 
-def tokenize(pairs, tokenizer, d: ml_collections.ConfigDict, name: str):
-    arrays, report = tokenize_pairs(pairs, tokenizer, max_length=d.max_length,
-                                    max_prompt_length=d.max_prompt_length or None)
+def _source_order(pair) -> tuple[str, int]:
+    """Sort key of a pair's `source` ("file:line"): file, then line number."""
+    name, _, line = pair.source.rpartition(":")
+    return name, int(line)
+
+
+def tokenize(pairs, tokenizer, config: ml_collections.ConfigDict, workdir: str, name: str):
+    """Tokenized pair arrays, cached per (pairs, tokenizer, lengths) under
+    `data.cache_dir` (default `<workdir>/token_cache`)."""
+    d = config.data
+    arrays, report = pipeline.cached_tokenize(
+        pairs, tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length or None,
+        cache_dir=d.cache_dir or os.path.join(workdir, "token_cache"))
     print(f"{name}: {report.summary()}")
     return arrays
 
 
-def load_pair_arrays(config: ml_collections.ConfigDict, tokenizer):
+def load_pair_arrays(config: ml_collections.ConfigDict, tokenizer, workdir: str):
     """Tokenized train and eval pair arrays for `data.source`."""
     d = config.data
     if d.source == "synthetic":
@@ -118,7 +142,8 @@ def load_pair_arrays(config: ml_collections.ConfigDict, tokenizer):
               f"labels agree with the gold reward on {ceiling:.3f} of eval pairs")
         return train, evals
     pairs, eval_pairs = read_pairs(config, tokenizer)
-    return tokenize(pairs, tokenizer, d, "train"), tokenize(eval_pairs, tokenizer, d, "eval")
+    return (tokenize(pairs, tokenizer, config, workdir, "train"),
+            tokenize(eval_pairs, tokenizer, config, workdir, "eval"))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -128,7 +153,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cfg = dataclasses.replace(decoder.config, remat=m.remat)
     print(f"backbone {m.pretrained or 'random model.arch'}: {cfg.num_params():,} params, "
           f"{cfg.num_layers} blocks")
-    train, evals = load_pair_arrays(config, tokenizer)
+    train, evals = load_pair_arrays(config, tokenizer, workdir)
     if len(train["chosen_tokens"]) < d.batch_size:
         raise ValueError(f"{len(train['chosen_tokens'])} usable train pairs is fewer than "
                          f"one batch (data.batch_size={d.batch_size})")
@@ -157,7 +182,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     score_fn = jax.jit(lambda p, b: pairwise.pair_rewards(rm, p, b))
     evaluate = lambda p: pairwise.evaluate_pairs(rm, p, evals, d.eval_batch_size, mesh,
                                                  config.loss.name, score_fn)
-    batcher = PairBatcher(train, d.batch_size, seed=config.seed)
+    batcher = pipeline.GrainLoader(train, d.batch_size // jax.process_count(), seed=config.seed)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
     make_state = jax.jit(lambda p: state_lib.init_state(p, tx, config.seed), out_shardings=shardings)
     state, _ = loop.restore_or_init(checkpointer, make_state, (params,), shardings, batcher)

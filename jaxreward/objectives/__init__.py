@@ -5,7 +5,7 @@ depends on Flax or on a model. Modules, one concept each:
 
   masking          masked reductions safe for NaN/inf padding
   checks           shape and hyper-parameter checks shared by every objective
-  registry         `register(kind, name)` / `get(kind, name)`
+  registry         `register(kind, name)` / `get(kind, name)`; one signature per kind
   reward           reward-model losses, ensembles, implicit rewards
   preference       DPO family, SimPO, ORPO, KTO, ... (pairwise and unpaired)
   policy_gradient  PPO/GSPO surrogates, value loss, entropy, aggregation modes

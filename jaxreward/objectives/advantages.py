@@ -1,13 +1,24 @@
-"""Advantage estimators.
+"""Advantage estimators, registered under three kinds, one signature each
+(`registry.KIND_SIGNATURES`):
 
-Token-level estimators take float32 `[B, T]` rewards and values with a bool
-`mask_BT` of response tokens and return `(advantages_BT, returns_BT)`, 0 at
-masked slots; masked slots (even in the middle of a row) are skipped, so the
-values and rewards stored there have no effect. Group estimators take one
-scalar reward per response, `rewards_B`, with the B = G·N responses laid out
-group by group (N = `group_size` consecutive rows share a prompt), and
-return `advantages_B`; broadcast them over the tokens with
-`broadcast_to_tokens`.
+* ``token_advantage`` (``gae``, ``reinforce_pp``):
+  ``fn(rewards_BT, values_BT, mask_BT, *, gamma=1.0, ...) -> (advantages_BT,
+  returns_BT)``. float32 `[B, T]` per-token rewards and values with a bool
+  `mask_BT` of response tokens; outputs are 0 at masked slots, and masked
+  slots (even in the middle of a row) are skipped, so the values and rewards
+  stored there have no effect. Critic-free estimators ignore `values_BT`
+  (pass None) and carry ``uses_values = False`` so a trainer can skip the
+  value head.
+* ``group_advantage`` (``grpo``, ``rloo``):
+  ``fn(rewards_B, *, group_size, valid_B=None, ...) -> advantages_B``. One
+  scalar reward per response, the B = G·N responses laid out group by group
+  (N = `group_size` consecutive rows share a prompt).
+* ``baseline_advantage`` (``remax``):
+  ``fn(rewards_B, greedy_rewards_B, *, valid_B=None) -> advantages_B``. The
+  baseline is the reward of a separately decoded (greedy) response to the
+  same prompt, an input the group estimators do not take.
+
+Broadcast `advantages_B` over the tokens with `broadcast_to_tokens`.
 
 A member marked invalid in `valid_B` gets advantage 0 and is left out of its
 group's baseline and statistics; pass `valid_B = mask_BT.any(-1)` so that
@@ -73,7 +84,7 @@ def _reverse_masked_scan(step, carry0, xs_BT):
     return jax.tree_util.tree_map(lambda y: jnp.swapaxes(y, 0, 1), ys_TB)
 
 
-@registry.register("advantage", "gae")
+@registry.register("token_advantage", "gae")
 def gae_advantages(
     rewards_BT,
     values_BT,
@@ -192,7 +203,7 @@ def _grouped(rewards_B, valid_B, group_size):
     return select(jnp.asarray(rewards_B, jnp.float32).reshape(-1, n), valid), valid
 
 
-@registry.register("advantage", "grpo")
+@registry.register("group_advantage", "grpo")
 def grpo_advantages(
     rewards_B,
     *,
@@ -239,7 +250,7 @@ def grpo_advantages(
     return jnp.where(valid & ~degenerate, adv, 0.0).reshape(-1)
 
 
-@registry.register("advantage", "rloo")
+@registry.register("group_advantage", "rloo")
 def rloo_advantages(rewards_B, *, group_size: int, valid_B=None):
     """REINFORCE leave-one-out: A_i = r_i − mean_{j ≠ i, valid} r_j.
 
@@ -269,18 +280,28 @@ def rloo_advantages(rewards_B, *, group_size: int, valid_B=None):
     return jnp.where(valid & ~degenerate, r - baseline, 0.0).reshape(-1)
 
 
-@registry.register("advantage", "reinforce_pp")
-def reinforce_pp_advantages(token_rewards_BT, mask_BT, *, gamma: float = 1.0):
+def _critic_free(fn):
+    fn.uses_values = False
+    return fn
+
+
+@_critic_free
+@registry.register("token_advantage", "reinforce_pp")
+def reinforce_pp_advantages(rewards_BT, values_BT, mask_BT, *, gamma: float = 1.0):
     """REINFORCE++: discounted token returns, whitened over the whole batch.
 
         G_t = Σ_{s ≥ t} γ^{s−t} r_s        (r includes the per-token KL penalty)
         A_t = (G_t − mean(G)) / (std(G) + 1e-8)   over all valid tokens
 
+    Critic-free: `values_BT` is ignored (pass None); the argument is there so
+    that every ``token_advantage`` estimator takes the same inputs.
+
     Paper: J. Hu, "REINFORCE++: A Simple and Efficient Approach for Aligning
     Large Language Models" (2025).
 
     Args:
-      token_rewards_BT: float32 `[B, T]`.
+      rewards_BT: float32 `[B, T]` per-token rewards.
+      values_BT: ignored (None, or a `[B, T]` array, whose shape is checked).
       mask_BT: bool `[B, T]`.
       gamma: static γ.
 
@@ -288,13 +309,13 @@ def reinforce_pp_advantages(token_rewards_BT, mask_BT, *, gamma: float = 1.0):
       (advantages_BT, returns_BT); whitening statistics are those of this
       batch (compute on the full batch before splitting into micro-batches).
     """
-    check_token_arrays("token_rewards_BT", token_rewards_BT, mask_BT=mask_BT)
+    check_token_arrays("rewards_BT", rewards_BT, values_BT=values_BT, mask_BT=mask_BT)
     mask = as_bool(mask_BT)
-    returns = discounted_returns(token_rewards_BT, mask, gamma=gamma)
+    returns = discounted_returns(rewards_BT, mask, gamma=gamma)
     return masked_whiten(returns, mask), returns
 
 
-@registry.register("advantage", "remax")
+@registry.register("baseline_advantage", "remax")
 def remax_advantages(rewards_B, greedy_rewards_B, *, valid_B=None):
     """ReMax: the greedy response's reward as baseline, A = r(sampled) − r(greedy).
 

@@ -26,7 +26,13 @@ implicit reward is β·(log π − log π_ref) unless the docstring says otherwi
 Notation in docstrings: ρ_c = log π(y_c) − log π_ref(y_c) and ρ_r likewise
 (the log-ratios), h = ρ_c − ρ_r, σ the logistic function.
 
-KTO is unpaired and registered under kind ``unpaired_preference``.
+Every function registered under ``preference`` has that signature
+(`registry.PreferenceLoss`), so a trainer takes any of them by name. TGDPO,
+which needs per-token log-probs, is registered under kind
+``token_preference`` (`registry.TokenPreferenceLoss`: the four `[B, T]`
+log-prob arrays, then the chosen and rejected response masks). KTO is
+unpaired and registered under kind ``unpaired_preference``
+(`registry.UnpairedPreferenceLoss`).
 """
 from __future__ import annotations
 
@@ -786,17 +792,17 @@ def cream_consistency(scores_now_NM, scores_prev_NM, mask_NM=None) -> jnp.ndarra
     return jnp.where(jnp.any(has_pairs), masked_mean(consistency_N, has_pairs), 0.5)
 
 
-@registry.register("preference", "tgdpo")
+@registry.register("token_preference", "tgdpo")
 def tgdpo_loss(
     chosen_logps_BT,
     rejected_logps_BT,
     ref_chosen_logps_BT,
     ref_rejected_logps_BT,
+    chosen_mask_BT,
+    rejected_mask_BT,
     *,
     beta: float,
     alpha: float,
-    chosen_mask_BT,
-    rejected_mask_BT,
     chosen_token_rewards_BT,
     rejected_token_rewards_BT,
     example_mask_B=None,
@@ -813,9 +819,10 @@ def tgdpo_loss(
     practical guidance is r̂_t = β'·(log π_dpo − log π_ref) of a previously
     DPO-trained model, computed outside and passed in.
 
-    Unlike the other pairwise losses this one takes **per-token** arrays,
-    `logps[b, t]` = log p(token t+1 | tokens ≤ t); chosen and rejected may
-    have different lengths T_c, T_r.
+    Unlike the losses of kind ``preference`` this one takes **per-token**
+    arrays, `logps[b, t]` = log p(token t+1 | tokens ≤ t), and the response
+    masks (kind ``token_preference``); chosen and rejected may have
+    different lengths T_c, T_r.
 
     Paper: M. Zhu et al., "TGDPO: Harnessing Token-Level Reward Guidance for
     Enhancing Direct Preference Optimization" (2025).
@@ -823,9 +830,10 @@ def tgdpo_loss(
     Args:
       chosen_logps_BT, ref_chosen_logps_BT: float32 `[B, T_c]`.
       rejected_logps_BT, ref_rejected_logps_BT: float32 `[B, T_r]`.
+      chosen_mask_BT, rejected_mask_BT: bool response masks, shaped like
+        the log-probs of their side.
       beta: static β > 0.
       alpha: static guidance strength α ≥ 0.
-      chosen_mask_BT, rejected_mask_BT: bool response masks.
       chosen_token_rewards_BT, rejected_token_rewards_BT: float32 guidance
         rewards r̂ (treated as constants).
 

@@ -5,8 +5,18 @@ or ratings; the reward functions turn log-probs or ensembles into rewards.
 Rewards are float32 in the reward model's own units ("nats" for implicit
 rewards, which are β-scaled log-ratios).
 
-Registered under kind ``reward_loss``: ``bradley_terry``,
-``scaled_bradley_terry``, ``regression``.
+Registered losses, one signature per kind (`registry.KIND_SIGNATURES`):
+
+* ``pairwise_reward_loss`` (``bradley_terry``, ``scaled_bradley_terry``):
+  ``fn(rewards_chosen_B, rewards_rejected_B, margin_B=None, example_mask_B=None,
+  *, objective_weights_K=None) -> (loss, metrics)``. ``margin_B`` is the
+  per-pair preference strength m of the data (e.g. 1–3 for slightly to much
+  better); each loss uses it in its own way (subtracted, or as a weight), and
+  without it each is the plain Bradley–Terry loss. Both return the same
+  metric keys.
+* ``rated_reward_loss`` (``regression``):
+  ``fn(rewards_B, targets_B, example_mask_B=None, *, objective_weights_K=None)
+  -> (loss, metrics)``.
 """
 from __future__ import annotations
 
@@ -102,12 +112,33 @@ def _per_objective_accuracy(diff_BK, mask_BK) -> Metrics:
     return {f"accuracy_k{k}": acc_K[k] for k in range(diff_BK.shape[1])}
 
 
+def _pair_reward_inputs(rewards_chosen_B, rewards_rejected_B, margin_B, example_mask_B, margin_default):
+    """(r_c, r_r, m, mask), float32 `[B]` or `[B, K]`, masked entries replaced by 0 (m by `margin_default`)."""
+    rc = jnp.asarray(rewards_chosen_B, jnp.float32)
+    rr = jnp.asarray(rewards_rejected_B, jnp.float32)
+    if rc.shape != rr.shape or rc.ndim not in (1, 2):
+        raise ValueError(f"reward shapes {rc.shape} and {rr.shape} must match and be [B] or [B, K]")
+    mask = _example_mask(example_mask_B, rc.shape, "rewards_chosen_B")
+    margin = (jnp.full(rc.shape, margin_default, jnp.float32) if margin_B is None
+              else _per_example("margin_B", margin_B, rc.shape, "rewards_chosen_B"))
+    return select(rc, mask), select(rr, mask), select(margin, mask, margin_default), mask
+
+
+def _pair_reward_result(loss_BK, rc, rr, mask, objective_weights_K):
+    """(loss, metrics) of a pairwise reward loss: the reduction and the metric keys every member reports."""
+    loss = _reduce_objectives(loss_BK, mask, objective_weights_K)
+    metrics = {"loss": loss, **pair_metrics(rc, rr, mask)}
+    if rc.ndim == 2 and rc.shape[1] > 1:
+        metrics.update(_per_objective_accuracy(rc - rr, mask))
+    return loss, metrics
+
+
 # ----------------------------------------------------------------------------
 # Reward-model training losses
 # ----------------------------------------------------------------------------
 
 
-@registry.register("reward_loss", "bradley_terry")
+@registry.register("pairwise_reward_loss", "bradley_terry")
 def bradley_terry_loss(
     rewards_chosen_B,
     rewards_rejected_B,
@@ -151,37 +182,30 @@ def bradley_terry_loss(
         `example_mask_B` / `margin_B` has a shape other than those above
         (nothing is broadcast; the message names the argument and both shapes).
     """
-    rc = jnp.asarray(rewards_chosen_B, jnp.float32)
-    rr = jnp.asarray(rewards_rejected_B, jnp.float32)
-    if rc.shape != rr.shape or rc.ndim not in (1, 2):
-        raise ValueError(f"reward shapes {rc.shape} and {rr.shape} must match and be [B] or [B, K]")
-    mask = _example_mask(example_mask_B, rc.shape, "rewards_chosen_B")
-    margin = (jnp.zeros(rc.shape, jnp.float32) if margin_B is None
-              else _per_example("margin_B", margin_B, rc.shape, "rewards_chosen_B"))
-    rc, rr, margin = select(rc, mask), select(rr, mask), select(margin, mask)
-
+    rc, rr, margin, mask = _pair_reward_inputs(rewards_chosen_B, rewards_rejected_B, margin_B, example_mask_B, 0.0)
     loss_BK = -jax.nn.log_sigmoid(rc - rr - margin)
-    loss = _reduce_objectives(loss_BK, mask, objective_weights_K)
-    metrics = {"loss": loss, **pair_metrics(rc, rr, mask)}
-    if rc.ndim == 2 and rc.shape[1] > 1:
-        metrics.update(_per_objective_accuracy(rc - rr, mask))
-    return loss, metrics
+    return _pair_reward_result(loss_BK, rc, rr, mask, objective_weights_K)
 
 
-@registry.register("reward_loss", "scaled_bradley_terry")
+@registry.register("pairwise_reward_loss", "scaled_bradley_terry")
 def scaled_bradley_terry_loss(
     rewards_chosen_B,
     rewards_rejected_B,
-    strength_B,
+    margin_B=None,
     example_mask_B=None,
+    *,
+    objective_weights_K: Optional[Sequence[float]] = None,
 ):
     """Scaled Bradley–Terry: the BT loss of each pair times its preference strength.
 
-        loss = mean_b  s_b · (−log σ(r_c − r_r))
+        loss = mean_b  m_b · (−log σ(r_c − r_r))
 
-    where s_b ≥ 0 is how strongly the annotators preferred the chosen
-    response (e.g. 1 = slightly, 3 = much better). The mean is over valid
-    pairs, not over Σ s_b, so the scale of s sets the effective step size.
+    where m_b ≥ 0 is how strongly the annotators preferred the chosen
+    response (e.g. 1 = slightly, 3 = much better): the same per-pair number
+    that `bradley_terry_loss` subtracts as a margin (the paper compares the
+    two on the same magnitudes), here used as a weight. The mean is over
+    valid pairs, not over Σ m_b, so the scale of m sets the effective step
+    size. Without `margin_B` (m = 1) it is the plain Bradley–Terry loss.
 
     Paper: Z. Wang et al., "HelpSteer2-Preference: Complementing Ratings with
     Preferences" (2024).
@@ -189,24 +213,20 @@ def scaled_bradley_terry_loss(
     Args:
       rewards_chosen_B: float32 `[B]` or `[B, K]` chosen rewards.
       rewards_rejected_B: float32, same shape.
-      strength_B: float32 scalar, `[B]` or `[B, K]` preference magnitudes.
+      margin_B: optional float32 scalar, `[B]` or `[B, K]` preference
+        strengths m ≥ 0 (default 1).
       example_mask_B: optional bool `[B]`.
+      objective_weights_K: optional static K weights (Σ_k w_k · mean_b).
 
     Returns:
       (loss, metrics) with the same metric keys as `bradley_terry_loss`.
     """
-    rc = jnp.asarray(rewards_chosen_B, jnp.float32)
-    rr = jnp.asarray(rewards_rejected_B, jnp.float32)
-    if rc.shape != rr.shape or rc.ndim not in (1, 2):
-        raise ValueError(f"reward shapes {rc.shape} and {rr.shape} must match and be [B] or [B, K]")
-    mask = _example_mask(example_mask_B, rc.shape, "rewards_chosen_B")
-    strength = select(_per_example("strength_B", strength_B, rc.shape, "rewards_chosen_B"), mask)
-    rc, rr = select(rc, mask), select(rr, mask)
-    loss = masked_mean(-strength * jax.nn.log_sigmoid(rc - rr), mask)
-    return loss, {"loss": loss, **pair_metrics(rc, rr, mask)}
+    rc, rr, strength, mask = _pair_reward_inputs(rewards_chosen_B, rewards_rejected_B, margin_B, example_mask_B, 1.0)
+    loss_BK = -strength * jax.nn.log_sigmoid(rc - rr)
+    return _pair_reward_result(loss_BK, rc, rr, mask, objective_weights_K)
 
 
-@registry.register("reward_loss", "regression")
+@registry.register("rated_reward_loss", "regression")
 def regression_loss(
     rewards_B,
     targets_B,

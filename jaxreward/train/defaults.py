@@ -60,7 +60,7 @@ def train(num_steps: int = 100, log_every: int = 10) -> ml_collections.ConfigDic
 
 def loss() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
-        name="bradley_terry",      # reward_loss registry name (jaxreward.objectives.registry)
+        name="bradley_terry",      # pairwise_reward_loss registry name (jaxreward.objectives.registry)
     ))
 
 

@@ -148,3 +148,20 @@ def test_frozen_blocks_count():
     assert state_lib.frozen_blocks(2, 1) == 1
     assert state_lib.frozen_blocks(4, -1) == state_lib.frozen_blocks(4, 4) == state_lib.frozen_blocks(4, 9) == 0
     assert state_lib.frozen_blocks(4, 0) == 4  # head only
+
+
+def test_jsonl_and_tfds_sources_give_the_same_pairs(tmp_path, hh_file):
+    """data.source=tfds builds the real HH file into a TFDS dataset and reads
+    back exactly the pairs (and held-out split) of data.source=jsonl."""
+    import sys
+    from jaxreward.models import pretrained
+    tokenizer = pretrained.load_pretrained("smollm2-135m-instruct")[2]
+    config = rm_config.get_config("smollm2_hh")
+    config.data.update(train_path=str(hh_file), max_train_pairs=0, max_eval_pairs=0,
+                       tfds_data_dir=str(tmp_path / "tfds"))
+    jsonl = driver.read_pairs(config, tokenizer)
+    config.data.source = "tfds"
+    tfds = driver.read_pairs(config, tokenizer)
+    assert len(jsonl[0]) == len(tfds[0]) == 2303 - 128 and len(tfds[1]) == 128
+    assert jsonl == tfds
+    assert "tensorflow" not in sys.modules

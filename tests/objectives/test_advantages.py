@@ -94,7 +94,7 @@ def test_gae_all_masked_row():
 
 
 def test_gae_jit_and_registry():
-    fn = jax.jit(registry.get("advantage", "gae"), static_argnames=("gamma", "lam"))
+    fn = jax.jit(registry.get("token_advantage", "gae"), static_argnames=("gamma", "lam"))
     a, _ = fn(jnp.array([[0.0, 0.0, 1.0]]), jnp.array([[0.5, 0.4, 0.3]]), jnp.ones((1, 3), bool), gamma=0.9, lam=0.8)
     np.testing.assert_allclose(a, [[0.12928, 0.374, 0.7]], rtol=1e-5)
 
@@ -145,7 +145,7 @@ def test_rloo_hand_values():
 def test_reinforce_pp_whitening():
     r = jnp.array([[0.0, 0.0, 1.0], [0.0, 2.0, np.nan]])
     mask = jnp.array([[True, True, True], [True, True, False]])
-    a, ret = adv.reinforce_pp_advantages(r, mask, gamma=1.0)
+    a, ret = adv.reinforce_pp_advantages(r, None, mask, gamma=1.0)
     # returns: [1, 1, 1], [2, 2]; mean 1.4, std sqrt((3·0.16 + 2·0.36)/5) = sqrt(0.24)
     np.testing.assert_allclose(ret, [[1, 1, 1], [2, 2, 0]], rtol=1e-6)
     s = math.sqrt(0.24)
@@ -214,9 +214,9 @@ def test_discounted_returns_and_reinforce_pp_check_gamma_and_shapes():
     with _raises("gamma must be in [0, 1], got 1.01"):
         adv.discounted_returns(r, mask, gamma=1.01)
     with _raises("gamma must be in [0, 1], got 3"):
-        adv.reinforce_pp_advantages(r, mask, gamma=3)
-    with _raises("mask_BT has shape (2, 4), expected (2, 3) to match token_rewards_BT with shape (2, 3)"):
-        adv.reinforce_pp_advantages(r, jnp.ones((2, 4), bool))
+        adv.reinforce_pp_advantages(r, None, mask, gamma=3)
+    with _raises("mask_BT has shape (2, 4), expected (2, 3) to match rewards_BT with shape (2, 3)"):
+        adv.reinforce_pp_advantages(r, None, jnp.ones((2, 4), bool))
     with _raises("rewards_BT must be [B, T], got shape (3,)"):
         adv.discounted_returns(jnp.zeros(3), jnp.ones(3, bool))
 

@@ -162,9 +162,9 @@ def test_implicit_rewards_sequence_token_prefix():
 
 
 def test_registry_lookup_and_error_lists_names():
-    assert registry.get("reward_loss", "bradley_terry") is reward.bradley_terry_loss
+    assert registry.get("pairwise_reward_loss", "bradley_terry") is reward.bradley_terry_loss
     with pytest.raises(KeyError, match="bradley_terry"):
-        registry.get("reward_loss", "bradly_terry")
+        registry.get("pairwise_reward_loss", "bradly_terry")
     with pytest.raises(KeyError, match="known kinds"):
         registry.get("no_such_kind", "x")
 

@@ -7,7 +7,8 @@ The policy samples N completions per chat prompt (prompt prefilled once,
 its KV cache shared by the N continuations); a reward model exported by the
 reward_model task ranks them (or, without one, the built-in length-free
 demo reward); prints each prompt, the chosen completion and all rewards,
-and writes `<workdir>/best_of_n.jsonl`.
+and writes `<workdir>/best_of_n.jsonl`: per prompt, all N completions
+with their rewards, the chosen index and the KL bound.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import numpy as np
 import jaxreward
 from jaxreward.sampling.best_of_n import best_of_n, reward_model_fn, text_reward_fn
 from jaxreward.models.reward_io import load_reward_model
+from jaxreward.data.records import read_prompts as read_prompts_file
+from jaxreward.errors import UserError
 from jaxreward.train import defaults
 
 BUILTIN_PROMPTS = (
@@ -41,32 +44,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def read_prompts(path: str) -> list[str]:
-    """Prompts from a .txt (one per line) or .jsonl (field `prompt`) file.
+    """Prompts from a .txt (one per line) or .jsonl (field `prompt`) file,
+    read and validated by `data.records.read_prompts`; the built-in list
+    when `path` is empty.
 
     Raises:
-      ValueError: a .jsonl line that is not JSON or has no string `prompt`
-        (file and line named).
+      DataError: the first bad line, naming file, line and field.
     """
     if not path:
         return list(BUILTIN_PROMPTS)
-    prompts = []
-    with open(path, encoding="utf-8-sig") as f:  # -sig: drop a byte-order mark
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.endswith(".jsonl"):
-                try:
-                    value = json.loads(line).get("prompt")
-                except (json.JSONDecodeError, AttributeError) as e:
-                    raise ValueError(f"{path}:{i}: not a JSON object ({e})") from None
-                if not isinstance(value, str) or not value.strip():
-                    raise ValueError(f"{path}:{i}: field 'prompt' must be a non-empty string")
-                prompts.append(value)
-            else:
-                prompts.append(line.rstrip("\n"))
-    if not prompts:
-        raise ValueError(f"{path}: no prompts")
-    return prompts
+    records, _ = read_prompts_file(path, on_error="raise")
+    return [r.prompt for r in records]
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -92,7 +80,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     if config.reward_model_dir:
         rm, rm_params, meta = load_reward_model(config.reward_model_dir)
         if rm.config.vocab_size != policy.config.vocab_size:
-            raise ValueError(f"reward model vocabulary ({rm.config.vocab_size}) differs from the "
+            raise UserError(f"reward model vocabulary ({rm.config.vocab_size}) differs from the "
                              f"policy's ({policy.config.vocab_size}); use the same tokenizer")
         reward_fn = reward_model_fn(rm, rm_params, objective=config.objective)
         reward_name = f"reward model {config.reward_model_dir}"
@@ -116,14 +104,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                         max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                         top_k=s.top_k, top_p=s.top_p, stop_ids=tokenizer.stop_ids,
                         pad_id=tokenizer.pad_id)
-        best_tokens = np.asarray(out.best.tokens_RM)
-        best_mask = np.asarray(out.best.mask_RM)
+        tokens_RM = np.asarray(out.samples.tokens_RM)
+        mask_RM = np.asarray(out.samples.mask_RM)
         rewards = np.asarray(out.rewards_BN)
         for i, prompt in enumerate(batch):
-            text = tokenizer.decode(best_tokens[i][best_mask[i]].tolist())
-            row = {"prompt": prompt, "best": text, "best_index": int(out.best_index_B[i]),
+            rows_i = range(i * config.n, (i + 1) * config.n)  # row b * N + j is sample j
+            completions = [tokenizer.decode(tokens_RM[r][mask_RM[r]].tolist()) for r in rows_i]
+            best = int(out.best_index_B[i])
+            text = completions[best]
+            row = {"prompt": prompt, "best": text, "best_index": best,
                    "best_reward": float(rewards[i].max()), "rewards": rewards[i].tolist(),
-                   "kl_bound": out.kl_bound}
+                   "completions": completions, "kl_bound": out.kl_bound}
             rows.append(row)
             print(f"\n### {prompt}\n--- best of {config.n} (sample {row['best_index']}, reward "
                   f"{row['best_reward']:.3f}; all: {np.array2string(rewards[i], precision=2)})\n"

@@ -26,6 +26,7 @@ import tqdm
 import jaxreward
 from jaxreward import parallel
 from jaxreward.data import synthetic
+from jaxreward.errors import UserError
 from jaxreward.data import pipeline, tfds_builders
 from jaxreward.data.preference import read_preference_pairs
 from jaxreward.models.heads import RewardModel
@@ -155,7 +156,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"{cfg.num_layers} blocks")
     train, evals = load_pair_arrays(config, tokenizer, workdir)
     if len(train["chosen_tokens"]) < d.batch_size:
-        raise ValueError(f"{len(train['chosen_tokens'])} usable train pairs is fewer than "
+        raise UserError(f"{len(train['chosen_tokens'])} usable train pairs is fewer than "
                          f"one batch (data.batch_size={d.batch_size})")
     has_eval = len(evals["chosen_tokens"]) > 0
     if not has_eval:
@@ -173,7 +174,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # --- Sharded step, state, data iterator.
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    tx, schedule = state_lib.make_optimizer(config.optimizer, t.num_steps, trainable)
+    tx, schedule = state_lib.make_optimizer(config.optimizer, loop.schedule_steps(t), trainable)
     boxed = jax.eval_shape(lambda: rm.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))
     shardings = step_lib.state_shardings(mesh, boxed["params"], tx)
     loss_fn, metrics_fn = pairwise.make_loss_fns(rm, config.loss.name)
@@ -192,27 +193,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start, stop = int(state.step), loop.stop_step(t)
     writer = metrics_lib.MetricWriter(workdir, resume_step=start)
     history = []
+    if has_eval and t.eval_every and start == 0:  # the untrained head: step 0 of the curve
+        untrained = evaluate(state.params)
+        writer.write(0, untrained, prefix="eval")
+        print(f"held-out pairwise accuracy at step 0 (untrained head): "
+              f"{pairwise.describe_accuracy(untrained)}")
     bar = tqdm.trange(start, stop, desc="train reward model", initial=start, total=stop,
                       disable=not t.progress_bar, dynamic_ncols=True)
     for step in bar:
         state, metrics = train_step(state, parallel.shard_batch(next(batcher), mesh))
         done = step + 1
         if loop.due(done, t.log_every, stop):
-            mets = metrics_lib.to_floats(metrics)
-            if not np.isfinite(mets["loss"]):
-                raise FloatingPointError(f"non-finite loss {mets['loss']} at step {done}")
-            writer.write(done, mets)
+            mets = loop.log_train(writer, done, metrics, bar)
             history.append({"step": done, **mets})
-            bar.set_postfix(loss=f"{mets['loss']:.4f}", acc=f"{mets['accuracy']:.3f}")
         if has_eval and t.eval_every and done % t.eval_every == 0 and done != t.num_steps:
-            writer.write(done, evaluate(state.params), prefix="eval")
+            mets = evaluate(state.params)
+            writer.write(done, mets, prefix="eval")
+            tqdm.tqdm.write(f"step {done}: held-out pairwise accuracy {pairwise.describe_accuracy(mets)}")
         if loop.due(done, t.checkpoint_every, stop):
             checkpointer.save(done, state, batcher.state())
     checkpointer.close()
-    if int(state.step) < t.num_steps:
+    if loop.stopped_early(int(state.step), t.num_steps):
         writer.close()
-        print(f"stopped at step {int(state.step)} of {t.num_steps} (train.stop_after_steps); "
-              "re-run with the same --workdir to continue")
         return {"stopped_at": int(state.step), "history": history, "state": state, "mesh": mesh}
 
     # --- Final eval, summary, export.
@@ -227,8 +229,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write(int(state.step), final, prefix="eval")
         rows.append({"split": "held-out", "pairs": int(final["num_pairs"]), "loss": final["loss"],
                      "accuracy": final["accuracy"], "margin": final["margin_mean"]})
-        print(f"held-out pairwise accuracy: {final['accuracy']:.4f} on {int(final['num_pairs'])} pairs")
+        print(f"held-out pairwise accuracy: {pairwise.describe_accuracy(final)} "
+              "(95% Wilson interval)")
     writer.close()
+    curve = metrics_lib.plot_curve(workdir, "eval/accuracy", "learning_curve.png",
+                                   "held-out pairwise accuracy",
+                                   band=("eval/accuracy_ci_low", "eval/accuracy_ci_high"),
+                                   reference=0.5)
+    if curve:
+        print(f"learning curve: {curve}")
     print(metrics_lib.format_table(rows))
     export_reward_model(os.path.join(workdir, EXPORT_DIR), rm, state.params, m.pretrained or "random")
     print(f"reward model saved to {os.path.join(workdir, EXPORT_DIR)}")

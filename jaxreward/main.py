@@ -14,6 +14,14 @@ Before any model loads, the shared config blocks are checked
 (`train.defaults.check_common`), then the driver's own `check_config(config)`
 if it has one. Re-running with the same --workdir resumes from its latest
 checkpoint, under the same config only (see `check_resume_config`).
+
+Bad input ends the run with one line `error: <what and where>` on stderr and
+exit status 2, not a traceback: a flag or config field that does not exist
+(with ml_collections' suggestion), a value that does not parse, a config
+file or variant that does not exist, an impossible value, and any
+`jaxreward.errors.USER_ERRORS` raised by a driver's run (bad data lines,
+chat templates, damaged checkpoints, missing paths). Set
+`JAXREWARD_TRACEBACK=1` to get the traceback instead.
 """
 from __future__ import annotations
 
@@ -21,10 +29,13 @@ import importlib
 import json
 import os
 import pathlib
+import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from jaxreward import errors
 
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent
 _DEFAULT_CONFIG = str(PACKAGE_ROOT / "configs" / "quickstart.py")
@@ -39,7 +50,7 @@ RESUMABLE_CHANGES = ("train.stop_after_steps", "train.progress_bar", "train.log_
                      "train.eval_every", "train.checkpoint_every", "data.eval_batch_size")
 
 
-class UnknownTask(ValueError):
+class UnknownTask(errors.UserError):
     """`config.task` names no driver in `experiments/`."""
 
 
@@ -91,7 +102,7 @@ def check_config(config) -> object:
     """Shared checks, then the driver's own; returns the driver module.
 
     Raises:
-      ValueError (ConfigError, UnknownTask): one line naming the field.
+      UserError (ConfigError, UnknownTask): one line naming the field.
     """
     from jaxreward.train import defaults
     driver = load_driver(config.get("task"))
@@ -113,7 +124,13 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def check_resume_config(config, workdir: str) -> None:
     """A workdir holding checkpoints resumes only under the config that wrote
-    them (up to `RESUMABLE_CHANGES`); else a UsageError lists the changes."""
+    them (up to `RESUMABLE_CHANGES`); else a ConfigError lists the changes.
+
+    One more change is allowed: a larger `train.num_steps` extends the run.
+    Then `train.schedule_steps` is set to the stored schedule length, so the
+    learning-rate schedule of the steps already taken is unchanged and the
+    added steps run at its final value (see `train.loop.schedule_steps`).
+    """
     stored_path = os.path.join(workdir, "config.json")
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not (os.path.exists(stored_path) and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir)):
@@ -121,32 +138,116 @@ def check_resume_config(config, workdir: str) -> None:
     with open(stored_path, encoding="utf-8") as f:
         stored = _flat(json.load(f))
     current = _flat(json.loads(config.to_json_best_effort()))
+    old_steps, new_steps = stored.get("train.num_steps"), current.get("train.num_steps")
+    if isinstance(old_steps, int) and isinstance(new_steps, int) and new_steps > old_steps:
+        config.train.schedule_steps = stored.get("train.schedule_steps") or old_steps
+        print(f"extending the run from {old_steps} to {new_steps} steps; the learning-rate "
+              f"schedule keeps its {config.train.schedule_steps} steps and the added steps run "
+              "at its final value")
+        current = _flat(json.loads(config.to_json_best_effort()))
+        for key in ("train.num_steps", "train.schedule_steps"):
+            stored[key] = current[key]
     changed = [f"{k}: {stored.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}"
                for k in sorted(set(stored) | set(current))
                if stored.get(k) != current.get(k) and k not in RESUMABLE_CHANGES]
     if changed:
-        raise app.UsageError(
+        from jaxreward.train import defaults
+        raise defaults.ConfigError(
             f"--workdir={workdir} holds checkpoints of a different config; changed fields:\n  "
             + "\n  ".join(changed) + "\nUse a new --workdir (or restore those values) to resume.")
 
 
+def fail(message: str, error: BaseException | None = None):
+    """Ends the run: `error: <message>` on stderr, exit status 2; with
+    `JAXREWARD_TRACEBACK=1`, re-raises `error` (the traceback) instead."""
+    if error is not None and os.environ.get("JAXREWARD_TRACEBACK") == "1":
+        raise error
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(2)
+
+
+def _unknown_field_message(error: BaseException, argv: list[str]) -> str | None:
+    """For ml_collections' AttributeError/KeyError on `--config.a.b=...` with a
+    field that does not exist: "unknown config field a.b (did you mean a.c?)
+    in --config.a.b=..."; None when no `--config.` argument names that key
+    (then it is not an override typo but, e.g., a bug in `get_config`)."""
+    while isinstance(error, (AttributeError, KeyError)) and len(error.args) == 1 \
+            and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    key = re.match(r"\s*'([^']*)'", text)
+    if key is None:
+        return None
+    key = key.group(1)
+    guess = re.search(r'Did you mean "([^"]+)"', text)
+    for arg in argv[1:]:
+        m = re.match(r"--?config\.([^=]+)(=.*)?$", arg)
+        if m and key in m.group(1).split("."):
+            path = m.group(1).split(".")
+            at = path.index(key)
+            hint = f" (did you mean {'.'.join(path[:at] + [guess.group(1)])}?)" if guess else ""
+            return f"unknown config field {'.'.join(path[:at + 1])}{hint} in {arg}"
+    return None
+
+
+def _root(error: BaseException) -> BaseException:
+    """The first exception of a chain (`__cause__`, else `__context__`)."""
+    seen = {id(error)}
+    while (nxt := error.__cause__ or error.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        error = nxt
+    return error
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with bad flags and config overrides as one line.
+
+    ml_collections raises a bare AttributeError/KeyError for an unknown
+    `--config.<field>` (a traceback of ~60 lines) and wraps errors of
+    `get_config` (e.g. an unknown variant) with their traceback as text;
+    here each becomes `error: ...` (exit status 2), as does a config file
+    that does not load.
+    """
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.Error as e:
+        traced = "Traceback (most recent call last)" in str(e)
+        fail(errors.message(_root(e) if traced else e), e)
+    except (AttributeError, KeyError) as e:
+        text = _unknown_field_message(e, argv)
+        if text is None:
+            raise
+        fail(text, e)
+    try:
+        flags.FLAGS.config.get("task")
+    except OSError as e:  # ml_collections defers "cannot load the config file" to first use
+        detail = errors.message(_root(e)).split("; ")[-1]
+        fail(f"--config={config_flags.get_config_filename(flags.FLAGS['config'])}: cannot load "
+             f"the config file ({detail})", e)
+    return rest
+
+
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        fail(f"unexpected arguments: {' '.join(argv[1:])} (flags are --config=FILE[:variant], "
+             "--workdir=DIR, --config.<field>=VALUE)")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # quiet library INFO logs by default
     config = flags.FLAGS.config
     try:
         driver = check_config(config)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
-    workdir = flags.FLAGS.workdir or os.path.join("runs", config.task)
-    check_resume_config(config, workdir)
+        workdir = flags.FLAGS.workdir or os.path.join("runs", config.task)
+        check_resume_config(config, workdir)
+    except (ValueError, *errors.USER_ERRORS) as e:  # a check_config raises ValueError naming the field
+        fail(errors.message(e), e)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         f.write(config.to_json_best_effort(indent=2))
     logging.info("config:\n%s", config)
-    driver.run(config, workdir)
+    try:
+        driver.run(config, workdir)
+    except errors.USER_ERRORS as e:
+        fail(errors.message(e), e)
 
 
 def run():
@@ -155,7 +256,7 @@ def run():
     if os.environ.get("JAXREWARD_DISTRIBUTED") == "1":
         import jax
         jax.distributed.initialize()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,19 @@ Layout of one row (right padding, T = max_length):
 With left padding the same tokens, masks and positions sit at the end of the
 row. Prompt and response are tokenized separately and concatenated, so no
 BPE merge crosses the boundary and the loss mask is exact.
+
+Responses are plain text: a special-token string inside one ("<|im_end|>")
+is encoded as text, never as a control token. Prompts keep the control
+tokens their chat template wrote, and only those (see
+`Tokenizer.apply_chat_template`). Text the tokenizer cannot encode drops
+its pair, counted and located in the report.
 """
 import dataclasses
 from typing import Sequence
 
 import numpy as np
+
+from jaxreward.errors import UserError
 
 SIDES = ("chosen", "rejected")
 _EXAMPLES = 5
@@ -76,8 +84,10 @@ def tokenize_pairs(
     `.source` is used in the report) gives one row per side. The prompt is
     encoded once with `add_bos=tokenizer.add_bos` (one BOS; a BOS the chat
     template already wrote is not doubled) and shared by both sides; each
-    response is encoded without specials and gets `tokenizer.eos_id` appended
-    when `append_eos`.
+    response is encoded as plain text (`encode(..., plain=True)`: a
+    special-token string in it is text) and gets `tokenizer.eos_id` appended
+    when `append_eos`. A pair with text the tokenizer cannot encode (e.g. a
+    lone surrogate) is dropped and reported ("cannot tokenize <field>: why").
 
     Truncation keeps the END of the prompt (and its BOS) and the START of the
     response. The prompt is cut from the left to `max_prompt_length`; by
@@ -114,14 +124,20 @@ def tokenize_pairs(
     if append_eos and tokenizer.eos_id is None:
         raise ValueError("append_eos=True but the tokenizer has no EOS id")
     eos = [tokenizer.eos_id] if append_eos else []
-    prompts = tokenizer.encode_batch([p.prompt for p in pairs], add_bos=tokenizer.add_bos)
-    responses = {s: tokenizer.encode_batch([getattr(p, s) for p in pairs]) for s in SIDES}
+    prompts = _encode_each(tokenizer, [p.prompt for p in pairs], add_bos=tokenizer.add_bos)
+    responses = {s: _encode_each(tokenizer, [getattr(p, s) for p in pairs], plain=True) for s in SIDES}
 
     report = TruncationReport(num_pairs=len(pairs))
     rows = {s: [] for s in SIDES}  # (tokens, prompt_length) per kept pair
     kept = []
     for i, pair in enumerate(pairs):
         where = getattr(pair, "source", None) or f"pair {i}"
+        failed = next((f for f, ids in (("prompt", prompts[i]), *((s, responses[s][i]) for s in SIDES))
+                       if isinstance(ids, Exception)), None)
+        if failed is not None:
+            error = prompts[i] if failed == "prompt" else responses[failed][i]
+            report._drop(f"cannot tokenize {failed}: {_why(error)}", where)
+            continue
         response = {s: responses[s][i] + eos for s in SIDES}
         if any(not response[s] for s in SIDES):
             side = next(s for s in SIDES if not response[s])
@@ -162,6 +178,26 @@ def tokenize_pairs(
     return arrays, report
 
 
+def _encode_each(tokenizer, texts: list, **kwargs) -> list:
+    """`tokenizer.encode_batch(texts)`, with the exception in place of the ids
+    of each text that cannot be encoded (the batch is retried one by one)."""
+    try:
+        return tokenizer.encode_batch(texts, **kwargs)
+    except ValueError:  # Tokenizer.encode_batch raises TokenizeError for bad text: find which
+        out = []
+        for text in texts:
+            try:
+                out.append(tokenizer.encode(text, **kwargs))
+            except ValueError as e:  # reported per pair
+                out.append(e)
+        return out
+
+
+def _why(error: Exception) -> str:
+    """A short reason to count by (a TokenizeError's `reason`)."""
+    return getattr(error, "reason", None) or type(error).__name__
+
+
 def _keep_end(prompt: list[int], limit: int, bos: int | None) -> list[int]:
     """The last `limit` tokens of `prompt`, with its leading BOS kept in front."""
     if bos is not None and prompt and prompt[0] == bos:
@@ -196,7 +232,8 @@ class PairBatcher:
     """
 
     def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int, drop_remainder: bool = True):
-        """Raises ValueError: arrays of different lengths, or no full batch per epoch."""
+        """Raises ValueError: arrays of different lengths; UserError (a ValueError):
+        fewer rows than one batch."""
         sizes = {len(v) for v in arrays.values()}
         if len(sizes) != 1:
             raise ValueError(f"arrays must have one leading size, got {sorted(sizes)}")
@@ -205,7 +242,7 @@ class PairBatcher:
         whole, rest = divmod(self.num_rows, batch_size)
         self.batches_per_epoch = whole + (rest > 0 and not drop_remainder)
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{self.num_rows} rows make no batch of {batch_size}")
+            raise UserError(f"{self.num_rows} rows make no batch of {batch_size}")
         self._epoch, self._index, self._order = 0, 0, None
 
     def _epoch_order(self) -> np.ndarray:

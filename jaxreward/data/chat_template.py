@@ -15,9 +15,12 @@ import jinja2
 import jinja2.ext
 import jinja2.sandbox
 
+from jaxreward.errors import UserError
 
-class ChatTemplateError(ValueError):
-    """A template is missing, does not compile, or raised while rendering."""
+
+class ChatTemplateError(UserError):
+    """A template is missing, does not compile, or raised while rendering (a `UserError`,
+    hence a `ValueError`)."""
 
 
 def _raise_exception(message):

@@ -105,7 +105,8 @@ class GrainLoader:
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 of a `Tokenizer`'s serialized vocabulary/merges and its BOS/EOS/pad policy."""
     digest = hashlib.sha256(tokenizer.hf_tokenizer.to_str().encode())
-    policy = [tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.add_bos]
+    # "plain-v1": special-token strings in user text encode as plain text (tokenizer.py).
+    policy = [tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.add_bos, "plain-v1"]
     digest.update(json.dumps(policy).encode())
     return digest.hexdigest()
 

@@ -23,6 +23,10 @@ turn is the EOS that `tokenize_pairs(append_eos=True)` appends.
 
 Every bad line is reported with its file, line number and field. With
 `on_error="skip"` it is dropped and counted by reason in a `ReadReport`.
+Besides malformed lines that includes text no tokenizer should see (a lone
+surrogate such as JSON "\\ud800", which is not valid Unicode, or a NUL
+character) and chat messages whose role is not system, user, assistant or
+tool. A file with no records is an error too ("empty file").
 """
 import dataclasses
 import gzip
@@ -34,12 +38,17 @@ from typing import Callable
 
 import jinja2
 
+from jaxreward.errors import UserError
+
 HH_HUMAN = "\n\nHuman:"
 HH_ASSISTANT = "\n\nAssistant:"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 FORMATS = ("hh", "trl", "trl_chat", "trl_implicit")
 _EXAMPLES_PER_REASON = 5
+ROLES = ("system", "user", "assistant", "tool")  # chat roles of TRL's conversational formats
+TEXT_FIELDS = ("prompt", "chosen", "rejected", "completion", "response", "answer")
+_BAD_CHAR = re.compile("[\x00\ud800-\udfff]")
 
 RenderChat = Callable[..., str]
 
@@ -59,8 +68,9 @@ class PreferencePair:
     subset: str | None = None
 
 
-class DataError(ValueError):
-    """A bad line in a data file. Its message is "path:line: field 'f': reason (detail)".
+class DataError(UserError):
+    """A bad line in a data file (a `UserError`, hence a `ValueError`). Its
+    message is "path:line: field 'f': reason (detail)".
 
     Attributes: path, line (1-based), field (None when the whole line is bad),
     reason (a short fixed label such as "prompt mismatch"), label (the reason
@@ -80,7 +90,8 @@ class DataError(ValueError):
 def _label(reason: str, field: str | None) -> str:
     if reason == "empty response":
         return f"empty {field} response"
-    joins = {"missing field": "", "wrong type": " of", "bad message": " in"}
+    joins = {"missing field": "", "wrong type": " of", "bad message": " in", "bad role": " in",
+             "bad text": " in"}
     if field and reason in joins:
         return f"{reason}{joins[reason]} '{field}'"
     return reason
@@ -157,10 +168,13 @@ def read_preference_pairs(
     Raises:
       DataError (a ValueError): with on_error="raise", the first bad line,
         naming file:line and field. Reasons: malformed JSON, not a JSON object,
-        missing field, wrong type, bad message, no assistant turn, malformed
+        missing field, wrong type, bad message, bad role, bad text (a lone
+        surrogate or NUL character), no assistant turn, malformed
         transcript, empty prompt, empty response, prompt mismatch, chat
-        template error.
-      ValueError: bad `fmt`/`on_error`, or chat content without `render_chat`.
+        template error, empty file (no records; with on_error="skip" it is
+        counted in the report).
+      UserError (a ValueError): chat content without `render_chat`.
+      ValueError: bad `fmt`/`on_error`.
     """
     if fmt != "auto" and fmt not in FORMATS:
         raise ValueError(f"fmt must be 'auto' or one of {FORMATS}, got {fmt!r}")
@@ -186,7 +200,7 @@ def read_preference_pairs(
                     report.fmt = _detect(obj)
                     if report.fmt is None:
                         raise _Bad("chosen", "missing field", "cannot detect the format without it")
-                _check_render(report.fmt, hh_as_chat, render_chat)
+                _check_render(report.fmt, hh_as_chat, render_chat, path)
                 prompt, chosen, rejected = _PARSERS[report.fmt](obj, render_chat, hh_as_chat)
                 subset = _field(obj, "subset", str) if "subset" in obj else None
             except _Bad as bad:
@@ -197,6 +211,11 @@ def read_preference_pairs(
                 continue
             pairs.append(PreferencePair(prompt, chosen, rejected, source, subset))
             report.kept += 1
+    if report.lines == 0 and not report.skipped:
+        error = DataError(str(path), 1, None, "empty file", "no records")
+        if on_error == "raise":
+            raise error
+        report.add_error(error, f"{name}:1")
     return pairs, report
 
 
@@ -227,7 +246,29 @@ def _parse_json(raw: bytes):
         raise _Bad(None, "malformed JSON", str(e)) from None
     if not isinstance(obj, dict):
         raise _Bad(None, "not a JSON object", f"got {type(obj).__name__}")
+    for key in TEXT_FIELDS:
+        if key in obj:
+            _check_text(obj[key], key)
     return obj
+
+
+def _check_text(value, key: str) -> None:
+    """Text fields (strings, also inside message lists) hold valid Unicode
+    without NUL: a lone surrogate cannot be encoded at all, a NUL is binary
+    junk that tokenizers and templates handle inconsistently."""
+    if isinstance(value, str):
+        bad = _BAD_CHAR.search(value)
+        if bad:
+            char = bad.group(0)
+            what = ("NUL character" if char == "\x00"
+                    else f"lone surrogate U+{ord(char):04X}, not valid Unicode")
+            raise _Bad(key, "bad text", f"{what} at character {bad.start()}")
+    elif isinstance(value, list):
+        for item in value:
+            _check_text(item, key)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_text(item, key)
 
 
 def _detect(obj: dict) -> str | None:
@@ -238,11 +279,12 @@ def _detect(obj: dict) -> str | None:
     return None
 
 
-def _check_render(fmt, hh_as_chat, render_chat):
+def _check_render(fmt, hh_as_chat, render_chat, path):
     needs = fmt in ("trl_chat", "trl_implicit") or (fmt == "hh" and hh_as_chat)
     if needs and render_chat is None:
-        what = "holds chat messages" if fmt != "hh" else "is read with hh_as_chat=True"
-        raise ValueError(f"this file {what}: pass render_chat=tokenizer.apply_chat_template")
+        what = f"holds chat messages ({fmt})" if fmt != "hh" else "is read with hh_as_chat=True"
+        raise UserError(f"{path}: this file {what}, which needs a chat template: pass "
+                        "render_chat=tokenizer.apply_chat_template (a tokenizer with a template)")
 
 
 def _field(obj: dict, key: str, kind: type):
@@ -327,6 +369,9 @@ def _messages(value: list, key: str) -> list[dict]:
             raise _Bad(key, "bad message", f"message {i} is not a {{'role', 'content'}} dict")
         if not isinstance(message["role"], str) or not isinstance(message["content"], str):
             raise _Bad(key, "bad message", f"message {i}: role and content must be strings")
+        if message["role"] not in ROLES:
+            raise _Bad(key, "bad role", f"message {i}: role {message['role']!r} is not one of "
+                                        f"{', '.join(ROLES)}")
     return value
 
 

@@ -11,14 +11,48 @@ or a `TemplateProcessing` post-processor in `tokenizer.json`, or both);
 The constructor is a contract shared with the GGUF loader, which builds a
 `tokenizers.Tokenizer` from a GGUF vocabulary and passes the ids it read from
 the GGUF metadata.
+
+Special-token strings typed by users are text, not control tokens. The
+`tokenizers` library turns every occurrence of a special token's string
+(`<|im_end|>`, `<|im_start|>`, ...) into its id, wherever it comes from, so a
+user message containing "<|im_end|>" would end the turn early. Here:
+
+- `apply_chat_template` marks such strings inside message contents with
+  `SPECIAL_ESCAPE` (U+FDD0, a Unicode noncharacter reserved for internal
+  use) before rendering, so the text it returns tells the template's own
+  special tokens (control tokens) from the ones users typed (plain text);
+- `encode` drops the marks and encodes marked strings as plain text (text
+  without marks encodes exactly as the `tokenizers` library does);
+- `encode(text, plain=True)` encodes all of `text` literally as plain text
+  (used for responses, which are never template output).
 """
 import json
 import pathlib
+import re
 from typing import Any, Iterable, Mapping, Sequence
 
 import tokenizers
 
 from jaxreward.data import chat_template as chat_template_lib
+from jaxreward.errors import UserError
+
+# Marks a special-token string inside user text: U+FDD0 is a Unicode
+# noncharacter, "permanently reserved for internal use", so it never appears
+# in real text. `Tokenizer.escape` puts one after the first character of each
+# special-token string it finds (so no added token matches it any more) and
+# doubles a U+FDD0 already there; `Tokenizer.unescape` undoes both.
+SPECIAL_ESCAPE = "\ufdd0"
+_UNESCAPE = re.compile(SPECIAL_ESCAPE + "(" + SPECIAL_ESCAPE + "?)")
+
+
+class TokenizeError(UserError):
+    """Text the tokenizer cannot encode (e.g. a lone surrogate, which is not
+    valid Unicode). `reason` is a short label to count by; the message adds
+    the detail."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason, self.detail = reason, detail
+        super().__init__(reason + (f" ({detail})" if detail else ""))
 
 # Special tokens that end a turn or a document in common chat checkpoints.
 # When one of these is a special token of the vocabulary and the chat template
@@ -122,6 +156,12 @@ class Tokenizer:
         extra = [] if self._eos_id is None else [self._eos_id]
         extra += [int(i) for i in stop_ids]
         self._stop_ids = tuple(dict.fromkeys(extra))  # de-duplicated, EOS first
+        added = hf_tokenizer.get_added_tokens_decoder()
+        self._special = {t.content: (i, t) for i, t in added.items() if t.special and t.content}
+        # Leftmost-longest, as the tokenizers library matches added tokens.
+        longest_first = sorted(self._special, key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, longest_first))) if longest_first else None
+        self._plain_hf = None  # a copy with `encode_special_tokens=True`, made on first use
 
     # ------------------------------------------------------------------ loading
 
@@ -251,22 +291,120 @@ class Tokenizer:
 
     # ------------------------------------------------------------ encode/decode
 
-    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+    def encode(self, text: str, *, add_bos: bool = False, plain: bool = False) -> list[int]:
         """Token ids of `text`; the post-processor adds nothing.
+
+        Special-token strings in `text` become their control ids (as in the
+        `tokenizers` library), except the ones marked by `escape` (as
+        `apply_chat_template` marks those inside message contents), which
+        are encoded as plain text (U+FDD0, the mark, is reserved: in this
+        mode it never reaches the tokenizer). With `plain=True` all of
+        `text` is plain text, taken literally: no control token at all.
 
         With `add_bos=True` exactly one BOS is prepended, unless the text
         already encodes to a leading BOS (e.g. a chat template that writes
         `{{ bos_token }}`), so a sequence never starts with zero or two BOS.
 
         Raises:
+          TokenizeError (a ValueError): text the tokenizer cannot encode
+            (not valid Unicode, e.g. a lone surrogate).
           ValueError: `add_bos=True` but the tokenizer has no BOS.
         """
-        return self._with_bos(self.hf_tokenizer.encode(text, add_special_tokens=False).ids, add_bos)
+        return self._with_bos(self._ids(text, plain), add_bos)
 
-    def encode_batch(self, texts: Sequence[str], *, add_bos: bool = False) -> list[list[int]]:
-        """`encode` over many texts (parallel inside `tokenizers`)."""
-        encodings = self.hf_tokenizer.encode_batch(list(texts), add_special_tokens=False)
-        return [self._with_bos(e.ids, add_bos) for e in encodings]
+    def encode_batch(self, texts: Sequence[str], *, add_bos: bool = False,
+                     plain: bool = False) -> list[list[int]]:
+        """`encode` over many texts (parallel inside `tokenizers`).
+
+        Raises:
+          TokenizeError: naming the index of the first text that cannot be encoded.
+        """
+        texts = list(texts)
+        if plain:
+            hf, inputs = self._plain(), texts
+        else:
+            hf, inputs = self.hf_tokenizer, [t for t in texts if not _has_mark(t)]
+        try:
+            encodings = iter(hf.encode_batch(inputs, add_special_tokens=False))
+        except BaseException as e:
+            if not _tokenizer_error(e):
+                raise
+            for i, text in enumerate(texts):  # find the text that fails, and say why
+                try:
+                    self._ids(text, plain)
+                except TokenizeError as bad:
+                    detail = f"text {i}" + (f": {bad.detail}" if bad.detail else "")
+                    raise TokenizeError(bad.reason, detail) from bad
+            raise
+        out = []
+        for text in texts:
+            ids = self._ids(text, plain) if not plain and _has_mark(text) else next(encodings).ids
+            out.append(self._with_bos(ids, add_bos))
+        return out
+
+    def escape(self, text: str) -> str:
+        """`text` with every special-token string marked as plain text (see
+        `SPECIAL_ESCAPE`); `encode` gives its plain-text ids and `unescape`
+        gives `text` back."""
+        text = text.replace(SPECIAL_ESCAPE, SPECIAL_ESCAPE * 2)
+        return self._mark(text) if self._special_re is not None else text
+
+    def _mark(self, text: str) -> str:
+        """A mark after the first character of each special-token string (and
+        inside any special-token string the rest of it still holds)."""
+        return self._special_re.sub(
+            lambda m: m.group(0)[0] + SPECIAL_ESCAPE + self._mark(m.group(0)[1:]), text)
+
+    @staticmethod
+    def unescape(text: str) -> str:
+        """`text` without `escape`'s marks (what `decode(encode(text))` reads)."""
+        return _UNESCAPE.sub(lambda m: m.group(1), text) if SPECIAL_ESCAPE in text else text
+
+    def _plain(self) -> tokenizers.Tokenizer:
+        """A copy of the tokenizer that matches no special token (thread-safe:
+        the flag is never toggled on the shared one)."""
+        if self._plain_hf is None:
+            plain = tokenizers.Tokenizer.from_str(self.hf_tokenizer.to_str())
+            plain.encode_special_tokens = True
+            self._plain_hf = plain
+        return self._plain_hf
+
+    def _ids(self, text: str, plain: bool) -> list[int]:
+        try:
+            if plain:
+                return self._plain().encode(text, add_special_tokens=False).ids
+            if not _has_mark(text):
+                return self.hf_tokenizer.encode(text, add_special_tokens=False).ids
+            return self._ids_marked(text)
+        except BaseException as e:
+            if not _tokenizer_error(e):
+                raise
+            _check_text(text)
+            raise TokenizeError("tokenizer error", f"{type(e).__name__}: {e}") from e
+
+    def _ids_marked(self, text: str) -> list[int]:
+        """Ids of a text with `escape` marks: the unmarked special-token
+        strings are control tokens (honouring their lstrip/rstrip), the text
+        between them is unescaped and encoded as plain text, piece by piece."""
+        ids, start, strip_left = [], 0, False
+        pieces = []  # (text, control id or None)
+        for m in (self._special_re.finditer(text) if self._special_re else ()):
+            pieces.append((text[start:m.start()], None))
+            pieces.append((m.group(0), self._special[m.group(0)][0]))
+            start = m.end()
+        pieces.append((text[start:], None))
+        for k, (piece, control) in enumerate(pieces):
+            if control is not None:
+                ids.append(control)
+                strip_left = self._special[piece][1].rstrip
+                continue
+            if strip_left:
+                piece = piece.lstrip()
+            if k + 1 < len(pieces) and self._special[pieces[k + 1][0]][1].lstrip:
+                piece = piece.rstrip()
+            if piece:
+                ids += self._plain().encode(self.unescape(piece), add_special_tokens=False).ids
+        return ids
 
     def _with_bos(self, ids: list[int], add_bos: bool) -> list[int]:
         if not add_bos:
@@ -294,7 +432,11 @@ class Tokenizer:
 
         Returns a string (tokenize it with `encode(..., add_bos=self.add_bos)`;
         a BOS the template already wrote is not doubled). Extra keyword
-        arguments are visible to the template.
+        arguments are visible to the template. Special-token strings inside
+        message contents (any string value of a message but its `role`) are
+        marked with `escape` first, so `encode` makes them plain text while
+        the template's own special tokens stay control tokens; text without
+        such strings renders exactly as in transformers.
 
         Raises:
           ChatTemplateError (a ValueError): no template, the template raised
@@ -304,12 +446,26 @@ class Tokenizer:
         """
         return chat_template_lib.render_chat_template(
             self.chat_template,
-            messages,
+            [self._escape_message(m) for m in messages],
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token,
             eos_token=self.eos_token,
             **kwargs,
         )
+
+    def _escape_message(self, message):
+        if not isinstance(message, dict):
+            return message  # render_chat_template reports it
+        return {k: v if k == "role" else self._escape_value(v) for k, v in message.items()}
+
+    def _escape_value(self, value):
+        if isinstance(value, str):
+            return self.escape(value)
+        if isinstance(value, list):
+            return [self._escape_value(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self._escape_value(v) for k, v in value.items()}
+        return value
 
     def __repr__(self):
         return (
@@ -317,6 +473,31 @@ class Tokenizer:
             f"pad_id={self.pad_id}, add_bos={self.add_bos}, stop_ids={self._stop_ids}, "
             f"chat_template={'yes' if self.chat_template else 'no'})"
         )
+
+
+def _has_mark(text) -> bool:
+    return isinstance(text, str) and SPECIAL_ESCAPE in text
+
+
+_BAD_TEXT = re.compile("[\ud800-\udfff]")
+
+
+def _tokenizer_error(error: BaseException) -> bool:
+    """What the Rust `tokenizers` library raises on bad text: an Exception
+    (TypeError for a str it cannot take) or a pyo3 PanicException, which is
+    a BaseException; not an interrupt, an exit or running out of memory."""
+    return not isinstance(error, (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError))
+
+
+def _check_text(text) -> None:
+    """Raises TokenizeError naming why `text` cannot be encoded, if it is not a
+    str or not valid Unicode (a lone surrogate, e.g. from JSON "\\ud800")."""
+    if not isinstance(text, str):
+        raise TokenizeError("not text", f"got {type(text).__name__}")
+    bad = _BAD_TEXT.search(text)
+    if bad:
+        raise TokenizeError("not valid Unicode",
+                            f"lone surrogate U+{ord(bad.group(0)):04X} at character {bad.start()}")
 
 
 def _token_content(value) -> str | None:

@@ -1,7 +1,10 @@
 """Export and load trained reward models (a `RewardModel` + its params).
 
-An exported folder holds `reward_model.json` (architecture, head size and the
-pretrained source) and `params/` (an orbax checkpoint of the param pytree).
+An exported folder holds `reward_model.json` (architecture, head size, the
+pretrained source and the SHA-256 of every file under `params/`) and
+`params/` (an orbax checkpoint of the param pytree). Loading checks the
+digests first, so a truncated, deleted or altered file is refused by name
+instead of loading wrong weights.
 Best-of-N, the evaluation job and the RL trainers read it back with
 `load_reward_model`.
 """
@@ -13,6 +16,7 @@ import os
 
 import jax
 
+from jaxreward.errors import CorruptFileError
 from jaxreward.models.heads import RewardModel
 from jaxreward.models.llama import LlamaConfig
 from jaxreward.train import checkpoint as ckpt_lib
@@ -30,10 +34,10 @@ def export_reward_model(directory: str, rm: RewardModel, params, pretrained: str
       pretrained: where the backbone came from (a path or known name), stored
         for the record.
     """
+    digests = ckpt_lib.save_params(os.path.join(directory, "params"), params)
     meta = {"pretrained": pretrained, "num_objectives": rm.num_objectives,
-            "llama_config": dataclasses.asdict(rm.config)}
-    ckpt_lib.save_params(os.path.join(directory, "params"), params)
-    if jax.process_index() == 0:
+            "llama_config": dataclasses.asdict(rm.config), "params_sha256": digests}
+    if jax.process_index() == 0:  # written last: a folder without it is an unfinished export
         with open(os.path.join(directory, "reward_model.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
 
@@ -43,13 +47,25 @@ def load_reward_model(directory: str) -> tuple[RewardModel, dict, dict]:
 
     Raises:
       FileNotFoundError: the folder or its `reward_model.json` is missing.
+      CorruptFileError: `reward_model.json` does not parse or lacks a field,
+        or a file under `params/` is missing or differs from the export
+        (named; exports without `params_sha256`, from older versions, are
+        loaded unchecked).
     """
     path = os.path.join(directory, "reward_model.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: point at the `{EXPORT_DIR}/` folder a "
                                 "reward_model run wrote into its workdir")
-    with open(path, encoding="utf-8") as f:
-        meta = json.load(f)
-    rm = RewardModel(LlamaConfig(**meta["llama_config"]), num_objectives=meta["num_objectives"])
-    params = ckpt_lib.load_params(os.path.join(directory, "params"))
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+        rm = RewardModel(LlamaConfig(**meta["llama_config"]), num_objectives=meta["num_objectives"])
+    except (ValueError, KeyError, TypeError) as e:  # bad JSON (a ValueError), missing/unknown keys
+        raise CorruptFileError(f"{path} is damaged or not a reward-model export "
+                               f"({type(e).__name__}: {e}); export the reward model again") from e
+    try:
+        params = ckpt_lib.load_params(os.path.join(directory, "params"),
+                                      digests=meta.get("params_sha256"))
+    except CorruptFileError as e:
+        raise CorruptFileError(f"reward model {directory}: {e}; export it again") from e
     return rm, params, meta

@@ -3,14 +3,94 @@
 Re-running with the same workdir restores the latest checkpoint, so a run
 interrupted after step k and restarted continues exactly as if it had not
 stopped (the data iterator resumes at the same batch).
+
+Damaged checkpoints are found, named and skipped. Each finished step gets a
+`sha256.json` listing the SHA-256 of its files (orbax itself checks the
+structure it reads but not array bytes: a flipped byte in a data file
+restores silently). `Checkpointer.restore` verifies it, then tries orbax; if
+the latest step fails either way it says which file and why, falls back to
+the next older step, and moves the bad one aside to `<step>.unreadable`
+(kept, not deleted) so the run can write that step again. Exports
+(`save_params`) carry the same digests for `models/reward_io.py` to check.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
+import sys
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from jaxreward.errors import CorruptFileError
+
+MANIFEST = "sha256.json"  # in each step folder: {"sha256": {relative path: hex digest}}
+# Written by orbax's step bookkeeping, possibly after the step is final: not digested.
+_UNDIGESTED = (MANIFEST, MANIFEST + ".tmp", "_CHECKPOINT_METADATA")
+
+
+def file_digests(directory: str, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """`{path relative to directory: sha256 hex}` of every file under it
+    (sorted; names in `skip` at the top level are left out)."""
+    out = {}
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, directory)
+            if rel in skip:
+                continue
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            out[rel.replace(os.sep, "/")] = digest.hexdigest()
+    return out
+
+
+def check_digests(directory: str, expected: dict[str, str]) -> list[str]:
+    """What differs from `expected` (`file_digests` at save time): "missing
+    <file>" or "<file> changed (sha256 differs)"; empty when intact."""
+    problems = []
+    for rel, digest in sorted(expected.items()):
+        path = os.path.join(directory, *rel.split("/"))
+        if not os.path.isfile(path):
+            problems.append(f"missing {rel}")
+            continue
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != digest:
+            problems.append(f"{rel} changed (sha256 differs; {os.path.getsize(path)} bytes)")
+    return problems
+
+
+class _Unreadable(Exception):
+    """One step cannot be restored; the message says which file and why."""
+
+
+def _describe(error: BaseException, step_dir: str) -> str:
+    """A short reason for an orbax/tensorstore failure, naming the files it
+    mentions (tensorstore messages run to kilobytes)."""
+    if isinstance(error, FileNotFoundError) and error.filename:
+        name = str(error.filename)
+        return f"missing {os.path.relpath(name, step_dir) if os.path.isabs(name) else name}"
+    text = str(error)
+    files = []
+    for path in re.findall(r'local file "([^"]+)"', text) + re.findall(r"File (/\S+) not found", text):
+        rel = os.path.relpath(path, step_dir) if path.startswith(step_dir) else path
+        if rel not in files and rel != ".":
+            files.append(rel)
+    code = re.match(r"([A-Z_]{4,}):", text)
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    if files:
+        return (f"{code.group(1) + ' ' if code else ''}reading {', '.join(files)} "
+                f"({type(error).__name__})")
+    return f"{type(error).__name__}: {first[:200]}"
 
 
 class Checkpointer:
@@ -19,10 +99,14 @@ class Checkpointer:
     Args:
       directory: where checkpoints go (`<workdir>/checkpoints`).
       max_to_keep: number of recent checkpoints kept.
+      checksums: write and verify each step's `sha256.json` (reads every
+        file once more at save and restore).
     """
 
-    def __init__(self, directory: str, max_to_keep: int = 2):
+    def __init__(self, directory: str, max_to_keep: int = 2, checksums: bool = True):
         self.directory = os.path.abspath(directory)
+        self.checksums = checksums
+        self._unsealed: list[int] = []  # steps saved here whose digests are not written yet
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
@@ -30,29 +114,116 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
     def save(self, step: int, state: Any, data_state: dict) -> None:
+        self._seal()  # orbax waits for the previous save here anyway
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
+        self._unsealed.append(step)
+
+    def _seal(self) -> None:
+        """After the pending saves finish, writes their digests (process 0)."""
+        if not self._unsealed:
+            return
+        self._manager.wait_until_finished()
+        if self.checksums and jax.process_index() == 0:
+            for step in self._unsealed:
+                folder = self.step_dir(step)
+                if not os.path.isdir(folder):  # already rotated out by max_to_keep
+                    continue
+                digests = file_digests(folder, skip=_UNDIGESTED)
+                tmp = os.path.join(folder, MANIFEST + ".tmp")
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump({"sha256": digests}, f, indent=0)
+                os.replace(tmp, os.path.join(folder, MANIFEST))
+        self._unsealed = []
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs
         with `.sharding`, e.g. from `jax.eval_shape` + shardings).
 
+        Without `step`: the latest step that restores. A step that fails (a
+        file missing, truncated or changed since it was saved, or anything
+        orbax cannot read) is reported on stderr by name and reason, and the
+        next older one is tried; when one restores, the failed newer ones
+        are moved aside to `<step>.unreadable`. With several processes
+        nothing is moved: the error says what to move.
+
         Raises:
           FileNotFoundError: if there is no checkpoint.
+          CorruptFileError: no step restores (each one's reason is listed),
+            or `step` was given and it does not, or (several processes) the
+            latest does not but an older one does.
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        if not steps:
             raise FileNotFoundError(f"no checkpoint under {self.directory}")
-        out = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        if step is not None:
+            try:
+                return self._restore_step(step, abstract_state)
+            except _Unreadable as e:
+                raise CorruptFileError(f"checkpoint {self.step_dir(step)} cannot be restored: {e}") from e
+        failed = []
+        for s in steps:
+            try:
+                out = self._restore_step(s, abstract_state)
+            except _Unreadable as e:
+                failed.append((s, str(e)))
+                print(f"warning: checkpoint {self.step_dir(s)} cannot be restored: {e}",
+                      file=sys.stderr, flush=True)
+                continue
+            if failed:
+                self._set_aside([f for f, _ in failed], s)
+            return out
+        listing = "\n  ".join(f"step {s}: {why}" for s, why in failed)
+        raise CorruptFileError(
+            f"no checkpoint under {self.directory} can be restored:\n  {listing}\n"
+            f"Move or delete {self.directory} to start over (or restore the files named).")
+
+    def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        folder = self.step_dir(step)
+        manifest = os.path.join(folder, MANIFEST)
+        if self.checksums and os.path.exists(manifest):
+            try:
+                with open(manifest, encoding="utf-8") as f:
+                    expected = json.load(f)["sha256"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise _Unreadable(f"{MANIFEST} is unreadable ({type(e).__name__})") from e
+            problems = check_digests(folder, expected)
+            if problems:
+                raise _Unreadable("; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001  (orbax/tensorstore raise many kinds)
+            raise _Unreadable(_describe(e, folder)) from e
         return out.state, dict(out.data)
+
+    def _set_aside(self, steps: list[int], good: int) -> None:
+        """Moves unreadable steps newer than `good` out of orbax's sight."""
+        if jax.process_count() > 1:
+            moves = " ".join(f"mv {self.step_dir(s)} {self.step_dir(s)}.unreadable" for s in steps)
+            raise CorruptFileError(
+                f"checkpoint step(s) {steps} under {self.directory} cannot be restored (see the "
+                f"warnings above) but step {good} can; on one host run: {moves}; then re-run")
+        for s in steps:
+            target, k = self.step_dir(s) + ".unreadable", 1
+            while os.path.exists(target):
+                target, k = f"{self.step_dir(s)}.unreadable-{k}", k + 1
+            os.rename(self.step_dir(s), target)
+            print(f"warning: moved the unreadable checkpoint to {target}; resuming from step {good}",
+                  file=sys.stderr, flush=True)
+        self._manager.reload()
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
+        self._seal()
 
     def close(self) -> None:
         self._manager.wait_until_finished()
+        self._seal()
         self._manager.close()
 
 
@@ -62,19 +233,36 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
                         tree, shardings)
 
 
-def save_params(directory: str, params: Any) -> None:
-    """Saves a param pytree alone (e.g. an exported reward model)."""
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.abspath(directory), params, force=True)
-    checkpointer.wait_until_finished()
-
-
-def load_params(directory: str, shardings: Any = None) -> Any:
-    """Loads `save_params`' tree (onto `shardings` if given, else device 0)."""
+def save_params(directory: str, params: Any) -> dict[str, str]:
+    """Saves a param pytree alone (e.g. an exported reward model); returns
+    `file_digests` of what it wrote (on process 0; {} elsewhere)."""
     checkpointer = ocp.StandardCheckpointer()
     directory = os.path.abspath(directory)
-    if shardings is None:
-        return checkpointer.restore(directory)
-    meta = checkpointer.metadata(directory)
-    tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
-    return checkpointer.restore(directory, abstract_like(tree, shardings))
+    checkpointer.save(directory, params, force=True)
+    checkpointer.wait_until_finished()
+    return file_digests(directory) if jax.process_index() == 0 else {}
+
+
+def load_params(directory: str, shardings: Any = None, digests: dict[str, str] | None = None) -> Any:
+    """Loads `save_params`' tree (onto `shardings` if given, else device 0).
+
+    Raises:
+      CorruptFileError: `digests` (from `save_params`) are given and a file
+        is missing or changed, or orbax cannot read the folder; the files
+        are named.
+    """
+    checkpointer = ocp.StandardCheckpointer()
+    directory = os.path.abspath(directory)
+    if digests:
+        problems = check_digests(directory, digests)
+        if problems:
+            raise CorruptFileError(f"{directory} is damaged: " + "; ".join(problems[:5])
+                                   + (" ..." if len(problems) > 5 else ""))
+    try:
+        if shardings is None:
+            return checkpointer.restore(directory)
+        meta = checkpointer.metadata(directory)
+        tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
+        return checkpointer.restore(directory, abstract_like(tree, shardings))
+    except Exception as e:  # noqa: BLE001  (orbax/tensorstore raise many kinds)
+        raise CorruptFileError(f"{directory} cannot be read: {_describe(e, directory)}") from e

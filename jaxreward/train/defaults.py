@@ -8,16 +8,18 @@ import os
 
 import ml_collections
 
+from jaxreward.errors import UserError
+
 
 def pick_variant(variant: str | None, variants: tuple[str, ...], config_file: str) -> str:
     """The requested variant (the first one by default).
 
     Raises:
-      ValueError: an unknown variant, naming the file and the known ones.
+      ConfigError: an unknown variant, naming the file and the known ones.
     """
     variant = variant or variants[0]
     if variant not in variants:
-        raise ValueError(f"unknown variant {variant!r} of {config_file}; "
+        raise ConfigError(f"unknown variant {variant!r} of {config_file}; "
                          f"choose one of: {', '.join(variants)}")
     return variant
 
@@ -48,7 +50,8 @@ def optimizer(learning_rate: float = 1e-4, warmup_steps: int = 10) -> ml_collect
 def train(num_steps: int = 100, log_every: int = 10) -> ml_collections.ConfigDict:
     """Loop lengths and intervals (all in optimizer steps)."""
     return ml_collections.ConfigDict(dict(
-        num_steps=num_steps,       # total optimizer steps (defines the LR schedule)
+        num_steps=num_steps,       # total optimizer steps
+        schedule_steps=0,          # LR schedule length in steps (0 = num_steps; set on extension)
         micro_batches=1,           # gradient-accumulation parts per step (divides batch size)
         log_every=log_every,       # steps between metric writes
         eval_every=0,              # steps between held-out evaluations (0: only at the end)
@@ -69,8 +72,9 @@ def loss() -> ml_collections.ConfigDict:
 # runs `check_common` on every config, then the driver's own `check_config`,
 # all before any model loads.
 
-class ConfigError(ValueError):
-    """An impossible config value; the message names the field."""
+class ConfigError(UserError):
+    """An impossible config value; the message names the field (a `UserError`,
+    hence a `ValueError`)."""
 
 
 _MISSING = object()
@@ -154,12 +158,43 @@ def check_mesh(config) -> None:
                           f"{n} device(s) of this run")
 
 
+def check_not_empty(config, name: str) -> None:
+    """`name`, if it names an existing file (`.gz` read decompressed), holds
+    at least one non-blank line: an empty data file is refused here, before
+    any model loads, whatever `data.on_error` says."""
+    v = get_field(config, name)
+    if v is _MISSING or not v or not isinstance(v, str) or not os.path.isfile(v):
+        return
+    import gzip  # local: only when a file is checked
+    try:
+        with (gzip.open if v.endswith(".gz") else open)(v, "rb") as f:
+            if any(line.strip() for line in f):
+                return
+    except (OSError, EOFError):
+        return  # a corrupt file: the reader reports it with the line it broke at
+    raise ConfigError(f"config field {name}: {v!r} is empty (no records)")
+
+
+def check_pretrained(config, name: str = "model.pretrained") -> None:
+    """`name`, if present and non-empty, is an existing checkpoint path or a
+    known model name whose package is installed (`models.pretrained.resolve`)."""
+    v = get_field(config, name)
+    if v is _MISSING or v == "":
+        return
+    from jaxreward.models import pretrained  # local: imports the model code
+    try:
+        pretrained.resolve(v)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        raise ConfigError(f"config field {name}: {e}") from None
+
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def check_common(config) -> None:
     """Checks the shared blocks (optimizer, train, mesh, data, sampling,
-    model.dtype) wherever a config has them.
+    model.dtype, model.pretrained) wherever a config has them; a data or
+    prompts file must not be empty.
 
     Raises:
       ConfigError: naming the first field with an impossible value.
@@ -175,7 +210,7 @@ def check_common(config) -> None:
     for name in ("train.num_steps", "train.log_every", "train.checkpoint_every",
                  "train.micro_batches", "data.batch_size", "data.eval_batch_size"):
         check_int(config, name, 1)
-    for name in ("train.eval_every", "train.stop_after_steps", "data.num_eval_pairs",
+    for name in ("train.eval_every", "train.stop_after_steps", "train.schedule_steps", "data.num_eval_pairs",
                  "data.max_train_pairs", "data.max_eval_pairs", "data.max_prompt_length",
                  "sampling.max_new_tokens", "sampling.top_k"):
         check_int(config, name, 0)
@@ -186,6 +221,11 @@ def check_common(config) -> None:
     check_choice(config, "model.dtype", DTYPES)
     check_choice(config, "data.on_error", ("skip", "raise"))
     check_choice(config, "data.format", ("auto", "hh", "trl", "trl_chat", "trl_implicit"))
+    if get_field(config, "data.source") in (_MISSING, "jsonl"):
+        for name in ("data.train_path", "data.eval_path"):
+            check_not_empty(config, name)
+    check_not_empty(config, "prompts_path")
+    check_pretrained(config)
     check_mesh(config)
     micro = get_field(config, "train.micro_batches")
     batch = get_field(config, "data.batch_size")

@@ -40,3 +40,25 @@ def score_all_rows(score_fn: Callable[[Any, dict], Any], params: Any,
     if not parts:
         raise ValueError("score_all_rows: no rows to score")
     return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (z = 1.96 by default).
+
+    "Probable Inference, the Law of Succession, and Statistical Inference"
+    (Wilson, 1927). With p = successes / n:
+
+        center = (p + z²/2n) / (1 + z²/n)
+        half   = z·sqrt(p(1−p)/n + z²/4n²) / (1 + z²/n)
+
+    `successes` may be fractional (ties credited 0.5 or 1/k). Returns
+    `(low, high)`; `(0.0, 1.0)` when n = 0.
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    p = min(max(successes / n, 0.0), 1.0)
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    center = (p + z2 / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    return float(max(center - half, 0.0)), float(min(center + half, 1.0))

@@ -2,6 +2,7 @@
 timing behave the same in all of them (experiments/*.py)."""
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
@@ -28,6 +29,19 @@ def stop_step(train_config) -> int:
     return stop
 
 
+def schedule_steps(train_config) -> int:
+    """Length of the learning-rate schedule: `train.schedule_steps`, or
+    `train.num_steps` when that is 0.
+
+    Extension rule: when a finished or preempted run is resumed with a
+    larger `train.num_steps`, main sets `train.schedule_steps` to the
+    original `num_steps`, so the steps already taken keep their schedule
+    and the added steps run at the schedule's final value
+    (`learning_rate × final_lr_ratio`).
+    """
+    return train_config.get("schedule_steps", 0) or train_config.num_steps
+
+
 def restore_or_init(checkpointer: ckpt_lib.Checkpointer, make_state: Callable[..., Any],
                     init_args: tuple, shardings: Any, data_iter: Any = None) -> tuple[Any, bool]:
     """The latest checkpoint of `checkpointer` if there is one, else a new state.
@@ -51,3 +65,34 @@ def restore_or_init(checkpointer: ckpt_lib.Checkpointer, make_state: Callable[..
         data_iter.restore(data_state)
     print(f"Resuming from checkpoint at step {int(state.step)} ({checkpointer.directory})")
     return state, True
+
+
+def log_train(writer, step: int, metrics, bar=None, show=("loss", "accuracy")) -> dict[str, float]:
+    """Writes one step's train metrics and returns them as floats.
+
+    Args:
+      writer: a `metrics.MetricWriter`.
+      step: finished optimizer steps.
+      metrics: the step's metric dict (device scalars).
+      bar: a tqdm bar whose postfix shows the `show` metrics, or None.
+
+    Raises:
+      FloatingPointError: the loss is NaN or infinite (names the step).
+    """
+    from jaxreward.train import metrics as metrics_lib
+    values = metrics_lib.to_floats(metrics)
+    if not math.isfinite(values["loss"]):
+        raise FloatingPointError(f"non-finite loss {values['loss']} at step {step}")
+    writer.write(step, values)
+    if bar is not None:
+        bar.set_postfix({k: f"{values[k]:.4f}" for k in show if k in values})
+    return values
+
+
+def stopped_early(state_step: int, num_steps: int) -> bool:
+    """True (and says how to continue) when the run stopped before `num_steps`."""
+    if state_step >= num_steps:
+        return False
+    print(f"stopped at step {state_step} of {num_steps} (train.stop_after_steps); "
+          "re-run with the same --workdir to continue")
+    return True

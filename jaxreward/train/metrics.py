@@ -100,3 +100,45 @@ def format_table(rows: list[Mapping[str, Any]], columns: list[str] | None = None
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    """The records of `<workdir>/metrics.jsonl` (empty if there is none)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curve(workdir: str, key: str, filename: str, ylabel: str,
+               band: tuple[str, str] | None = None, reference: float | None = None) -> str | None:
+    """Plots `key` of every metrics.jsonl record that has it against step
+    (optionally a shaded `band` of two keys, e.g. a 95% interval, and a
+    horizontal `reference` line) into `<workdir>/<filename>`; returns the
+    path, or None when matplotlib is missing or there are no points."""
+    rows = [r for r in read_metrics(workdir) if key in r]
+    if not rows:
+        return None
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(steps, [r[key] for r in rows], marker="o", label=key)
+    if band and all(b in rows[0] for b in band):
+        ax.fill_between(steps, [r[band[0]] for r in rows], [r[band[1]] for r in rows],
+                        alpha=0.25, label="95% interval")
+    if reference is not None:
+        ax.axhline(reference, color="gray", linestyle="--", linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(workdir, filename)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

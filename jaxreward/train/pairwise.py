@@ -68,7 +68,8 @@ def evaluate_pairs(model: nn.Module, params, arrays: dict[str, np.ndarray], batc
         reuse one compiled function across calls; built from `model` if None.
 
     Returns: the loss's metrics (accuracy counts ties as 0.5 for
-    Bradley–Terry), `loss`, and `num_pairs`.
+    Bradley–Terry), `loss`, `num_pairs`, and the 95% Wilson interval of the
+    accuracy as `accuracy_ci_low` / `accuracy_ci_high`.
     """
     score_fn = score_fn or jax.jit(lambda p, b: pair_rewards(model, p, b))
     pairs = {k: v for k, v in arrays.items() if k.startswith(SIDES) or k == "margin"}
@@ -77,4 +78,12 @@ def evaluate_pairs(model: nn.Module, params, arrays: dict[str, np.ndarray], batc
     _, metrics = pair_loss(loss_name)(jnp.asarray(rc), jnp.asarray(rr), margin)
     out = metrics_lib.to_floats(metrics)
     out["num_pairs"] = float(len(rc))
+    out["accuracy_ci_low"], out["accuracy_ci_high"] = evaluate.wilson_interval(
+        out["accuracy"] * len(rc), len(rc))
     return out
+
+
+def describe_accuracy(metrics: dict[str, float]) -> str:
+    """"0.6133 [0.5523, 0.6710] on 256 pairs" from `evaluate_pairs`' output."""
+    return (f"{metrics['accuracy']:.4f} [{metrics['accuracy_ci_low']:.4f}, "
+            f"{metrics['accuracy_ci_high']:.4f}] on {int(metrics['num_pairs'])} pairs")

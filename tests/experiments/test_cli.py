@@ -104,6 +104,7 @@ def test_reward_model_on_real_hh_then_best_of_n(tmp_path, hh_file):
         assert len(r["rewards"]) == 2
         assert r["best_reward"] == max(r["rewards"])
         assert r["best_index"] == int(np.argmax(r["rewards"]))
+        assert len(r["completions"]) == 2 and r["completions"][r["best_index"]] == r["best"]
     assert "KL(best-of-2 || policy) <= log N - (N-1)/N = 0.1931" in bon.stdout
 
 

@@ -165,3 +165,26 @@ def test_jsonl_and_tfds_sources_give_the_same_pairs(tmp_path, hh_file):
     assert len(jsonl[0]) == len(tfds[0]) == 2303 - 128 and len(tfds[1]) == 128
     assert jsonl == tfds
     assert "tensorflow" not in sys.modules
+
+
+def test_raising_num_steps_extends_a_finished_run(tmp_path):
+    """Train 6 steps, then re-run with train.num_steps=10: the first 6 steps
+    stay bit-identical and steps 7-10 run at the schedule's final LR."""
+    from tests.experiments.test_cli import _cli
+    base = ["--config=configs/reward_model.py:synthetic", "--config.train.log_every=1",
+            "--config.train.num_steps=6", "--config.optimizer.warmup_steps=2"]
+    _cli(*base, f"--workdir={tmp_path / 'six'}")
+    _cli(*base, f"--workdir={tmp_path / 'ext'}")
+    ext = _cli(*base[:2], "--config.train.num_steps=10", "--config.optimizer.warmup_steps=2",
+               f"--workdir={tmp_path / 'ext'}")
+    assert "extending the run from 6 to 10 steps" in ext.stdout
+    rows = lambda name: [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")]
+    six, extended = rows("six"), rows("ext")
+    train = [r for r in extended if "train/loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 11))
+    assert extended[:len(six)] == six  # steps 1-6 and the step-6 eval, bit for bit
+    # Schedule of 6 steps: peak 3e-3 (synthetic variant), final ratio 0.1 -> 3e-4 from step 7 on.
+    lrs = [r["train/learning_rate"] for r in train[6:]]
+    np.testing.assert_allclose(lrs, [3e-4] * 4, rtol=1e-6)
+    cfg = json.load(open(tmp_path / "ext" / "config.json"))
+    assert cfg["train"]["num_steps"] == 10 and cfg["train"]["schedule_steps"] == 6

@@ -128,7 +128,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rm_params["backbone"] = policy_params
     trainable = state_lib.block_trainable(mcfg.num_layers, config.reward.trainable_blocks)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    tx, schedule = state_lib.make_optimizer(config.optimizer, t.num_steps, trainable)
+    tx, schedule = state_lib.make_optimizer(config.optimizer, loop.schedule_steps(t), trainable)
     shardings = step_lib.state_shardings(mesh, boxed, tx)
     loss_fn, metrics_fn = pairwise.make_loss_fns(rm, config.loss.name)
     train_step = step_lib.make_train_step(loss_fn, metrics_fn, tx, schedule, mesh, shardings,
@@ -150,20 +150,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state, metrics = train_step(state, parallel.shard_batch(next(batcher), mesh))
         done = step + 1
         if loop.due(done, t.log_every, stop):
-            mets = metrics_lib.to_floats(metrics)
-            if not np.isfinite(mets["loss"]):
-                raise FloatingPointError(f"non-finite loss {mets['loss']} at step {done}")
-            writer.write(done, mets)
-            bar.set_postfix(loss=f"{mets['loss']:.4f}", acc=f"{mets['accuracy']:.3f}")
+            loop.log_train(writer, done, metrics, bar)
         if t.eval_every and done % t.eval_every == 0 and done != t.num_steps:
             writer.write(done, evaluate(state.params), prefix="eval")
         if loop.due(done, t.checkpoint_every, stop):
             checkpointer.save(done, state, batcher.state())
     checkpointer.close()
-    if int(state.step) < t.num_steps:
+    if loop.stopped_early(int(state.step), t.num_steps):
         writer.close()
-        print(f"stopped at step {int(state.step)} of {t.num_steps} (train.stop_after_steps); "
-              "re-run with the same --workdir to continue")
         return {"stopped_at": int(state.step)}
     final = evaluate(state.params)
     writer.write(int(state.step), final, prefix="eval")

@@ -1,0 +1,178 @@
+"""Every bad input ends with one clear line naming it, never a traceback.
+
+Config values are checked in-process (`jaxreward.main.check_config`, as the
+CLI runs it before any model loads). The CLI tests use flag errors (parsed
+before jax is imported) and a toy driver without a mesh, so each subprocess
+takes about a second.
+"""
+import gzip
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxreward import errors, main
+from jaxreward.data.chat_template import ChatTemplateError
+from jaxreward.data.preference import DataError
+from jaxreward.train import defaults
+from tests.conftest import ROOT
+
+
+def _config(file: str, variant: str, **overrides):
+    """`configs/<file>.py:<variant>` with dotted-name overrides, as the CLI builds it."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"cfg_{file}", ROOT / "configs" / f"{file}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(variant)
+    for name, value in overrides.items():
+        node = config
+        *parents, leaf = name.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def test_user_errors_share_one_base_and_stay_value_errors():
+    for cls in (DataError, defaults.ConfigError, ChatTemplateError, main.UnknownTask,
+                errors.CorruptFileError):
+        assert issubclass(cls, errors.UserError) and issubclass(cls, ValueError)
+    assert FileNotFoundError in errors.USER_ERRORS
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("optimizer.learning_rate", -1e-3, "optimizer.learning_rate must be a finite number in (0.0, inf), got -0.001"),
+    ("optimizer.learning_rate", float("nan"), "optimizer.learning_rate must be a finite number in (0.0, inf), got nan"),
+    ("mesh.data", 3, "config field mesh: data×fsdp×tensor = {'data': 3, 'fsdp': 1, 'tensor': 1} does not fit"),
+    ("model.dtype", "float8", "model.dtype must be one of float32, bfloat16, float16; got 'float8'"),
+    ("data.train_path", "/no/such/pairs.jsonl", "config field data.train_path: '/no/such/pairs.jsonl' does not exist"),
+    ("model.pretrained", "/no/such/model", "config field model.pretrained: '/no/such/model' is neither an existing path"),
+])
+def test_impossible_config_values_are_refused_naming_the_field(field, value, message):
+    config = _config("reward_model", "smollm2_hh", **{field: value})
+    with pytest.raises(defaults.ConfigError) as info:
+        main.check_config(config)
+    assert message in str(info.value)
+
+
+def test_empty_data_files_are_refused_before_any_model_loads(tmp_path):
+    empty = tmp_path / "pairs.jsonl.gz"
+    with gzip.open(empty, "wt") as f:
+        f.write("\n\n")
+    config = _config("reward_model", "smollm2_hh", **{"data.train_path": str(empty)})
+    with pytest.raises(defaults.ConfigError, match=r"config field data.train_path: '.*pairs.jsonl.gz' is empty"):
+        main.check_config(config)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("")
+    config = _config("best_of_n", "smollm2", prompts_path=str(prompts))
+    with pytest.raises(defaults.ConfigError, match=r"config field prompts_path: .* is empty"):
+        main.check_config(config)
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+def _run(*args, cwd=ROOT, env=None):
+    base = {k: v for k, v in os.environ.items() if k != "JAXREWARD_TRACEBACK"}
+    env = dict(base, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **(env or {}))
+    return subprocess.run([sys.executable, "-m", "jaxreward.main", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _one_error_line(proc) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def test_bad_flags_and_overrides_are_one_line(tmp_path):
+    wd = f"--workdir={tmp_path}"
+    q = "--config=configs/quickstart.py:tiny"
+    cases = [
+        ((q, wd, "--config.optimizer.learnin_rate=1e-3"),
+         "error: unknown config field optimizer.learnin_rate (did you mean optimizer.learning_rate?) "
+         "in --config.optimizer.learnin_rate=1e-3"),
+        ((q, wd, "--config.optimiser.learning_rate=1e-3"),
+         "error: unknown config field optimiser (did you mean optimizer?) in --config.optimiser.learning_rate=1e-3"),
+        ((q, wd, "--config.train.num_steps=ten"),
+         "error: flag --config.train.num_steps=ten: invalid literal for int() with base 10: 'ten'"),
+        (("--config=configs/quickstart.py:huge", wd),
+         "error: unknown variant 'huge' of configs/quickstart.py; choose one of: default, tiny"),
+        (("--config=configs/nope.py", wd),
+         "error: --config=configs/nope.py: cannot load the config file ([Errno 2] No such file or directory"),
+        ((q, "--workdirr=x"), "error: Unknown command line flag 'workdirr'. Did you mean: workdir ?"),
+        ((q, wd, "stray"), "error: unexpected arguments: stray"),
+    ]
+    for args, expected in cases:
+        line = _one_error_line(_run(*args))
+        assert line.startswith(expected), (line, expected)
+    assert not os.listdir(tmp_path)  # nothing written
+    traced = _run(q, wd, "--config.optimizer.learnin_rate=1e-3", env={"JAXREWARD_TRACEBACK": "1"})
+    assert traced.returncode != 0 and "Traceback" in traced.stderr and "learnin_rate" in traced.stderr
+
+
+TOY_DRIVER = """
+import os
+from jaxreward.data.chat_template import ChatTemplateError
+from jaxreward.data.preference import DataError
+from jaxreward.errors import CorruptFileError, UserError
+from jaxreward.train import defaults
+
+def check_config(config):
+    defaults.check_float(config, "rate", low=0.0, low_open=True)
+
+def run(config, workdir):
+    kind = config.fail
+    if kind == "data":
+        raise DataError("pairs.jsonl", 7, "chosen", "empty response")
+    if kind == "config":
+        raise defaults.ConfigError("config field rate is too large for this dataset")
+    if kind == "template":
+        raise ChatTemplateError("chat template raised: roles must alternate")
+    if kind == "missing":
+        open(os.path.join(workdir, "no_such_input.jsonl"))
+    if kind == "batch":
+        raise UserError("3 usable train pairs is fewer than one batch (data.batch_size=8)")
+    if kind == "corrupt":
+        raise CorruptFileError("checkpoint ck/2 cannot be restored: missing state/d/abc")
+    if kind == "bug":
+        raise RuntimeError("a bug, not bad input")
+    print("ok")
+"""
+
+TOY_CONFIG = """
+import ml_collections
+def get_config(variant=None):
+    return ml_collections.ConfigDict(dict(task="toy", fail="", rate=1.0))
+"""
+
+
+def test_user_errors_in_a_driver_run_are_one_line_with_exit_2(tmp_path):
+    root = tmp_path / "repo"
+    (root / "experiments").mkdir(parents=True)
+    (root / "configs").mkdir()
+    (root / "experiments" / "__init__.py").write_text("")
+    (root / "experiments" / "toy.py").write_text(TOY_DRIVER)
+    (root / "configs" / "toy.py").write_text(TOY_CONFIG)
+    run = lambda *a, **kw: _run("--config=configs/toy.py", f"--workdir={tmp_path / 'wd'}", *a,
+                                cwd=root, **kw)
+    assert run().stdout.strip() == "ok"
+    for kind, expected in [
+            ("data", "error: pairs.jsonl:7: field 'chosen': empty response"),
+            ("config", "error: config field rate is too large for this dataset"),
+            ("template", "error: chat template raised: roles must alternate"),
+            ("missing", "error: no such file or directory: '"),
+            ("batch", "error: 3 usable train pairs is fewer than one batch (data.batch_size=8)"),
+            ("corrupt", "error: checkpoint ck/2 cannot be restored: missing state/d/abc")]:
+        line = _one_error_line(run(f"--config.fail={kind}"))
+        assert line.startswith(expected), (kind, line)
+    assert _one_error_line(run("--config.rate=-1")).startswith(
+        "error: config field rate must be a finite number in (0.0, inf), got -1.0")
+    bug = run("--config.fail=bug")
+    assert bug.returncode == 1 and "Traceback" in bug.stderr and "RuntimeError: a bug" in bug.stderr
+    traced = run("--config.fail=data", env={"JAXREWARD_TRACEBACK": "1"})
+    assert traced.returncode == 1 and "Traceback" in traced.stderr and "DataError" in traced.stderr

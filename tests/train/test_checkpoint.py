@@ -1,0 +1,180 @@
+"""Damaged checkpoints and exports are named and never restored silently.
+
+A flipped byte in an orbax array file restores without error (orbax checks
+structure, not array bytes), so each step and each export carries SHA-256
+digests of its files; the tests damage one file at a time.
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxreward.errors import CorruptFileError, UserError
+from jaxreward.models.heads import RewardModel
+from jaxreward.models.llama import LlamaConfig
+from jaxreward.models.reward_io import export_reward_model, load_reward_model
+from jaxreward.train import checkpoint as ckpt_lib
+from jaxreward.train.step import unbox
+
+
+def _state(step: int) -> dict:
+    """A TrainState-like pytree whose values say which step wrote it."""
+    return {"params": {"w": jnp.arange(600, dtype=jnp.float32).reshape(6, 100) + step,
+                       "b": jnp.full((3,), float(step))},
+            "opt": {"mu": jnp.full((6, 100), 0.5 * step)}, "step": jnp.int32(step)}
+
+
+def _abstract():
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    tree = _state(0)
+    return ckpt_lib.abstract_like(tree, jax.tree.map(lambda _: sharding, tree))
+
+
+def _save(directory, steps=(1, 2), **kwargs):
+    checkpointer = ckpt_lib.Checkpointer(directory, **kwargs)
+    for s in steps:
+        checkpointer.save(s, _state(s), {"epoch": 0, "index": s})
+    checkpointer.close()
+
+
+def _largest_file(folder) -> str:
+    """The biggest file under `folder` (an array's data), relative to it."""
+    files = [os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs]
+    return os.path.relpath(max(files, key=os.path.getsize), folder)
+
+
+def _damage(path, how):
+    data = open(path, "rb").read()
+    if how == "truncate":
+        open(path, "wb").write(data[:len(data) // 2])
+    elif how == "delete":
+        os.remove(path)
+    else:  # flip one byte
+        flipped = bytearray(data)
+        flipped[len(flipped) // 2] ^= 0xFF
+        open(path, "wb").write(bytes(flipped))
+
+
+def test_each_step_records_digests_of_its_files(tmp_path):
+    _save(str(tmp_path / "ck"))
+    for step in (1, 2):
+        folder = tmp_path / "ck" / str(step)
+        listed = json.loads((folder / ckpt_lib.MANIFEST).read_text())["sha256"]
+        assert listed == ckpt_lib.file_digests(str(folder), skip=ckpt_lib._UNDIGESTED)
+        assert any(name.startswith("state/") for name in listed)
+        assert any(name.startswith("data/") for name in listed)
+
+
+@pytest.mark.parametrize("how", ["truncate", "delete", "flip"])
+def test_damaged_latest_is_named_moved_aside_and_the_previous_one_restores(tmp_path, capfd, how):
+    directory = str(tmp_path / "ck")
+    _save(directory)
+    victim = _largest_file(os.path.join(directory, "2"))
+    _damage(os.path.join(directory, "2", victim), how)
+
+    checkpointer = ckpt_lib.Checkpointer(directory)
+    state, data_state = checkpointer.restore(_abstract())
+    err = capfd.readouterr().err
+    assert f"checkpoint {directory}/2 cannot be restored" in err
+    assert victim in err  # the file is named
+    assert ("missing " if how == "delete" else "changed (sha256 differs") in err
+    assert f"moved the unreadable checkpoint to {directory}/2.unreadable; resuming from step 1" in err
+    np.testing.assert_array_equal(state["params"]["w"], _state(1)["params"]["w"])
+    assert int(state["step"]) == 1 and data_state == {"epoch": 0, "index": 1}
+    # Kept, out of orbax's sight, so the resumed run can write step 2 again.
+    assert os.path.isdir(os.path.join(directory, "2.unreadable"))
+    assert checkpointer.latest_step() == 1
+    checkpointer.save(2, _state(2), {"epoch": 0, "index": 2})
+    checkpointer.close()
+    state, _ = ckpt_lib.Checkpointer(directory).restore(_abstract())
+    assert int(state["step"]) == 2
+
+
+def test_without_digests_orbax_errors_still_name_the_file(tmp_path, capfd):
+    directory = str(tmp_path / "ck")
+    _save(directory, checksums=False)
+    assert not os.path.exists(os.path.join(directory, "2", ckpt_lib.MANIFEST))
+    os.remove(os.path.join(directory, "2", "data", "metadata"))
+    state, _ = ckpt_lib.Checkpointer(directory, checksums=False).restore(_abstract())
+    assert int(state["step"]) == 1
+    assert "reading data/metadata" in capfd.readouterr().err
+
+
+def test_no_restorable_step_lists_each_and_moves_nothing(tmp_path):
+    directory = str(tmp_path / "ck")
+    _save(directory)
+    for step in (1, 2):
+        folder = os.path.join(directory, str(step))
+        _damage(os.path.join(folder, _largest_file(folder)), "truncate")
+    with pytest.raises(CorruptFileError) as info:
+        ckpt_lib.Checkpointer(directory).restore(_abstract())
+    message = str(info.value)
+    assert isinstance(info.value, UserError)
+    assert f"no checkpoint under {directory} can be restored" in message
+    assert "step 2: state/" in message and "step 1: state/" in message
+    assert f"Move or delete {directory}" in message
+    assert sorted(os.listdir(directory)) == ["1", "2"]
+
+
+def test_explicit_step_is_not_replaced_by_another(tmp_path):
+    directory = str(tmp_path / "ck")
+    _save(directory)
+    _damage(os.path.join(directory, "1", "data", "metadata"), "delete")
+    checkpointer = ckpt_lib.Checkpointer(directory)
+    with pytest.raises(CorruptFileError, match=r"checkpoint .*/1 cannot be restored: missing data/metadata"):
+        checkpointer.restore(_abstract(), step=1)
+    state, _ = checkpointer.restore(_abstract(), step=2)
+    assert int(state["step"]) == 2
+
+
+# ------------------------------------------------------------------ exports
+
+CFG = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                  num_kv_heads=1, max_position_embeddings=16)
+
+
+def _export(directory):
+    rm = RewardModel(CFG, num_objectives=2)
+    params = unbox(rm.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    export_reward_model(directory, rm, params, "tiny")
+    return params
+
+
+def test_export_records_digests_and_loads_back(tmp_path):
+    directory = str(tmp_path / "rm")
+    params = _export(directory)
+    meta = json.load(open(os.path.join(directory, "reward_model.json")))
+    assert meta["params_sha256"] == ckpt_lib.file_digests(os.path.join(directory, "params"))
+    rm, loaded, _ = load_reward_model(directory)
+    assert rm.num_objectives == 2
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+@pytest.mark.parametrize("how", ["truncate", "delete", "flip"])
+def test_damaged_export_is_refused_naming_the_file(tmp_path, how):
+    directory = str(tmp_path / "rm")
+    _export(directory)
+    params_dir = os.path.join(directory, "params")
+    victim = _largest_file(params_dir)
+    _damage(os.path.join(params_dir, victim), how)
+    with pytest.raises(CorruptFileError) as info:
+        load_reward_model(directory)
+    message = str(info.value)
+    assert victim in message and "export it again" in message
+    assert ("missing " if how == "delete" else "changed (sha256 differs") in message
+
+
+def test_damaged_export_metadata_is_refused_naming_it(tmp_path):
+    directory = str(tmp_path / "rm")
+    _export(directory)
+    path = os.path.join(directory, "reward_model.json")
+    text = open(path).read()
+    open(path, "w").write(text[:len(text) // 2])
+    with pytest.raises(CorruptFileError, match=r"reward_model\.json is damaged or not a reward-model export"):
+        load_reward_model(directory)
+    os.remove(path)
+    with pytest.raises(FileNotFoundError, match=r"reward_model\.json not found"):
+        load_reward_model(directory)

@@ -1,0 +1,32 @@
+"""train/evaluate.py: the all-rows evaluator and the Wilson interval."""
+import jax
+import numpy as np
+
+from jaxreward import parallel
+from jaxreward.train import evaluate
+
+
+def test_wilson_interval_hand_values():
+    # p = 0.6, n = 100, z = 1.96: denom = 1 + 3.8415/100 = 1.038415;
+    # center = (0.6 + 0.019207) / 1.038415 = 0.596307;
+    # half = 1.96 * sqrt(0.0024 + 0.00009604) / 1.038415 = 1.96 * 0.049960 / 1.038415 = 0.094300
+    low, high = evaluate.wilson_interval(60, 100)
+    np.testing.assert_allclose([low, high], [0.596307 - 0.094300, 0.596307 + 0.094300], atol=2e-5)
+    assert evaluate.wilson_interval(0, 0) == (0.0, 1.0)
+    low, high = evaluate.wilson_interval(10, 10)  # all successes: upper end is 1, lower < 1
+    # p = 1, n = 10: center = (1 + 0.192073) / 1.38415 = 0.86123;
+    # half = 1.96 * sqrt(3.8415 / 400) / 1.38415 = 0.13877; low = 0.72247
+    assert abs(high - 1.0) < 1e-9 and abs(low - 0.72247) < 1e-4
+
+
+def test_score_all_rows_counts_every_row_once():
+    mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    arrays = {"x": np.arange(10, dtype=np.float32)}
+    calls = []
+
+    def score(params, batch):
+        calls.append(batch["x"].shape)
+        return batch["x"] * params
+    out = evaluate.score_all_rows(score, 2.0, arrays, batch_size=4, mesh=mesh)
+    np.testing.assert_array_equal(out, np.arange(10) * 2.0)  # 4 + 4 + 2 rows, padding dropped
+    assert calls == [(4,), (4,), (4,)]  # one fixed shape

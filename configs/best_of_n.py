@@ -27,6 +27,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     ))
     c.reward_model_dir = ""                     # <workdir>/reward_model of a reward_model run
     c.objective = 0                             # which head output ranks samples
+    c.text_reward = "distinct_words"            # jaxreward.rewards name, used without reward_model_dir
     c.prompts_path = ""                         # .txt / .jsonl prompts; "" = built-in list
     c.prompt_batch_size = 4                     # prompts per sampling call
     c.n = 8                                     # samples per prompt (N)

@@ -9,6 +9,11 @@ reward_model task ranks them (or, without one, the built-in length-free
 demo reward); prints each prompt, the chosen completion and all rewards,
 and writes `<workdir>/best_of_n.jsonl`: per prompt, all N completions
 with their rewards, the chosen index and the KL bound.
+
+`reward_model_dir` may also be an ensemble export (`ensemble.json` + member
+folders, e.g. `<quickstart workdir>/reward_ensemble`): its members' rewards
+combine by `ensemble.aggregate` (mean | min | mean_minus_std, the last with
+λ = `ensemble.std_coef`), chosen here at scoring time.
 """
 from __future__ import annotations
 
@@ -20,9 +25,10 @@ import ml_collections
 import numpy as np
 
 import jaxreward
-from jaxreward.sampling.best_of_n import best_of_n, reward_model_fn, text_reward_fn
-from jaxreward.models.reward_io import load_reward_model
+from jaxreward.sampling.best_of_n import best_of_n, text_reward_fn
+from jaxreward.models.ensemble import check_aggregate, load_reward_model_or_ensemble
 from jaxreward.data.records import read_prompts as read_prompts_file
+from jaxreward import rewards
 from jaxreward.errors import UserError
 from jaxreward.train import defaults
 
@@ -40,7 +46,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     defaults.check_int(config, "n", 1)
     defaults.check_int(config, "prompt_batch_size", 1)
     defaults.check_int(config, "objective", 0)
+    defaults.check_choice(config, "text_reward", rewards.names())
     defaults.check_path(config, "reward_model_dir")
+    defaults.check_choice(config, "ensemble.aggregate", ("mean", "min", "mean_minus_std"))
+    defaults.check_float(config, "ensemble.std_coef", 0.0)
+
+
+def ensemble_options(config: ml_collections.ConfigDict) -> tuple[str, float]:
+    """`(ensemble.aggregate, ensemble.std_coef)`, ("mean", 1.0) when the
+    config has no `ensemble` block."""
+    block = config.get("ensemble") or {}
+    aggregate, std_coef = block.get("aggregate", "mean"), float(block.get("std_coef", 1.0))
+    check_aggregate(aggregate, std_coef)
+    return aggregate, std_coef
 
 
 def read_prompts(path: str) -> list[str]:
@@ -78,20 +96,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                                                           dtype=config.model.dtype)
     prompts = read_prompts(config.prompts_path)
     if config.reward_model_dir:
-        rm, rm_params, meta = load_reward_model(config.reward_model_dir)
+        aggregate, std_coef = ensemble_options(config)
+        reward_fn, rm, meta = load_reward_model_or_ensemble(
+            config.reward_model_dir, aggregate=aggregate, std_coef=std_coef, objective=config.objective)
         if rm.config.vocab_size != policy.config.vocab_size:
             raise UserError(f"reward model vocabulary ({rm.config.vocab_size}) differs from the "
                              f"policy's ({policy.config.vocab_size}); use the same tokenizer")
-        reward_fn = reward_model_fn(rm, rm_params, objective=config.objective)
         reward_name = f"reward model {config.reward_model_dir}"
+        if meta["members"] > 1:
+            how = f"mean - {std_coef:g}*std" if aggregate == "mean_minus_std" else aggregate
+            reward_name = f"reward-model ensemble {config.reward_model_dir} ({meta['members']} members, {how})"
     else:
-        # A transparent stand-in so the pipeline runs without a trained RM:
-        # the fraction of distinct words (penalizes repetition).
-        def distinct_words(prompt, response):
-            words = response.split()
-            return len(set(words)) / max(len(words), 1)
-        reward_fn = text_reward_fn(tokenizer.decode, distinct_words)
-        reward_name = "distinct-word fraction (no reward_model_dir given)"
+        # Without a trained RM, a registered Python text reward ranks the samples.
+        text_fn = rewards.get(config.text_reward)
+        reward_fn = text_reward_fn(
+            tokenizer.decode, lambda p, r: float(rewards.call(text_fn, [p], [r])[0]))
+        reward_name = f"text reward {config.text_reward!r} (no reward_model_dir given)"
     print(f"policy {config.model.pretrained}; ranking {config.n} samples per prompt by {reward_name}")
 
     s = config.sampling

@@ -10,6 +10,8 @@ FLOPs per step = 3 × forward, forward = 2 × (non-embedding params) × tokens
 + attention 4 × layers × T × hidden per token (QKᵀ and AV, causal mask not
 discounted) — the usual 6N + 12·L·T·d accounting ("Scaling Laws for Neural
 Language Models", 2020). The head and embedding lookup are negligible.
+MFU divides by `common.peak_flops(dtype)`: on CPU the best matmul measured
+in this process before the models are built, on a known GPU its stated peak.
 
     python benchmarks/bench_reward_step.py [--models llama4.5m,smollm2] [--out benchmarks/results]
 """
@@ -30,7 +32,7 @@ import common  # noqa: E402
 from jaxreward import parallel  # noqa: E402
 from jaxreward.models.heads import RewardModel  # noqa: E402
 from jaxreward.models.llama import LlamaConfig  # noqa: E402
-from jaxreward.train import defaults, reward_model as rm_train  # noqa: E402
+from jaxreward.train import defaults, pairwise  # noqa: E402
 from jaxreward.train import state as state_lib, step as step_lib  # noqa: E402
 
 MODELS = {
@@ -67,7 +69,7 @@ def bench(name: str, dtype: str) -> dict:
     opt = defaults.optimizer()
     tx, schedule = state_lib.make_optimizer(opt, 100)
     shardings = step_lib.state_shardings(mesh, boxed["params"], tx)
-    loss_fn, metrics_fn = rm_train.make_loss_fns(model)
+    loss_fn, metrics_fn = pairwise.make_loss_fns(model, defaults.loss().name)
     train_step = step_lib.make_train_step(loss_fn, metrics_fn, tx, schedule, mesh, shardings)
     state = [jax.jit(lambda p: state_lib.init_state(p, tx, 0), out_shardings=shardings)(params)]
     device_batch = parallel.shard_batch(batch, mesh)
@@ -79,12 +81,10 @@ def bench(name: str, dtype: str) -> dict:
     first, sec = common.time_fn(run, warmup=2, iters=5)
     tokens = 2 * PAIRS * T
     flops = step_flops(cfg, tokens, T)
-    peak, peak_src = common.peak_flops()
     mem, mem_src = common.peak_memory_bytes()
     return {"model": name, "dtype": dtype, "params_M": cfg.num_params() / 1e6,
             "tokens_per_step": tokens, "compile_s": first, "step_s": sec,
-            "tokens_per_s": tokens / sec, "gflops_per_s": flops / sec / 1e9,
-            "mfu": flops / sec / peak, "peak_flops": peak, "peak_source": peak_src,
+            "tokens_per_s": tokens / sec, **common.mfu_fields(flops / sec, dtype),
             "peak_mem_GiB": mem / 2**30, "mem_source": mem_src}
 
 
@@ -94,6 +94,7 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
+    common.peak_flops(args.dtype)  # measured (CPU) before any model is built
     rows = [bench(m, args.dtype) for m in args.models.split(",")]
     common.report(f"reward_step_{jax.default_backend()}_{args.dtype}", rows, args.out,
                   {"batch": f"{PAIRS} pairs x {T} tokens"})

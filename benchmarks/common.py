@@ -1,4 +1,22 @@
-"""Shared helpers for benchmarks: timing, peak memory, table + JSON output."""
+"""Shared helpers for benchmarks: the MFU denominator, timing, peak memory,
+table + JSON output.
+
+MFU = achieved model FLOP/s / peak FLOP/s, with the peak from `peak_flops`:
+
+- GPU of a known kind (`STATED_PEAKS`, matched on `jax.devices()[0].device_kind`):
+  the chip's stated dense tensor-core peak for the compute dtype
+  (`peak_source` "stated <chip> <dtype>").
+- Anything else (CPU, an unknown GPU or TPU): the best square-matmul
+  throughput measured through XLA in this process, in the compute dtype,
+  for about two seconds (`peak_source` "measured matmul"). A CPU's stated
+  peak is rarely known, and the same VM type measured 200 and ~484 GFLOP/s
+  float32 on two hosts, so a constant would mis-state MFU.
+- `JAXREWARD_PEAK_FLOPS=<FLOP/s>` overrides both (`peak_source`
+  "JAXREWARD_PEAK_FLOPS").
+
+The result is cached per (process, dtype). Measured in the same process as
+the benchmark, both numbers see the same machine and the same load.
+"""
 from __future__ import annotations
 
 import json
@@ -9,20 +27,92 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
-# Stated peaks for MFU (FLOP/s), float32 unless noted. CPU: the best float32
-# matmul throughput bench_matmul_peak.py measured on the 2-core dev/CI machine
-# (about 200 GFLOP/s with both cores; see benchmarks/README.md). GPU: H100/H200
-# dense TF32 tensor-core peak (494 TFLOP/s); TPU v5e bf16. Override with
-# JAXREWARD_PEAK_FLOPS.
-PEAKS = {"cpu": 200e9, "gpu": 494e12, "tpu": 197e12}
+# Stated dense (no sparsity) peaks in FLOP/s, SXM parts unless named, by a
+# substring of `device_kind`; first match wins, so "H100 PCIe" precedes
+# "H100". "float32" is the TF32 tensor-core peak: XLA GPU runs float32 dots
+# on TF32 at JAX's default matmul precision (with
+# jax_default_matmul_precision="highest" the ceiling is the CUDA-core FP32
+# peak, 67 TFLOP/s on H100/H200, 19.5 on A100, and this MFU reads high).
+STATED_PEAKS = (
+    ("H100 PCIe", {"bfloat16": 756e12, "float32": 378e12}),
+    ("H100", {"bfloat16": 989e12, "float32": 494e12}),
+    ("H200", {"bfloat16": 989e12, "float32": 494e12}),
+    ("A100", {"bfloat16": 312e12, "float32": 156e12}),
+)
 
 
-def peak_flops() -> tuple[float, str]:
+def measure_matmul_flops(n: int, dtype: str = "float32", seconds: float = 2.0,
+                         min_reps: int = 3) -> dict:
+    """Best FLOP/s of an `[n, n] @ [n, n]` matmul through XLA on the default device.
+
+    One call to compile and warm up, then repetitions until `seconds` have
+    passed (at least `min_reps`); the best one counts (2·n³ FLOPs), as the
+    peak is what the machine can do, not what it does on average.
+    """
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
+    mm = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(mm(a))
+    times, start = [], time.perf_counter()
+    while len(times) < min_reps or time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        jax.block_until_ready(mm(a))
+        times.append(time.perf_counter() - t0)
+    best = min(times)
+    return {"n": n, "dtype": str(jnp.dtype(dtype)), "reps": len(times), "best_s": best,
+            "median_s": sorted(times)[len(times) // 2], "flops_per_s": 2.0 * n ** 3 / best}
+
+
+def stated_peak(dtype: str) -> tuple[str, float] | None:
+    """(chip, FLOP/s) from `STATED_PEAKS` for the default device, or None."""
+    if jax.default_backend() != "gpu":
+        return None
+    kind = jax.devices()[0].device_kind
+    for chip, peaks in STATED_PEAKS:
+        if chip in kind and str(jnp.dtype(dtype)) in peaks:
+            return chip, peaks[str(jnp.dtype(dtype))]
+    return None
+
+
+_PEAKS: dict[str, dict] = {}  # dtype -> peak_flops() result, this process
+
+
+def _peak(dtype: str) -> dict:
     if "JAXREWARD_PEAK_FLOPS" in os.environ:
-        return float(os.environ["JAXREWARD_PEAK_FLOPS"]), "JAXREWARD_PEAK_FLOPS"
-    backend = jax.default_backend()
-    return PEAKS.get(backend, float("nan")), f"default peak for {backend}"
+        return {"peak_flops": float(os.environ["JAXREWARD_PEAK_FLOPS"]),
+                "peak_source": "JAXREWARD_PEAK_FLOPS", "peak_method": "set by the user"}
+    stated = stated_peak(dtype)
+    if stated is not None:
+        chip, flops = stated
+        return {"peak_flops": flops, "peak_source": f"stated {chip} {dtype}",
+                "peak_method": f"{chip} dense {dtype}{' (TF32)' if dtype == 'float32' else ''} "
+                               "tensor-core peak from common.STATED_PEAKS"}
+    n = 2048 if jax.default_backend() == "cpu" else 8192
+    m = measure_matmul_flops(n, dtype)
+    return {"peak_flops": m["flops_per_s"], "peak_source": "measured matmul",
+            "peak_method": f"best of {m['reps']} {dtype} {n}x{n} matmuls through XLA on "
+                           f"{jax.devices()[0].device_kind}, this process "
+                           f"(median {2.0 * n ** 3 / m['median_s'] / 1e9:.0f} GFLOP/s)"}
+
+
+def peak_flops(dtype: str = "float32") -> dict:
+    """The MFU denominator for `dtype` (see the module docstring), cached per process.
+
+    Returns: `{"peak_flops": FLOP/s, "peak_source": "measured matmul" |
+    "stated <chip> <dtype>" | "JAXREWARD_PEAK_FLOPS", "peak_method": how}`.
+    """
+    dtype = str(jnp.dtype(dtype))
+    if dtype not in _PEAKS:
+        _PEAKS[dtype] = _peak(dtype)
+    return dict(_PEAKS[dtype])
+
+
+def mfu_fields(flops_per_s: float, dtype: str = "float32") -> dict:
+    """Row fields `gflops_per_s`, `mfu`, `peak_gflops_per_s`, `peak_source`."""
+    p = peak_flops(dtype)
+    return {"gflops_per_s": flops_per_s / 1e9, "mfu": flops_per_s / p["peak_flops"],
+            "peak_gflops_per_s": p["peak_flops"] / 1e9, "peak_source": p["peak_source"]}
 
 
 def time_fn(fn: Callable[[], object], warmup: int = 1, iters: int = 3) -> tuple[float, float]:
@@ -55,14 +145,30 @@ def machine() -> dict:
             "platform": platform.platform(), "jax": jax.__version__}
 
 
+def _cell(v):
+    """Table text of a value: 3 decimals, or 3 significant digits below 0.1 (small MFUs)."""
+    if isinstance(v, float) and v == v and 0 < abs(v) < 0.1:
+        return format(v, ".3g")
+    return format(v, ".3f") if isinstance(v, float) else v
+
+
 def report(name: str, rows: list[dict], out_dir: str, extra: dict | None = None) -> str:
-    """Prints a table and writes `<out_dir>/<name>.json`; returns the path."""
+    """Prints a table and writes `<out_dir>/<name>.json`; returns the path.
+
+    The JSON holds the rows, the machine, `extra`, and `peaks`: every MFU
+    denominator this process used, by dtype, with how it was obtained; the
+    same is printed under the table.
+    """
     from jaxreward.train.metrics import format_table
-    print(format_table(rows, floatfmt=".3f"))
+    print(format_table([{k: _cell(v) for k, v in r.items()} for r in rows]))
+    peaks = {d: dict(p) for d, p in _PEAKS.items()}
+    for d, p in peaks.items():
+        print(f"MFU peak ({d}): {p['peak_flops'] / 1e9:,.0f} GFLOP/s, {p['peak_source']}: "
+              f"{p['peak_method']}")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.json")
     with open(path, "w", encoding="utf-8") as f:
-        json.dump({"benchmark": name, "machine": machine(), "rows": rows, **(extra or {})}, f,
-                  indent=2)
+        json.dump({"benchmark": name, "machine": machine(), "peaks": peaks, "rows": rows,
+                   **(extra or {})}, f, indent=2)
     print(f"wrote {path}")
     return path

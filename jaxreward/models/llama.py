@@ -24,6 +24,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 
 Array = jax.Array
 
@@ -147,15 +148,16 @@ class Attention(nn.Module):
     def __call__(self, x_BTE, positions_BT, mask_BTS, cache_kv=None, cache_index=None):
         cfg = self.config
         h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
-        B, T, E = x_BTE.shape
+        B = x_BTE.shape[0]
         # Projections run on [B*T, E]: a 2-D activation keeps every forward and
         # backward matmul a plain GEMM (3-D operands were ~3x slower in the
-        # weight-gradient on XLA CPU).
-        x_NE = x_BTE.reshape(B * T, E)
+        # weight-gradient on XLA CPU). The kernels are [E, heads, D]
+        # (DenseGeneral), so the projections themselves split the heads.
+        x_NE = rearrange(x_BTE, "b t e -> (b t) e")
         q = _dense((h, d), ("embed", "heads", "kv"), cfg.qkv_bias, cfg, "q_proj")(x_NE)
         k = _dense((kv, d), ("embed", "kv_heads", "kv"), cfg.qkv_bias, cfg, "k_proj")(x_NE)
         v = _dense((kv, d), ("embed", "kv_heads", "kv"), cfg.qkv_bias, cfg, "v_proj")(x_NE)
-        q, k, v = (a.reshape(B, T, *a.shape[1:]) for a in (q, k, v))
+        q, k, v = (rearrange(a, "(b t) h d -> b t h d", b=B) for a in (q, k, v))
         q = rope(q, positions_BT, cfg.rope_theta)
         k = rope(k, positions_BT, cfg.rope_theta)
         new_kv = None
@@ -164,11 +166,14 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
             new_kv = (k, v)
+        # GQA: dot_product_attention takes h query heads and kv key/value heads
+        # (kv divides h) and groups them itself: query head i reads kv head
+        # i // (h // kv), as HF's repeat_kv. o_proj contracts (heads, D).
         out = jax.nn.dot_product_attention(
             q, k, v, mask=mask_BTS[:, None, :, :], implementation=cfg.attention_impl)
         out = _dense(cfg.hidden_size, ("heads", "kv", "embed"), False, cfg, "o_proj",
-                     in_axis=(-2, -1))(out.reshape(B * T, h, d))
-        return out.reshape(B, T, cfg.hidden_size), new_kv
+                     in_axis=(-2, -1))(rearrange(out, "b t h d -> (b t) h d"))
+        return rearrange(out, "(b t) e -> b t e", b=B), new_kv
 
 
 class MLP(nn.Module):

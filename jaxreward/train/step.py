@@ -20,6 +20,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
+from einops import rearrange
 from jax.sharding import Mesh
 
 from jaxreward import parallel
@@ -30,15 +31,17 @@ MetricsFn = Callable[[dict, dict], dict]
 
 
 def _split(batch: dict, k: int) -> dict:
+    """Each leaf `[k*b, ...]` -> `[k, b, ...]`: micro-batch i is rows i*b .. i*b + b - 1."""
     def f(x):
         if x.shape[0] % k:
             raise ValueError(f"batch size {x.shape[0]} does not split into {k} micro-batches")
-        return x.reshape((k, x.shape[0] // k) + x.shape[1:])
+        return rearrange(x, "(k b) ... -> k b ...", k=k)
     return jax.tree.map(f, batch)
 
 
 def _merge(tree: dict) -> dict:
-    return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), tree)
+    """The inverse of `_split`: each leaf `[k, b, ...]` -> `[k*b, ...]`."""
+    return jax.tree.map(lambda x: rearrange(x, "k b ... -> (k b) ..."), tree)
 
 
 def loss_and_grad(loss_fn: LossFn, params, batch: dict, rng: jax.Array, micro_batches: int = 1):

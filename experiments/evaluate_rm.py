@@ -420,12 +420,13 @@ def make_scorer(config, tokenizer, mesh):
                                        f"has {rm.num_objectives} objective(s)")
         vocab = [rm.config.vocab_size]
         rm = RewardModel(dataclasses.replace(rm.config, dtype=config.model.dtype),
-                         num_objectives=rm.num_objectives)
+                         num_objectives=rm.num_objectives, pooling=rm.pooling)
         params = _shard_params(rm, params, mesh)
         k = s.objective
 
         def score_fn(p, b):
-            return rm.apply({"params": p}, b["tokens"], b["attention_mask"], b["positions"])[:, k]
+            return rm.apply({"params": p}, b["tokens"], b["attention_mask"], b["positions"],
+                            b.get("loss_mask"))[:, k]
         description = f"exported reward model {s.reward_model_dir} (objective {k}, backbone {meta['pretrained']})"
     else:
         import jaxreward

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             defaults.check_int(config, f"model.arch.{name}", 1)
     defaults.check_int(config, "reward.num_objectives", 1)
     defaults.check_int(config, "reward.trainable_blocks", -1)
+    defaults.check_int(config, "reward.backbone_blocks", 0)
+    defaults.check_choice(config, "reward.pooling", ("last", "mean"))
+    defaults.check_float(config, "reward.head_init_scale", 0.0)
+    defaults.check_float(config, "optimizer.head_lr_multiplier", 0.0, low_open=True)
+    if config.reward.cache_features and config.reward.trainable_blocks != 0:
+        raise defaults.ConfigError(
+            "config field reward.cache_features=True needs reward.trainable_blocks=0 (a frozen "
+            f"backbone), got {config.reward.trainable_blocks}")
     for name in ("prompt_length", "response_length"):
         defaults.check_int(config, f"synthetic.{name}", 1)
     defaults.check_float(config, "synthetic.label_beta", 0.0)
@@ -149,9 +158,13 @@ def load_pair_arrays(config: ml_collections.ConfigDict, tokenizer, workdir: str)
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # --- Data and model.
-    m, d, t = config.model, config.data, config.train
+    m, d, t, r = config.model, config.data, config.train, config.reward
     decoder, backbone_params, tokenizer = load_backbone(config)
     cfg = dataclasses.replace(decoder.config, remat=m.remat)
+    if r.backbone_blocks:  # read the head from block `backbone_blocks` (drop the blocks above)
+        cfg = dataclasses.replace(cfg, num_layers=r.backbone_blocks)
+        backbone_params = {k: v for k, v in backbone_params.items()
+                           if not (k.startswith("layers_") and int(k[7:]) >= r.backbone_blocks)}
     print(f"backbone {m.pretrained or 'random model.arch'}: {cfg.num_params():,} params, "
           f"{cfg.num_layers} blocks")
     train, evals = load_pair_arrays(config, tokenizer, workdir)
@@ -162,18 +175,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if not has_eval:
         print("warning: no usable eval pairs; the run reports no held-out accuracy")
 
-    tb = config.reward.trainable_blocks
-    rm = RewardModel(cfg, num_objectives=config.reward.num_objectives,
+    tb = r.trainable_blocks
+    rm = RewardModel(cfg, num_objectives=r.num_objectives, pooling=r.pooling,
                      frozen_blocks=state_lib.frozen_blocks(cfg.num_layers, tb))
     head = rm.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 2), jnp.int32))
-    params = {"backbone": backbone_params, "head": unbox(head["params"]["head"])}
+    head = jax.tree.map(lambda w: w * r.head_init_scale, unbox(head["params"]["head"]))
+    params = {"backbone": backbone_params, "head": head}
     trainable = state_lib.block_trainable(cfg.num_layers, tb)
-    print(f"training the head and {'all' if trainable is None else tb} of {cfg.num_layers} blocks "
-          f"on {len(train['chosen_tokens'])} pairs, {t.num_steps} steps of "
-          f"{d.batch_size} pairs, length {d.max_length}")
+    print(f"training the head ({r.pooling} pooling) and {'all' if trainable is None else tb} of "
+          f"{cfg.num_layers} blocks on {len(train['chosen_tokens'])} pairs, {t.num_steps} steps "
+          f"of {d.batch_size} pairs, length {d.max_length}")
 
     # --- Sharded step, state, data iterator.
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    if r.cache_features:  # frozen backbone: its pooled features, once per pair
+        t0 = time.perf_counter()
+        train, evals = (pairwise.cache_features(rm, params, a, d.eval_batch_size, mesh)
+                        for a in (train, evals))
+        print(f"cached the frozen backbone's features of {len(train['chosen_tokens'])} train and "
+              f"{len(evals['chosen_tokens'])} eval pairs in {time.perf_counter() - t0:.0f} s")
     tx, schedule = state_lib.make_optimizer(config.optimizer, loop.schedule_steps(t), trainable)
     boxed = jax.eval_shape(lambda: rm.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))
     shardings = step_lib.state_shardings(mesh, boxed["params"], tx)

@@ -35,7 +35,7 @@ def export_reward_model(directory: str, rm: RewardModel, params, pretrained: str
         for the record.
     """
     digests = ckpt_lib.save_params(os.path.join(directory, "params"), params)
-    meta = {"pretrained": pretrained, "num_objectives": rm.num_objectives,
+    meta = {"pretrained": pretrained, "num_objectives": rm.num_objectives, "pooling": rm.pooling,
             "llama_config": dataclasses.asdict(rm.config), "params_sha256": digests}
     if jax.process_index() == 0:  # written last: a folder without it is an unfinished export
         with open(os.path.join(directory, "reward_model.json"), "w", encoding="utf-8") as f:
@@ -59,7 +59,8 @@ def load_reward_model(directory: str) -> tuple[RewardModel, dict, dict]:
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
-        rm = RewardModel(LlamaConfig(**meta["llama_config"]), num_objectives=meta["num_objectives"])
+        rm = RewardModel(LlamaConfig(**meta["llama_config"]), num_objectives=meta["num_objectives"],
+                         pooling=meta.get("pooling", "last"))
     except (ValueError, KeyError, TypeError) as e:  # bad JSON (a ValueError), missing/unknown keys
         raise CorruptFileError(f"{path} is damaged or not a reward-model export "
                                f"({type(e).__name__}: {e}); export the reward model again") from e

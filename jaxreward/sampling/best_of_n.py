@@ -137,9 +137,10 @@ def best_of_n(model, params, prompt_tokens: Array, prompt_mask: Array, reward_fn
 def reward_model_fn(reward_model, reward_params, objective: int = 0) -> RewardFn:
     """Adapter: a `RewardModel` scoring the full sequences, objective column k.
 
-    The reward model must share the policy's vocabulary. It reads the last
-    attended token of each row (the last response token, or the last prompt
-    token for an empty response).
+    The reward model must share the policy's vocabulary. "last" pooling
+    reads the last attended token of each row (the last response token, or
+    the last prompt token for an empty response); "mean" pooling averages
+    the response tokens.
 
     Raises:
       ValueError: objective outside [0, reward_model.num_objectives).
@@ -149,12 +150,13 @@ def reward_model_fn(reward_model, reward_params, objective: int = 0) -> RewardFn
         raise ValueError(f"objective must be in [0, {k}), got {objective}")
 
     @jax.jit
-    def score(params, tokens, mask, positions):
-        return reward_model.apply({"params": params}, tokens, mask, positions)[:, objective]
+    def score(params, tokens, mask, positions, response_mask):
+        return reward_model.apply({"params": params}, tokens, mask, positions,
+                                  response_mask)[:, objective]
 
     def fn(batch: SampleBatch) -> Array:
         return score(reward_params, batch.tokens_RL, batch.attention_mask_RL,
-                     batch.positions_RL).astype(jnp.float32)
+                     batch.positions_RL, batch.loss_mask_RL).astype(jnp.float32)
 
     return fn
 

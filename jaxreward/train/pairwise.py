@@ -22,11 +22,57 @@ LOSS_KIND = "pairwise_reward_loss"  # registry kind of the losses a pair trainer
 
 
 def pair_rewards(model: nn.Module, params, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """Rewards `float32[B, K]` of chosen and rejected, in ONE forward of `[2B, T]`."""
-    cat = lambda k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=0)
-    rewards = model.apply({"params": params}, cat("tokens"), cat("attention_mask"), cat("positions"))
+    """Rewards `float32[B, K]` of chosen and rejected, in ONE forward of `[2B, T]`.
+
+    With `chosen_features`/`rejected_features` `[B, E]` in the batch (pooled
+    features cached from a frozen backbone, see `cache_features`), only the
+    head runs.
+    """
     B = batch["chosen_tokens"].shape[0]
+    cat = lambda k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=0)
+    if "chosen_features" in batch:
+        rewards = model.apply({"params": params}, cat("features"), cat("attention_mask"),
+                              method=model.score_features)
+    else:
+        pool = cat("loss_mask") if "chosen_loss_mask" in batch else None
+        rewards = model.apply({"params": params}, cat("tokens"), cat("attention_mask"),
+                              cat("positions"), pool)
     return rewards[:B], rewards[B:]
+
+
+def cache_features(model: nn.Module, params, arrays: dict[str, np.ndarray], batch_size: int,
+                   mesh) -> dict[str, np.ndarray]:
+    """`arrays` plus `chosen_features` / `rejected_features` float32 `[n, E]`:
+    the pooled hidden states of a frozen backbone, computed once.
+
+    Training a head on a frozen backbone then runs the head alone each step
+    (`pair_rewards` reads the features), and the backbone forward is paid
+    once per pair instead of once per epoch. Rows are scored longest first
+    in batches trimmed to their longest row (right padding), so short pairs
+    cost short forwards; every row is scored exactly once.
+    """
+    def feats(p, b):
+        return model.apply({"params": p}, b["tokens"], b["attention_mask"], b["positions"],
+                           b.get("loss_mask"), method=model.features)
+    feats = jax.jit(feats)
+    out = dict(arrays)
+    for side in SIDES:
+        mask = arrays[f"{side}_attention_mask"]
+        if mask[:, 0].size and not mask[:, 0].all():
+            raise ValueError("cache_features needs right-padded rows (attention_mask[:, 0] all True)")
+        lengths = mask.sum(axis=1)
+        order = np.argsort(-lengths, kind="stable")
+        result = np.zeros((len(lengths), model.config.hidden_size), np.float32)
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            width = int(min(mask.shape[1], -(-max(int(lengths[rows].max()), 1) // 16) * 16))
+            b = {k: arrays[f"{side}_{k}"][rows, :width]
+                 for k in ("tokens", "attention_mask", "positions", "loss_mask")
+                 if f"{side}_{k}" in arrays}
+            padded = evaluate.score_all_rows(feats, params, b, batch_size, mesh)
+            result[rows] = padded
+        out[f"{side}_features"] = result
+    return out
 
 
 def pair_loss(name: str) -> Callable:

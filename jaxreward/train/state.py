@@ -45,24 +45,38 @@ def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int,
 
     Args:
       cfg: `learning_rate`, `warmup_steps`, `final_lr_ratio`, `b1`, `b2`,
-        `eps`, `weight_decay`, `max_grad_norm` (0 disables clipping).
+        `eps`, `weight_decay`, `max_grad_norm` (0 disables clipping), and
+        optionally `head_lr_multiplier`: params under a top-level "head" key
+        (a reward or value head) train at that multiple of the schedule.
+        Clipping is by the global norm over all params together.
       num_steps: total optimizer steps (length of the schedule).
       trainable: predicate on a param's key path (tuple of names).
+
+    Returns:
+      `(tx, schedule)`; `schedule` is the base (non-head) learning rate.
     """
     schedule = learning_rate_schedule(cfg, num_steps)
+    head_mult = float(cfg.get("head_lr_multiplier", 1.0))
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    parts = []
-    if cfg.max_grad_norm:
-        parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
-    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, mask=decay_mask))
-    tx = optax.chain(*parts)
-    if trainable is not None:
+    adamw = lambda sched: optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                                      weight_decay=cfg.weight_decay, mask=decay_mask)
+    if head_mult == 1.0 and trainable is None:
+        inner = adamw(schedule)
+    else:
+        is_train = trainable or (lambda names: True)
+
         def labels(params):
-            return jax.tree_util.tree_map_with_path(
-                lambda path, _: "train" if trainable(path_names(path)) else "freeze", params)
-        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
-    return tx, schedule
+            def label(path, _):
+                names = path_names(path)
+                if not is_train(names):
+                    return "freeze"
+                return "head" if names[0] == "head" and head_mult != 1.0 else "train"
+            return jax.tree_util.tree_map_with_path(label, params)
+        inner = optax.multi_transform(
+            {"train": adamw(schedule), "head": adamw(lambda step: head_mult * schedule(step)),
+             "freeze": optax.set_to_zero()}, labels)
+    parts = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm else []
+    return optax.chain(*parts, inner), schedule
 
 
 def path_names(path) -> tuple[str, ...]:

@@ -82,12 +82,13 @@ def test_reward_model_on_real_hh_then_best_of_n(tmp_path, hh_file):
     rm = _cli("--config=configs/reward_model.py:smollm2_hh", f"--workdir={wd}",
               f"--config.data.train_path={hh_file}", "--config.data.max_train_pairs=8",
               "--config.data.max_eval_pairs=8", "--config.data.max_length=48",
+              "--config.data.max_prompt_length=24", "--config.reward.backbone_blocks=4",
               "--config.data.batch_size=4", "--config.data.eval_batch_size=8",
-              "--config.train.num_steps=2", "--config.reward.trainable_blocks=1")
+              "--config.train.num_steps=2", "--config.train.eval_every=0")
     out = rm.stdout
     # The reader's report on the real file (counts from ../shared/data/README.md).
     assert "kept 2303, skipped 9 (prompt mismatch: 5" in out and "empty chosen response: 4" in out
-    assert "held out 128 of 2303 pairs" in out
+    assert "held out 256 of 2303 pairs" in out
     assert "held-out pairwise accuracy" in out
     acc = float(out.split("held-out pairwise accuracy: ")[1].split()[0])
     assert 0.0 <= acc <= 1.0

@@ -14,6 +14,8 @@ from jaxreward import parallel
 from jaxreward.train import defaults
 from jaxreward.train import state as state_lib
 
+MARGIN = 0.05  # measured: 0.590 trained vs 0.508 untrained (seed 0), so 0.08 above
+
 
 def _config(num_steps=4, mesh=(1, 1, 1), micro_batches=1, batch_size=16, trainable_blocks=-1):
     c = rm_config.get_config("synthetic")
@@ -188,3 +190,24 @@ def test_raising_num_steps_extends_a_finished_run(tmp_path):
     np.testing.assert_allclose(lrs, [3e-4] * 4, rtol=1e-6)
     cfg = json.load(open(tmp_path / "ext" / "config.json"))
     assert cfg["train"]["num_steps"] == 10 and cfg["train"]["schedule_steps"] == 6
+
+
+def test_smollm2_reward_model_learns_on_real_hh(tmp_path, hh_file):
+    """A small version of the smollm2_hh run (frozen 8-block backbone, mean
+    pooling, cached features, 384 train pairs) beats its own untrained random
+    head on the same 256 held-out pairs by a clear margin."""
+    config = rm_config.get_config("smollm2_hh")
+    config.data.update(train_path=str(hh_file), max_train_pairs=384, max_length=96,
+                       max_prompt_length=48)
+    config.reward.update(backbone_blocks=8, head_init_scale=1.0)
+    config.mesh.data = 1
+    config.train.update(num_steps=60, eval_every=60, log_every=20, checkpoint_every=60,
+                        progress_bar=False)
+    out = _fit(tmp_path, "hh", config)
+    rows = [json.loads(l) for l in open(tmp_path / "hh" / "metrics.jsonl")]
+    untrained = [r for r in rows if r["step"] == 0 and "eval/accuracy" in r][0]
+    trained = out["eval"]
+    assert trained["num_pairs"] == untrained["eval/num_pairs"] == 256
+    assert trained["accuracy"] >= untrained["eval/accuracy"] + MARGIN, (trained, untrained)
+    assert trained["accuracy"] >= 0.56
+    assert os.path.exists(tmp_path / "hh" / "learning_curve.png")

@@ -1,0 +1,125 @@
+"""DPO train-step speed: seconds/step, tokens/s, achieved GFLOP/s, MFU, for the
+reference log-probs precomputed (`reference.precompute=True`, the default:
+the step runs the policy only) and computed inside the step under
+stop_gradient (`reference.precompute=False`: one more forward per step).
+
+Models: `llama4.5m` (hidden 256, 4 layers, 8 heads, 4 KV heads, FFN 1024,
+vocab 1024) and `smollm2` (SmolLM2-135M-Instruct architecture, random
+weights: speed does not depend on them). Batch: 8 pairs × (32 prompt + 32
+response) tokens = 16 sequences of 64 tokens (chosen and rejected in one
+forward), float32, every policy parameter trained, AdamW, one device. The
+step is the driver's: `experiments/dpo.py`'s loss functions in
+`train.step.make_train_step`.
+
+FLOPs per step = 3 × policy forward (+ 1 × reference forward in-step),
+forward = 2 × (non-embedding params) × tokens + attention 4 × layers × T ×
+heads × head_dim per token (the 6N + 12·L·T·d accounting of "Scaling Laws
+for Neural Language Models", 2020). The output layer is counted (it is a
+real GEMM here, vocab × hidden per token, forward 2× that).
+
+    python benchmarks/bench_dpo_step.py [--models llama4.5m,smollm2] [--out benchmarks/results]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import common  # noqa: E402
+from configs import dpo as dpo_config  # noqa: E402
+from experiments import dpo as driver  # noqa: E402
+from jaxreward import parallel  # noqa: E402
+from jaxreward.models.llama import Decoder, LlamaConfig  # noqa: E402
+from jaxreward.train import preference as pref  # noqa: E402
+from jaxreward.train import state as state_lib, step as step_lib  # noqa: E402
+
+MODELS = {
+    "llama4.5m": LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=1024,
+                             num_layers=4, num_heads=8, num_kv_heads=4),
+    "smollm2": LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                           num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+                           rope_theta=100000.0),
+}
+PAIRS, PROMPT, RESPONSE = 8, 32, 32
+
+
+def forward_flops(cfg: LlamaConfig, tokens: int, seq_len: int) -> float:
+    non_embedding = cfg.num_params() - cfg.vocab_size * cfg.hidden_size
+    output_layer = cfg.vocab_size * cfg.hidden_size  # tied or not, the logits GEMM runs
+    attn = 4 * cfg.num_layers * seq_len * cfg.num_heads * cfg.dim_per_head
+    return tokens * (2.0 * (non_embedding + output_layer) + attn)
+
+
+def make_batch(cfg: LlamaConfig, with_reference: bool) -> dict:
+    rng = np.random.default_rng(0)
+    T = PROMPT + RESPONSE
+    batch = {}
+    for side in ("chosen", "rejected"):
+        batch[f"{side}_tokens"] = rng.integers(0, cfg.vocab_size, (PAIRS, T)).astype(np.int32)
+        batch[f"{side}_attention_mask"] = np.ones((PAIRS, T), bool)
+        batch[f"{side}_loss_mask"] = np.arange(T)[None].repeat(PAIRS, 0) >= PROMPT
+        batch[f"{side}_positions"] = np.tile(np.arange(T, dtype=np.int32), (PAIRS, 1))
+    if with_reference:
+        batch["ref_chosen_logps"] = rng.normal(-200, 5, PAIRS).astype(np.float32)
+        batch["ref_rejected_logps"] = rng.normal(-200, 5, PAIRS).astype(np.float32)
+    return batch
+
+
+def bench(name: str, dtype: str, precompute: bool) -> dict:
+    cfg = dataclasses.replace(MODELS[name], dtype=dtype, max_position_embeddings=PROMPT + RESPONSE)
+    config = dpo_config.get_config("synthetic")
+    model = Decoder(cfg)
+    dummy = jnp.zeros((1, 2), jnp.int32)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy))["params"]
+    params = jax.jit(lambda: step_lib.unbox(model.init(jax.random.PRNGKey(0), dummy)["params"]))()
+    tree, boxed_tree = {"policy": params}, {"policy": boxed}
+    if not precompute:
+        tree["reference"], boxed_tree["reference"] = params, boxed
+    mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    tx, schedule = state_lib.make_optimizer(config.optimizer, 100,
+                                            pref.policy_trainable(cfg.num_layers, -1))
+    shardings = step_lib.state_shardings(mesh, boxed_tree, tx)
+    logps_fn = pref.decoder_logps_fn(model)
+    loss_fn, metrics_fn, _ = driver.make_loss_fns(config, logps_fn, logps_fn)
+    train_step = step_lib.make_train_step(loss_fn, metrics_fn, tx, schedule, mesh, shardings)
+    state = [jax.jit(lambda p: state_lib.init_state(p, tx, 0), out_shardings=shardings)(tree)]
+    device_batch = parallel.shard_batch(make_batch(cfg, precompute), mesh)
+
+    def run():
+        state[0], metrics = train_step(state[0], device_batch)
+        return metrics["loss"]
+
+    first, sec = common.time_fn(run, warmup=2, iters=5)
+    T = PROMPT + RESPONSE
+    tokens = 2 * PAIRS * T
+    flops = (3.0 + (0.0 if precompute else 1.0)) * forward_flops(cfg, tokens, T)
+    mem, mem_src = common.peak_memory_bytes()
+    return {"model": name, "reference": "precomputed" if precompute else "in-step",
+            "dtype": dtype, "params_M": cfg.num_params() / 1e6, "tokens_per_step": tokens,
+            "compile_s": first, "step_s": sec, "tokens_per_s": tokens / sec,
+            **common.mfu_fields(flops / sec, dtype), "peak_mem_GiB": mem / 2**30,
+            "mem_source": mem_src}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="llama4.5m,smollm2")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args()
+    rows = [bench(m, args.dtype, precompute) for m in args.models.split(",")
+            for precompute in (True, False)]
+    common.report(f"dpo_step_{jax.default_backend()}_{args.dtype}", rows, args.out,
+                  {"batch": f"{PAIRS} pairs x ({PROMPT} prompt + {RESPONSE} response) tokens"})
+
+
+if __name__ == "__main__":
+    main()

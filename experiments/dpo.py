@@ -1,0 +1,435 @@
+"""Direct preference optimization and its family (configs/dpo.py).
+
+    python -m jaxreward.main --config=configs/dpo.py:synthetic --workdir=DIR
+
+The policy starts as a copy of the base model; the reference is the frozen
+initial policy (or `reference.path`). Any registered "preference" loss
+(`loss.name`: DPO, IPO, cDPO, SimPO, ORPO, ...) is trained on preference
+pairs with one forward per pair batch: chosen and rejected as one `[2B, T]`
+batch, per-token log-probs summed over response tokens only.
+
+Reference log-probs are computed once for every train and eval pair (one
+jitted pass, `reference.batch_size` pairs per forward) and cached in
+`<workdir>/reference_logps.npz`, keyed by a hash of the token arrays, the
+tokenization and the reference weights: re-runs and resumes reuse it, and a
+cache written for anything else is refused. With `reference.precompute=False`
+the reference runs inside every step under stop_gradient (its weights then
+sit, frozen, in the train state). Reference-free losses (SimPO, ORPO) run
+no reference at all.
+
+The job, top to bottom: base policy -> pairs (sampled and gold-labelled, or
+read and tokenized) -> reference log-probs -> sharded step -> restore or
+init -> loop (step, log, eval, checkpoint) -> final held-out eval ->
+generation eval vs best-of-N -> summary, plot, export.
+
+Writes `metrics.jsonl` (train/*, eval/*, generate/*), `tensorboard/`,
+`checkpoints/`, `reference_logps.npz`, `dpo.json` (summary),
+`reward_vs_kl.png` and `policy/` (an HF checkpoint, `export=True`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+import jaxreward
+from jaxreward import parallel
+from jaxreward.data import pipeline, synthetic
+from jaxreward.errors import UserError
+from jaxreward.data.preference import read_preference_pairs
+from jaxreward.models.llama import Decoder, LlamaConfig
+from jaxreward.models.reward_io import load_reward_model
+from jaxreward.sampling.best_of_n import best_of_n, reward_model_fn
+from jaxreward.sampling.sampler import generate
+from jaxreward.train import checkpoint as ckpt_lib
+from jaxreward.train import defaults, loop
+from jaxreward.train import metrics as metrics_lib
+from jaxreward.train import preference as pref
+from jaxreward.train import state as state_lib
+from jaxreward.train import step as step_lib
+from jaxreward.train.step import unbox
+
+CACHE_FILE = "reference_logps.npz"
+EXPORT_DIR = "policy"
+SPLITS = ("train", "eval")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Checks this job's own fields (the shared blocks are checked by main)."""
+    try:
+        pref.resolve_loss(config.loss)
+    except ValueError as e:
+        raise defaults.ConfigError(str(e)) from None
+    defaults.check_choice(config, "data.source", ("synthetic", "jsonl"))
+    if config.data.source == "jsonl":
+        defaults.check_path(config, "data.train_path", required=True)
+        defaults.check_path(config, "data.eval_path")
+    if not config.model.pretrained:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads"):
+            defaults.check_int(config, f"model.arch.{name}", 1)
+        defaults.check_float(config, "model.arch.rope_theta", 0.0, low_open=True)
+    defaults.check_pretrained(config, "reference.path")
+    defaults.check_choice(config, "reference.precompute", (True, False))
+    defaults.check_int(config, "reference.batch_size", 1)
+    defaults.check_int(config, "policy.trainable_blocks", -1)
+    for name in ("prompt_length", "response_length", "num_train_pairs", "num_eval_pairs"):
+        defaults.check_int(config, f"synthetic.{name}", 1)
+    defaults.check_float(config, "synthetic.label_beta", 0.0)
+    defaults.check_float(config, "synthetic.temperature", 0.0, low_open=True)
+    defaults.check_choice(config, "eval.generate", (True, False))
+    defaults.check_int(config, "eval.num_prompts", 1)
+    defaults.check_int(config, "eval.samples_per_prompt", 1)
+    defaults.check_int(config, "eval.best_of_n_max_n", 0)
+    defaults.check_float(config, "sampling.temperature", 0.0, low_open=True)
+    if config.eval.generate:
+        defaults.check_int(config, "sampling.max_new_tokens", 1)
+    rm_dir = config.eval.reward_model_dir
+    if rm_dir:
+        defaults.check_path(config, "eval.reward_model_dir")
+        if not os.path.exists(os.path.join(rm_dir, "reward_model.json")):
+            raise defaults.ConfigError(f"config field eval.reward_model_dir: {rm_dir!r} has no "
+                                       "reward_model.json (point it at the reward_model/ folder a "
+                                       "reward_model run wrote)")
+
+
+def load_model(path: str, config: ml_collections.ConfigDict, seed: int):
+    """`(decoder, params, tokenizer)`: pretrained `path`, or a random
+    `model.arch` decoder (tokenizer None) when `path` is empty."""
+    m = config.model
+    if path:
+        return jaxreward.load_pretrained(path, dtype=m.dtype)
+    s = config.synthetic
+    cfg = LlamaConfig(**m.arch.to_dict(), dtype=m.dtype,
+                      max_position_embeddings=s.prompt_length + max(s.response_length,
+                                                                   config.sampling.max_new_tokens))
+    decoder = Decoder(cfg)
+    return decoder, _init_fn(decoder)(jax.random.PRNGKey(seed)), None
+
+
+@functools.lru_cache(maxsize=8)
+def _init_fn(decoder: Decoder):
+    """Jitted random init of `decoder`, compiled once per architecture (XLA
+    compiles the RNG of the init slowly; the key is an argument)."""
+    return jax.jit(lambda key: unbox(decoder.init(key, jnp.zeros((1, 2), jnp.int32))["params"]))
+
+
+def sample_pairs(task: synthetic.CountingTask, policy: Decoder, params, n: int, seed: int,
+                 temperature: float) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """n pairs of the policy's own samples, labelled by Bradley–Terry of the
+    gold reward; also bool `[n]`: the chosen response has the higher gold
+    reward (its mean is the accuracy ceiling)."""
+    prompts = task.prompts(n, seed)
+    out = generate(policy, params, prompts, np.ones_like(prompts, bool), rng=jax.random.PRNGKey(seed),
+                   max_new_tokens=task.response_length, temperature=temperature, num_samples=2)
+    resp = np.asarray(out.tokens_RM).reshape(n, 2, -1)
+    mask = np.asarray(out.mask_RM).reshape(n, 2, -1)
+    gold = task.gold_reward(resp.reshape(2 * n, -1), mask.reshape(2 * n, -1)).reshape(n, 2)
+    prefer_1 = task.label(gold[:, 0], gold[:, 1], seed)
+    arrays = synthetic.pair_arrays(prompts, resp[:, 0], resp[:, 1], prefer_1, mask[:, 0], mask[:, 1])
+    agree = np.where(prefer_1, gold[:, 0] > gold[:, 1], gold[:, 1] > gold[:, 0])
+    return arrays, agree
+
+
+def read_pairs(config: ml_collections.ConfigDict, tokenizer, workdir: str):
+    """Tokenized train and eval pairs from `data.train_path` (and `data.eval_path`).
+
+    Without `data.eval_path`, the last `data.num_eval_pairs` pairs of a
+    seeded shuffle of the train file are held out.
+    """
+    d = config.data
+    kw = dict(fmt=d.format, on_error=d.on_error, hh_as_chat=d.hh_as_chat,
+              render_chat=tokenizer.apply_chat_template if tokenizer.chat_template else None)
+    pairs, report = read_preference_pairs(d.train_path, **kw)
+    print(report.summary())
+    if d.eval_path:
+        eval_pairs, eval_report = read_preference_pairs(d.eval_path, **kw)
+        print(eval_report.summary())
+    else:
+        order = np.random.default_rng(config.seed).permutation(len(pairs))
+        n_eval = min(d.num_eval_pairs, len(pairs) // 2)
+        eval_pairs = [pairs[i] for i in order[len(pairs) - n_eval:]]
+        pairs = [pairs[i] for i in order[:len(pairs) - n_eval]]
+        print(f"held out {n_eval} of {len(pairs) + n_eval} pairs for evaluation (seed {config.seed})")
+    pairs = pairs[:d.max_train_pairs or None]
+    eval_pairs = eval_pairs[:d.max_eval_pairs or None]
+    out = []
+    for name, split in (("train", pairs), ("eval", eval_pairs)):
+        arrays, tok_report = pipeline.cached_tokenize(
+            split, tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length or None,
+            cache_dir=d.cache_dir or os.path.join(workdir, "token_cache"))
+        print(f"{name}: {tok_report.summary()}")
+        out.append(arrays)
+    return out
+
+
+def make_loss_fns(config: ml_collections.ConfigDict, policy_fn: pref.LogpsFn,
+                  ref_fn: pref.LogpsFn | None = None):
+    """`(loss_fn, metrics_fn, loss)` of `config.loss` for `step.make_train_step`.
+
+    `policy_fn`/`ref_fn` map `(params, tokens, attention_mask, positions)` to
+    per-token log-probs (`pref.decoder_logps_fn` of a Decoder; a table of
+    logits in the tests). The step's params are `{"policy": ...}` (+
+    `"reference"` when the reference runs in the step).
+    """
+    loss = pref.resolve_loss(config.loss)
+    return (*pref.make_loss_fns(policy_fn, loss, ref_fn), loss)
+
+
+def eval_prompts(arrays: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The prompts of the first n pairs: `(tokens [n, P], mask [n, P])`, right-padded."""
+    prompt = arrays["chosen_attention_mask"][:n] & ~arrays["chosen_loss_mask"][:n]
+    P = int(prompt.sum(axis=1).max())
+    return arrays["chosen_tokens"][:n, :P], prompt[:, :P]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    # --- Base policy and pairs.
+    m, d, t, e = config.model, config.data, config.train, config.eval
+    loss = pref.resolve_loss(config.loss)
+    base_model, base_params, tokenizer = load_model(m.pretrained, config, config.seed)
+    cfg = dataclasses.replace(base_model.config, remat=m.remat)
+    print(f"base policy {m.pretrained or 'random model.arch'}: {cfg.num_params():,} params, "
+          f"{cfg.num_layers} blocks; loss {loss.name} {dict(loss.hparams)}")
+    task = None
+    if d.source == "synthetic":
+        s = config.synthetic
+        task = synthetic.CountingTask(cfg.vocab_size, s.prompt_length, s.response_length,
+                                      seed=config.seed, label_beta=s.label_beta)
+        # One sampler call (one compile) for both splits: the last pairs are held out.
+        pairs, agree = sample_pairs(task, base_model, base_params,
+                                    s.num_train_pairs + s.num_eval_pairs, 1, s.temperature)
+        train = {k: v[:s.num_train_pairs] for k, v in pairs.items()}
+        evals = {k: v[s.num_train_pairs:] for k, v in pairs.items()}
+        train_agree = float(agree[:s.num_train_pairs].mean())
+        eval_agree = float(agree[s.num_train_pairs:].mean())
+        print(f"sampled {s.num_train_pairs} train / {s.num_eval_pairs} eval pairs from the base "
+              f"policy; labels agree with the gold reward on {eval_agree:.3f} of eval pairs "
+              "(the accuracy ceiling)")
+        tokenization = f"synthetic vocab={cfg.vocab_size}"
+    else:
+        train, evals = read_pairs(config, tokenizer, workdir)
+        train_agree = eval_agree = None
+        tokenization = pipeline.tokenizer_fingerprint(tokenizer)
+    num_train, num_eval = len(train["chosen_tokens"]), len(evals["chosen_tokens"])
+    if num_train < d.batch_size:
+        raise UserError(f"{num_train} usable train pairs is fewer than one batch "
+                        f"(data.batch_size={d.batch_size})")
+    if num_eval == 0:
+        raise UserError("no usable eval pairs: set data.eval_path or data.num_eval_pairs")
+
+    # --- The reference: the initial policy, or `reference.path`.
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    r = config.reference
+    ref_model, ref_params = base_model, base_params
+    if r.path and (loss.uses_reference or e.generate):
+        ref_model, ref_params, _ = load_model(r.path, config, config.seed)
+        if ref_model.config.vocab_size != cfg.vocab_size:
+            raise UserError(f"reference.path={r.path!r} has vocabulary {ref_model.config.vocab_size}, "
+                            f"the policy {cfg.vocab_size}: they must share one tokenizer")
+    ref_boxed = jax.eval_shape(lambda: ref_model.init(jax.random.PRNGKey(0),
+                                                      jnp.zeros((1, 2), jnp.int32)))["params"]
+    ref_params = jax.device_put(ref_params, parallel.param_shardings(mesh, ref_boxed))
+    ref_fn = pref.decoder_logps_fn(ref_model)
+    in_step_reference = loss.uses_reference and not r.precompute
+    if loss.uses_reference and r.precompute:
+        splits = {"train": train, "eval": evals}
+        key = pref.reference_cache_key(splits, tokenization, ref_params, ref_model.config,
+                                       {"temperature": 1.0})
+        t0 = time.perf_counter()
+        cache, reused = pref.cached_reference_logps(
+            os.path.join(workdir, CACHE_FILE), key,
+            lambda: pref.reference_logps(ref_fn, ref_params, splits, r.batch_size, mesh))
+        print(f"reference log-probs of {num_train + num_eval} pairs: "
+              + ("reused " + CACHE_FILE if reused else
+                 f"computed in {time.perf_counter() - t0:.1f}s, cached in {CACHE_FILE}"))
+        train = {**train, **{k.split("/")[1]: v for k, v in cache.items() if k.startswith("train/")}}
+        evals = {**evals, **{k.split("/")[1]: v for k, v in cache.items() if k.startswith("eval/")}}
+    elif not loss.uses_reference:
+        print(f"{loss.name} is reference-free: no reference forward in training")
+
+    # --- Sharded step, state, data iterator.
+    tb = config.policy.trainable_blocks
+    policy = Decoder(cfg, frozen_blocks=state_lib.frozen_blocks(cfg.num_layers, tb))
+    boxed = {"policy": jax.eval_shape(lambda: policy.init(jax.random.PRNGKey(0),
+                                                          jnp.zeros((1, 2), jnp.int32)))["params"]}
+    params = {"policy": base_params}
+    if in_step_reference:
+        boxed["reference"], params["reference"] = ref_boxed, ref_params
+    trainable = pref.policy_trainable(cfg.num_layers, tb)
+    tx, schedule = state_lib.make_optimizer(config.optimizer, loop.schedule_steps(t), trainable)
+    shardings = step_lib.state_shardings(mesh, boxed, tx)
+    policy_fn = pref.decoder_logps_fn(policy)
+    loss_fn, metrics_fn, _ = make_loss_fns(config, policy_fn, ref_fn)
+    train_step = step_lib.make_train_step(loss_fn, metrics_fn, tx, schedule, mesh, shardings,
+                                          micro_batches=t.micro_batches)
+    score_fn = jax.jit(lambda p, b: pref.pair_outputs(policy_fn, ref_fn, loss, p, b))
+    evaluate = lambda p: pref.evaluate_pairs(score_fn, p, evals, d.eval_batch_size, mesh, loss)
+    loader = pipeline.GrainLoader(train, d.batch_size // jax.process_count(), seed=config.seed)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+    make_state = jax.jit(lambda p: state_lib.init_state(p, tx, config.seed), out_shardings=shardings)
+    state, _ = loop.restore_or_init(checkpointer, make_state, (params,), shardings, loader)
+    del params
+    trained = "every policy parameter" if tb < 0 or tb >= cfg.num_layers else \
+        f"the top {tb} of {cfg.num_layers} blocks + final norm"
+    print(f"training {trained} on {num_train} pairs: {t.num_steps} steps of {d.batch_size} pairs")
+
+    # --- Generation eval: policy vs reference samples on held-out prompts.
+    reward_fn, reward_name = None, None
+    if e.reward_model_dir:
+        rm, rm_params, _ = load_reward_model(e.reward_model_dir)
+        reward_fn, reward_name = reward_model_fn(rm, rm_params), "reward-model reward"
+    elif task is not None:
+        reward_fn = lambda b: task.gold_reward(np.asarray(b.response_tokens_RM),
+                                               np.asarray(b.response_mask_RM))
+        reward_name = "gold reward"
+    if task is not None:
+        prompts = task.prompts(e.num_prompts, seed=3)
+        prompt_mask = np.ones_like(prompts, bool)
+    else:
+        prompts, prompt_mask = eval_prompts(evals, e.num_prompts)
+    sampling = dict(max_new_tokens=config.sampling.max_new_tokens,
+                    temperature=config.sampling.temperature, top_k=config.sampling.top_k,
+                    top_p=config.sampling.top_p, stop_ids=tokenizer.stop_ids if tokenizer else (),
+                    pad_id=tokenizer.pad_id if tokenizer else synthetic.PAD_ID)
+    gen_rng = jax.random.PRNGKey(config.seed + 3)
+    ref_rewards = [None]  # the reference's samples do not change: scored once
+
+    def generation_eval(policy_params) -> dict[str, float]:
+        stats, ref_rewards[0] = pref.generation_eval(
+            policy, policy_params, ref_model, ref_params, prompts, prompt_mask, reward_fn,
+            rng=gen_rng, num_samples=e.samples_per_prompt, sampling=sampling,
+            ref_rewards_R=ref_rewards[0])
+        return stats
+
+    # --- Train.
+    start, stop = int(state.step), loop.stop_step(t)
+    writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+    history = []
+    bar = tqdm.trange(start, stop, desc=f"train {loss.name}", initial=start, total=stop,
+                      disable=not t.progress_bar, dynamic_ncols=True)
+    clock, tokens_since = None, 0
+    for step in bar:
+        batch = next(loader)
+        state, metrics = train_step(state, parallel.shard_batch(batch, mesh))
+        done = step + 1
+        if clock is None:  # tokens/s leaves out the first step (compilation)
+            jax.block_until_ready(state.step)
+            clock = time.perf_counter()
+        else:
+            tokens_since += int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
+        if loop.due(done, t.log_every, stop):
+            metrics = dict(jax.block_until_ready(metrics))
+            if tokens_since:  # attended tokens of both sides per second of training
+                metrics["tokens/s"] = tokens_since * jax.process_count() / (time.perf_counter() - clock)
+                clock, tokens_since = time.perf_counter(), 0
+            mets = loop.log_train(writer, done, metrics, bar, show=("loss", "rewards/accuracies"))
+            history.append({"step": done, **mets})
+        if t.eval_every and done % t.eval_every == 0 and done != t.num_steps:
+            jax.block_until_ready(state.params)  # pending steps count as training time
+            paused = time.perf_counter()
+            writer.write(done, evaluate(state.params), prefix="eval")
+            if e.generate:
+                writer.write(done, generation_eval(state.params["policy"]), prefix="generate")
+            if clock is not None:  # eval time does not count against tokens/s
+                clock += time.perf_counter() - paused
+        if loop.due(done, t.checkpoint_every, stop):
+            checkpointer.save(done, state, loader.state())
+    checkpointer.close()
+    if loop.stopped_early(int(state.step), t.num_steps):
+        writer.close()
+        return {"stopped_at": int(state.step), "history": history, "state": state, "mesh": mesh}
+
+    # --- Final held-out eval and generation eval.
+    final = evaluate(state.params)
+    writer.write(int(state.step), final, prefix="eval")
+    print(f"held-out implicit-reward accuracy {final['rewards/accuracies']:.4f} "
+          f"[{final['rewards/accuracies_ci_low']:.4f}, {final['rewards/accuracies_ci_high']:.4f}] "
+          f"(95% Wilson), loss {final['loss']:.4f} on {int(final['num_pairs'])} pairs"
+          + (f" (label ceiling {eval_agree:.3f})" if eval_agree is not None else ""))
+    points, curve, gen = [], [], None
+    if e.generate:
+        gen = generation_eval(state.params["policy"])
+        writer.write(int(state.step), gen, prefix="generate")
+        points = [{"step": 0, **_reference_point(gen)}] if "reward" in gen else []
+        points += _generate_records(workdir)
+        if reward_fn is not None and e.best_of_n_max_n:
+            bon = best_of_n(ref_model, ref_params, prompts, prompt_mask, reward_fn,
+                            n=e.best_of_n_max_n, rng=jax.random.PRNGKey(config.seed + 4), **sampling)
+            curve = pref.best_of_n_curve(np.asarray(bon.rewards_BN), e.best_of_n_max_n)
+    writer.close()
+
+    # --- Summary, plot, export.
+    rows = []
+    if history:
+        last = history[-1]
+        rows.append({"split": f"train (last batch, step {last['step']})", "pairs": d.batch_size,
+                     **{k: last[k] for k in _SUMMARY}})
+    rows.append({"split": "held-out", "pairs": int(final["num_pairs"]), **{k: final[k] for k in _SUMMARY}})
+    print(metrics_lib.format_table(rows, ["split", "pairs", *_SUMMARY]))
+    summary = {"loss": loss.name, "hparams": dict(loss.hparams), "eval": final,
+               "label_gold_agreement": eval_agree, "train_label_gold_agreement": train_agree,
+               "generate": gen, "generate_points": points, "best_of_n": curve}
+    if gen is not None:
+        print(f"\ngeneration eval on {len(prompts)} held-out prompts × {e.samples_per_prompt} samples "
+              "(mean ± standard error; KL in nats per response)")
+        print(metrics_lib.format_table([_generate_row(p) for p in points] or [_generate_row(
+            {"step": int(state.step), **gen})]))
+    if curve:
+        kl = gen["kl_k3"]
+        at_kl = pref.reward_at_kl(curve, kl)
+        summary["best_of_n_reward_at_policy_kl"] = at_kl if np.isfinite(at_kl) else None  # None: beyond N
+        print(f"\nbest-of-N of the reference, same prompts and {reward_name} (KL bound in nats)")
+        print(metrics_lib.format_table(curve, ["N", "kl_bound", "reward", "reward_se"]))
+        print(f"policy: {reward_name} {gen['reward']:.4f} ± {gen['reward_se']:.4f} at KL (k3) "
+              f"{kl:.4f}; best-of-N at that KL bound: "
+              + (f"{at_kl:.4f}" if np.isfinite(at_kl) else
+                 f"beyond N={curve[-1]['N']} (bound {curve[-1]['kl_bound']:.4f}; raise "
+                 "eval.best_of_n_max_n)"))
+        if e.plot:
+            path = os.path.join(workdir, "reward_vs_kl.png")
+            title = f"{loss.name} {dict(loss.hparams)}"
+            pref.plot_reward_vs_kl(path, points, curve, reward_name, title)
+            print(f"plot: {path}")
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "dpo.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+    if config.export:
+        out_dir = os.path.join(workdir, EXPORT_DIR)
+        jaxreward.save_pretrained(out_dir, policy.config, jax.device_get(state.params["policy"]),
+                                  tokenizer)
+        print(f"policy saved to {out_dir} (HF format)")
+    return {"eval": final, "generate": gen, "best_of_n": curve, "history": history, "state": state,
+            "mesh": mesh, "summary": summary}
+
+
+_SUMMARY = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
+            "logps/chosen", "logps/rejected"]
+
+
+def _reference_point(gen: dict) -> dict:
+    """The reference itself as an eval point: KL 0, its own reward."""
+    return {"reward": gen["ref_reward"], "reward_se": gen["ref_reward_se"], "kl_k1": 0.0,
+            "kl_k1_se": 0.0, "kl_k3": 0.0, "kl_k3_se": 0.0, "win_rate": 0.5, "win_rate_se": 0.0}
+
+
+def _generate_records(workdir: str) -> list[dict]:
+    """Every `generate/*` record of `metrics.jsonl` (this run and the ones it resumed)."""
+    return [{"step": r["step"], **{k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("generate/")}}
+            for r in metrics_lib.read_metrics(workdir) if any(k.startswith("generate/") for k in r)]
+
+
+def _generate_row(p: dict) -> dict:
+    row = {"step": int(p["step"])}
+    for k in ("reward", "win_rate", "kl_k1", "kl_k3"):
+        if k in p:
+            row[k] = f"{p[k]:.4f} ± {p[k + '_se']:.4f}"
+    return row

@@ -1,0 +1,540 @@
+"""Preference optimization on a policy (the DPO family): the pair forward,
+loss functions for `step.make_train_step`, the reference log-prob cache,
+held-out metrics, and sample-based evaluation against the reference.
+
+A pair batch holds `chosen_*` and `rejected_*` arrays (`tokens`,
+`attention_mask`, `loss_mask`, `positions`: `[B, T]`, one layout for both
+sides) and, when the reference log-probs were precomputed,
+`ref_chosen_logps` / `ref_rejected_logps` float32 `[B]`.
+
+A policy is any `logps_fn(params, tokens_BT, attention_mask_BT, positions_BT)
+-> logps_BT` with the grid of `models.scoring.token_logps` (`logps[b, t]` is
+log p(token t+1 | tokens ≤ t)): a `Decoder` through `decoder_logps_fn`, or a
+table of logits in the tests. Params of the train state are
+`{"policy": ...}`, plus `{"reference": ...}` when the reference runs inside
+the step (`reference.precompute=False`); the reference is never trained.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import hashlib
+import inspect
+import io
+import json
+import math
+import os
+import tempfile
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxreward.errors import UserError
+from jaxreward.models.scoring import sequence_logps, shift_mask, token_logps
+from jaxreward.objectives import registry
+from jaxreward.objectives.kl import kl_k3
+from jaxreward.objectives.masking import masked_mean
+from jaxreward.sampling.best_of_n import best_of_n_kl_bound
+from jaxreward.train import evaluate
+
+Array = jax.Array
+LogpsFn = Callable[[Any, Array, Array, Array], Array]
+
+SIDES = ("chosen", "rejected")
+PAIR_FIELDS = ("tokens", "attention_mask", "loss_mask", "positions")
+LOSS_KIND = "preference"
+# Keyword arguments the driver fills from the data; a config may not set them.
+DATA_KWARGS = ("example_mask_B", "chosen_lengths_B", "rejected_lengths_B")
+# Pair forwards traced per role ("policy", "reference"); tests read it to
+# check that reference-free losses never run the reference.
+FORWARDS: collections.Counter = collections.Counter()
+
+
+# ----------------------------------------------------------------------------
+# The pair forward
+# ----------------------------------------------------------------------------
+
+
+def decoder_logps_fn(model, **kwargs) -> LogpsFn:
+    """`logps_fn` of a `Decoder` (`scoring.token_logps`; kwargs: temperature, chunk_size, ...)."""
+    def fn(params, tokens_BT, attention_mask_BT, positions_BT):
+        return token_logps(model, params, tokens_BT, attention_mask_BT, positions_BT, **kwargs)
+    return fn
+
+
+def pair_fields(arrays: Mapping[str, Any]) -> dict:
+    """The `chosen_*`/`rejected_*` token arrays of a pair dict (no reference log-probs)."""
+    return {f"{s}_{k}": arrays[f"{s}_{k}"] for s in SIDES for k in PAIR_FIELDS}
+
+
+def pair_logps(logps_fn: LogpsFn, params, batch: Mapping[str, Array], role: str = "policy"):
+    """Summed response log-probs of both sides in ONE forward over `[2B, T]`.
+
+    Returns:
+      `(chosen_logps_B, rejected_logps_B, chosen_lengths_B, rejected_lengths_B)`:
+      float32 sums of log p over response tokens (`loss_mask`, prompt tokens
+      never count) and the number of those tokens (float32).
+    """
+    FORWARDS[role] += 1
+    cat = lambda k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=0)
+    attention = cat("attention_mask").astype(bool)
+    loss_mask = cat("loss_mask").astype(bool) & attention
+    logps = logps_fn(params, cat("tokens"), attention, cat("positions"))
+    seq = sequence_logps(logps, loss_mask)
+    lengths = shift_mask(loss_mask).sum(axis=1).astype(jnp.float32)
+    B = batch["chosen_tokens"].shape[0]
+    return seq[:B], seq[B:], lengths[:B], lengths[B:]
+
+
+# ----------------------------------------------------------------------------
+# The configured loss
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceLoss:
+    """A registered "preference" loss with its hyper-parameters bound.
+
+    Attributes:
+      name: registry name.
+      fn: the registered function (`registry.PreferenceLoss` signature).
+      hparams: keyword hyper-parameters from the config (None-valued fields dropped).
+      uses_reference: False for reference-free losses (SimPO, ORPO, a
+        mixture of them): the driver then runs no reference at all.
+    """
+    name: str
+    fn: Callable
+    hparams: Mapping[str, Any]
+    uses_reference: bool
+
+    def __call__(self, chosen_B, rejected_B, ref_chosen_B, ref_rejected_B, chosen_lengths_B,
+                 rejected_lengths_B, example_mask_B):
+        data = {"example_mask_B": example_mask_B, "chosen_lengths_B": chosen_lengths_B,
+                "rejected_lengths_B": rejected_lengths_B}
+        return self.fn(chosen_B, rejected_B, ref_chosen_B, ref_rejected_B,
+                       **registry.accepted_kwargs(self.fn, data), **self.hparams)
+
+
+def resolve_loss(loss_config: Mapping[str, Any], field: str = "config.loss") -> PreferenceLoss:
+    """The loss named by `loss_config["name"]` with the other non-None fields as hyper-parameters.
+
+    Checks everything a config can get wrong, each with a one-line message
+    naming the field: an unknown name, a hyper-parameter the loss does not
+    take, a missing required one, and a value the loss refuses (it is called
+    once on a dummy 2-pair batch).
+
+    Raises:
+      ValueError: as above.
+    """
+    name = loss_config["name"]
+    try:
+        fn = registry.get(LOSS_KIND, name)
+    except KeyError as e:
+        raise ValueError(f"{field}.name: {e.args[0]}") from None
+    hparams = {k: (tuple(v) if isinstance(v, list) else v) for k, v in loss_config.items()
+               if k != "name" and v is not None}
+    takes = [p.name for p in inspect.signature(fn).parameters.values()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in DATA_KWARGS]
+    for k in sorted(hparams):
+        if k in DATA_KWARGS:
+            raise ValueError(f"{field}.{k} is filled from the data by the driver; remove it")
+        try:
+            registry.check_accepted(fn, {k: hparams[k]}, f"loss {name!r}")
+        except ValueError:
+            raise ValueError(f"{field}.{k} is not a hyper-parameter of loss {name!r}, which takes "
+                             f"{', '.join(takes)}; leave {field}.{k} None") from None
+    for p in inspect.signature(fn).parameters.values():
+        if (p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty
+                and p.name not in DATA_KWARGS and p.name not in hparams):
+            raise ValueError(f"loss {name!r} needs {field}.{p.name}")
+    uses_reference = getattr(fn, "uses_reference", True)
+    if "components" in hparams:  # a mixture uses the reference if any component does
+        try:
+            uses_reference = any(getattr(registry.get(LOSS_KIND, comp[0]), "uses_reference", True)
+                                 for comp in hparams["components"])
+        except (KeyError, TypeError, IndexError) as e:
+            raise ValueError(f"{field}.components: {e}") from None
+    loss = PreferenceLoss(name, fn, dict(hparams), bool(uses_reference))
+    ones = jnp.ones(2, jnp.float32)
+    ref = -ones if loss.uses_reference else None
+    try:
+        jax.eval_shape(lambda: loss(-ones, -2 * ones, ref, ref, ones, ones, jnp.ones(2, bool)))
+    except (ValueError, KeyError, TypeError) as e:
+        message = e.args[0] if e.args else str(e)
+        raise ValueError(f"{field} ({name!r}): {message}") from None
+    return loss
+
+
+def pair_outputs(policy_fn: LogpsFn, ref_fn: LogpsFn | None, loss: PreferenceLoss, params,
+                 batch: Mapping[str, Array]) -> dict:
+    """Per-pair arrays `[B]` of a batch: policy (and reference) log-probs, lengths, validity.
+
+    The reference log-probs come from the batch when precomputed, else from
+    a stop-gradient forward of `params["reference"]`; a reference-free loss
+    gets none. A pair is valid when both responses have a scored token.
+    """
+    c, r, lc, lr = pair_logps(policy_fn, params["policy"], batch, "policy")
+    out = {"chosen_logps": c, "rejected_logps": r, "chosen_lengths": lc, "rejected_lengths": lr,
+           "valid": (lc > 0) & (lr > 0)}
+    if loss.uses_reference:
+        if "ref_chosen_logps" in batch:
+            rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        else:
+            rc, rr, _, _ = pair_logps(ref_fn, params["reference"], batch, "reference")
+        out["ref_chosen_logps"] = jax.lax.stop_gradient(jnp.asarray(rc, jnp.float32))
+        out["ref_rejected_logps"] = jax.lax.stop_gradient(jnp.asarray(rr, jnp.float32))
+    return out
+
+
+def apply_loss(loss: PreferenceLoss, out: Mapping[str, Array]):
+    """`(loss, metrics)` of the registered loss on `pair_outputs` (masked mean over valid pairs)."""
+    return loss(out["chosen_logps"], out["rejected_logps"], out.get("ref_chosen_logps"),
+                out.get("ref_rejected_logps"), out["chosen_lengths"], out["rejected_lengths"],
+                out["valid"])
+
+
+def loss_metrics(loss: PreferenceLoss, out: Mapping[str, Array]) -> dict:
+    """Metrics under the names users of the well-known trainers read.
+
+    `rewards/chosen|rejected` (mean implicit reward, usually β·(log π − log
+    π_ref)), `rewards/accuracies` (chosen > rejected, ties 0.5),
+    `rewards/margins`, `logps/chosen|rejected` (mean summed response
+    log-prob, nats), `valid_pairs` (fraction), and the loss's own extras
+    (`nll`, `beta_mean`, ...). All over valid pairs. No `loss` key (the step
+    adds it).
+    """
+    _, m = apply_loss(loss, out)
+    renamed = {"accuracy": "rewards/accuracies", "margin_mean": "rewards/margins",
+               "chosen_reward_mean": "rewards/chosen", "rejected_reward_mean": "rewards/rejected",
+               "chosen_reward_std": "rewards/chosen_std", "rejected_reward_std": "rewards/rejected_std"}
+    metrics = {renamed.get(k, k): v for k, v in m.items() if k != "loss"}
+    valid = out["valid"]
+    metrics["logps/chosen"] = masked_mean(out["chosen_logps"], valid)
+    metrics["logps/rejected"] = masked_mean(out["rejected_logps"], valid)
+    metrics["valid_pairs"] = jnp.mean(valid.astype(jnp.float32))
+    return metrics
+
+
+def make_loss_fns(policy_fn: LogpsFn, loss: PreferenceLoss, ref_fn: LogpsFn | None = None):
+    """`(loss_fn, metrics_fn)` for `step.make_train_step`.
+
+    The loss of a (micro-)batch is Σ_valid ℓ_i / B: the loss's mean over
+    valid pairs times their fraction. It equals the plain mean when every
+    pair is valid, is 0 (with zero gradients) when none is, and keeps the
+    micro-batch split exact even when invalid pairs fall unevenly.
+    """
+    def loss_fn(params, batch, rng):
+        del rng  # deterministic forward: no dropout
+        out = pair_outputs(policy_fn, ref_fn, loss, params, batch)
+        value, _ = apply_loss(loss, out)
+        n = out["valid"].shape[0]
+        return value * jnp.sum(out["valid"]) / n, out
+
+    def metrics_fn(outputs, batch):
+        del batch
+        return loss_metrics(loss, outputs)
+
+    return loss_fn, metrics_fn
+
+
+def evaluate_pairs(score_fn: Callable, params, arrays: Mapping[str, np.ndarray], batch_size: int,
+                   mesh, loss: PreferenceLoss) -> dict[str, float]:
+    """Held-out loss and metrics over ALL pairs of `arrays` (see `loss_metrics`),
+    `num_pairs`, and the 95% Wilson interval of the implicit-reward accuracy
+    (`rewards/accuracies_ci_low|high`, over the valid pairs).
+
+    Args:
+      score_fn: jitted `(params, batch) -> pair_outputs(...)`.
+    """
+    keys = [k for k in arrays if k.startswith(SIDES) or k.startswith("ref_")]
+    out = evaluate.score_all_rows(score_fn, params, {k: arrays[k] for k in keys}, batch_size, mesh)
+    out = {k: jnp.asarray(v) for k, v in out.items()}
+    value, _ = apply_loss(loss, out)
+    metrics = {"loss": value, **loss_metrics(loss, out)}
+    result = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    n_valid = int(np.sum(np.asarray(out["valid"])))
+    result["num_pairs"] = float(len(out["valid"]))
+    result["rewards/accuracies_ci_low"], result["rewards/accuracies_ci_high"] = evaluate.wilson_interval(
+        result["rewards/accuracies"] * n_valid, n_valid)
+    return result
+
+
+# ----------------------------------------------------------------------------
+# Which policy parameters train
+# ----------------------------------------------------------------------------
+
+
+def policy_trainable(num_layers: int, trainable_blocks: int):
+    """Predicate on param key paths of `{"policy": ..., "reference": ...}`.
+
+    The reference never trains. With `trainable_blocks < 0` (or >= layers)
+    every policy parameter trains; otherwise the final norm, an untied
+    `lm_head` and the top `trainable_blocks` blocks do, and the embeddings
+    (the output layer too when tied) stay frozen.
+    """
+    everything = trainable_blocks < 0 or trainable_blocks >= num_layers
+    first = num_layers - trainable_blocks
+
+    def trainable(names: tuple[str, ...]) -> bool:
+        if names[0] != "policy":
+            return False
+        if everything:
+            return True
+        part = names[1]
+        if part in ("norm", "lm_head"):
+            return True
+        if part.startswith("layers_"):
+            return int(part.split("_")[1]) >= first
+        return False
+    return trainable
+
+
+# ----------------------------------------------------------------------------
+# Reference log-probs: one pass before training, cached in the workdir
+# ----------------------------------------------------------------------------
+
+
+class StaleCacheError(UserError):
+    """A cache file was written for other data, tokenization or reference weights."""
+
+
+def _update_array(digest, name: str, x) -> None:
+    x = np.ascontiguousarray(np.asarray(x))
+    digest.update(json.dumps([name, str(x.dtype), list(x.shape)]).encode())
+    digest.update(x.tobytes())
+
+
+def params_digest(params) -> str:
+    """sha256 of a param pytree: every leaf's key path, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        _update_array(digest, jax.tree_util.keystr(path), jax.device_get(leaf))
+    return digest.hexdigest()
+
+
+def reference_cache_key(splits: Mapping[str, Mapping[str, np.ndarray]], tokenization: str,
+                        ref_params, ref_config: Any, options: Mapping[str, Any]) -> str:
+    """sha256 over the pair token arrays of every split, the tokenization
+    (e.g. the tokenizer fingerprint), the reference weights and architecture,
+    and the log-prob options."""
+    digest = hashlib.sha256()
+    for split in sorted(splits):
+        arrays = pair_fields(splits[split])
+        for k in sorted(arrays):
+            _update_array(digest, f"{split}/{k}", arrays[k])
+    header = [tokenization, params_digest(ref_params), repr(ref_config), sorted(options.items())]
+    digest.update(json.dumps(header, default=str).encode())
+    return digest.hexdigest()
+
+
+def reference_logps(ref_fn: LogpsFn, ref_params, splits: Mapping[str, Mapping[str, np.ndarray]],
+                    batch_size: int, mesh) -> dict[str, np.ndarray]:
+    """Reference log-probs of every pair of every split in ONE jitted pass.
+
+    Returns:
+      `{"<split>/ref_chosen_logps": float32 [N], "<split>/ref_rejected_logps": ...}`.
+    """
+    names = sorted(splits)
+    sizes = [len(splits[s]["chosen_tokens"]) for s in names]
+    arrays = {k: np.concatenate([pair_fields(splits[s])[k] for s in names])
+              for k in pair_fields(splits[names[0]])}
+    score = jax.jit(lambda p, b: pair_logps(ref_fn, p, b, "reference")[:2])
+    chosen, rejected = evaluate.score_all_rows(score, ref_params, arrays, batch_size, mesh)
+    out, start = {}, 0
+    for s, n in zip(names, sizes):
+        out[f"{s}/ref_chosen_logps"] = np.asarray(chosen[start:start + n], np.float32)
+        out[f"{s}/ref_rejected_logps"] = np.asarray(rejected[start:start + n], np.float32)
+        start += n
+    return out
+
+
+def cached_reference_logps(path: str, key: str, compute: Callable[[], dict[str, np.ndarray]]
+                           ) -> tuple[dict[str, np.ndarray], bool]:
+    """`compute()`'s arrays, stored at `path` (`.npz` with the key) and reused while the key matches.
+
+    Returns:
+      `(arrays, reused)`.
+
+    Raises:
+      StaleCacheError: `path` holds log-probs for another key (other data,
+        tokenization or reference weights); the message says what to do.
+    """
+    if os.path.exists(path):
+        with np.load(path) as data:
+            stored = str(data["__key__"])
+            if stored != key:
+                raise StaleCacheError(
+                    f"{path} holds reference log-probs for other data, tokenization or reference "
+                    f"weights (key {stored[:16]}..., this run needs {key[:16]}...); delete the file to "
+                    "recompute them, or use a new --workdir")
+            return {k: data[k] for k in data.files if k != "__key__"}, True
+    arrays = compute()
+    if jax.process_index() == 0:
+        buffer = io.BytesIO()
+        np.savez(buffer, __key__=np.array(key), **arrays)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as f:
+            f.write(buffer.getvalue())
+        os.replace(f.name, path)
+    return arrays, False
+
+
+# ----------------------------------------------------------------------------
+# Sample-based evaluation: reward, win rate and KL against the reference
+# ----------------------------------------------------------------------------
+
+
+def mean_and_se(x) -> tuple[float, float]:
+    """Mean and its standard error std/√n (ddof 1; 0 for n = 1)."""
+    x = np.asarray(x, np.float64)
+    se = float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
+    return float(x.mean()), se
+
+
+def sequence_kl(logps_RL: Array, ref_logps_RL: Array, loss_mask_RL: Array) -> tuple[Array, Array]:
+    """Per-sample estimates of KL(π‖π_ref) from the sampled responses.
+
+    With x_t = log π(y_t) − log π_ref(y_t) over the response tokens:
+    k1 = Σ_t x_t and k3 = Σ_t (e^{−x_t} − 1 + x_t). Both are unbiased for
+    the sequence-level KL when y ~ π (k3 per token has expectation
+    KL(π(·|y<t) ‖ π_ref(·|y<t)); the chain rule sums them); k3 is ≥ 0 and
+    has lower variance.
+
+    Returns:
+      float32 `[R]` k1 and k3.
+    """
+    m = shift_mask(loss_mask_RL)
+    k1 = jnp.sum(jnp.where(m, logps_RL - ref_logps_RL, 0.0), axis=1)
+    k3 = jnp.sum(jnp.where(m, kl_k3(jnp.where(m, logps_RL, 0.0), jnp.where(m, ref_logps_RL, 0.0)), 0.0),
+                 axis=1)
+    return k1, k3
+
+
+def win_rate(rewards_R, ref_rewards_R) -> np.ndarray:
+    """Per-sample win indicator: 1 if the policy's reward beats the reference's, 0.5 on ties."""
+    a, b = np.asarray(rewards_R), np.asarray(ref_rewards_R)
+    return np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
+
+
+def best_of_n_curve(rewards_BN: np.ndarray, max_n: int) -> list[dict]:
+    """Per N in 1, 2, 4, ..., max_n: the mean reward of the best of the first N
+    samples of each prompt (nested subsets), with its standard error and the
+    KL bound log N − (N−1)/N (nats; an upper bound on KL(best-of-N ‖ π))."""
+    rows, n = [], 1
+    while n <= max_n:
+        best = np.asarray(rewards_BN)[:, :n].max(axis=1)
+        mean, se = mean_and_se(best)
+        rows.append({"N": n, "kl_bound": best_of_n_kl_bound(n), "reward": mean, "reward_se": se})
+        n *= 2
+    return rows
+
+
+def reward_at_kl(curve: list[dict], kl: float) -> float:
+    """Best-of-N reward at KL bound `kl`, linear between the measured N
+    (NaN beyond the largest N). The bound overstates best-of-N's KL, so this
+    understates what best-of-N reaches at that true KL."""
+    bounds = [r["kl_bound"] for r in curve]
+    if not curve or kl > bounds[-1]:
+        return float("nan")
+    return float(np.interp(max(kl, 0.0), bounds, [r["reward"] for r in curve]))
+
+
+def plot_reward_vs_kl(path: str, points: list[dict], curve: list[dict], reward_name: str,
+                      title: str = "") -> None:
+    """PNG of reward vs KL: the policy at each eval point (k3 KL, ±1 SE
+    bars, labelled by step) beside the best-of-N curve of the reference."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    if curve:
+        ax.plot([r["kl_bound"] for r in curve], [r["reward"] for r in curve], "o-", color="tab:gray",
+                label="best-of-N of the reference (x: KL bound)")
+        for r in curve:
+            ax.annotate(f"N={r['N']}", (r["kl_bound"], r["reward"]), textcoords="offset points",
+                        xytext=(4, -10), fontsize=7, color="tab:gray")
+    if points:
+        ax.errorbar([p["kl_k3"] for p in points], [p["reward"] for p in points],
+                    xerr=[p["kl_k3_se"] for p in points], yerr=[p["reward_se"] for p in points],
+                    fmt="s-", color="tab:blue", capsize=2, label="policy at eval points (x: k3 KL)")
+        for p in points:
+            ax.annotate(f"{int(p['step'])}", (p["kl_k3"], p["reward"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7, color="tab:blue")
+    ax.set_xlabel("KL(π ‖ π_ref) (nats)")
+    ax.set_ylabel(f"mean {reward_name}")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _processing(sampling: Mapping[str, Any]) -> dict:
+    """The `token_logps` processing kwargs of the sampler's settings."""
+    return {k: sampling[k] for k in ("temperature", "top_k", "top_p") if k in sampling}
+
+
+@functools.lru_cache(maxsize=16)
+def _sample_logps(model, temperature: float, top_k: int, top_p: float):
+    return jax.jit(lambda p, t, a, pos: token_logps(model, p, t, a, pos, temperature=temperature,
+                                                    top_k=top_k, top_p=top_p))
+
+
+def sample_logps(model, params, batch, sampling: Mapping[str, Any]) -> Array:
+    """Per-token log-probs `[R, L]` of sampled sequences (a `SampleBatch`)
+    under `model`'s processed distribution (the sampler's temperature/top-k/top-p)."""
+    p = _processing(sampling)
+    fn = _sample_logps(model, float(p.get("temperature", 1.0)), int(p.get("top_k", 0)),
+                       float(p.get("top_p", 1.0)))
+    return fn(params, batch.tokens_RL, batch.attention_mask_RL, batch.positions_RL)
+
+
+def generation_eval(policy_model, policy_params, ref_model, ref_params, prompts_BP, prompt_mask_BP,
+                    reward_fn: Callable | None, *, rng, num_samples: int, sampling: Mapping[str, Any],
+                    ref_rewards_R: np.ndarray | None = None) -> tuple[dict[str, float], np.ndarray | None]:
+    """Samples the policy on held-out prompts and compares it with the reference.
+
+    The policy and the reference draw `num_samples` responses per prompt
+    with the same keys (so sample j of prompt b is a paired comparison).
+
+    Args:
+      reward_fn: `SampleBatch -> float32 [R]` (gold reward, a reward model),
+        or None for KL only.
+      sampling: `max_new_tokens`, `temperature`, `top_k`, `top_p`, `stop_ids`, `pad_id`.
+      ref_rewards_R: the reference samples' rewards from an earlier call
+        (they do not change during training); sampled and scored when None.
+
+    Returns:
+      `(stats, ref_rewards_R)`. stats: `kl_k1`, `kl_k3` (see `sequence_kl`,
+      nats per response) and `response_length`, each with `_se` (standard
+      error over the R samples); with a reward also `reward`, `ref_reward`,
+      `win_rate` (vs the reference's sample for the same prompt and key,
+      ties 0.5), each with `_se`.
+    """
+    from jaxreward.sampling.sampler import generate
+
+    out = generate(policy_model, policy_params, prompts_BP, prompt_mask_BP, rng=rng,
+                   num_samples=num_samples, **sampling)
+    batch = out.sequences()
+    logps = sample_logps(policy_model, policy_params, batch, sampling)
+    ref_logps = sample_logps(ref_model, ref_params, batch, sampling)
+    k1, k3 = jax.device_get(sequence_kl(logps, ref_logps, batch.loss_mask_RL))
+    stats = {}
+    for name, values in (("kl_k1", k1), ("kl_k3", k3), ("response_length", np.asarray(out.lengths_R))):
+        stats[name], stats[f"{name}_se"] = mean_and_se(values)
+    if reward_fn is not None:
+        rewards = np.asarray(reward_fn(batch), np.float64)
+        if ref_rewards_R is None:
+            ref_out = generate(ref_model, ref_params, prompts_BP, prompt_mask_BP, rng=rng,
+                               num_samples=num_samples, **sampling)
+            ref_rewards_R = np.asarray(reward_fn(ref_out.sequences()), np.float64)
+        for name, values in (("reward", rewards), ("ref_reward", ref_rewards_R),
+                             ("win_rate", win_rate(rewards, ref_rewards_R))):
+            stats[name], stats[f"{name}_se"] = mean_and_se(values)
+    return stats, ref_rewards_R

@@ -1,0 +1,506 @@
+"""experiments/dpo.py: loss values through the driver's loss function, masks,
+the reference cache, reference-free losses, mesh shape, micro-batches,
+resume, a tabular check of the DPO optimum, generation eval, HF export and
+config errors. Driver runs use a tiny `synthetic` variant."""
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import dpo as dpo_config
+from experiments import dpo as driver
+from jaxreward import main as cli
+from jaxreward import parallel
+from jaxreward.train import defaults
+from jaxreward.train import preference as pref
+from jaxreward.train import step as step_lib
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+def _config(num_steps=6, mesh=(1, 1, 1), micro_batches=1, loss="dpo", **loss_kw):
+    c = dpo_config.get_config("synthetic")
+    c.seed = 3
+    c.model.arch.update(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2,
+                        num_heads=4, num_kv_heads=2)
+    c.synthetic.update(prompt_length=4, response_length=6, num_train_pairs=64, num_eval_pairs=16)
+    c.data.update(batch_size=16, eval_batch_size=16)
+    c.reference.batch_size = 32
+    c.loss.name = loss
+    c.loss.update(loss_kw)
+    c.optimizer.update(learning_rate=1e-2, warmup_steps=0, weight_decay=0.01)
+    c.train = defaults.train(num_steps=num_steps, log_every=1)
+    c.train.update(progress_bar=False, micro_batches=micro_batches, checkpoint_every=100)
+    c.eval.update(generate=False, num_prompts=8, samples_per_prompt=2, best_of_n_max_n=4)
+    c.sampling.max_new_tokens = 6
+    c.export = False
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+    return c
+
+
+@pytest.fixture(autouse=True)
+def _mesh_uses_first_devices(monkeypatch):
+    """A (1, 1, 1) mesh runs on device 0 alone; larger meshes on the first n."""
+    real = parallel.make_mesh
+
+    def make_mesh(d, f, t):
+        return real(d, f, t, devices=jax.devices()[:d * f * t])
+    monkeypatch.setattr(parallel, "make_mesh", make_mesh)
+
+
+def _run(workdir, config):
+    os.makedirs(workdir, exist_ok=True)
+    return driver.run(config, str(workdir))
+
+
+def _flat(params):
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(params)])
+
+
+def _assert_params_close(a, b, rtol):
+    fa, fb = _flat(a), _flat(b)
+    assert np.linalg.norm(fa - fb) <= rtol * np.linalg.norm(fb), np.abs(fa - fb).max()
+
+
+def _train_metrics(out):
+    """Every logged step's metrics, without the wall-clock tokens/s."""
+    return [{k: v for k, v in h.items() if k != "tokens/s"} for h in out["history"]]
+
+
+def _assert_metrics_close(a, b, rtol=1e-5, atol=1e-6):
+    assert [h["step"] for h in a] == [h["step"] for h in b]
+    for ha, hb in zip(a, b):
+        assert set(ha) == set(hb)
+        for k in ha:
+            if k == "rewards/accuracies" and ha["step"] == 1:
+                # Step 1's metrics are of the initial policy = the reference: every implicit
+                # reward is 0 up to round-off, so which side "wins" is round-off too.
+                continue
+            np.testing.assert_allclose(ha[k], hb[k], rtol=rtol, atol=atol, err_msg=f"{k} at {ha['step']}")
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """6 DPO steps on one device; its workdir is reused by the cache tests."""
+    parallel_make_mesh = parallel.make_mesh
+    parallel.make_mesh = lambda d, f, t: parallel_make_mesh(d, f, t, devices=jax.devices()[:d * f * t])
+    try:
+        workdir = tmp_path_factory.mktemp("baseline")
+        pref.FORWARDS.clear()
+        out = driver.run(_config(), str(workdir))
+        out["forwards"] = dict(pref.FORWARDS)
+        out["workdir"] = workdir
+        return out
+    finally:
+        parallel.make_mesh = parallel_make_mesh
+
+
+# ---------------------------------------------------------------------------
+# Loss values through the driver's loss function (a table "model")
+
+
+def table_logps(params, tokens_BT, attention_mask_BT, positions_BT):
+    """A log-prob table as the model: logps[b, t] = table[tokens[b, t + 1]]."""
+    del attention_mask_BT, positions_BT
+    nxt = jnp.concatenate([tokens_BT[:, 1:], jnp.zeros_like(tokens_BT[:, :1])], axis=1)
+    logps = params["table"][nxt]
+    return logps.at[:, -1].set(0.0)
+
+
+def _two_pairs():
+    """Rows [prompt 5, 5 | response | pad]; loss_mask over the response only.
+
+    pair 1: chosen [1, 2], rejected [3];  pair 2: chosen [4], rejected [1, 3].
+    """
+    rows = {"chosen": [[1, 2], [4]], "rejected": [[3], [1, 3]]}
+    batch = {}
+    for side, responses in rows.items():
+        T = 5
+        tokens = np.zeros((2, T), np.int32)
+        attn = np.zeros((2, T), bool)
+        loss = np.zeros((2, T), bool)
+        for b, resp in enumerate(responses):
+            row = [5, 5] + resp
+            tokens[b, :len(row)] = row
+            attn[b, :len(row)] = True
+            loss[b, 2:len(row)] = True
+        batch[f"{side}_tokens"] = tokens
+        batch[f"{side}_attention_mask"] = attn
+        batch[f"{side}_loss_mask"] = loss
+        batch[f"{side}_positions"] = np.maximum(np.cumsum(attn, axis=1) - 1, 0).astype(np.int32)
+    return batch
+
+
+# Token:               0     1     2     3     4     5 (prompt)
+POLICY_TABLE = np.array([0.0, -1.0, -2.0, -0.5, -1.5, 100.0], np.float32)
+REF_TABLE = np.array([0.0, -1.2, -1.8, -1.0, -1.0, -50.0], np.float32)
+# Policy: c1 = -1 - 2 = -3, r1 = -0.5, c2 = -1.5, r2 = -1 - 0.5 = -1.5
+# Ref:    c1 = -1.2 - 1.8 = -3, r1 = -1, c2 = -1, r2 = -1.2 - 1 = -2.2
+# ρc = (0, -0.5), ρr = (0.5, 0.7), h = ρc - ρr = (-0.5, -1.2). The prompt
+# token's entries (100, -50) would dominate everything if they were counted.
+
+
+def _loss_fns(reference, **loss_kw):
+    config = _config(**loss_kw)
+    return driver.make_loss_fns(config, table_logps, table_logps if reference == "in_step" else None)
+
+
+def _params_and_batch(reference):
+    params = {"policy": {"table": jnp.asarray(POLICY_TABLE)}}
+    batch = _two_pairs()
+    if reference == "in_step":
+        params["reference"] = {"table": jnp.asarray(REF_TABLE)}
+    else:
+        batch["ref_chosen_logps"] = np.array([-3.0, -1.0], np.float32)
+        batch["ref_rejected_logps"] = np.array([-1.0, -2.2], np.float32)
+    return params, batch
+
+
+@pytest.mark.parametrize("reference", ["precomputed", "in_step"])
+def test_dpo_ipo_simpo_values_by_hand(reference):
+    params, batch = _params_and_batch(reference)
+    # DPO, β = 0.5: mean_i log(1 + exp(-β h_i)) = (log(1 + e^0.25) + log(1 + e^0.6)) / 2
+    #             = (0.8259394 + 1.0374880) / 2 = 0.9317137
+    loss_fn, metrics_fn, _ = _loss_fns(reference, loss="dpo", beta=0.5)
+    value, out = loss_fn(params, batch, None)
+    np.testing.assert_allclose(value, 0.9317137, rtol=1e-6)
+    metrics = metrics_fn(out, batch)
+    np.testing.assert_allclose(metrics["rewards/chosen"], 0.5 * (0.0 - 0.5) / 2, atol=1e-6)      # -0.125
+    np.testing.assert_allclose(metrics["rewards/rejected"], 0.5 * (0.5 + 0.7) / 2, atol=1e-6)    # 0.3
+    np.testing.assert_allclose(metrics["rewards/margins"], -0.425, atol=1e-6)
+    np.testing.assert_allclose(metrics["rewards/accuracies"], 0.0)
+    np.testing.assert_allclose(metrics["logps/chosen"], (-3.0 - 1.5) / 2, atol=1e-6)             # -2.25
+    np.testing.assert_allclose(metrics["logps/rejected"], (-0.5 - 1.5) / 2, atol=1e-6)           # -1.0
+    # IPO, τ = β = 0.5: mean_i (h_i - 1/(2τ))² = ((-1.5)² + (-2.2)²) / 2 = (2.25 + 4.84) / 2 = 3.545
+    loss_fn, _, _ = _loss_fns(reference, loss="ipo", beta=0.5)
+    np.testing.assert_allclose(loss_fn(params, batch, None)[0], 3.545, rtol=1e-6)
+    # IPO length-normalized (lengths c = (2, 1), r = (1, 2)): h = (0/2 - 0.5/1, -0.5/1 - 0.7/2)
+    # = (-0.5, -0.85); ((-1.5)² + (-1.85)²) / 2 = (2.25 + 3.4225) / 2 = 2.83625
+    loss_fn, _, _ = _loss_fns(reference, loss="ipo", beta=0.5, length_normalize=True)
+    np.testing.assert_allclose(loss_fn(params, batch, None)[0], 2.83625, rtol=1e-6)
+
+
+def test_simpo_uses_response_token_counts():
+    params, batch = _params_and_batch("precomputed")
+    # SimPO β = 1, γ = 0.5, lengths c = (2, 1), r = (1, 2):
+    # pair 1: -3/2 - (-0.5)/1 - 0.5 = -1.5 -> log(1 + e^1.5) = 1.7014133
+    # pair 2: -1.5/1 - (-1.5)/2 - 0.5 = -1.25 -> log(1 + e^1.25) = 1.5019291; mean 1.6016712
+    loss_fn, _, loss = _loss_fns("precomputed", loss="simpo", beta=1.0, gamma=0.5)
+    assert not loss.uses_reference
+    value, out = loss_fn(params, batch, None)
+    np.testing.assert_allclose(value, 1.6016712, rtol=1e-6)
+    assert "ref_chosen_logps" not in out
+    np.testing.assert_array_equal(out["chosen_lengths"], [2, 1])
+    np.testing.assert_array_equal(out["rejected_lengths"], [1, 2])
+
+
+@pytest.mark.parametrize("name,kw", [("dpo", {}), ("ipo", {}), ("simpo", {"gamma": 0.5}),
+                                     ("orpo", {}), ("cdpo", {"label_smoothing": 0.1})])
+def test_prompt_tokens_never_enter_the_loss(name, kw):
+    params, batch = _params_and_batch("in_step")
+    loss_fn, _, _ = _loss_fns("in_step", loss=name, beta=0.5, **kw)
+    grad_fn = jax.value_and_grad(lambda p: loss_fn(p, batch, None)[0])
+    value, grads = grad_fn(params)
+    assert grads["policy"]["table"][5] == 0.0  # the prompt token's log-prob gets no gradient
+    np.testing.assert_array_equal(grads["reference"]["table"], 0.0)  # the reference never trains
+    moved = jax.tree.map(lambda x: x, params)
+    moved["policy"]["table"] = params["policy"]["table"].at[5].set(-7.0)
+    moved["reference"]["table"] = params["reference"]["table"].at[5].set(3.0)
+    np.testing.assert_array_equal(loss_fn(moved, batch, None)[0], value)
+
+
+def test_all_masked_responses_give_zero_loss_and_gradients():
+    config = _config()
+    model, base, _ = driver.load_model("", config, 0)
+    loss_fn, metrics_fn, _ = driver.make_loss_fns(config, pref.decoder_logps_fn(model),
+                                                  pref.decoder_logps_fn(model))
+    batch = _two_pairs()
+    for side in ("chosen", "rejected"):
+        batch[f"{side}_loss_mask"][:] = False
+    params = {"policy": base, "reference": base}
+
+    @jax.jit
+    def loss_grads_metrics(params, batch):
+        loss, out, grads = step_lib.loss_and_grad(loss_fn, params, batch, jax.random.PRNGKey(0))
+        return loss, grads, metrics_fn(out, batch)
+    loss, grads, metrics = loss_grads_metrics(params, batch)
+    assert float(loss) == 0.0
+    leaves = jax.tree.leaves(grads)
+    assert all(np.all(np.isfinite(g)) and np.all(np.asarray(g) == 0) for g in leaves)
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    assert float(metrics["valid_pairs"]) == 0.0
+
+
+# ---------------------------------------------------------------------------
+# Tabular check of the DPO optimum: π* = π_ref · exp(r/β) / Z
+
+
+def test_tabular_dpo_recovers_the_tilted_reference():
+    """One-token responses over 6 tokens with a known reward r; pairs labelled by
+    the Bradley–Terry model σ(r_a − r_b): for every unordered pair {a, b}, 1000
+    rows of which round(1000·σ(r_a − r_b)) prefer a (the BT label frequencies,
+    stratified instead of drawn). DPO's population optimum then has
+    β(ρ_a − ρ_b) = r_a − r_b, i.e. π = π_ref·exp(r/β)/Z; we train a logits
+    vector with the driver's loss function and check both."""
+    V, beta, per_pair = 6, 0.5, 1000
+    r = np.array([1.2, 0.6, 0.0, -0.5, -1.0, 0.3])
+    ref_logits = np.array([0.3, -0.2, 0.5, 0.0, -0.4, 0.1], np.float32)
+    chosen, rejected = [], []
+    for a in range(V):
+        for b in range(a + 1, V):
+            n_a = int(round(per_pair / (1.0 + math.exp(-(r[a] - r[b])))))
+            chosen += [a] * n_a + [b] * (per_pair - n_a)
+            rejected += [b] * n_a + [a] * (per_pair - n_a)
+    N = len(chosen)
+
+    def rows(responses):
+        tokens = np.stack([np.full(N, V, np.int32), np.asarray(responses, np.int32)], axis=1)  # [prompt, y]
+        return tokens, np.ones((N, 2), bool), np.array([[False, True]] * N), np.tile([0, 1], (N, 1))
+    batch = {}
+    for side, resp in (("chosen", chosen), ("rejected", rejected)):
+        for k, v in zip(("tokens", "attention_mask", "loss_mask", "positions"), rows(resp)):
+            batch[f"{side}_{k}"] = jnp.asarray(v)
+
+    def tabular(params, tokens_BT, attention_mask_BT, positions_BT):
+        """Policy = softmax(logits), the same for every prompt: log π(token t+1)."""
+        logp = jax.nn.log_softmax(params["logits"])
+        nxt = jnp.concatenate([tokens_BT[:, 1:], jnp.zeros_like(tokens_BT[:, :1])], axis=1)
+        return logp[jnp.minimum(nxt, V - 1)].at[:, -1].set(0.0)
+
+    loss_fn, _, _ = driver.make_loss_fns(_config(loss="dpo", beta=beta), tabular, tabular)
+    ref = {"logits": jnp.asarray(ref_logits)}
+    steps = 3000
+    tx = optax.adam(optax.cosine_decay_schedule(0.05, steps, alpha=0.0))
+    policy = {"logits": jnp.asarray(ref_logits)}
+
+    @jax.jit
+    def train(policy):
+        def body(carry, _):
+            p, opt = carry
+            g = jax.grad(lambda q: loss_fn({"policy": q, "reference": ref}, batch, None)[0])(p)
+            updates, opt = tx.update(g, opt, p)
+            return (optax.apply_updates(p, updates), opt), None
+        (p, _), _ = jax.lax.scan(body, (policy, tx.init(policy)), None, length=steps)
+        return p
+
+    logits = np.asarray(train(policy)["logits"], np.float64)
+    rho = jax.nn.log_softmax(logits) - jax.nn.log_softmax(ref_logits.astype(np.float64))
+    implied = beta * (rho[:, None] - rho[None, :])
+    true = r[:, None] - r[None, :]
+    off = ~np.eye(V, dtype=bool)
+    rel = np.abs(implied - true)[off] / np.abs(true)[off]
+    assert rel.max() < 0.05, rel.max()
+    pi = np.exp(jax.nn.log_softmax(logits))
+    target = np.exp(ref_logits) * np.exp(r / beta)
+    target /= target.sum()
+    tv = 0.5 * np.abs(pi - target).sum()
+    assert tv < 0.05, tv
+    # It really moved: the reference is far from the target.
+    ref_pi = np.exp(ref_logits) / np.exp(ref_logits).sum()
+    assert 0.5 * np.abs(ref_pi - target).sum() > 0.3
+
+
+# ---------------------------------------------------------------------------
+# Driver runs: mesh, micro-batches, resume, reference cache, reference-free losses
+
+
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2), (2, 1, 4)])
+def test_mesh_shape_does_not_change_training(tmp_path, baseline, mesh):
+    out = _run(tmp_path / "mesh", _config(mesh=mesh))
+    assert len(out["mesh"].devices.ravel()) == 8
+    if mesh[2] > 1:
+        kernel = out["state"].params["policy"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+        assert "tensor" in str(kernel.sharding.spec)
+    _assert_params_close(out["state"].params, baseline["state"].params, 1e-5)
+    _assert_metrics_close(_train_metrics(out), _train_metrics(baseline))
+    for k, v in baseline["eval"].items():
+        np.testing.assert_allclose(out["eval"][k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_micro_batches_match_one_shot(tmp_path, baseline):
+    out = _run(tmp_path / "micro", _config(micro_batches=4))
+    _assert_params_close(out["state"].params, baseline["state"].params, 1e-5)
+    _assert_metrics_close(_train_metrics(out), _train_metrics(baseline))
+
+
+def test_resume_gives_identical_params_and_metrics_and_reuses_the_reference_cache(
+        tmp_path, baseline, capsys):
+    first = _config()
+    first.train.stop_after_steps = 3
+    half = _run(tmp_path / "resumed", first)
+    assert half["stopped_at"] == 3
+    assert "cached in reference_logps.npz" in capsys.readouterr().out
+    pref.FORWARDS.clear()
+    resumed = _run(tmp_path / "resumed", _config())
+    assert int(resumed["state"].step) == 6
+    assert pref.FORWARDS["reference"] == 0  # the cached reference log-probs were reused
+    assert "reused reference_logps.npz" in capsys.readouterr().out
+    np.testing.assert_array_equal(_flat(resumed["state"].params), _flat(baseline["state"].params))
+
+    def lines(workdir):
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            return [{k: v for k, v in json.loads(l).items() if k != "train/tokens/s"} for l in f]
+    a, b = lines(baseline["workdir"]), lines(tmp_path / "resumed")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6, 6]  # train rows, then the final eval
+    assert a == b  # every metric of every step, bit for bit (tokens/s is wall-clock)
+
+
+def test_a_stale_reference_cache_is_refused(baseline):
+    workdir = baseline["workdir"]
+    assert baseline["forwards"]["reference"] >= 1
+    assert os.path.exists(workdir / driver.CACHE_FILE)
+    stale = _config()
+    stale.synthetic.label_beta = 0.5  # other labels: other pair arrays, same file name
+    with pytest.raises(pref.StaleCacheError, match="delete the file to recompute"):
+        driver.run(stale, str(workdir))
+
+
+def test_cache_key_covers_data_and_reference_weights():
+    arrays = _two_pairs()
+    params = {"table": jnp.asarray(REF_TABLE)}
+    key = pref.reference_cache_key({"train": arrays}, "tok", params, "cfg", {"temperature": 1.0})
+    assert key == pref.reference_cache_key({"train": dict(arrays)}, "tok", params, "cfg",
+                                           {"temperature": 1.0})
+    other_params = {"table": params["table"].at[2].add(1e-6)}
+    other_data = dict(arrays, chosen_loss_mask=arrays["chosen_loss_mask"].copy())
+    other_data["chosen_loss_mask"][0, 2] = False
+    for changed in (pref.reference_cache_key({"train": arrays}, "tok", other_params, "cfg", {}),
+                    pref.reference_cache_key({"train": other_data}, "tok", params, "cfg", {}),
+                    pref.reference_cache_key({"train": arrays}, "tok2", params, "cfg", {})):
+        assert changed != key
+
+
+def test_reference_free_losses_run_no_reference(tmp_path):
+    # SimPO through the whole driver: no reference pass, no cache, no reference params.
+    pref.FORWARDS.clear()
+    out = _run(tmp_path / "simpo", _config(num_steps=2, loss="simpo", beta=2.0, gamma=0.5))
+    assert pref.FORWARDS["reference"] == 0 and pref.FORWARDS["policy"] >= 2  # step + eval
+    assert not os.path.exists(tmp_path / "simpo" / driver.CACHE_FILE)
+    assert "reference" not in out["state"].params
+    assert np.isfinite(out["eval"]["loss"])
+    # ORPO (and SimPO, and DPO for contrast) through the driver's loss function, traced with
+    # a reference available in the params: only the reference-based loss runs it.
+    config = _config()
+    model, base, _ = driver.load_model("", config, 0)
+    batch = _two_pairs()
+    for name, kw, forwards in [("orpo", {"beta": 0.2}, 0), ("simpo", {"gamma": 0.5}, 0), ("dpo", {}, 1)]:
+        loss_fn, _, _ = driver.make_loss_fns(_config(loss=name, **kw), pref.decoder_logps_fn(model),
+                                             pref.decoder_logps_fn(model))
+        pref.FORWARDS.clear()
+        jax.eval_shape(jax.grad(lambda p: loss_fn(p, batch, None)[0]), {"policy": base, "reference": base})
+        assert (pref.FORWARDS["policy"], pref.FORWARDS["reference"]) == (1, forwards), name
+
+
+def test_in_step_reference_matches_precomputed_then_generation_eval_and_hf_export(tmp_path, baseline):
+    """reference.precompute=False (reference forward inside the step) trains the same
+    params; this run also does the generation eval and exports the policy."""
+    config = _config()
+    config.reference.precompute = False
+    config.eval.generate = True
+    config.export = True
+    pref.FORWARDS.clear()
+    out = _run(tmp_path / "instep", config)
+    assert pref.FORWARDS["reference"] >= 1 and not os.path.exists(tmp_path / "instep" / driver.CACHE_FILE)
+    _assert_params_close(out["state"].params["policy"], baseline["state"].params["policy"], 1e-5)
+    np.testing.assert_array_equal(_flat(out["state"].params["reference"]),
+                                  _flat(driver.load_model("", config, config.seed)[1]))
+    # Generation eval: gold reward, win rate and KL with standard errors; best-of-N table; plot.
+    gen = out["generate"]
+    for k in ("reward", "ref_reward", "win_rate", "kl_k1", "kl_k3"):
+        assert np.isfinite(gen[k]) and gen[f"{k}_se"] >= 0
+    assert gen["kl_k3"] >= 0
+    curve = out["best_of_n"]
+    assert [r["N"] for r in curve] == [1, 2, 4]
+    # log N − (N−1)/N: 0, log 2 − 1/2 = 0.193147, log 4 − 3/4 = 0.636294
+    np.testing.assert_allclose([r["kl_bound"] for r in curve], [0.0, 0.193147, 0.636294], atol=1e-6)
+    assert all(b["reward"] >= a["reward"] - 1e-9 for a, b in zip(curve, curve[1:]))  # nested maxima
+    assert os.path.getsize(tmp_path / "instep" / "reward_vs_kl.png") > 1000
+    with open(tmp_path / "instep" / "dpo.json") as f:
+        summary = json.load(f)
+    assert [p["step"] for p in summary["generate_points"]] == [0, 6]
+    # HF export: transformers loads it and gives our logits.
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tests.models.helpers import rel_err
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "instep" / driver.EXPORT_DIR))
+    hf.eval()
+    model, _, _ = driver.load_model("", config, config.seed)
+    params = jax.device_get(out["state"].params["policy"])
+    tokens = np.random.default_rng(0).integers(1, 32, (3, 10)).astype(np.int32)
+    ours = np.asarray(model.apply({"params": params}, jnp.asarray(tokens)))
+    with torch.no_grad():
+        theirs = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    assert rel_err(ours, theirs) < 1e-4
+
+
+def test_generation_eval_of_the_reference_itself_is_exact():
+    """Policy = reference: every KL estimate is exactly 0, the win rate 0.5."""
+    config = _config()
+    model, params, _ = driver.load_model("", config, 0)
+    prompts = np.random.default_rng(0).integers(1, 32, (8, 4)).astype(np.int32)  # the driver's shapes
+    reward = lambda b: np.asarray(b.response_tokens_RM).sum(axis=1).astype(np.float32)
+    stats, ref_rewards = pref.generation_eval(
+        model, params, model, params, prompts, np.ones_like(prompts, bool), reward,
+        rng=jax.random.PRNGKey(1), num_samples=2,
+        sampling=dict(max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(), pad_id=0))
+    assert stats["kl_k1"] == stats["kl_k3"] == 0.0
+    assert stats["win_rate"] == 0.5 and stats["reward"] == stats["ref_reward"]
+    assert stats["response_length"] == 6.0
+    assert ref_rewards.shape == (16,)
+
+
+def test_sequence_kl_by_hand():
+    # x = log π − log π_ref = (0.5, −0.2) on the two response tokens; the prompt
+    # token (column 0 of the grid) is not counted.
+    logps = jnp.array([[9.0, -1.0, -2.2, 0.0]])
+    ref = jnp.array([[-9.0, -1.5, -2.0, 0.0]])
+    loss_mask = jnp.array([[False, False, True, True]])  # tokens 2, 3 are the response
+    k1, k3 = pref.sequence_kl(logps, ref, loss_mask)
+    np.testing.assert_allclose(k1, [0.3], rtol=1e-6)
+    # k3 = Σ e^{−x} − 1 + x = (e^{−0.5} − 0.5) + (e^{0.2} − 1.2) = 0.1065307 + 0.0214028
+    np.testing.assert_allclose(k3, [math.exp(-0.5) - 0.5 + math.exp(0.2) - 1.2], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Config errors, before any model loads
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("loss.name", "dpoo", "config.loss.name: unknown 'preference' objective 'dpoo'; known names: apo_down"),
+    ("loss.gamma", 0.5, "config.loss.gamma is not a hyper-parameter of loss 'dpo'"),
+    ("loss.beta", -1.0, "config.loss ('dpo'): beta"),
+    ("data.source", "tfds", "config field data.source must be one of synthetic, jsonl"),
+    ("reference.path", "/no/such/model", "config field reference.path: '/no/such/model' is neither an existing path"),
+    ("eval.reward_model_dir", "/tmp", "has no reward_model.json"),
+])
+def test_bad_config_values_are_refused_by_name(field, value, message):
+    config = _config(mesh=(-1, 1, 1))
+    node = config
+    *parents, leaf = field.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    with pytest.raises(ValueError) as e:
+        cli.check_config(config)
+    assert message in str(e.value), str(e.value)
+
+
+def test_missing_required_hyper_parameter_and_missing_file():
+    config = _config(mesh=(-1, 1, 1), loss="simpo")
+    with pytest.raises(ValueError, match="loss 'simpo' needs config.loss.gamma"):
+        cli.check_config(config)
+    config = _config(mesh=(-1, 1, 1))
+    config.data.update(source="jsonl", train_path="/no/such/pairs.jsonl.gz")
+    with pytest.raises(ValueError, match="data.train_path: '/no/such/pairs.jsonl.gz' does not exist"):
+        cli.check_config(config)
+    config = _config(mesh=(-1, 1, 1), loss="mixture", components=(("dpo", 1.0), ("simpo", 0.5)))
+    with pytest.raises(ValueError, match="gamma"):  # simpo inside the mixture needs gamma
+        cli.check_config(config)
+    config = _config(loss="mixture", components=(("simpo", 1.0), ("orpo", 0.5)), gamma=0.5)
+    assert not pref.resolve_loss(config.loss).uses_reference

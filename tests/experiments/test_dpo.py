@@ -504,3 +504,26 @@ def test_missing_required_hyper_parameter_and_missing_file():
         cli.check_config(config)
     config = _config(loss="mixture", components=(("simpo", 1.0), ("orpo", 0.5)), gamma=0.5)
     assert not pref.resolve_loss(config.loss).uses_reference
+
+
+def test_smollm2_dpo_on_real_hh_small(tmp_path, hh_file):
+    """configs/dpo.py:smollm2_hh on the real HH file, a small version
+    through the CLI: reads, precomputes the reference, trains, evaluates."""
+    pytest.importorskip("gguf")
+    from tests.experiments.test_cli import _cli
+    wd = tmp_path / "dpo_hh"
+    out = _cli("--config=configs/dpo.py:smollm2_hh", f"--workdir={wd}",
+               f"--config.data.train_path={hh_file}", "--config.data.max_train_pairs=8",
+               "--config.data.max_eval_pairs=4", "--config.data.max_length=48",
+               "--config.data.batch_size=4", "--config.data.eval_batch_size=4",
+               "--config.reference.batch_size=4", "--config.policy.trainable_blocks=1",
+               "--config.train.num_steps=2", "--config.train.eval_every=0",
+               "--config.eval.num_prompts=2", "--config.eval.samples_per_prompt=1",
+               "--config.eval.best_of_n_max_n=0", "--config.sampling.max_new_tokens=4",
+               "--config.export=False")
+    assert "kept 2303, skipped 9" in out.stdout
+    assert os.path.exists(wd / "reference_logps.npz")
+    rows = [json.loads(l) for l in open(wd / "metrics.jsonl")]
+    train = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train][-1] == 2
+    assert all(np.isfinite(r["train/loss"]) for r in train)

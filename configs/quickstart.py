@@ -9,14 +9,17 @@ Needs no files. Runs in a few minutes on 2 CPU cores.
 
     python -m jaxreward.main --config=configs/quickstart.py --workdir=runs/quickstart
 
-Variants: `default`, `tiny` (seconds; used by tests).
+Variants: `default`, `tiny` (seconds; used by tests), `ensemble` (a weak
+proxy from 512 pairs and an ensemble of 4 reward models trained beside it,
+best-of-N ranked by the proxy vs the ensemble's mean, mean − λ·std and min;
+a few minutes), `ensemble_tiny` (its test-sized version).
 """
 import ml_collections
 
 from jaxreward.train import defaults
 
 
-VARIANTS = ("default", "tiny")
+VARIANTS = ("default", "tiny", "ensemble", "ensemble_tiny")
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -56,17 +59,30 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         num_prompts=128,              # held-out prompts
         max_n=64,                     # largest N; N = 1, 2, 4, ..., max_n (nested subsets)
     ))
+    c.ensemble = ml_collections.ConfigDict(dict(
+        size=0,                       # E reward models trained beside the proxy in one vmapped step (0/1: none)
+        std_coef=1.0,                 # λ of the mean − λ·std aggregate (reward units per member std)
+        score_chunk_size=2048,        # sampled rows per vmapped ensemble forward when ranking best-of-N
+    ))
     c.loss = defaults.loss()
     c.optimizer = defaults.optimizer(learning_rate=1e-3, warmup_steps=20)
     c.train = defaults.train(num_steps=200, log_every=20)
     c.train.checkpoint_every = 100    # steps between checkpoints
     c.mesh = defaults.mesh()
 
-    if variant == "tiny":
+    if variant in ("ensemble", "ensemble_tiny"):
+        # A deliberately weak proxy (few pairs), so over-optimization can show;
+        # 100 steps (6 epochs of the 512 pairs) keep the 5 models' training short.
+        c.synthetic.num_train_pairs = 512
+        c.ensemble.size = 4
+        c.train.update(num_steps=100, log_every=10, checkpoint_every=50)
+    if variant in ("tiny", "ensemble_tiny"):
         c.model.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
                        num_kv_heads=1)
         c.synthetic.update(num_train_pairs=256, num_eval_pairs=64)
         c.data.update(batch_size=32, eval_batch_size=64)
         c.best_of_n.update(num_prompts=16, max_n=8)
         c.train.update(num_steps=20, log_every=5, checkpoint_every=10)
+    if variant == "ensemble_tiny":
+        c.ensemble.size = 3
     return c

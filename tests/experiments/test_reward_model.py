@@ -164,7 +164,7 @@ def test_jsonl_and_tfds_sources_give_the_same_pairs(tmp_path, hh_file):
     jsonl = driver.read_pairs(config, tokenizer)
     config.data.source = "tfds"
     tfds = driver.read_pairs(config, tokenizer)
-    assert len(jsonl[0]) == len(tfds[0]) == 2303 - 128 and len(tfds[1]) == 128
+    assert len(jsonl[0]) == len(tfds[0]) == 2303 - 256 and len(tfds[1]) == 256
     assert jsonl == tfds
     assert "tensorflow" not in sys.modules
 

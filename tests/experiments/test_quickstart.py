@@ -3,24 +3,10 @@ through the CLI, stopped at step 10 and re-run (resume), then the ensemble
 export, the per-ranking best-of-N table and the plot."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 
-from tests.conftest import ROOT
-
-
-def _cli(*args, check=True, timeout=900):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
-        "--xla_force_host_platform_device_count=8", "")
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run([sys.executable, "-m", "jaxreward.main", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode:
-        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}")
-    return proc
+from tests.experiments.test_cli import _cli
 
 
 def test_ensemble_tiny_trains_resumes_exports_and_ranks(tmp_path):

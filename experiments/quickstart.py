@@ -45,10 +45,11 @@ from jaxreward.models import ensemble
 from jaxreward.models.heads import RewardModel
 from jaxreward.models.llama import Decoder, LlamaConfig
 from jaxreward.objectives.reward import ensemble_reward
-from jaxreward.sampling.best_of_n import best_of_n, best_of_n_kl_bound, reward_model_fn
+from jaxreward.sampling.best_of_n import best_of_n, proxy_gold_curve, reward_model_fn
 from jaxreward.sampling.sampler import generate
 from jaxreward.train import checkpoint as ckpt_lib
 from jaxreward.train import defaults, loop, pairwise
+from jaxreward.train.proxy import sample_pairs
 from jaxreward.train import evaluate as evaluate_lib
 from jaxreward.train import metrics as metrics_lib
 from jaxreward.train import state as state_lib
@@ -78,39 +79,6 @@ def model_config(config: ml_collections.ConfigDict) -> LlamaConfig:
     s = config.synthetic
     return LlamaConfig(**config.model.to_dict(),
                        max_position_embeddings=s.prompt_length + s.response_length)
-
-
-def sample_pairs(task: synthetic.CountingTask, policy: Decoder, policy_params, n: int,
-                 seed: int, temperature: float) -> tuple[dict[str, np.ndarray], float]:
-    """n labelled pairs sampled from the policy; also the fraction of pairs
-    whose chosen response has the higher gold reward (the label noise)."""
-    prompts = task.prompts(n, seed)
-    out = generate(policy, policy_params, prompts, np.ones_like(prompts, bool),
-                   rng=jax.random.PRNGKey(seed), max_new_tokens=task.response_length,
-                   temperature=temperature, num_samples=2)
-    resp = np.asarray(out.tokens_RM).reshape(n, 2, -1)
-    mask = np.asarray(out.mask_RM).reshape(n, 2, -1)
-    gold = task.gold_reward(resp.reshape(2 * n, -1), mask.reshape(2 * n, -1)).reshape(n, 2)
-    prefer_1 = task.label(gold[:, 0], gold[:, 1], seed)
-    arrays = synthetic.pair_arrays(prompts, resp[:, 0], resp[:, 1], prefer_1, mask[:, 0], mask[:, 1])
-    agree = np.mean(np.where(prefer_1, gold[:, 0] > gold[:, 1], gold[:, 1] > gold[:, 0]))
-    return arrays, float(agree)
-
-
-def best_of_n_curve(proxy_BN: np.ndarray, gold_BN: np.ndarray, max_n: int) -> list[dict]:
-    """Per N in 1, 2, 4, ..., max_n: best-of-N over the first N samples of
-    each prompt (nested subsets), selected by the proxy (ties: lowest index).
-    """
-    rows, n = [], 1
-    while n <= max_n:
-        pick = np.argmax(proxy_BN[:, :n], axis=1)  # first maximum = lowest index
-        take = lambda a: np.take_along_axis(a[:, :n], pick[:, None], axis=1)[:, 0]
-        rows.append({"N": n, "kl_bound": best_of_n_kl_bound(n),
-                     "proxy_reward": float(take(proxy_BN).mean()),
-                     "gold_reward": float(take(gold_BN).mean()),
-                     "oracle_gold": float(gold_BN[:, :n].max(axis=1).mean())})
-        n *= 2
-    return rows
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -189,7 +157,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        max_new_tokens=s.response_length, temperature=s.temperature)
     samples = result.samples
     gold = task.gold_reward(np.asarray(samples.tokens_RM), np.asarray(samples.mask_RM))
-    curve = best_of_n_curve(np.asarray(result.rewards_BN), gold.reshape(b.num_prompts, b.max_n),
+    curve = proxy_gold_curve(np.asarray(result.rewards_BN), gold.reshape(b.num_prompts, b.max_n),
                             b.max_n)
     print("\nbest-of-N on held-out prompts (mean over prompts; KL bound in nats)")
     print(metrics_lib.format_table(curve, ["N", "kl_bound", "proxy_reward", "gold_reward",
@@ -311,8 +279,8 @@ def ensemble_best_of_n(config, workdir, rm, params_E, ens_eval, proxy_eval, samp
     rankers = {"proxy": proxy_BN}
     for mode in ("mean", "mean_minus_std", "min"):
         rankers[f"ensemble_{mode}"] = np.asarray(ensemble_reward(members_ER, mode, std_coef=lam)).reshape(B, N)
-    curves = {name: best_of_n_curve(r, gold_BN, b.max_n) for name, r in rankers.items()}
-    member_curves = [best_of_n_curve(members_ER[e].reshape(B, N), gold_BN, b.max_n) for e in range(E)]
+    curves = {name: proxy_gold_curve(r, gold_BN, b.max_n) for name, r in rankers.items()}
+    member_curves = [proxy_gold_curve(members_ER[e].reshape(B, N), gold_BN, b.max_n) for e in range(E)]
     rows = []
     for i, row in enumerate(curves["proxy"]):
         rows.append({"N": row["N"], "kl_bound": row["kl_bound"], "proxy": row["gold_reward"],

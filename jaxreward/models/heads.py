@@ -1,4 +1,4 @@
-"""Heads on the decoder: scalar / multi-objective reward model.
+"""Heads on the decoder: scalar / multi-objective reward model, token value model.
 
 `RewardModel` = `Decoder` backbone + a linear head with K outputs read from
 a pooled hidden state: the last attended position of each row (found from
@@ -7,10 +7,21 @@ tokens. K = 1 is the Bradley–Terry reward model of "Training
 language models to follow instructions with human feedback" (2022); K > 1
 gives one reward per objective (e.g. helpfulness, harmlessness).
 
-Params: `{"backbone": <Decoder params>, "head": {"kernel": [E, K]}}`,
-so a pretrained decoder's params drop in as `backbone`.
+`ValueModel` = the same backbone + a one-output linear head applied at
+every position: V[b, t] is the value of the state tokens[b, :t+1] (the PPO
+critic of "Fine-Tuning Language Models from Human Preferences", 2019). Its
+head starts at zero, or from a reward model's head
+(`value_params_from_reward_model`), since with "last" pooling the value of
+the full sequence is then exactly the reward.
+
+Params of both: `{"backbone": <Decoder params>, "head": {"kernel": [E, K]}}`
+(K = 1 for the value model), so a pretrained decoder's params drop in as
+`backbone` (`value_params_from_policy`) and a K = 1 reward model's params
+are a value model's.
 """
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
@@ -89,3 +100,124 @@ class RewardModel(nn.Module):
             attention_mask = jnp.ones(tokens_BT.shape, bool)
         return self.score_features(self.features(tokens_BT, attention_mask, positions, pool_mask),
                                    attention_mask)
+
+
+class ValueModel(nn.Module):
+    """Token value model: values float32 `[B, T]` for tokens `[B, T]`.
+
+    `values[b, t]` = w · h[b, t], the head applied to the final hidden state
+    at position t, which by causal attention depends only on tokens[b, :t+1]:
+    the value of that state. The head (`kernel` float32 `[E, 1]`, no bias,
+    like the reward head) is initialized to zero, so V ≡ 0 at init.
+
+    Attributes:
+      config: backbone architecture.
+      frozen_blocks: see `Decoder.frozen_blocks`.
+    """
+    config: LlamaConfig
+    frozen_blocks: int = 0
+
+    def setup(self):
+        self.backbone = Decoder(self.config, frozen_blocks=self.frozen_blocks)
+        # Named and shaped as RewardModel's head with K = 1, so its weights copy over.
+        self.head = nn.Dense(
+            1, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "objectives")))
+
+    def features(self, tokens_BT: jax.Array, attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> jax.Array:
+        """Final hidden states float32 `[B, T, E]`: the head's input at every position."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(tokens_BT.shape, bool)
+        return self.backbone.hidden_states(tokens_BT, attention_mask.astype(bool),
+                                           positions).astype(jnp.float32)
+
+    def score_features(self, features_BTE: jax.Array, attention_mask: jax.Array | None = None
+                       ) -> jax.Array:
+        """Values float32 `[B, T]` from hidden states `[B, T, E]`; 0 where
+        `attention_mask` is False (padding has no value)."""
+        B, T, E = features_BTE.shape
+        # A 2-D [B·T, E] GEMM, as the decoder's projections.
+        values_BT = self.head(features_BTE.reshape(B * T, E).astype(jnp.float32)).reshape(B, T)
+        if attention_mask is None:
+            return values_BT
+        return jnp.where(attention_mask.astype(bool), values_BT, 0.0)
+
+    def __call__(self, tokens_BT: jax.Array, attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> jax.Array:
+        """Values float32 `[B, T]`: `values[b, t]` is the value of tokens[b, :t+1];
+        0 at masked slots.
+
+        Args:
+          tokens_BT, attention_mask, positions: as `Decoder.hidden_states`
+            (positions default to counting attended tokens, so left and right
+            padding give a real token the same value).
+        """
+        if attention_mask is None:
+            attention_mask = jnp.ones(tokens_BT.shape, bool)
+        return self.score_features(self.features(tokens_BT, attention_mask, positions), attention_mask)
+
+
+def value_params_from_reward_model(rm_params, objective: int | None = None) -> dict:
+    """`ValueModel` params from `RewardModel` params: the same backbone, the reward head as the value head.
+
+    With a "last"-pooling reward model, the value at the last attended token
+    then equals the reward of the sequence (the usual PPO critic init, e.g.
+    L. Ouyang et al., "Training language models to follow instructions with
+    human feedback", 2022). With "mean" pooling it does not (the head is
+    copied all the same).
+
+    Args:
+      rm_params: `{"backbone": ..., "head": {"kernel": float32 [E, K]}}`
+        (unboxed, e.g. from `reward_io.load_reward_model`).
+      objective: which of the K reward columns becomes the value head;
+        required when K > 1.
+
+    Returns:
+      `{"backbone": <the same arrays>, "head": {"kernel": float32 [E, 1]}}`.
+
+    Raises:
+      ValueError: if the tree is not a reward model's, if K > 1 and
+        `objective` is None, or if `objective` is not in [0, K).
+    """
+    if not isinstance(rm_params, Mapping) or set(rm_params) != {"backbone", "head"}:
+        keys = sorted(rm_params) if isinstance(rm_params, Mapping) else type(rm_params).__name__
+        raise ValueError(f"rm_params must be a RewardModel param tree with keys ['backbone', 'head'], "
+                         f"got {keys}")
+    kernel = rm_params["head"]["kernel"]
+    if kernel.ndim != 2:
+        raise ValueError(f"reward head kernel must be [E, K], got shape {tuple(kernel.shape)}")
+    K = kernel.shape[1]
+    if objective is None:
+        if K != 1:
+            raise ValueError(f"the reward model has K = {K} objectives: pass objective in [0, {K})")
+        objective = 0
+    if not 0 <= objective < K:
+        raise ValueError(f"objective must be in [0, {K}), got {objective}")
+    head = {"kernel": jnp.asarray(kernel[:, objective:objective + 1], jnp.float32)}
+    return {"backbone": rm_params["backbone"], "head": head}
+
+
+def value_params_from_policy(decoder_params) -> dict:
+    """`ValueModel` params from plain `Decoder` params: the same backbone, a zero head.
+
+    The LM head (`lm_head`, untied checkpoints only) is dropped: the value
+    model never reads it, and the tree then equals `ValueModel.init`'s.
+
+    Args:
+      decoder_params: a `Decoder` param tree (unboxed), e.g. from
+        `load_pretrained` or a policy's train state.
+
+    Returns:
+      `{"backbone": <the decoder's arrays>, "head": {"kernel": zeros float32 [E, 1]}}`.
+
+    Raises:
+      ValueError: if the tree has no `embed_tokens.embedding` `[V, E]`.
+    """
+    try:
+        E = decoder_params["embed_tokens"]["embedding"].shape[1]
+    except (KeyError, TypeError, IndexError) as e:
+        raise ValueError("decoder_params must be a Decoder param tree with embed_tokens.embedding "
+                         f"[V, E] ({type(e).__name__}: {e})") from e
+    backbone = {k: v for k, v in decoder_params.items() if k != "lm_head"}
+    return {"backbone": backbone, "head": {"kernel": jnp.zeros((E, 1), jnp.float32)}}

@@ -24,7 +24,23 @@ sampled tokens, samples held fixed), their expected gradients are:
   of the *forward* KL, not of KL(π‖π_ref), although its value estimates the
   latter. (GRPO uses k3 in the loss.)
 
-tests/objectives/test_kl.py checks these by enumerating a 3-action policy.
+**Off-policy samples.** When the tokens come from a behaviour policy π_old
+(PPO's later epochs, a lagging rollout worker), the expectations above are
+over the wrong distribution. `kl_loss(..., old_logps_BT=...)` weights each
+token's term by the importance ratio ρ = π(y_t)/π_old(y_t), held constant
+(stop_gradient) and computed as exp(clamp(log π − log π_old, ±20)). Then
+
+    E_{y~π_old}[ρ(y) ∇k(y)] = Σ_y π_old(y) (π(y)/π_old(y)) ∇k(y) = E_{y~π}[∇k(y)],
+
+so each estimator keeps its on-policy expected gradient above (k2 →
+∇KL(π‖π_ref), k3 → ∇KL(π_ref‖π), k1 → 0) exactly (while the clamp is
+inactive). Without the weights, k1's expected gradient becomes
+Σ π_old ∇log π ≠ 0 and k2's and k3's are those of neither KL. Importance
+sampling: e.g. R. S. Sutton and A. G. Barto, "Reinforcement Learning: An
+Introduction" (2018), section 5.5.
+
+tests/objectives/test_kl.py checks these by enumerating a 3-action policy,
+on-policy and off-policy.
 
 Masked slots are selected away before any arithmetic. The log-ratio is
 clamped to ±20 in k3 so e^{−x} cannot overflow. Log-probs and masks must
@@ -41,7 +57,7 @@ import jax.numpy as jnp
 from jaxreward.objectives import registry
 from jaxreward.objectives.checks import check_range, check_same_shape, check_token_arrays
 from jaxreward.objectives.masking import as_bool, masked_mean, select
-from jaxreward.objectives.policy_gradient import aggregate_loss
+from jaxreward.objectives.policy_gradient import aggregate_loss, log_ratio
 
 sg = jax.lax.stop_gradient
 
@@ -162,17 +178,27 @@ def kl_loss(
     mask_BT,
     *,
     estimator: str,
+    old_logps_BT=None,
     loss_agg_mode: str = "token-mean",
     num_tokens=None,
     num_seqs=None,
     max_len: Optional[int] = None,
 ):
-    """KL as a loss term: aggregate(k(log π, log π_ref)), differentiated through log π.
+    """KL as a loss term: aggregate(ρ·k(log π, log π_ref)), differentiated through log π.
 
     Choose the estimator deliberately (module docstring): ``k2`` gives the
     exact expected gradient of KL(π‖π_ref); ``k3`` (GRPO's choice) gives
     that of KL(π_ref‖π); ``k1`` gives zero expected gradient. The caller
     multiplies the loss by its coefficient.
+
+    On-policy (tokens sampled from π, `old_logps_BT` None) ρ = 1. When the
+    tokens were sampled from a behaviour policy π_old, pass its log-probs:
+    each token's term is weighted by the constant importance ratio
+
+        ρ_t = stop_gradient(exp(clamp(log π(y_t) − log π_old(y_t), ±20)))
+
+    so that E_{y~π_old}[ρ ∇k] = E_{y~π}[∇k] and the gradients above hold
+    (module docstring, "Off-policy samples").
 
     Paper: Z. Shao et al., "DeepSeekMath: Pushing the Limits of Mathematical
     Reasoning in Open Language Models" (2024) (KL in the GRPO loss).
@@ -182,15 +208,30 @@ def kl_loss(
       ref_logps_BT: float32 `[B, T]` reference log-probs (constant).
       mask_BT: bool `[B, T]`.
       estimator: static ``k1``/``k2``/``k3`` (required on purpose).
+      old_logps_BT: optional float32 `[B, T]` log-probs of the sampled tokens
+        under the behaviour policy π_old (constant).
       loss_agg_mode, num_tokens, num_seqs, max_len: aggregation.
 
     Returns:
-      (loss, metrics): ``loss`` plus `kl_metrics`.
+      (loss, metrics): ``loss`` plus `kl_metrics` (unweighted means over the
+      sampled tokens, so off-policy they describe π on π_old's samples), and
+      with `old_logps_BT` ``kl_importance_weight_mean``, the mean ρ per valid
+      token (1 when π = π_old).
+
+    Raises:
+      ValueError: if the arrays do not share one `[B, T]` shape.
+      KeyError: for an unknown estimator or aggregation mode.
     """
     mask = as_bool(mask_BT)
     k = kl_per_token(logps_BT, sg(jnp.asarray(ref_logps_BT, jnp.float32)), mask, estimator)
+    extra = {}
+    if old_logps_BT is not None:
+        lr = log_ratio(sg(jnp.asarray(logps_BT, jnp.float32)), sg(jnp.asarray(old_logps_BT, jnp.float32)), mask)
+        rho = select(jnp.exp(jnp.clip(lr, -MAX_LOG_RATIO, MAX_LOG_RATIO)), mask)
+        k = rho * k
+        extra["kl_importance_weight_mean"] = masked_mean(rho, mask)
     loss = aggregate_loss(k, mask, loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len)
-    return loss, {"loss": loss, **kl_metrics(logps_BT, ref_logps_BT, mask)}
+    return loss, {"loss": loss, **kl_metrics(logps_BT, ref_logps_BT, mask), **extra}
 
 
 def adaptive_kl_coef(beta, observed_kl, n_steps, *, target: float, horizon: float, max_error: float = 0.2):

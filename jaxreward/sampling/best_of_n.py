@@ -181,3 +181,33 @@ def text_reward_fn(tokenizer_decode: Callable[[list[int]], str],
         return jnp.asarray(np.asarray(out, np.float32).reshape(pt.shape[0]))
 
     return reward
+
+
+def proxy_gold_curve(proxy_BN, gold_BN, max_n: int) -> list[dict]:
+    """Best-of-N picked by a proxy reward, scored by a gold reward.
+
+    Per N in 1, 2, 4, ..., max_n: the sample with the highest proxy reward
+    among the first N of each prompt (nested subsets; ties: lowest index).
+    This is the best-of-N curve of "Scaling Laws for Reward Model
+    Overoptimization" (Gao et al., 2022).
+
+    Args:
+      proxy_BN, gold_BN: float `[B, max_n]` rewards of the same samples.
+      max_n: the largest N.
+
+    Returns:
+      one dict per N: `N`, `kl_bound` (nats, `best_of_n_kl_bound`),
+      `proxy_reward` and `gold_reward` of the picks (means over prompts),
+      `oracle_gold` (the best gold reward among the N).
+    """
+    proxy_BN, gold_BN = np.asarray(proxy_BN), np.asarray(gold_BN)
+    rows, n = [], 1
+    while n <= max_n:
+        pick = np.argmax(proxy_BN[:, :n], axis=1)  # first maximum = lowest index
+        take = lambda a: np.take_along_axis(a[:, :n], pick[:, None], axis=1)[:, 0]
+        rows.append({"N": n, "kl_bound": best_of_n_kl_bound(n),
+                     "proxy_reward": float(take(proxy_BN).mean()),
+                     "gold_reward": float(take(gold_BN).mean()),
+                     "oracle_gold": float(gold_BN[:, :n].max(axis=1).mean())})
+        n *= 2
+    return rows

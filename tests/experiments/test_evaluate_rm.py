@@ -116,7 +116,7 @@ def test_text_reward_registry():
     with pytest.raises(KeyError, match="registered: .*distinct_words"):
         rewards.get("nope")
     with pytest.raises(ValueError, match=r"returned shape \(1,\) for 2 completions"):
-        rewards.call(lambda p, c: [1.0], ["p", "q"], ["a", "b"])
+        rewards.call(lambda p, c, cols: [1.0], ["p", "q"], ["a", "b"])
     with pytest.raises(ValueError, match="already registered"):
         rewards.register("length")(lambda p, c: np.zeros(len(c)))
 

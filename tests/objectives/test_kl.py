@@ -93,6 +93,79 @@ def test_kl_loss_gradients_on_exact_batch():
     np.testing.assert_allclose(grads["k3"], grad_forward, rtol=1e-5, atol=1e-6)
 
 
+# Off-policy: samples from π_old = softmax(THETA_OLD) ≠ π = softmax(THETA).
+THETA_OLD = jnp.array([-0.3, 0.8, 0.1])
+
+
+def _off_policy_expected_grad(theta, estimator, weighted):
+    """Σ_a π_old(a)·∇_θ[ρ(a)·k(a)] by enumeration: one kl_loss call per action (a 1-token batch)."""
+    logp_old = jax.nn.log_softmax(THETA_OLD)
+    total = jnp.zeros(3)
+    for a in range(3):
+        def loss(t, a=a):
+            lp = jax.nn.log_softmax(t)[a].reshape(1, 1)
+            old = logp_old[a].reshape(1, 1) if weighted else None
+            return kl.kl_loss(lp, REF_LOGP[a].reshape(1, 1), jnp.ones((1, 1), bool), estimator=estimator,
+                              old_logps_BT=old)[0]
+        total = total + jnp.exp(logp_old[a]) * jax.grad(loss)(theta)
+    return total
+
+
+def test_off_policy_kl_loss_has_the_on_policy_expected_gradient():
+    grad_reverse = jax.grad(lambda t: _tabular_kls(t)[0])(THETA)  # ∇ KL(π‖π_ref), exact
+    grad_forward = jax.grad(lambda t: _tabular_kls(t)[1])(THETA)  # ∇ KL(π_ref‖π), exact
+    want = {"k1": jnp.zeros(3), "k2": grad_reverse, "k3": grad_forward}
+    for e in kl.ESTIMATORS:
+        # ρ-weighted on π_old's samples = on-policy: Σ π_old·(π/π_old)·∇k = Σ π ∇k
+        got = _off_policy_expected_grad(THETA, e, weighted=True)
+        np.testing.assert_allclose(got, want[e], rtol=1e-5, atol=1e-6, err_msg=e)
+        # the same thing the on-policy enumeration gives
+        np.testing.assert_allclose(got, jax.grad(functools.partial(_expected_estimator, estimator=e))(THETA),
+                                   rtol=1e-5, atol=1e-6, err_msg=e)
+        # unweighted, the gradient is off (k1: Σ π_old ∇log π = π_old − π ≠ 0)
+        unweighted = _off_policy_expected_grad(THETA, e, weighted=False)
+        assert np.max(np.abs(unweighted - want[e])) > 1e-2, e
+    p, p_old = jax.nn.softmax(THETA), jax.nn.softmax(THETA_OLD)
+    np.testing.assert_allclose(_off_policy_expected_grad(THETA, "k1", weighted=False), p_old - p,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_off_policy_kl_loss_on_exact_batch_and_importance_weight_metric():
+    """π_old = [1/2, 1/4, 1/4] (THETA_Q): the token mean over actions [0, 0, 1, 2] is the exact
+    expectation under π_old, and with the weights the k2 gradient is ∇KL(π‖π_ref) at π = THETA."""
+    old = _batch_logps(THETA_Q)
+    loss_fn = lambda t: kl.kl_loss(_batch_logps(t), _ref_batch(), MASK, estimator="k2", old_logps_BT=old)
+    (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(THETA)
+    np.testing.assert_allclose(g, jax.grad(lambda t: _tabular_kls(t)[0])(THETA), rtol=1e-5, atol=1e-6)
+    # mean ρ over the 4 tokens = (2·π(0)/0.5 + π(1)/0.25 + π(2)/0.25) / 4 = Σ π = 1 (= E_{π_old}[ρ])
+    np.testing.assert_allclose(m["kl_importance_weight_mean"], 1.0, rtol=1e-5)
+    # π = π_old: every ρ is 1 and the loss equals the on-policy one
+    (l_on, _), (l_off, m_off) = (kl.kl_loss(old, _ref_batch(), MASK, estimator="k3"),
+                                 kl.kl_loss(old, _ref_batch(), MASK, estimator="k3", old_logps_BT=old))
+    np.testing.assert_allclose(l_off, l_on, rtol=1e-6)
+    np.testing.assert_allclose(m_off["kl_importance_weight_mean"], 1.0, rtol=1e-6)
+    assert "kl_importance_weight_mean" not in kl.kl_loss(old, _ref_batch(), MASK, estimator="k3")[1]
+
+
+def test_off_policy_weights_hand_values_clamp_and_padding():
+    # token 0: log π = log .5, log π_old = log .25 → ρ = 2; k1 = log π − log π_ref = log .5 − log .5 = 0
+    # token 1: log π = 0, log π_old = −30 → log-ratio clamped to 20, ρ = e^20; k1 = 0 − log .5 = log 2
+    # token 2: masked, NaN everywhere
+    logp = jnp.array([[math.log(0.5), 0.0, np.nan]])
+    old = jnp.array([[math.log(0.25), -30.0, np.nan]])
+    ref = jnp.array([[math.log(0.5), math.log(0.5), np.nan]])
+    mask = jnp.array([[True, True, False]])
+    loss, m = kl.kl_loss(logp, ref, mask, estimator="k1", old_logps_BT=old, loss_agg_mode="seq-mean-token-sum")
+    # sum over the row: 2·0 + e^20·log 2
+    np.testing.assert_allclose(loss, math.exp(20.0) * math.log(2.0), rtol=1e-5)
+    np.testing.assert_allclose(m["kl_importance_weight_mean"], (2.0 + math.exp(20.0)) / 2, rtol=1e-5)
+    g = jax.grad(lambda l: kl.kl_loss(l, ref, mask, estimator="k1", old_logps_BT=old)[0])(logp)
+    # ρ is constant: d/dlogπ of token-mean ρ·k1 = ρ/2 at each valid token, 0 at the masked one
+    np.testing.assert_allclose(g, [[1.0, math.exp(20.0) / 2, 0.0]], rtol=1e-5)
+    with _raises("old_logps_BT has shape (1, 2), expected (1, 3)"):
+        kl.kl_loss(logp, ref, mask, estimator="k1", old_logps_BT=old[:, :2])
+
+
 def test_one_step_on_kl_in_loss_lowers_kl():
     before, _ = _tabular_kls(THETA_Q)
     g = jax.grad(lambda t: kl.kl_loss(_batch_logps(t), _ref_batch(), MASK, estimator="k2")[0])(THETA_Q)

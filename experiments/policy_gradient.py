@@ -1,0 +1,730 @@
+"""Critic-free on-policy RL: GRPO, RLOO, REINFORCE++, ReMax, Dr. GRPO, DAPO (configs/rl.py).
+
+    python -m jaxreward.main --config=configs/rl.py:synthetic --workdir=DIR
+
+One step, in this order (each part is a block of `run` below):
+
+1. **Rollout.** The prompt sampler gives B prompts (each once per epoch);
+   `generate` prefills each prompt once and samples G completions from the
+   shared cache (rows b·G .. b·G + G − 1 are prompt b's group), returning the
+   behaviour log-probs.
+2. **Score.** The reward function maps the completions to float32 `[R]`: a
+   proxy or the gold reward (synthetic task), an exported reward model, or
+   weighted registered Python rewards of the decoded text. A completion cut
+   off at `max_new_tokens` without EOS is scored as is, given
+   `reward.truncated_penalty`, or masked out of the loss
+   (`reward.truncated`).
+3. **Reference.** Log-probs of the frozen reference on the rollout (skipped
+   when β = 0 and `kl.measure` is off).
+4. **Advantages** from the objectives registry by name: group (grpo, rloo),
+   token (reinforce_pp) or greedy-baseline (remax, which decodes one greedy
+   completion per prompt more). KL in the reward subtracts β·k1 per token
+   (sequence methods: its sum) before the advantages.
+5. **Update.** `num_epochs` passes over `num_minibatches` shuffled
+   minibatches of whole groups, each one optimizer step of the sharded step
+   factory. The loss is the registered policy loss (PPO clip, GSPO) + β·KL
+   when the KL is in the loss, aggregated over tokens by `loss_agg_mode`
+   with whole-minibatch normalizers, so micro-batches sum to the one-shot
+   gradient. The first minibatch of the first epoch is on-policy: its old
+   log-probs are the current ones under stop_gradient (ratio exactly 1).
+   Later minibatches use the behaviour log-probs, recomputed once with the
+   training forward when `recompute_old_logps` asks for it (`auto`: when
+   the rollout is reused and sampling and training log-probs could differ,
+   i.e. top-k/top-p or a low-precision dtype). Off-policy minibatches weight
+   the KL loss by π/π_old so its gradient stays the documented one
+   (objectives/kl.py).
+
+Eval points (start, every `train.eval_every`, end): samples of the policy on
+held-out prompts, their reward (gold and proxy in the synthetic task) and
+KL(π‖π_ref) (k1, k3), plotted against √KL beside best-of-N of the reference
+ranked by the same reward (`reward_vs_kl.png`).
+
+Writes `metrics.jsonl` (train/*, eval/*), `tensorboard/`, `checkpoints/`
+(policy state, prompt sampler, KL coefficient), `rl.json` (summary),
+`reward_vs_kl.png`, `proxy_reward_model/` (synthetic) and `policy/` (HF).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+import jaxreward
+from jaxreward import parallel, rewards
+from jaxreward.data import synthetic
+from jaxreward.data.arithmetic import arithmetic_prompts
+from jaxreward.data.prompts import PromptSampler, filter_degenerate_groups, group_shard_check
+from jaxreward.data.records import read_prompts
+from jaxreward.errors import UserError
+from jaxreward.models.llama import Decoder, LlamaConfig
+from jaxreward.models.reward_io import load_reward_model
+from jaxreward.models.scoring import shift_mask, token_logps
+from jaxreward.objectives import registry
+from jaxreward.objectives.kl import adaptive_kl_coef, kl_loss, kl_per_token
+from jaxreward.objectives.masking import masked_whiten
+from jaxreward.objectives.policy_gradient import MAX_LOG_RATIO, aggregation_normalizers
+from jaxreward.sampling.best_of_n import best_of_n_kl_bound, reward_model_fn
+from jaxreward.sampling.sampler import SampleBatch, generate
+from jaxreward.train import checkpoint as ckpt_lib
+from jaxreward.train import defaults, loop
+from jaxreward.train import metrics as metrics_lib
+from jaxreward.train import state as state_lib
+from jaxreward.train import step as step_lib
+from jaxreward.train.proxy import train_proxy
+from jaxreward.train.step import unbox
+
+sg = jax.lax.stop_gradient
+EXPORT_DIR = "policy"
+ADVANTAGES = ("grpo", "rloo", "reinforce_pp", "remax")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Checks this job's own fields (the shared blocks are checked by main)."""
+    d, r, ro, a, k = config.data, config.reward, config.rollout, config.algorithm, config.kl
+    defaults.check_choice(config, "data.source", ("synthetic", "arithmetic", "jsonl"))
+    if d.source == "jsonl":
+        defaults.check_path(config, "data.prompts_path", required=True)
+    if d.source == "synthetic":
+        if config.model.pretrained:
+            raise defaults.ConfigError("config field model.pretrained: the synthetic task needs a random "
+                                       "model.arch decoder (set model.pretrained='' or another data.source)")
+        defaults.check_choice(config, "reward.kind", ("proxy", "gold", "reward_model"))
+    else:
+        if not config.model.pretrained:
+            raise defaults.ConfigError(f"config field model.pretrained: data.source={d.source!r} has text "
+                                       "prompts and needs a pretrained model with a tokenizer")
+        defaults.check_choice(config, "reward.kind", ("reward_model", "text"))
+    if not config.model.pretrained:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads"):
+            defaults.check_int(config, f"model.arch.{name}", 1)
+    defaults.check_pretrained(config, "reference.path")
+    defaults.check_int(config, "reference.batch_size", 1)
+    defaults.check_int(config, "policy.trainable_blocks", -1)
+    defaults.check_choice(config, "data.on_error", ("skip", "raise"))
+    for name in ("max_prompt_length", "num_prompts", "num_eval_prompts"):
+        defaults.check_int(config, f"data.{name}", 1)
+    for name in ("prompt_length", "proxy_pairs", "proxy_steps"):
+        defaults.check_int(config, f"synthetic.{name}", 1)
+    defaults.check_float(config, "synthetic.label_beta", 0.0)
+    if r.kind == "reward_model":
+        defaults.check_path(config, "reward.reward_model_dir", required=True)
+        if not os.path.exists(os.path.join(r.reward_model_dir, "reward_model.json")):
+            raise defaults.ConfigError(f"config field reward.reward_model_dir: {r.reward_model_dir!r} has "
+                                       "no reward_model.json (point it at the reward_model/ folder a "
+                                       "reward_model run wrote)")
+    if r.kind == "text":
+        try:
+            rewards.combine(r.functions)
+        except (ValueError, KeyError, TypeError) as e:
+            raise defaults.ConfigError(f"config field reward.functions: {e}") from None
+    defaults.check_choice(config, "reward.transform", ("none", "whiten", "clip"))
+    defaults.check_float(config, "reward.clip", 0.0, low_open=True)
+    defaults.check_choice(config, "reward.truncated", ("score", "penalty", "mask"))
+    defaults.check_float(config, "reward.truncated_penalty")
+    for name in ("prompts_per_step", "group_size", "max_new_tokens"):
+        defaults.check_int(config, f"rollout.{name}", 1)
+    defaults.check_float(config, "rollout.temperature", 0.0, low_open=True)
+    defaults.check_int(config, "rollout.top_k", 0)
+    defaults.check_float(config, "rollout.top_p", 0.0, 1.0, low_open=True)
+    defaults.check_choice(config, "algorithm.advantage", ADVANTAGES)
+    defaults.check_choice(config, "algorithm.policy_loss", tuple(registry.names("policy_loss")))
+    defaults.check_choice(config, "algorithm.loss_agg_mode", tuple(registry.names("aggregation")))
+    defaults.check_float(config, "algorithm.clip_eps", 0.0, low_open=True)
+    if a.clip_eps_high is not None:
+        defaults.check_float(config, "algorithm.clip_eps_high", 0.0, low_open=True)
+    defaults.check_float(config, "algorithm.gamma", 0.0, 1.0)
+    for name in ("num_epochs", "num_minibatches"):
+        defaults.check_int(config, f"algorithm.{name}", 1)
+    defaults.check_choice(config, "algorithm.recompute_old_logps", ("auto", "always", "never"))
+    if a.advantage in ("grpo", "rloo") and ro.group_size < 2:
+        raise defaults.ConfigError(f"config field rollout.group_size: {a.advantage} needs groups of >= 2 "
+                                   f"completions per prompt, got {ro.group_size}")
+    if ro.prompts_per_step % a.num_minibatches:
+        raise defaults.ConfigError(f"config field algorithm.num_minibatches: {a.num_minibatches} does not "
+                                   f"divide rollout.prompts_per_step={ro.prompts_per_step} (minibatches "
+                                   "hold whole groups)")
+    defaults.check_choice(config, "kl.placement", ("loss", "reward", "none"))
+    defaults.check_choice(config, "kl.estimator", ("k1", "k2", "k3"))
+    defaults.check_float(config, "kl.beta", 0.0)
+    if k.placement == "reward" and k.estimator != "k1":
+        raise defaults.ConfigError("config field kl.estimator: KL in the reward uses k1 (its score-function "
+                                   f"gradient is that of KL(π‖π_ref)), got {k.estimator!r}")
+    if k.placement == "loss" and k.estimator == "k1" and k.beta > 0:
+        raise defaults.ConfigError("config field kl.estimator: k1 in the loss has zero expected gradient; "
+                                   "use k2 (∇KL(π‖π_ref)) or k3 (∇KL(π_ref‖π))")
+    if k.adaptive:
+        if k.placement != "reward":
+            raise defaults.ConfigError("config field kl.adaptive: the adaptive controller adjusts β of the "
+                                       "KL in the reward (set kl.placement='reward')")
+        defaults.check_float(config, "kl.target", 0.0, low_open=True)
+        defaults.check_float(config, "kl.horizon", 0.0, low_open=True)
+    defaults.check_int(config, "eval.samples_per_prompt", 1)
+    defaults.check_int(config, "eval.best_of_n_max_n", 0)
+
+
+# ----------------------------------------------------------------------------- setup helpers
+
+
+def load_policy(config: ml_collections.ConfigDict, path: str):
+    """`(decoder, params, tokenizer)`: pretrained `path`, or a random
+    `model.arch` decoder (tokenizer None) when `path` is empty."""
+    m = config.model
+    if path:
+        return jaxreward.load_pretrained(path, dtype=m.dtype)
+    cfg = LlamaConfig(**m.arch.to_dict(), dtype=m.dtype,
+                      max_position_embeddings=config.synthetic.prompt_length + config.rollout.max_new_tokens)
+    decoder = Decoder(cfg)
+    init = jax.jit(lambda key: unbox(decoder.init(key, jnp.zeros((1, 2), jnp.int32))["params"]))
+    return decoder, init(jax.random.PRNGKey(config.seed)), None
+
+
+def encode_prompts(tokenizer, texts: list[str], max_length: int, chat: bool) -> tuple[np.ndarray, np.ndarray, int]:
+    """Left-padded prompt arrays `[N, P]` (chat-rendered as a user turn when
+    `chat`), and how many prompts lost their beginning to `max_length`."""
+    ids, cut = [], 0
+    for text in texts:
+        if chat and tokenizer.chat_template:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        row = tokenizer.encode(text, add_bos=tokenizer.add_bos)
+        if len(row) > max_length:
+            row, cut = row[-max_length:], cut + 1
+        ids.append(row)
+    P = max(map(len, ids))
+    tokens = np.full((len(ids), P), tokenizer.pad_id, np.int32)
+    mask = np.zeros((len(ids), P), bool)
+    for i, row in enumerate(ids):
+        tokens[i, P - len(row):], mask[i, P - len(row):] = row, True
+    return tokens, mask, cut
+
+
+def prompt_set(config: ml_collections.ConfigDict, tokenizer, task) -> dict:
+    """Train and eval prompts: token arrays, texts and `columns` (e.g. answers)."""
+    d = config.data
+    n_train, n_eval = d.num_prompts, d.num_eval_prompts
+    if d.source == "synthetic":
+        tokens = task.prompts(n_train + n_eval, seed=5)
+        mask = np.ones_like(tokens, bool)
+        texts, answers = [None] * len(tokens), None
+    else:
+        if d.source == "arithmetic":
+            records = arithmetic_prompts(n_train + n_eval, seed=config.seed)
+        else:
+            records, report = read_prompts(d.prompts_path, on_error=d.on_error)
+            print(report.summary())
+            n_eval = min(n_eval, len(records) // 2)
+            n_train = len(records) - n_eval
+            if n_train < 1:
+                raise UserError(f"{d.prompts_path}: {len(records)} usable prompts; need at least 2 "
+                                "(train and eval)")
+        texts = [r.prompt for r in records]
+        answers = [r.answer for r in records]
+        tokens, mask, cut = encode_prompts(tokenizer, texts, d.max_prompt_length, d.chat_template)
+        if cut:
+            print(f"{cut} of {len(texts)} prompts were longer than data.max_prompt_length="
+                  f"{d.max_prompt_length} tokens and keep their last tokens")
+    split = lambda x, lo, hi: None if x is None else x[lo:hi]
+    out = {}
+    for name, lo, hi in (("train", 0, n_train), ("eval", n_train, n_train + n_eval)):
+        out[name] = {"tokens": tokens[lo:hi], "mask": mask[lo:hi], "texts": texts[lo:hi],
+                     "columns": {} if answers is None else {"answer": answers[lo:hi]}}
+    return out
+
+
+def make_reward_fn(config, workdir, task, tokenizer, policy, base_params):
+    """`score(samples, prompt_ids_R, split) -> (rewards_R, extra)`, its name, and
+    `extra` metrics of each call (e.g. the gold reward next to the proxy)."""
+    r = config.reward
+    if r.kind in ("proxy", "gold", "reward_model") and task is not None:
+        gold = lambda s: task.gold_reward(np.asarray(s.response_tokens_RM), np.asarray(s.response_mask_RM))
+        if r.kind == "gold":
+            return (lambda s, ids, split: (gold(s), {"gold": gold(s)})), "gold reward"
+        if r.kind == "proxy":
+            s = config.synthetic
+            rm, rm_params, info = train_proxy(os.path.join(workdir, "proxy_reward_model"), task, policy,
+                                              base_params, num_pairs=s.proxy_pairs, num_steps=s.proxy_steps,
+                                              seed=config.seed)
+            print(f"proxy reward model: {s.proxy_pairs} noisy pairs, held-out accuracy "
+                  f"{info['accuracy']:.3f} (label ceiling {info['ceiling']:.3f})")
+        else:
+            rm, rm_params, _ = load_reward_model(r.reward_model_dir)
+        fn = reward_model_fn(rm, rm_params)
+        return (lambda s, ids, split: _with_gold(np.asarray(fn(s)), gold(s))), "proxy reward"
+    if r.kind == "reward_model":
+        rm, rm_params, _ = load_reward_model(r.reward_model_dir)
+        if rm.config.vocab_size != policy.config.vocab_size:
+            raise UserError(f"reward model {r.reward_model_dir} has vocabulary {rm.config.vocab_size}, the "
+                            f"policy {policy.config.vocab_size}: they must share one tokenizer")
+        fn = reward_model_fn(rm, rm_params)
+        return (lambda s, ids, split: (np.asarray(fn(s)), {})), f"reward model {r.reward_model_dir}"
+    combined = rewards.combine(r.functions)
+
+    def score_text(samples: SampleBatch, prompt_ids_R, split):
+        prompts = [split["texts"][i] for i in prompt_ids_R]
+        columns = {k: [v[i] for i in prompt_ids_R] for k, v in split["columns"].items()}
+        total, parts = combined(prompts, decode_completions(tokenizer, samples), columns)
+        return total, parts
+    return score_text, " + ".join(f"{w:g}·{name}" for name, w, *_ in r.functions)
+
+
+def _with_gold(proxy_R, gold_R):
+    return proxy_R.astype(np.float32), {"gold": gold_R}
+
+
+def decode_completions(tokenizer, samples: SampleBatch) -> list[str]:
+    """The response text of each row (the stop token dropped)."""
+    toks, mask = np.asarray(samples.response_tokens_RM), np.asarray(samples.response_mask_RM)
+    return [tokenizer.decode(toks[i][mask[i]].tolist()) for i in range(len(toks))]
+
+
+def truncated_rows(samples: SampleBatch, stop_ids) -> np.ndarray:
+    """bool `[R]`: completions that reached `max_new_tokens` without a stop
+    token (always False without stop ids, e.g. the synthetic task)."""
+    toks, lengths = np.asarray(samples.response_tokens_RM), np.asarray(samples.response_mask_RM).sum(1)
+    M = toks.shape[1]
+    if not stop_ids:
+        return np.zeros(len(toks), bool)
+    last = toks[np.arange(len(toks)), np.maximum(lengths - 1, 0)]
+    return (lengths == M) & ~np.isin(last, list(stop_ids))
+
+
+@functools.lru_cache(maxsize=4)
+def _logps_fn(model: Decoder, temperature: float, top_k: int, top_p: float):
+    """Jitted training-path log-probs `[R, L]` of `model` (processed as sampled)."""
+    return jax.jit(lambda p, b: token_logps(model, p, b["tokens"], b["attention_mask"], b["positions"],
+                                            temperature=temperature, top_k=top_k, top_p=top_p))
+
+
+def batched_logps(fn, params, arrays: dict, batch_size: int, mesh) -> np.ndarray:
+    """`fn` over all rows of `arrays` in chunks of `batch_size` (the last padded)."""
+    R = len(arrays["tokens"])
+    out = []
+    for lo in range(0, R, batch_size):
+        part = {k: v[lo:lo + batch_size] for k, v in arrays.items()}
+        n = len(part["tokens"])
+        if n < batch_size:  # one compiled shape: pad by repeating the first row
+            part = {k: np.concatenate([v, np.repeat(v[:1], batch_size - n, 0)]) for k, v in part.items()}
+        out.append(np.asarray(fn(params, parallel.shard_batch(part, mesh)))[:n])
+    return np.concatenate(out)
+
+
+# ----------------------------------------------------------------------------- the update
+
+
+def make_loss_fns(policy: Decoder, config: ml_collections.ConfigDict, max_len: int):
+    """`(loss_fn, metrics_fn, totals_fn)` of the update for `step.make_train_step`.
+
+    The minibatch holds `tokens`, `attention_mask`, `positions` `[R, L]`,
+    `mask` bool `[R, L]` (response tokens on the log-prob grid, minus masked
+    rows), `advantages` float32 `[R, L]`, `old_logps` `[R, L]`, `ref_logps`
+    `[R, L]` and `on_policy` bool `[R]`.
+    """
+    a, k, ro = config.algorithm, config.kl, config.rollout
+    policy_loss = registry.get("policy_loss", a.policy_loss)
+    clip_high = a.clip_eps if a.clip_eps_high is None else a.clip_eps_high
+    kl_in_loss = k.placement == "loss" and k.beta > 0
+
+    def totals_fn(batch):
+        return aggregation_normalizers(batch["mask"])
+
+    def loss_fn(params, mb, rng, totals):
+        del rng  # deterministic forward
+        logps = token_logps(policy, params, mb["tokens"], mb["attention_mask"], mb["positions"],
+                            temperature=ro.temperature, top_k=ro.top_k, top_p=ro.top_p)
+        mask = mb["mask"]
+        # On-policy: π_old = π exactly (ratio 1, gradient ∇log π); else the behaviour log-probs.
+        old = jnp.where(mb["on_policy"][:, None], sg(logps), mb["old_logps"])
+        agg = dict(loss_agg_mode=a.loss_agg_mode, num_tokens=totals["num_tokens"],
+                   num_seqs=totals["num_seqs"], max_len=max_len)
+        kwargs = dict(clip_eps=a.clip_eps, clip_eps_high=clip_high)
+        loss, _ = policy_loss(logps, old, mb["advantages"], mask, **kwargs, **agg)
+        if kl_in_loss:
+            off_policy = jnp.where(mb["on_policy"][:, None], logps, old)  # ρ = 1 on-policy
+            kl_term, _ = kl_loss(logps, mb["ref_logps"], mask, estimator=k.estimator,
+                                 old_logps_BT=sg(off_policy), **agg)
+            loss = loss + k.beta * kl_term
+        # Per-row sums for metrics (merged over micro-batches, then averaged per token).
+        log_ratio = jnp.clip(jnp.where(mask, logps - old, 0.0), -MAX_LOG_RATIO, MAX_LOG_RATIO)
+        ratio = jnp.exp(log_ratio)
+        adv = mb["advantages"]
+        clip_low = mask & (adv < 0) & (ratio < 1 - a.clip_eps)
+        clip_hi = mask & (adv > 0) & (ratio > 1 + clip_high)
+        rowsum = lambda x: jnp.sum(jnp.where(mask, x, 0.0), axis=1)
+        outputs = {"tokens": rowsum(jnp.ones_like(logps)), "neg_logp": rowsum(-sg(logps)),
+                   "clip_low": rowsum(clip_low.astype(jnp.float32)),
+                   "clip_high": rowsum(clip_hi.astype(jnp.float32)),
+                   "approx_kl": rowsum(0.5 * sg(log_ratio) ** 2), "ratio": rowsum(sg(ratio))}
+        for name in ("k1", "k2", "k3"):
+            outputs[f"kl_{name}"] = rowsum(sg(kl_per_token(logps, mb["ref_logps"], mask, name)))
+        return loss, outputs
+
+    def metrics_fn(outputs, batch):
+        n = jnp.maximum(outputs["tokens"].sum(), 1.0)
+        out = {"entropy": outputs["neg_logp"].sum() / n,  # sampled-token estimate −E[log π(y_t)]
+               "clipfrac/low": outputs["clip_low"].sum() / n,
+               "clipfrac/high": outputs["clip_high"].sum() / n,
+               "approx_kl": outputs["approx_kl"].sum() / n, "ratio/mean": outputs["ratio"].sum() / n}
+        out["clipfrac"] = out["clipfrac/low"] + out["clipfrac/high"]
+        if config.kl.beta > 0 or config.kl.measure:
+            for name in ("k1", "k2", "k3"):
+                out[f"update_kl/{name}"] = outputs[f"kl_{name}"].sum() / n
+        return out
+
+    return loss_fn, metrics_fn, totals_fn
+
+
+def compute_advantages(config, rewards_R, valid_R, token_rewards_RL, mask_RL, greedy_R):
+    """float32 `[R, L]` advantages (0 at masked slots) from the configured estimator."""
+    a, G = config.algorithm, config.rollout.group_size
+    if a.advantage == "reinforce_pp":
+        fn = registry.get("token_advantage", "reinforce_pp")
+        adv, _ = fn(jnp.asarray(token_rewards_RL), None, jnp.asarray(mask_RL), gamma=a.gamma)
+        return np.asarray(adv, np.float32)
+    if a.advantage == "remax":
+        seq = registry.get("baseline_advantage", "remax")(jnp.asarray(rewards_R), jnp.asarray(greedy_R),
+                                                          valid_B=jnp.asarray(valid_R))
+    else:
+        kw = {"scale_by_std": a.scale_by_std} if a.advantage == "grpo" else {}
+        seq = registry.get("group_advantage", a.advantage)(jnp.asarray(rewards_R), group_size=G,
+                                                           valid_B=jnp.asarray(valid_R), **kw)
+    return np.where(mask_RL, np.asarray(seq, np.float32)[:, None], 0.0).astype(np.float32)
+
+
+class RunState:
+    """What resumes beside the train state: the prompt sampler and the KL β
+    (JSON, saved in the checkpoint as its data state)."""
+
+    def __init__(self, sampler: PromptSampler, beta: float):
+        self.sampler, self.beta = sampler, float(beta)
+
+    def state(self) -> dict:
+        return {"prompts": self.sampler.state(), "kl_beta": self.beta}
+
+    def restore(self, state: dict) -> None:
+        self.sampler.restore(state["prompts"])
+        self.beta = float(state["kl_beta"])
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    # --- Policy, reference, prompts, reward.
+    m, d, ro, a, k, t, e = (config.model, config.data, config.rollout, config.algorithm, config.kl,
+                            config.train, config.eval)
+    base_model, base_params, tokenizer = load_policy(config, m.pretrained)
+    cfg = dataclasses.replace(base_model.config, remat=m.remat)
+    if d.source != "synthetic" and tokenizer is None:
+        raise UserError(f"model.pretrained={m.pretrained!r} has no tokenizer; text prompts need one")
+    task = None
+    if d.source == "synthetic":
+        task = synthetic.CountingTask(cfg.vocab_size, config.synthetic.prompt_length, ro.max_new_tokens,
+                                      seed=config.seed, label_beta=config.synthetic.label_beta)
+    print(f"policy {m.pretrained or 'random model.arch'}: {cfg.num_params():,} params; "
+          f"{a.advantage} advantages, {a.policy_loss} loss ({a.loss_agg_mode}), KL {k.placement} "
+          f"β={k.beta:g} ({k.estimator})")
+    prompts = prompt_set(config, tokenizer, task)
+    train_p, eval_p = prompts["train"], prompts["eval"]
+    B, G = ro.prompts_per_step, ro.group_size
+    R = B * G
+    if len(train_p["tokens"]) < B:
+        raise UserError(f"{len(train_p['tokens'])} train prompts is fewer than rollout.prompts_per_step={B}")
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    try:
+        group_shard_check(R // a.num_minibatches, G, shards, t.micro_batches)
+    except ValueError as err:
+        raise defaults.ConfigError(f"config fields rollout/algorithm.num_minibatches/train.micro_batches/"
+                                   f"mesh: {err}") from None
+    ref_model, ref_params = base_model, base_params
+    if config.reference.path:
+        ref_model, ref_params, _ = jaxreward.load_pretrained(config.reference.path, dtype=m.dtype)
+        if ref_model.config.vocab_size != cfg.vocab_size:
+            raise UserError(f"reference.path={config.reference.path!r} has vocabulary "
+                            f"{ref_model.config.vocab_size}, the policy {cfg.vocab_size}")
+    score, reward_name = make_reward_fn(config, workdir, task, tokenizer, base_model, base_params)
+    stop_ids = tokenizer.stop_ids if tokenizer else ()
+    pad_id = tokenizer.pad_id if tokenizer else synthetic.PAD_ID
+    sampling = dict(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_k=ro.top_k,
+                    top_p=ro.top_p, stop_ids=stop_ids, pad_id=pad_id)
+    process = (ro.temperature, ro.top_k, ro.top_p)
+    ref_logps_fn = _logps_fn(ref_model, *process)
+    needs_ref = k.beta > 0 or k.measure
+
+    # --- Sharded update step, state, prompt sampler.
+    tb = config.policy.trainable_blocks
+    policy = Decoder(cfg, frozen_blocks=state_lib.frozen_blocks(cfg.num_layers, tb))
+    boxed = jax.eval_shape(lambda: policy.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))["params"]
+    steps_total = loop.schedule_steps(t) * a.num_epochs * a.num_minibatches
+    tx, schedule = state_lib.make_optimizer(config.optimizer, steps_total,
+                                            state_lib.block_trainable(cfg.num_layers, tb))
+    shardings = step_lib.state_shardings(mesh, boxed, tx)
+    loss_fn, metrics_fn, totals_fn = make_loss_fns(policy, config, ro.max_new_tokens)
+    update = step_lib.make_train_step(loss_fn, metrics_fn, tx, schedule, mesh, shardings,
+                                      micro_batches=t.micro_batches, totals_fn=totals_fn)
+    policy_logps_fn = _logps_fn(policy, *process)
+    run_state = RunState(PromptSampler(len(train_p["tokens"]), B, config.seed), k.beta)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+    make_state = jax.jit(lambda p: state_lib.init_state(p, tx, config.seed), out_shardings=shardings)
+    state, _ = loop.restore_or_init(checkpointer, make_state, (base_params,), shardings, run_state)
+    reuse = a.num_epochs * a.num_minibatches > 1
+    recompute = a.recompute_old_logps == "always" or (
+        a.recompute_old_logps == "auto" and reuse and (ro.top_k > 0 or ro.top_p < 1.0 or m.dtype != "float32"))
+    print(f"{len(train_p['tokens'])} train prompts, {B} per step × {G} completions = {R} rows; "
+          f"{a.num_epochs} epoch(s) × {a.num_minibatches} minibatch(es) per rollout; reward: {reward_name}")
+
+    # --- Eval points: policy samples on held-out prompts, reward and KL to the reference.
+    eval_ids = np.repeat(np.arange(len(eval_p["tokens"])), e.samples_per_prompt)
+    ref_bs = config.reference.batch_size
+
+    def evaluate(params, step: int) -> dict:
+        out = generate(policy, params, eval_p["tokens"], eval_p["mask"], rng=jax.random.PRNGKey(config.seed + 7),
+                       num_samples=e.samples_per_prompt, **sampling)
+        samples = out.sequences()
+        rew, extra = score(samples, eval_ids, eval_p)
+        arrays = _arrays(samples)
+        mask = np.asarray(shift_mask(samples.loss_mask_RL))
+        lp = batched_logps(policy_logps_fn, params, arrays, ref_bs, mesh)
+        ref = batched_logps(ref_logps_fn, ref_params, arrays, ref_bs, mesh)
+        x = np.where(mask, lp - ref, 0.0)
+        k3 = np.where(mask, np.exp(-x) - 1 + x, 0.0)
+        res = {"reward": float(np.mean(rew)), "reward_se": _se(rew),
+               "kl_k1": float(x.sum(1).mean()), "kl_k1_se": _se(x.sum(1)),
+               "kl_k3": float(k3.sum(1).mean()), "kl_k3_se": _se(k3.sum(1)),
+               "response_length": float(np.asarray(samples.response_mask_RM).sum(1).mean())}
+        res["sqrt_kl"] = math.sqrt(max(res["kl_k1"], 0.0))
+        for name, v in extra.items():
+            res[f"reward/{name}"] = float(np.mean(v))
+        return res
+
+    # --- Train: rollout, score, reference, advantages, update.
+    start, stop = int(state.step), loop.stop_step(t)
+    writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+    if start == 0:
+        writer.write(0, evaluate(state.params, 0), prefix="eval")
+    history = []
+    bar = tqdm.trange(start, stop, desc=f"rl {a.advantage}", initial=start, total=stop,
+                      disable=not t.progress_bar, dynamic_ncols=True)
+    for step in bar:
+        # 1. Rollout: B prompts, G completions each (one prefill per prompt).
+        t0 = time.perf_counter()
+        ids_B = run_state.sampler.next()
+        ids_R = np.repeat(ids_B, G)
+        out = generate(policy, state.params, train_p["tokens"][ids_B], train_p["mask"][ids_B],
+                       rng=jax.random.fold_in(jax.random.PRNGKey(config.seed + 11), step),
+                       num_samples=G, **sampling)
+        samples = out.sequences()
+        arrays = _arrays(samples)
+        jax.block_until_ready(samples.tokens_RL)
+        rollout_s = time.perf_counter() - t0
+        # 2. Score.
+        t0 = time.perf_counter()
+        rewards_R, extra = score(samples, ids_R, train_p)
+        rewards_R = np.asarray(rewards_R, np.float32)
+        truncated = truncated_rows(samples, stop_ids)
+        raw_R = rewards_R.copy()
+        if config.reward.truncated == "penalty":
+            rewards_R = np.where(truncated, np.float32(config.reward.truncated_penalty), rewards_R)
+        valid = ~truncated if config.reward.truncated == "mask" else np.ones(R, bool)
+        if config.reward.transform == "whiten":
+            rewards_R = np.asarray(masked_whiten(jnp.asarray(rewards_R), jnp.asarray(valid)), np.float32)
+        elif config.reward.transform == "clip":
+            rewards_R = np.clip(rewards_R, -config.reward.clip, config.reward.clip)
+        greedy_R = None
+        if a.advantage == "remax":  # the greedy completion's reward is the baseline
+            gout = generate(policy, state.params, train_p["tokens"][ids_B], train_p["mask"][ids_B],
+                            rng=jax.random.PRNGKey(0), **{**sampling, "temperature": 0.0})
+            greedy_R = np.repeat(np.asarray(score(gout.sequences(), ids_B, train_p)[0], np.float32), G)
+        score_s = time.perf_counter() - t0
+        # 3. Reference log-probs (and the behaviour log-probs on the training grid).
+        t0 = time.perf_counter()
+        mask = np.asarray(shift_mask(samples.loss_mask_RL)) & valid[:, None]
+        old_logps = np.asarray(samples.sample_logps_RL)
+        if recompute:
+            old_logps = batched_logps(policy_logps_fn, state.params, arrays, ref_bs, mesh)
+        ref_logps = (batched_logps(ref_logps_fn, ref_params, arrays, ref_bs, mesh) if needs_ref
+                     else np.zeros_like(old_logps))
+        ref_s = time.perf_counter() - t0
+        # 4. Advantages (KL in the reward first).
+        beta = run_state.beta
+        k1_RL = np.where(mask, old_logps - ref_logps, 0.0).astype(np.float32)
+        token_rewards = np.zeros_like(k1_RL)
+        ends = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)  # last response token
+        token_rewards[np.arange(R), ends] = np.where(mask.any(1), rewards_R, 0.0)  # none if empty
+        seq_rewards = rewards_R
+        if k.placement == "reward" and beta > 0:
+            token_rewards = token_rewards - beta * k1_RL
+            seq_rewards = rewards_R - beta * k1_RL.sum(1)
+        dropped = 0
+        if a.dynamic_sampling:
+            keep_B, dropped = filter_degenerate_groups(seq_rewards, G)
+            mask = mask & np.repeat(keep_B, G)[:, None]
+            valid = valid & np.repeat(keep_B, G)
+        advantages = compute_advantages(config, seq_rewards, valid, token_rewards, mask, greedy_R)
+        # 5. Update: epochs × minibatches of whole groups, shuffled.
+        t0 = time.perf_counter()
+        batch = {**arrays, "mask": mask, "advantages": advantages, "old_logps": old_logps.astype(np.float32),
+                 "ref_logps": ref_logps.astype(np.float32)}
+        rng = np.random.default_rng([config.seed, step])
+        mb_metrics = []
+        for epoch in range(a.num_epochs):
+            groups = rng.permutation(B) if a.num_minibatches > 1 else np.arange(B)
+            for j, part in enumerate(np.split(groups, a.num_minibatches)):
+                rows = (part[:, None] * G + np.arange(G)[None]).reshape(-1)
+                mb = {key: v[rows] for key, v in batch.items()}
+                mb["on_policy"] = np.full(len(rows), epoch == 0 and j == 0)
+                state, met = update(state, parallel.shard_batch(mb, mesh))
+                mb_metrics.append(met)
+        jax.block_until_ready(state.params)
+        update_s = time.perf_counter() - t0
+        # KL controller and metrics.
+        resp_mask = np.asarray(samples.response_mask_RM)
+        lengths = resp_mask.sum(1)
+        seq_kl = k1_RL.sum(1)
+        if k.adaptive and needs_ref:
+            run_state.beta = float(adaptive_kl_coef(beta, float(seq_kl.mean()), R, target=k.target,
+                                                     horizon=k.horizon))
+        done = step + 1
+        if loop.due(done, t.log_every, stop):
+            met = {key: float(np.mean([float(x[key]) for x in mb_metrics])) for key in mb_metrics[0]}
+            met.update({"reward/mean": float(raw_R.mean()), "reward/std": float(raw_R.std()),
+                        "advantages/mean": float(advantages[mask].mean()) if mask.any() else 0.0,
+                        "advantages/std": float(advantages[mask].std()) if mask.any() else 0.0,
+                        "response_length/mean": float(lengths.mean()),
+                        "response_length/min": float(lengths.min()),
+                        "response_length/max": float(lengths.max()),
+                        "response_length/clipped_frac": float(truncated.mean()),
+                        "kl/beta": beta, "groups/dropped": float(dropped),
+                        "rollout_tokens/s": float(resp_mask.sum()) / rollout_s,
+                        "update_tokens/s": float(np.asarray(arrays["attention_mask"]).sum())
+                        * a.num_epochs / update_s,
+                        "time/rollout_s": rollout_s, "time/score_s": score_s, "time/reference_s": ref_s,
+                        "time/update_s": update_s})
+            for name, v in extra.items():
+                met[f"reward/{name}"] = float(np.mean(v))
+            if needs_ref:
+                x = k1_RL
+                k3 = np.where(mask, np.exp(-x) - 1 + x, 0.0)
+                met.update({"kl/k1": float(seq_kl.mean()), "kl/k2": float((0.5 * x * x).sum(1).mean()),
+                            "kl/k3": float(k3.sum(1).mean())})
+            history.append({"step": done, **loop.log_train(writer, done, met, bar, show=("reward/mean", "kl/k1"))})
+        if t.eval_every and done % t.eval_every == 0 and done != t.num_steps:
+            writer.write(done, evaluate(state.params, done), prefix="eval")
+        if loop.due(done, t.checkpoint_every, stop):
+            checkpointer.save(done, state, run_state.state())
+    checkpointer.close()
+    if loop.stopped_early(int(state.step), t.num_steps):
+        writer.close()
+        return {"stopped_at": int(state.step), "history": history, "state": state, "mesh": mesh}
+
+    # --- Final eval, best-of-N of the reference on the same prompts, summary, plot, export.
+    final = evaluate(state.params, int(state.step))
+    writer.write(int(state.step), final, prefix="eval")
+    writer.close()
+    points = [{"step": r["step"], **{key.split("/", 1)[1]: v for key, v in r.items() if key.startswith("eval/")}}
+              for r in metrics_lib.read_metrics(workdir) if any(key.startswith("eval/") for key in r)]
+    curve = []
+    if e.best_of_n_max_n:
+        curve = best_of_n_points(ref_model, ref_params, eval_p, score, sampling, e.best_of_n_max_n, config.seed)
+    cols = ["step", "reward", "kl_k1", "kl_k3", "sqrt_kl"] + sorted({c for p in points for c in p
+                                                                     if c.startswith("reward/")})
+    print(f"\neval points on {len(eval_p['tokens'])} held-out prompts × {e.samples_per_prompt} samples "
+          f"({reward_name}; KL in nats per response)")
+    print(metrics_lib.format_table(points, cols))
+    if curve:
+        print("\nbest-of-N of the reference on the same prompts (KL bound log N − (N−1)/N)")
+        print(metrics_lib.format_table(curve, list(curve[0])))
+    if tokenizer is not None and e.show:
+        show_samples(policy, state.params, eval_p, score, sampling, tokenizer, e.show, config.seed)
+    summary = {"final": final, "points": points, "best_of_n": curve, "reward": reward_name,
+               "history": history[-1:] if history else []}
+    if e.plot and points:
+        path = os.path.join(workdir, "reward_vs_kl.png")
+        plot_reward_vs_kl(path, points, curve, reward_name, f"{a.advantage}, KL {k.placement} β={k.beta:g}")
+        print(f"plot: {path}")
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "rl.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+    if config.export:
+        out_dir = os.path.join(workdir, EXPORT_DIR)
+        jaxreward.save_pretrained(out_dir, policy.config, jax.device_get(state.params), tokenizer)
+        print(f"policy saved to {out_dir} (HF format)")
+    return {"final": final, "points": points, "best_of_n": curve, "history": history, "state": state,
+            "mesh": mesh, "summary": summary}
+
+
+def _arrays(samples: SampleBatch) -> dict[str, np.ndarray]:
+    return {"tokens": np.asarray(samples.tokens_RL), "attention_mask": np.asarray(samples.attention_mask_RL),
+            "positions": np.asarray(samples.positions_RL)}
+
+
+def _se(x) -> float:
+    x = np.asarray(x, np.float64)
+    return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def best_of_n_points(model, params, split, score, sampling, max_n: int, seed: int) -> list[dict]:
+    """Best-of-N of `model` on the eval prompts, picked by the training reward:
+    per N, the KL bound, its √, and the mean of each reward (training reward,
+    and e.g. gold) of the picks."""
+    P = len(split["tokens"])
+    out = generate(model, params, split["tokens"], split["mask"], rng=jax.random.PRNGKey(seed + 13),
+                   num_samples=max_n, **sampling)
+    ids = np.repeat(np.arange(P), max_n)
+    rew, extra = score(out.sequences(), ids, split)
+    rew = np.asarray(rew).reshape(P, max_n)
+    rows, n = [], 1
+    while n <= max_n:
+        pick = np.argmax(rew[:, :n], axis=1)
+        row = {"N": n, "kl_bound": best_of_n_kl_bound(n), "sqrt_kl": math.sqrt(best_of_n_kl_bound(n)),
+               "reward": float(rew[np.arange(P), pick].mean())}
+        for name, v in extra.items():
+            row[f"reward/{name}"] = float(np.asarray(v).reshape(P, max_n)[np.arange(P), pick].mean())
+        rows.append(row)
+        n *= 2
+    return rows
+
+
+def show_samples(policy, params, split, score, sampling, tokenizer, n: int, seed: int) -> None:
+    """Prints n held-out prompts, the policy's completion and its reward."""
+    n = min(n, len(split["tokens"]))
+    out = generate(policy, params, split["tokens"][:n], split["mask"][:n], rng=jax.random.PRNGKey(seed + 17),
+                   **{**sampling, "temperature": 0.0})
+    samples = out.sequences()
+    rew, _ = score(samples, np.arange(n), split)
+    for i, text in enumerate(decode_completions(tokenizer, samples)):
+        answer = split["columns"].get("answer", [None] * n)[i]
+        print(f"\n### {split['texts'][i]}" + (f"  (answer {answer})" if answer is not None else "")
+              + f"\n--- greedy completion, reward {float(rew[i]):.3f}\n{text}")
+
+
+def plot_reward_vs_kl(path: str, points: list[dict], curve: list[dict], reward_name: str, title: str) -> None:
+    """Rewards of the eval points against √KL (k1, nats^½), with best-of-N against
+    √(its KL bound): the axes of Gao et al. (2022)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    keys = ["reward"] + sorted({c for p in points for c in p if c.startswith("reward/")})
+    for key, style in zip(keys, ("o-", "s-", "^-")):
+        label = reward_name if key == "reward" else key.split("/", 1)[1]
+        ax.plot([p["sqrt_kl"] for p in points], [p[key] for p in points], style, label=f"policy: {label}")
+        if curve:
+            ax.plot([c["sqrt_kl"] for c in curve], [c[key] for c in curve], style.replace("-", "--"),
+                    alpha=0.6, label=f"best-of-N: {label}")
+    ax.set_xlabel("√KL(π‖π_ref)  (nats^½; best-of-N: √ of its bound)")
+    ax.set_ylabel("reward")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

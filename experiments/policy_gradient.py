@@ -46,7 +46,6 @@ Writes `metrics.jsonl` (train/*, eval/*), `tensorboard/`, `checkpoints/`
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -61,26 +60,20 @@ import tqdm
 import jaxreward
 from jaxreward import parallel, rewards
 from jaxreward.data import synthetic
-from jaxreward.data.arithmetic import arithmetic_prompts
 from jaxreward.data.prompts import PromptSampler, filter_degenerate_groups, group_shard_check
-from jaxreward.data.records import read_prompts
 from jaxreward.errors import UserError
-from jaxreward.models.llama import Decoder, LlamaConfig
-from jaxreward.models.reward_io import load_reward_model
+from jaxreward.models.llama import Decoder
 from jaxreward.models.scoring import shift_mask, token_logps
 from jaxreward.objectives import registry
 from jaxreward.objectives.kl import adaptive_kl_coef, kl_loss, kl_per_token
 from jaxreward.objectives.masking import masked_whiten
 from jaxreward.objectives.policy_gradient import MAX_LOG_RATIO, aggregation_normalizers
-from jaxreward.sampling.best_of_n import best_of_n_kl_bound, reward_model_fn
-from jaxreward.sampling.sampler import SampleBatch, generate
+from jaxreward.sampling.sampler import generate
 from jaxreward.train import checkpoint as ckpt_lib
-from jaxreward.train import defaults, loop
+from jaxreward.train import defaults, loop, rollout
 from jaxreward.train import metrics as metrics_lib
 from jaxreward.train import state as state_lib
 from jaxreward.train import step as step_lib
-from jaxreward.train.proxy import train_proxy
-from jaxreward.train.step import unbox
 
 sg = jax.lax.stop_gradient
 EXPORT_DIR = "policy"
@@ -170,151 +163,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         defaults.check_float(config, "kl.horizon", 0.0, low_open=True)
     defaults.check_int(config, "eval.samples_per_prompt", 1)
     defaults.check_int(config, "eval.best_of_n_max_n", 0)
-
-
-# ----------------------------------------------------------------------------- setup helpers
-
-
-def load_policy(config: ml_collections.ConfigDict, path: str):
-    """`(decoder, params, tokenizer)`: pretrained `path`, or a random
-    `model.arch` decoder (tokenizer None) when `path` is empty."""
-    m = config.model
-    if path:
-        return jaxreward.load_pretrained(path, dtype=m.dtype)
-    cfg = LlamaConfig(**m.arch.to_dict(), dtype=m.dtype,
-                      max_position_embeddings=config.synthetic.prompt_length + config.rollout.max_new_tokens)
-    decoder = Decoder(cfg)
-    init = jax.jit(lambda key: unbox(decoder.init(key, jnp.zeros((1, 2), jnp.int32))["params"]))
-    return decoder, init(jax.random.PRNGKey(config.seed)), None
-
-
-def encode_prompts(tokenizer, texts: list[str], max_length: int, chat: bool) -> tuple[np.ndarray, np.ndarray, int]:
-    """Left-padded prompt arrays `[N, P]` (chat-rendered as a user turn when
-    `chat`), and how many prompts lost their beginning to `max_length`."""
-    ids, cut = [], 0
-    for text in texts:
-        if chat and tokenizer.chat_template:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        row = tokenizer.encode(text, add_bos=tokenizer.add_bos)
-        if len(row) > max_length:
-            row, cut = row[-max_length:], cut + 1
-        ids.append(row)
-    P = max(map(len, ids))
-    tokens = np.full((len(ids), P), tokenizer.pad_id, np.int32)
-    mask = np.zeros((len(ids), P), bool)
-    for i, row in enumerate(ids):
-        tokens[i, P - len(row):], mask[i, P - len(row):] = row, True
-    return tokens, mask, cut
-
-
-def prompt_set(config: ml_collections.ConfigDict, tokenizer, task) -> dict:
-    """Train and eval prompts: token arrays, texts and `columns` (e.g. answers)."""
-    d = config.data
-    n_train, n_eval = d.num_prompts, d.num_eval_prompts
-    if d.source == "synthetic":
-        tokens = task.prompts(n_train + n_eval, seed=5)
-        mask = np.ones_like(tokens, bool)
-        texts, answers = [None] * len(tokens), None
-    else:
-        if d.source == "arithmetic":
-            records = arithmetic_prompts(n_train + n_eval, seed=config.seed)
-        else:
-            records, report = read_prompts(d.prompts_path, on_error=d.on_error)
-            print(report.summary())
-            n_eval = min(n_eval, len(records) // 2)
-            n_train = len(records) - n_eval
-            if n_train < 1:
-                raise UserError(f"{d.prompts_path}: {len(records)} usable prompts; need at least 2 "
-                                "(train and eval)")
-        texts = [r.prompt for r in records]
-        answers = [r.answer for r in records]
-        tokens, mask, cut = encode_prompts(tokenizer, texts, d.max_prompt_length, d.chat_template)
-        if cut:
-            print(f"{cut} of {len(texts)} prompts were longer than data.max_prompt_length="
-                  f"{d.max_prompt_length} tokens and keep their last tokens")
-    split = lambda x, lo, hi: None if x is None else x[lo:hi]
-    out = {}
-    for name, lo, hi in (("train", 0, n_train), ("eval", n_train, n_train + n_eval)):
-        out[name] = {"tokens": tokens[lo:hi], "mask": mask[lo:hi], "texts": texts[lo:hi],
-                     "columns": {} if answers is None else {"answer": answers[lo:hi]}}
-    return out
-
-
-def make_reward_fn(config, workdir, task, tokenizer, policy, base_params):
-    """`score(samples, prompt_ids_R, split) -> (rewards_R, extra)`, its name, and
-    `extra` metrics of each call (e.g. the gold reward next to the proxy)."""
-    r = config.reward
-    if r.kind in ("proxy", "gold", "reward_model") and task is not None:
-        gold = lambda s: task.gold_reward(np.asarray(s.response_tokens_RM), np.asarray(s.response_mask_RM))
-        if r.kind == "gold":
-            return (lambda s, ids, split: (gold(s), {"gold": gold(s)})), "gold reward"
-        if r.kind == "proxy":
-            s = config.synthetic
-            rm, rm_params, info = train_proxy(os.path.join(workdir, "proxy_reward_model"), task, policy,
-                                              base_params, num_pairs=s.proxy_pairs, num_steps=s.proxy_steps,
-                                              seed=config.seed)
-            print(f"proxy reward model: {s.proxy_pairs} noisy pairs, held-out accuracy "
-                  f"{info['accuracy']:.3f} (label ceiling {info['ceiling']:.3f})")
-        else:
-            rm, rm_params, _ = load_reward_model(r.reward_model_dir)
-        fn = reward_model_fn(rm, rm_params)
-        return (lambda s, ids, split: _with_gold(np.asarray(fn(s)), gold(s))), "proxy reward"
-    if r.kind == "reward_model":
-        rm, rm_params, _ = load_reward_model(r.reward_model_dir)
-        if rm.config.vocab_size != policy.config.vocab_size:
-            raise UserError(f"reward model {r.reward_model_dir} has vocabulary {rm.config.vocab_size}, the "
-                            f"policy {policy.config.vocab_size}: they must share one tokenizer")
-        fn = reward_model_fn(rm, rm_params)
-        return (lambda s, ids, split: (np.asarray(fn(s)), {})), f"reward model {r.reward_model_dir}"
-    combined = rewards.combine(r.functions)
-
-    def score_text(samples: SampleBatch, prompt_ids_R, split):
-        prompts = [split["texts"][i] for i in prompt_ids_R]
-        columns = {k: [v[i] for i in prompt_ids_R] for k, v in split["columns"].items()}
-        total, parts = combined(prompts, decode_completions(tokenizer, samples), columns)
-        return total, parts
-    return score_text, " + ".join(f"{w:g}·{name}" for name, w, *_ in r.functions)
-
-
-def _with_gold(proxy_R, gold_R):
-    return proxy_R.astype(np.float32), {"gold": gold_R}
-
-
-def decode_completions(tokenizer, samples: SampleBatch) -> list[str]:
-    """The response text of each row (the stop token dropped)."""
-    toks, mask = np.asarray(samples.response_tokens_RM), np.asarray(samples.response_mask_RM)
-    return [tokenizer.decode(toks[i][mask[i]].tolist()) for i in range(len(toks))]
-
-
-def truncated_rows(samples: SampleBatch, stop_ids) -> np.ndarray:
-    """bool `[R]`: completions that reached `max_new_tokens` without a stop
-    token (always False without stop ids, e.g. the synthetic task)."""
-    toks, lengths = np.asarray(samples.response_tokens_RM), np.asarray(samples.response_mask_RM).sum(1)
-    M = toks.shape[1]
-    if not stop_ids:
-        return np.zeros(len(toks), bool)
-    last = toks[np.arange(len(toks)), np.maximum(lengths - 1, 0)]
-    return (lengths == M) & ~np.isin(last, list(stop_ids))
-
-
-@functools.lru_cache(maxsize=4)
-def _logps_fn(model: Decoder, temperature: float, top_k: int, top_p: float):
-    """Jitted training-path log-probs `[R, L]` of `model` (processed as sampled)."""
-    return jax.jit(lambda p, b: token_logps(model, p, b["tokens"], b["attention_mask"], b["positions"],
-                                            temperature=temperature, top_k=top_k, top_p=top_p))
-
-
-def batched_logps(fn, params, arrays: dict, batch_size: int, mesh) -> np.ndarray:
-    """`fn` over all rows of `arrays` in chunks of `batch_size` (the last padded)."""
-    R = len(arrays["tokens"])
-    out = []
-    for lo in range(0, R, batch_size):
-        part = {k: v[lo:lo + batch_size] for k, v in arrays.items()}
-        n = len(part["tokens"])
-        if n < batch_size:  # one compiled shape: pad by repeating the first row
-            part = {k: np.concatenate([v, np.repeat(v[:1], batch_size - n, 0)]) for k, v in part.items()}
-        out.append(np.asarray(fn(params, parallel.shard_batch(part, mesh)))[:n])
-    return np.concatenate(out)
 
 
 # ----------------------------------------------------------------------------- the update
@@ -421,7 +269,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # --- Policy, reference, prompts, reward.
     m, d, ro, a, k, t, e = (config.model, config.data, config.rollout, config.algorithm, config.kl,
                             config.train, config.eval)
-    base_model, base_params, tokenizer = load_policy(config, m.pretrained)
+    base_model, base_params, tokenizer = rollout.load_policy(config, m.pretrained)
     cfg = dataclasses.replace(base_model.config, remat=m.remat)
     if d.source != "synthetic" and tokenizer is None:
         raise UserError(f"model.pretrained={m.pretrained!r} has no tokenizer; text prompts need one")
@@ -432,7 +280,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f"policy {m.pretrained or 'random model.arch'}: {cfg.num_params():,} params; "
           f"{a.advantage} advantages, {a.policy_loss} loss ({a.loss_agg_mode}), KL {k.placement} "
           f"β={k.beta:g} ({k.estimator})")
-    prompts = prompt_set(config, tokenizer, task)
+    prompts = rollout.prompt_set(config, tokenizer, task)
     train_p, eval_p = prompts["train"], prompts["eval"]
     B, G = ro.prompts_per_step, ro.group_size
     R = B * G
@@ -451,13 +299,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if ref_model.config.vocab_size != cfg.vocab_size:
             raise UserError(f"reference.path={config.reference.path!r} has vocabulary "
                             f"{ref_model.config.vocab_size}, the policy {cfg.vocab_size}")
-    score, reward_name = make_reward_fn(config, workdir, task, tokenizer, base_model, base_params)
+    score, reward_name = rollout.make_reward_fn(config, workdir, task, tokenizer, base_model, base_params)
     stop_ids = tokenizer.stop_ids if tokenizer else ()
     pad_id = tokenizer.pad_id if tokenizer else synthetic.PAD_ID
     sampling = dict(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_k=ro.top_k,
                     top_p=ro.top_p, stop_ids=stop_ids, pad_id=pad_id)
     process = (ro.temperature, ro.top_k, ro.top_p)
-    ref_logps_fn = _logps_fn(ref_model, *process)
+    ref_logps_fn = rollout.logps_fn(ref_model, *process)
     needs_ref = k.beta > 0 or k.measure
 
     # --- Sharded update step, state, prompt sampler.
@@ -471,7 +319,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     loss_fn, metrics_fn, totals_fn = make_loss_fns(policy, config, ro.max_new_tokens)
     update = step_lib.make_train_step(loss_fn, metrics_fn, tx, schedule, mesh, shardings,
                                       micro_batches=t.micro_batches, totals_fn=totals_fn)
-    policy_logps_fn = _logps_fn(policy, *process)
+    policy_logps_fn = rollout.logps_fn(policy, *process)
     run_state = RunState(PromptSampler(len(train_p["tokens"]), B, config.seed), k.beta)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
     make_state = jax.jit(lambda p: state_lib.init_state(p, tx, config.seed), out_shardings=shardings)
@@ -491,15 +339,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        num_samples=e.samples_per_prompt, **sampling)
         samples = out.sequences()
         rew, extra = score(samples, eval_ids, eval_p)
-        arrays = _arrays(samples)
+        arrays = rollout.rollout_arrays(samples)
         mask = np.asarray(shift_mask(samples.loss_mask_RL))
-        lp = batched_logps(policy_logps_fn, params, arrays, ref_bs, mesh)
-        ref = batched_logps(ref_logps_fn, ref_params, arrays, ref_bs, mesh)
+        lp = rollout.batched_logps(policy_logps_fn, params, arrays, ref_bs, mesh)
+        ref = rollout.batched_logps(ref_logps_fn, ref_params, arrays, ref_bs, mesh)
         x = np.where(mask, lp - ref, 0.0)
         k3 = np.where(mask, np.exp(-x) - 1 + x, 0.0)
-        res = {"reward": float(np.mean(rew)), "reward_se": _se(rew),
-               "kl_k1": float(x.sum(1).mean()), "kl_k1_se": _se(x.sum(1)),
-               "kl_k3": float(k3.sum(1).mean()), "kl_k3_se": _se(k3.sum(1)),
+        res = {"reward": float(np.mean(rew)), "reward_se": rollout.standard_error(rew),
+               "kl_k1": float(x.sum(1).mean()), "kl_k1_se": rollout.standard_error(x.sum(1)),
+               "kl_k3": float(k3.sum(1).mean()), "kl_k3_se": rollout.standard_error(k3.sum(1)),
                "response_length": float(np.asarray(samples.response_mask_RM).sum(1).mean())}
         res["sqrt_kl"] = math.sqrt(max(res["kl_k1"], 0.0))
         for name, v in extra.items():
@@ -523,14 +371,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        rng=jax.random.fold_in(jax.random.PRNGKey(config.seed + 11), step),
                        num_samples=G, **sampling)
         samples = out.sequences()
-        arrays = _arrays(samples)
+        arrays = rollout.rollout_arrays(samples)
         jax.block_until_ready(samples.tokens_RL)
         rollout_s = time.perf_counter() - t0
         # 2. Score.
         t0 = time.perf_counter()
         rewards_R, extra = score(samples, ids_R, train_p)
         rewards_R = np.asarray(rewards_R, np.float32)
-        truncated = truncated_rows(samples, stop_ids)
+        truncated = rollout.truncated_rows(samples, stop_ids)
         raw_R = rewards_R.copy()
         if config.reward.truncated == "penalty":
             rewards_R = np.where(truncated, np.float32(config.reward.truncated_penalty), rewards_R)
@@ -550,8 +398,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         mask = np.asarray(shift_mask(samples.loss_mask_RL)) & valid[:, None]
         old_logps = np.asarray(samples.sample_logps_RL)
         if recompute:
-            old_logps = batched_logps(policy_logps_fn, state.params, arrays, ref_bs, mesh)
-        ref_logps = (batched_logps(ref_logps_fn, ref_params, arrays, ref_bs, mesh) if needs_ref
+            old_logps = rollout.batched_logps(policy_logps_fn, state.params, arrays, ref_bs, mesh)
+        ref_logps = (rollout.batched_logps(ref_logps_fn, ref_params, arrays, ref_bs, mesh) if needs_ref
                      else np.zeros_like(old_logps))
         ref_s = time.perf_counter() - t0
         # 4. Advantages (KL in the reward first).
@@ -634,7 +482,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
               for r in metrics_lib.read_metrics(workdir) if any(key.startswith("eval/") for key in r)]
     curve = []
     if e.best_of_n_max_n:
-        curve = best_of_n_points(ref_model, ref_params, eval_p, score, sampling, e.best_of_n_max_n, config.seed)
+        curve = rollout.best_of_n_points(ref_model, ref_params, eval_p, score, sampling, e.best_of_n_max_n, config.seed)
     cols = ["step", "reward", "kl_k1", "kl_k3", "sqrt_kl"] + sorted({c for p in points for c in p
                                                                      if c.startswith("reward/")})
     print(f"\neval points on {len(eval_p['tokens'])} held-out prompts × {e.samples_per_prompt} samples "
@@ -644,12 +492,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print("\nbest-of-N of the reference on the same prompts (KL bound log N − (N−1)/N)")
         print(metrics_lib.format_table(curve, list(curve[0])))
     if tokenizer is not None and e.show:
-        show_samples(policy, state.params, eval_p, score, sampling, tokenizer, e.show, config.seed)
+        rollout.show_samples(policy, state.params, eval_p, score, sampling, tokenizer, e.show, config.seed)
     summary = {"final": final, "points": points, "best_of_n": curve, "reward": reward_name,
                "history": history[-1:] if history else []}
     if e.plot and points:
         path = os.path.join(workdir, "reward_vs_kl.png")
-        plot_reward_vs_kl(path, points, curve, reward_name, f"{a.advantage}, KL {k.placement} β={k.beta:g}")
+        rollout.plot_reward_vs_kl(path, points, curve, reward_name, f"{a.advantage}, KL {k.placement} β={k.beta:g}")
         print(f"plot: {path}")
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "rl.json"), "w", encoding="utf-8") as f:
@@ -660,71 +508,3 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f"policy saved to {out_dir} (HF format)")
     return {"final": final, "points": points, "best_of_n": curve, "history": history, "state": state,
             "mesh": mesh, "summary": summary}
-
-
-def _arrays(samples: SampleBatch) -> dict[str, np.ndarray]:
-    return {"tokens": np.asarray(samples.tokens_RL), "attention_mask": np.asarray(samples.attention_mask_RL),
-            "positions": np.asarray(samples.positions_RL)}
-
-
-def _se(x) -> float:
-    x = np.asarray(x, np.float64)
-    return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
-
-
-def best_of_n_points(model, params, split, score, sampling, max_n: int, seed: int) -> list[dict]:
-    """Best-of-N of `model` on the eval prompts, picked by the training reward:
-    per N, the KL bound, its √, and the mean of each reward (training reward,
-    and e.g. gold) of the picks."""
-    P = len(split["tokens"])
-    out = generate(model, params, split["tokens"], split["mask"], rng=jax.random.PRNGKey(seed + 13),
-                   num_samples=max_n, **sampling)
-    ids = np.repeat(np.arange(P), max_n)
-    rew, extra = score(out.sequences(), ids, split)
-    rew = np.asarray(rew).reshape(P, max_n)
-    rows, n = [], 1
-    while n <= max_n:
-        pick = np.argmax(rew[:, :n], axis=1)
-        row = {"N": n, "kl_bound": best_of_n_kl_bound(n), "sqrt_kl": math.sqrt(best_of_n_kl_bound(n)),
-               "reward": float(rew[np.arange(P), pick].mean())}
-        for name, v in extra.items():
-            row[f"reward/{name}"] = float(np.asarray(v).reshape(P, max_n)[np.arange(P), pick].mean())
-        rows.append(row)
-        n *= 2
-    return rows
-
-
-def show_samples(policy, params, split, score, sampling, tokenizer, n: int, seed: int) -> None:
-    """Prints n held-out prompts, the policy's completion and its reward."""
-    n = min(n, len(split["tokens"]))
-    out = generate(policy, params, split["tokens"][:n], split["mask"][:n], rng=jax.random.PRNGKey(seed + 17),
-                   **{**sampling, "temperature": 0.0})
-    samples = out.sequences()
-    rew, _ = score(samples, np.arange(n), split)
-    for i, text in enumerate(decode_completions(tokenizer, samples)):
-        answer = split["columns"].get("answer", [None] * n)[i]
-        print(f"\n### {split['texts'][i]}" + (f"  (answer {answer})" if answer is not None else "")
-              + f"\n--- greedy completion, reward {float(rew[i]):.3f}\n{text}")
-
-
-def plot_reward_vs_kl(path: str, points: list[dict], curve: list[dict], reward_name: str, title: str) -> None:
-    """Rewards of the eval points against √KL (k1, nats^½), with best-of-N against
-    √(its KL bound): the axes of Gao et al. (2022)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    keys = ["reward"] + sorted({c for p in points for c in p if c.startswith("reward/")})
-    for key, style in zip(keys, ("o-", "s-", "^-")):
-        label = reward_name if key == "reward" else key.split("/", 1)[1]
-        ax.plot([p["sqrt_kl"] for p in points], [p[key] for p in points], style, label=f"policy: {label}")
-        if curve:
-            ax.plot([c["sqrt_kl"] for c in curve], [c[key] for c in curve], style.replace("-", "--"),
-                    alpha=0.6, label=f"best-of-N: {label}")
-    ax.set_xlabel("√KL(π‖π_ref)  (nats^½; best-of-N: √ of its bound)")
-    ax.set_ylabel("reward")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

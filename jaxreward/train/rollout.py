@@ -1,0 +1,279 @@
+"""Pieces the on-policy RL drivers share (experiments/policy_gradient.py, experiments/ppo.py).
+
+Loading the policy, the prompt sets (synthetic, generated arithmetic, or a
+prompt file), the reward function of a config, truncation, batched
+log-probs, eval-time best-of-N on the same axes, and the reward-vs-√KL plot.
+The step itself (rollout, score, reference, advantages, update) stays in the
+drivers, where it reads top to bottom.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+import jaxreward
+from jaxreward import parallel, rewards
+from jaxreward.data.arithmetic import arithmetic_prompts
+from jaxreward.data.preference import read_preference_pairs
+from jaxreward.data.records import PromptRecord, read_prompts
+from jaxreward.errors import UserError
+from jaxreward.models.llama import Decoder, LlamaConfig
+from jaxreward.models.reward_io import load_reward_model
+from jaxreward.models.scoring import token_logps
+from jaxreward.sampling.best_of_n import best_of_n_kl_bound, reward_model_fn
+from jaxreward.sampling.sampler import SampleBatch, generate
+from jaxreward.train.proxy import train_proxy
+from jaxreward.train.step import unbox
+
+def load_policy(config: ml_collections.ConfigDict, path: str):
+    """`(decoder, params, tokenizer)`: pretrained `path`, or a random
+    `model.arch` decoder (tokenizer None) when `path` is empty."""
+    m = config.model
+    if path:
+        return jaxreward.load_pretrained(path, dtype=m.dtype)
+    cfg = LlamaConfig(**m.arch.to_dict(), dtype=m.dtype,
+                      max_position_embeddings=config.synthetic.prompt_length + config.rollout.max_new_tokens)
+    decoder = Decoder(cfg)
+    init = jax.jit(lambda key: unbox(decoder.init(key, jnp.zeros((1, 2), jnp.int32))["params"]))
+    return decoder, init(jax.random.PRNGKey(config.seed)), None
+
+
+def encode_prompts(tokenizer, texts: list[str], max_length: int, chat: bool) -> tuple[np.ndarray, np.ndarray, int]:
+    """Left-padded prompt arrays `[N, P]` (chat-rendered as a user turn when
+    `chat`), and how many prompts lost their beginning to `max_length`."""
+    ids, cut = [], 0
+    for text in texts:
+        if chat and tokenizer.chat_template:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        row = tokenizer.encode(text, add_bos=tokenizer.add_bos)
+        if len(row) > max_length:
+            row, cut = row[-max_length:], cut + 1
+        ids.append(row)
+    P = max(map(len, ids))
+    tokens = np.full((len(ids), P), tokenizer.pad_id, np.int32)
+    mask = np.zeros((len(ids), P), bool)
+    for i, row in enumerate(ids):
+        tokens[i, P - len(row):], mask[i, P - len(row):] = row, True
+    return tokens, mask, cut
+
+
+def prompt_set(config: ml_collections.ConfigDict, tokenizer, task) -> dict:
+    """Train and eval prompts: token arrays, texts and `columns` (e.g. answers).
+
+    `data.source`: synthetic (the counting task), arithmetic (generated),
+    jsonl (a prompt file, `records.read_prompts`) or pairs (the prompts of a
+    preference-pair file such as HH-RLHF, `pair_prompts`).
+    """
+    d = config.data
+    n_train, n_eval = d.num_prompts, d.num_eval_prompts
+    if d.source == "synthetic":
+        tokens = task.prompts(n_train + n_eval, seed=5)
+        mask = np.ones_like(tokens, bool)
+        texts, answers = [None] * len(tokens), None
+    else:
+        if d.source == "arithmetic":
+            records = arithmetic_prompts(n_train + n_eval, seed=config.seed)
+        else:
+            if d.source == "pairs":
+                records, report = pair_prompts(d.prompts_path, tokenizer, on_error=d.on_error,
+                                               chat=d.chat_template)
+            else:
+                records, report = read_prompts(d.prompts_path, on_error=d.on_error)
+            print(report.summary())
+            n_eval = min(n_eval, len(records) // 2)
+            n_train = len(records) - n_eval
+            if n_train < 1:
+                raise UserError(f"{d.prompts_path}: {len(records)} usable prompts; need at least 2 "
+                                "(train and eval)")
+        texts = [r.prompt for r in records]
+        answers = [r.answer for r in records]
+        chat = d.chat_template and d.source != "pairs"  # pair prompts come rendered
+        tokens, mask, cut = encode_prompts(tokenizer, texts, d.max_prompt_length, chat)
+        if cut:
+            print(f"{cut} of {len(texts)} prompts were longer than data.max_prompt_length="
+                  f"{d.max_prompt_length} tokens and keep their last tokens")
+    split = lambda x, lo, hi: None if x is None else x[lo:hi]
+    out = {}
+    for name, lo, hi in (("train", 0, n_train), ("eval", n_train, n_train + n_eval)):
+        out[name] = {"tokens": tokens[lo:hi], "mask": mask[lo:hi], "texts": texts[lo:hi],
+                     "columns": {} if answers is None else {"answer": answers[lo:hi]}}
+    return out
+
+
+def pair_prompts(path, tokenizer, *, on_error: str = "skip", chat: bool = True):
+    """The distinct prompts of a preference-pair file (`data.preference`
+    formats: HH-RLHF transcripts, TRL), in file order, as `PromptRecord`s
+    without answers, and the reader's report.
+
+    Each pair's prompt is the text before its responses. With `chat` (and a
+    tokenizer with a chat template) HH transcripts are rendered with the chat
+    template, as the reward_model and dpo jobs read them (`data.hh_as_chat`),
+    so the policy is prompted the way the reward model was trained; chat
+    formats are always rendered. The texts are ready to encode as they are.
+    """
+    render = tokenizer.apply_chat_template if tokenizer is not None and tokenizer.chat_template else None
+    pairs, report = read_preference_pairs(path, on_error=on_error, render_chat=render,
+                                          hh_as_chat=bool(chat and render))
+    seen, records = set(), []
+    for pair in pairs:
+        if pair.prompt not in seen:
+            seen.add(pair.prompt)
+            records.append(PromptRecord(pair.prompt, None, pair.source))
+    return records, report
+
+
+def make_reward_fn(config, workdir, task, tokenizer, policy, base_params):
+    """`score(samples, prompt_ids_R, split) -> (rewards_R, extra)`, its name, and
+    `extra` metrics of each call (e.g. the gold reward next to the proxy)."""
+    r = config.reward
+    if r.kind in ("proxy", "gold", "reward_model") and task is not None:
+        gold = lambda s: task.gold_reward(np.asarray(s.response_tokens_RM), np.asarray(s.response_mask_RM))
+        if r.kind == "gold":
+            return (lambda s, ids, split: (gold(s), {"gold": gold(s)})), "gold reward"
+        if r.kind == "proxy":
+            s = config.synthetic
+            rm, rm_params, info = train_proxy(os.path.join(workdir, "proxy_reward_model"), task, policy,
+                                              base_params, num_pairs=s.proxy_pairs, num_steps=s.proxy_steps,
+                                              seed=config.seed)
+            print(f"proxy reward model: {s.proxy_pairs} noisy pairs, held-out accuracy "
+                  f"{info['accuracy']:.3f} (label ceiling {info['ceiling']:.3f})")
+        else:
+            rm, rm_params, _ = load_reward_model(r.reward_model_dir)
+        fn = reward_model_fn(rm, rm_params)
+        return (lambda s, ids, split: _with_gold(np.asarray(fn(s)), gold(s))), "proxy reward"
+    if r.kind == "reward_model":
+        rm, rm_params, _ = load_reward_model(r.reward_model_dir)
+        if rm.config.vocab_size != policy.config.vocab_size:
+            raise UserError(f"reward model {r.reward_model_dir} has vocabulary {rm.config.vocab_size}, the "
+                            f"policy {policy.config.vocab_size}: they must share one tokenizer")
+        fn = reward_model_fn(rm, rm_params)
+        return (lambda s, ids, split: (np.asarray(fn(s)), {})), f"reward model {r.reward_model_dir}"
+    combined = rewards.combine(r.functions)
+
+    def score_text(samples: SampleBatch, prompt_ids_R, split):
+        prompts = [split["texts"][i] for i in prompt_ids_R]
+        columns = {k: [v[i] for i in prompt_ids_R] for k, v in split["columns"].items()}
+        total, parts = combined(prompts, decode_completions(tokenizer, samples), columns)
+        return total, parts
+    return score_text, " + ".join(f"{w:g}·{name}" for name, w, *_ in r.functions)
+
+
+def _with_gold(proxy_R, gold_R):
+    return proxy_R.astype(np.float32), {"gold": gold_R}
+
+
+def decode_completions(tokenizer, samples: SampleBatch) -> list[str]:
+    """The response text of each row (the stop token dropped)."""
+    toks, mask = np.asarray(samples.response_tokens_RM), np.asarray(samples.response_mask_RM)
+    return [tokenizer.decode(toks[i][mask[i]].tolist()) for i in range(len(toks))]
+
+
+def truncated_rows(samples: SampleBatch, stop_ids) -> np.ndarray:
+    """bool `[R]`: completions that reached `max_new_tokens` without a stop
+    token (always False without stop ids, e.g. the synthetic task)."""
+    toks, lengths = np.asarray(samples.response_tokens_RM), np.asarray(samples.response_mask_RM).sum(1)
+    M = toks.shape[1]
+    if not stop_ids:
+        return np.zeros(len(toks), bool)
+    last = toks[np.arange(len(toks)), np.maximum(lengths - 1, 0)]
+    return (lengths == M) & ~np.isin(last, list(stop_ids))
+
+
+@functools.lru_cache(maxsize=4)
+def logps_fn(model: Decoder, temperature: float, top_k: int, top_p: float):
+    """Jitted training-path log-probs `[R, L]` of `model` under the sampling
+    processing (temperature, top-k, top-p), so they match the sampler's."""
+    return jax.jit(lambda p, b: token_logps(model, p, b["tokens"], b["attention_mask"], b["positions"],
+                                            temperature=temperature, top_k=top_k, top_p=top_p))
+
+
+def batched_logps(fn, params, arrays: dict, batch_size: int, mesh) -> np.ndarray:
+    """`fn` over all rows of `arrays` in chunks of `batch_size` (the last padded)."""
+    R = len(arrays["tokens"])
+    out = []
+    for lo in range(0, R, batch_size):
+        part = {k: v[lo:lo + batch_size] for k, v in arrays.items()}
+        n = len(part["tokens"])
+        if n < batch_size:  # one compiled shape: pad by repeating the first row
+            part = {k: np.concatenate([v, np.repeat(v[:1], batch_size - n, 0)]) for k, v in part.items()}
+        out.append(np.asarray(fn(params, parallel.shard_batch(part, mesh)))[:n])
+    return np.concatenate(out)
+
+
+
+def rollout_arrays(samples: SampleBatch) -> dict[str, np.ndarray]:
+    """`tokens`, `attention_mask`, `positions` `[R, L]` of a rollout as numpy."""
+    return {"tokens": np.asarray(samples.tokens_RL), "attention_mask": np.asarray(samples.attention_mask_RL),
+            "positions": np.asarray(samples.positions_RL)}
+
+
+def standard_error(x) -> float:
+    """Standard error of the mean (ddof 1; 0 for fewer than two values)."""
+    x = np.asarray(x, np.float64)
+    return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def best_of_n_points(model, params, split, score, sampling, max_n: int, seed: int) -> list[dict]:
+    """Best-of-N of `model` on the eval prompts, picked by the training reward:
+    per N, the KL bound, its √, and the mean of each reward (training reward,
+    and e.g. gold) of the picks."""
+    P = len(split["tokens"])
+    out = generate(model, params, split["tokens"], split["mask"], rng=jax.random.PRNGKey(seed + 13),
+                   num_samples=max_n, **sampling)
+    ids = np.repeat(np.arange(P), max_n)
+    rew, extra = score(out.sequences(), ids, split)
+    rew = np.asarray(rew).reshape(P, max_n)
+    rows, n = [], 1
+    while n <= max_n:
+        pick = np.argmax(rew[:, :n], axis=1)
+        row = {"N": n, "kl_bound": best_of_n_kl_bound(n), "sqrt_kl": math.sqrt(best_of_n_kl_bound(n)),
+               "reward": float(rew[np.arange(P), pick].mean())}
+        for name, v in extra.items():
+            row[f"reward/{name}"] = float(np.asarray(v).reshape(P, max_n)[np.arange(P), pick].mean())
+        rows.append(row)
+        n *= 2
+    return rows
+
+
+def show_samples(policy, params, split, score, sampling, tokenizer, n: int, seed: int) -> None:
+    """Prints n held-out prompts, the policy's completion and its reward."""
+    n = min(n, len(split["tokens"]))
+    out = generate(policy, params, split["tokens"][:n], split["mask"][:n], rng=jax.random.PRNGKey(seed + 17),
+                   **{**sampling, "temperature": 0.0})
+    samples = out.sequences()
+    rew, _ = score(samples, np.arange(n), split)
+    for i, text in enumerate(decode_completions(tokenizer, samples)):
+        answer = split["columns"].get("answer", [None] * n)[i]
+        print(f"\n### {split['texts'][i]}" + (f"  (answer {answer})" if answer is not None else "")
+              + f"\n--- greedy completion, reward {float(rew[i]):.3f}\n{text}")
+
+
+def plot_reward_vs_kl(path: str, points: list[dict], curve: list[dict], reward_name: str, title: str) -> None:
+    """Rewards of the eval points against √KL (k1, nats^½), with best-of-N against
+    √(its KL bound): the axes of Gao et al. (2022)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    keys = ["reward"] + sorted({c for p in points for c in p if c.startswith("reward/")})
+    for i, key in enumerate(keys[:4]):
+        label = reward_name if key == "reward" else key.split("/", 1)[1]
+        color, marker = f"C{i}", "os^v"[i]
+        ax.plot([p["sqrt_kl"] for p in points], [p[key] for p in points], "-", marker=marker, color=color,
+                label=f"policy: {label}")
+        if curve:
+            ax.plot([c["sqrt_kl"] for c in curve], [c[key] for c in curve], "--", marker=marker, color=color,
+                    alpha=0.5, label=f"best-of-N: {label}")
+    ax.set_xlabel("√KL(π‖π_ref)  (nats^½; best-of-N: √ of its bound)")
+    ax.set_ylabel("reward")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

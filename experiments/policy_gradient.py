@@ -34,6 +34,18 @@ One step, in this order (each part is a block of `run` below):
    the KL loss by π/π_old so its gradient stays the documented one
    (objectives/kl.py).
 
+What the update converges to (tests/experiments/test_policy_gradient.py
+checks both on a bandit). With k3 in the loss the expected gradient is that
+of E_π[A] − β·KL(π_ref‖π) (objectives/kl.py), and a group advantage rescales
+the reward: for Dr. GRPO (A = r − group mean) E[A_i | y_i] =
+(1 − 1/G)·(r(y_i) − E_π r), so the fixed point maximizes
+(1 − 1/G)·E_π[r] − β·KL(π_ref‖π): for a tabular policy
+(1 − 1/G)·π_y·(r_y − E_π r) = β·(π_y − π_ref,y), which is *not*
+π_ref·e^{r/β}/Z (GRPO's std scaling divides r by the group std as well).
+With k1 in the reward and RLOO (E[A_i | y_i] = r̃(y_i) − E_π r̃ for the
+KL-shaped reward r̃) it is π_ref·e^{r/β}/Z, the maximizer of
+E_π[r] − β·KL(π‖π_ref).
+
 Eval points (start, every `train.eval_every`, end): samples of the policy on
 held-out prompts, their reward (gold and proxy in the synthetic task) and
 KL(π‖π_ref) (k1, k3), plotted against √KL beside best-of-N of the reference
@@ -46,6 +58,7 @@ Writes `metrics.jsonl` (train/*, eval/*), `tensorboard/`, `checkpoints/`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -86,6 +99,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     defaults.check_choice(config, "data.source", ("synthetic", "arithmetic", "jsonl"))
     if d.source == "jsonl":
         defaults.check_path(config, "data.prompts_path", required=True)
+        defaults.check_not_empty(config, "data.prompts_path")  # before any model loads
     if d.source == "synthetic":
         if config.model.pretrained:
             raise defaults.ConfigError("config field model.pretrained: the synthetic task needs a random "
@@ -106,6 +120,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     defaults.check_choice(config, "data.on_error", ("skip", "raise"))
     for name in ("max_prompt_length", "num_prompts", "num_eval_prompts"):
         defaults.check_int(config, f"data.{name}", 1)
+    defaults.check_int(config, "data.operand_low", 0)
+    defaults.check_int(config, "data.operand_high", d.operand_low)
     for name in ("prompt_length", "proxy_pairs", "proxy_steps"):
         defaults.check_int(config, f"synthetic.{name}", 1)
     defaults.check_float(config, "synthetic.label_beta", 0.0)
@@ -168,15 +184,29 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 # ----------------------------------------------------------------------------- the update
 
 
-def make_loss_fns(policy: Decoder, config: ml_collections.ConfigDict, max_len: int):
+def decoder_logps_fn(policy: Decoder, config: ml_collections.ConfigDict):
+    """`logps_fn(params, tokens, attention_mask, positions) -> [R, L]` of a
+    decoder under the sampling processing (temperature, top-k, top-p)."""
+    ro = config.rollout
+
+    def logps_fn(params, tokens, attention_mask, positions):
+        return token_logps(policy, params, tokens, attention_mask, positions,
+                           temperature=ro.temperature, top_k=ro.top_k, top_p=ro.top_p)
+    return logps_fn
+
+
+def make_loss_fns(logps_fn, config: ml_collections.ConfigDict, max_len: int):
     """`(loss_fn, metrics_fn, totals_fn)` of the update for `step.make_train_step`.
 
-    The minibatch holds `tokens`, `attention_mask`, `positions` `[R, L]`,
+    `logps_fn(params, tokens, attention_mask, positions)` gives the policy's
+    float32 `[R, L]` log-probs on the grid of `scoring.token_logps`
+    (`decoder_logps_fn` in the driver; a table of logits in the tests). The
+    minibatch holds `tokens`, `attention_mask`, `positions` `[R, L]`,
     `mask` bool `[R, L]` (response tokens on the log-prob grid, minus masked
     rows), `advantages` float32 `[R, L]`, `old_logps` `[R, L]`, `ref_logps`
     `[R, L]` and `on_policy` bool `[R]`.
     """
-    a, k, ro = config.algorithm, config.kl, config.rollout
+    a, k = config.algorithm, config.kl
     policy_loss = registry.get("policy_loss", a.policy_loss)
     clip_high = a.clip_eps if a.clip_eps_high is None else a.clip_eps_high
     kl_in_loss = k.placement == "loss" and k.beta > 0
@@ -186,8 +216,7 @@ def make_loss_fns(policy: Decoder, config: ml_collections.ConfigDict, max_len: i
 
     def loss_fn(params, mb, rng, totals):
         del rng  # deterministic forward
-        logps = token_logps(policy, params, mb["tokens"], mb["attention_mask"], mb["positions"],
-                            temperature=ro.temperature, top_k=ro.top_k, top_p=ro.top_p)
+        logps = logps_fn(params, mb["tokens"], mb["attention_mask"], mb["positions"])
         mask = mb["mask"]
         # On-policy: π_old = π exactly (ratio 1, gradient ∇log π); else the behaviour log-probs.
         old = jnp.where(mb["on_policy"][:, None], sg(logps), mb["old_logps"])
@@ -232,19 +261,26 @@ def make_loss_fns(policy: Decoder, config: ml_collections.ConfigDict, max_len: i
 
 def compute_advantages(config, rewards_R, valid_R, token_rewards_RL, mask_RL, greedy_R):
     """float32 `[R, L]` advantages (0 at masked slots) from the configured estimator."""
-    a, G = config.algorithm, config.rollout.group_size
+    a = config.algorithm
+    fn = _advantage_fn(a.advantage, config.rollout.group_size, a.scale_by_std, a.gamma)
     if a.advantage == "reinforce_pp":
-        fn = registry.get("token_advantage", "reinforce_pp")
-        adv, _ = fn(jnp.asarray(token_rewards_RL), None, jnp.asarray(mask_RL), gamma=a.gamma)
-        return np.asarray(adv, np.float32)
-    if a.advantage == "remax":
-        seq = registry.get("baseline_advantage", "remax")(jnp.asarray(rewards_R), jnp.asarray(greedy_R),
-                                                          valid_B=jnp.asarray(valid_R))
-    else:
-        kw = {"scale_by_std": a.scale_by_std} if a.advantage == "grpo" else {}
-        seq = registry.get("group_advantage", a.advantage)(jnp.asarray(rewards_R), group_size=G,
-                                                           valid_B=jnp.asarray(valid_R), **kw)
+        return np.asarray(fn(token_rewards_RL, mask_RL), np.float32)
+    seq = fn(rewards_R, valid_R, greedy_R if a.advantage == "remax" else rewards_R)
     return np.where(mask_RL, np.asarray(seq, np.float32)[:, None], 0.0).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _advantage_fn(name: str, group_size: int, scale_by_std: bool, gamma: float):
+    """The registry estimator, jitted once (its scans would re-trace if called eagerly)."""
+    if name == "reinforce_pp":
+        fn = registry.get("token_advantage", "reinforce_pp")
+        return jax.jit(lambda r, m: fn(r, None, m, gamma=gamma)[0])
+    if name == "remax":
+        fn = registry.get("baseline_advantage", "remax")
+        return jax.jit(lambda r, valid, greedy: fn(r, greedy, valid_B=valid))
+    kw = {"scale_by_std": scale_by_std} if name == "grpo" else {}
+    fn = registry.get("group_advantage", name)
+    return jax.jit(lambda r, valid, _: fn(r, group_size=group_size, valid_B=valid, **kw))
 
 
 class RunState:
@@ -316,7 +352,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tx, schedule = state_lib.make_optimizer(config.optimizer, steps_total,
                                             state_lib.block_trainable(cfg.num_layers, tb))
     shardings = step_lib.state_shardings(mesh, boxed, tx)
-    loss_fn, metrics_fn, totals_fn = make_loss_fns(policy, config, ro.max_new_tokens)
+    loss_fn, metrics_fn, totals_fn = make_loss_fns(decoder_logps_fn(policy, config), config, ro.max_new_tokens)
     update = step_lib.make_train_step(loss_fn, metrics_fn, tx, schedule, mesh, shardings,
                                       micro_batches=t.micro_batches, totals_fn=totals_fn)
     policy_logps_fn = rollout.logps_fn(policy, *process)
@@ -355,7 +391,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return res
 
     # --- Train: rollout, score, reference, advantages, update.
-    start, stop = int(state.step), loop.stop_step(t)
+    updates_per_step = a.num_epochs * a.num_minibatches  # state.step counts optimizer steps
+    start, stop = int(state.step) // updates_per_step, loop.stop_step(t)
     writer = metrics_lib.MetricWriter(workdir, resume_step=start)
     if start == 0:
         writer.write(0, evaluate(state.params, 0), prefix="eval")
@@ -470,13 +507,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if loop.due(done, t.checkpoint_every, stop):
             checkpointer.save(done, state, run_state.state())
     checkpointer.close()
-    if loop.stopped_early(int(state.step), t.num_steps):
+    done = int(state.step) // updates_per_step
+    if loop.stopped_early(done, t.num_steps):
         writer.close()
-        return {"stopped_at": int(state.step), "history": history, "state": state, "mesh": mesh}
+        return {"stopped_at": done, "history": history, "state": state, "mesh": mesh}
 
     # --- Final eval, best-of-N of the reference on the same prompts, summary, plot, export.
-    final = evaluate(state.params, int(state.step))
-    writer.write(int(state.step), final, prefix="eval")
+    final = evaluate(state.params, done)
+    writer.write(done, final, prefix="eval")
     writer.close()
     points = [{"step": r["step"], **{key.split("/", 1)[1]: v for key, v in r.items() if key.startswith("eval/")}}
               for r in metrics_lib.read_metrics(workdir) if any(key.startswith("eval/") for key in r)]

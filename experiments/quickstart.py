@@ -46,14 +46,13 @@ from jaxreward.models.heads import RewardModel
 from jaxreward.models.llama import Decoder, LlamaConfig
 from jaxreward.objectives.reward import ensemble_reward
 from jaxreward.sampling.best_of_n import best_of_n, proxy_gold_curve, reward_model_fn
-
 from jaxreward.train import checkpoint as ckpt_lib
 from jaxreward.train import defaults, loop, pairwise
-from jaxreward.train.proxy import sample_pairs
 from jaxreward.train import evaluate as evaluate_lib
 from jaxreward.train import metrics as metrics_lib
 from jaxreward.train import state as state_lib
 from jaxreward.train import step as step_lib
+from jaxreward.train.proxy import sample_pairs
 from jaxreward.train.step import unbox
 
 

@@ -78,7 +78,8 @@ def prompt_set(config: ml_collections.ConfigDict, tokenizer, task) -> dict:
         texts, answers = [None] * len(tokens), None
     else:
         if d.source == "arithmetic":
-            records = arithmetic_prompts(n_train + n_eval, seed=config.seed)
+            records = arithmetic_prompts(n_train + n_eval, seed=config.seed, low=d.get("operand_low", 10),
+                                         high=d.get("operand_high", 99))
         else:
             if d.source == "pairs":
                 records, report = pair_prompts(d.prompts_path, tokenizer, on_error=d.on_error,

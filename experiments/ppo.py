@@ -1,0 +1,668 @@
+"""PPO with a value model (configs/ppo.py).
+
+    python -m jaxreward.main --config=configs/ppo.py:synthetic --workdir=DIR
+
+The RLHF PPO of "Fine-Tuning Language Models from Human Preferences"
+(Ziegler et al., 2019) and "Training language models to follow instructions
+with human feedback" (Ouyang et al., 2022): a policy and a separate critic
+(`ValueModel`: our decoder + a per-token scalar head), each with its own
+optimizer, train state and sharded step. One step, in this order (each part
+is a block of `run` below):
+
+1. **Rollout.** The prompt sampler gives B prompts (each once per epoch);
+   `generate` samples G completions of each (R = B·G rows) with the
+   behaviour log-probs.
+2. **Score.** The reward function maps the completions to float32 `[R]`
+   (the synthetic proxy or gold reward, an exported reward model, or
+   registered Python rewards of the text). A completion cut off at
+   `max_new_tokens` without EOS is scored as is, given
+   `reward.truncated_penalty`, or masked out (`reward.truncated`).
+3. **Reference, values.** Log-probs of the frozen reference on the rollout,
+   and one forward of the value model: on the log-prob grid (`logps[r, t]`
+   is the log-prob of token t+1) the state before token t+1 is tokens[:t+1],
+   whose value is the value model's output at position t, so
+   `values[r, t]` sits beside `logps[r, t]`.
+4. **Rewards, advantages.** Per-token rewards: the sequence reward on the
+   last response token (none for an empty response) minus β·k1 per token
+   (KL in the reward; β fixed or adaptive). GAE with γ, λ (registry
+   `token_advantage` "gae") gives advantages and value targets (returns);
+   the advantages are whitened over the valid tokens (`algorithm.whiten_advantages`).
+5. **Update.** `num_epochs` passes over `num_minibatches` shuffled
+   minibatches of rows; each minibatch is one policy step (registry
+   `policy_loss`, PPO clip) and one value step (`value_loss`, clipped by
+   `algorithm.value_clip` around the rollout's values). The first minibatch
+   of the first epoch is on-policy (old log-probs = the current ones under
+   stop_gradient); later ones use the behaviour log-probs, recomputed with
+   the training forward when `recompute_old_logps` asks for it.
+
+Eval points (start, every `train.eval_every`, end) as in policy_gradient.py:
+reward and KL(π‖π_ref) of policy samples on held-out prompts, plotted against
+√KL beside best-of-N of the reference (`reward_vs_kl.png`).
+
+Writes `metrics.jsonl` (train/*, eval/*), `tensorboard/`, `checkpoints/`
+(policy and value states with their optimizers, prompt sampler, KL β),
+`ppo.json` (summary), `reward_vs_kl.png`, `proxy_reward_model/` (synthetic)
+and `policy/` (HF).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+import jaxreward
+from jaxreward import parallel, rewards
+from jaxreward.data import synthetic
+from jaxreward.data.prompts import PromptSampler
+from jaxreward.errors import UserError
+from jaxreward.models.heads import ValueModel, value_params_from_policy, value_params_from_reward_model
+from jaxreward.models.llama import Decoder
+from jaxreward.models.reward_io import load_reward_model
+from jaxreward.models.scoring import shift_mask, token_logps
+from jaxreward.objectives import registry
+from jaxreward.objectives.kl import adaptive_kl_coef, kl_per_token
+from jaxreward.objectives.masking import masked_whiten
+from jaxreward.objectives.policy_gradient import MAX_LOG_RATIO, aggregation_normalizers, value_loss
+from jaxreward.sampling.sampler import generate
+from jaxreward.train import checkpoint as ckpt_lib
+from jaxreward.train import defaults, loop, rollout
+from jaxreward.train import metrics as metrics_lib
+from jaxreward.train import state as state_lib
+from jaxreward.train import step as step_lib
+
+sg = jax.lax.stop_gradient
+EXPORT_DIR = "policy"
+VALUE_INITS = ("reward_model", "policy", "path")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Checks this job's own fields (the shared blocks are checked by main)."""
+    d, r, ro, a, k, v = config.data, config.reward, config.rollout, config.algorithm, config.kl, config.value
+    defaults.check_choice(config, "data.source", ("synthetic", "arithmetic", "jsonl", "pairs"))
+    if d.source in ("jsonl", "pairs"):
+        defaults.check_path(config, "data.prompts_path", required=True)
+        defaults.check_not_empty(config, "data.prompts_path")
+    if d.source == "synthetic":
+        if config.model.pretrained:
+            raise defaults.ConfigError("config field model.pretrained: the synthetic task needs a random "
+                                       "model.arch decoder (set model.pretrained='' or another data.source)")
+        defaults.check_choice(config, "reward.kind", ("proxy", "gold", "reward_model"))
+    else:
+        if not config.model.pretrained:
+            raise defaults.ConfigError(f"config field model.pretrained: data.source={d.source!r} has text "
+                                       "prompts and needs a pretrained model with a tokenizer")
+        defaults.check_choice(config, "reward.kind", ("reward_model", "text"))
+    if not config.model.pretrained:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads"):
+            defaults.check_int(config, f"model.arch.{name}", 1)
+        defaults.check_float(config, "model.arch.rope_theta", 0.0, low_open=True)
+    defaults.check_pretrained(config, "reference.path")
+    defaults.check_int(config, "reference.batch_size", 1)
+    defaults.check_int(config, "policy.trainable_blocks", -1)
+    defaults.check_choice(config, "data.on_error", ("skip", "raise"))
+    defaults.check_choice(config, "data.chat_template", (True, False))
+    for name in ("max_prompt_length", "num_prompts", "num_eval_prompts"):
+        defaults.check_int(config, f"data.{name}", 1)
+    for name in ("prompt_length", "proxy_pairs", "proxy_steps"):
+        defaults.check_int(config, f"synthetic.{name}", 1)
+    defaults.check_float(config, "synthetic.label_beta", 0.0)
+    if r.kind == "reward_model":
+        defaults.check_path(config, "reward.reward_model_dir", required=True)
+        if not os.path.exists(os.path.join(r.reward_model_dir, "reward_model.json")):
+            raise defaults.ConfigError(f"config field reward.reward_model_dir: {r.reward_model_dir!r} has "
+                                       "no reward_model.json (point it at the reward_model/ folder a "
+                                       "reward_model run wrote)")
+    if r.kind == "text":
+        try:
+            rewards.combine(r.functions)
+        except (ValueError, KeyError, TypeError) as e:
+            raise defaults.ConfigError(f"config field reward.functions: {e}") from None
+    defaults.check_choice(config, "reward.transform", ("none", "whiten", "clip"))
+    defaults.check_float(config, "reward.clip", 0.0, low_open=True)
+    defaults.check_choice(config, "reward.truncated", ("score", "penalty", "mask"))
+    defaults.check_float(config, "reward.truncated_penalty")
+    for name in ("prompts_per_step", "group_size", "max_new_tokens"):
+        defaults.check_int(config, f"rollout.{name}", 1)
+    defaults.check_float(config, "rollout.temperature", 0.0, low_open=True)
+    defaults.check_int(config, "rollout.top_k", 0)
+    defaults.check_float(config, "rollout.top_p", 0.0, 1.0, low_open=True)
+    defaults.check_choice(config, "algorithm.policy_loss", tuple(registry.names("policy_loss")))
+    defaults.check_choice(config, "algorithm.loss_agg_mode", tuple(registry.names("aggregation")))
+    defaults.check_float(config, "algorithm.clip_eps", 0.0, low_open=True)
+    if a.clip_eps_high is not None:
+        defaults.check_float(config, "algorithm.clip_eps_high", 0.0, low_open=True)
+    defaults.check_float(config, "algorithm.value_clip", 0.0)
+    defaults.check_float(config, "algorithm.gamma", 0.0, 1.0)
+    defaults.check_float(config, "algorithm.lam", 0.0, 1.0)
+    defaults.check_choice(config, "algorithm.whiten_advantages", (True, False))
+    for name in ("num_epochs", "num_minibatches"):
+        defaults.check_int(config, f"algorithm.{name}", 1)
+    defaults.check_choice(config, "algorithm.recompute_old_logps", ("auto", "always", "never"))
+    R = ro.prompts_per_step * ro.group_size
+    if R % a.num_minibatches:
+        raise defaults.ConfigError(f"config field algorithm.num_minibatches: {a.num_minibatches} does not "
+                                   f"divide the R = rollout.prompts_per_step × rollout.group_size = {R} "
+                                   "rows of a rollout")
+    defaults.check_choice(config, "value.init", VALUE_INITS)
+    if v.init == "reward_model" and r.kind not in ("proxy", "reward_model"):
+        raise defaults.ConfigError(f"config field value.init: 'reward_model' needs a reward model "
+                                   f"(reward.kind proxy or reward_model), got reward.kind={r.kind!r}; "
+                                   "use value.init='policy' or 'path'")
+    if v.init == "path":
+        defaults.check_path(config, "value.path", required=True)
+        if not os.path.exists(os.path.join(v.path, "reward_model.json")):
+            defaults.check_pretrained(config, "value.path")
+    defaults.check_int(config, "value.trainable_blocks", -1)
+    vo = "value_optimizer"
+    defaults.check_float(config, f"{vo}.learning_rate", 0.0, low_open=True)
+    defaults.check_int(config, f"{vo}.warmup_steps", 0)
+    defaults.check_float(config, f"{vo}.final_lr_ratio", 0.0, 1.0)
+    defaults.check_float(config, f"{vo}.b1", 0.0, 1.0, high_open=True)
+    defaults.check_float(config, f"{vo}.b2", 0.0, 1.0, high_open=True)
+    defaults.check_float(config, f"{vo}.eps", 0.0, low_open=True)
+    defaults.check_float(config, f"{vo}.weight_decay", 0.0)
+    defaults.check_float(config, f"{vo}.max_grad_norm", 0.0)
+    defaults.check_float(config, "kl.beta", 0.0)
+    defaults.check_choice(config, "kl.adaptive", (True, False))
+    defaults.check_choice(config, "kl.measure", (True, False))
+    if k.adaptive:
+        if k.beta <= 0:
+            raise defaults.ConfigError("config field kl.beta: the adaptive controller scales β, so it must "
+                                       f"start > 0, got {k.beta!r}")
+        defaults.check_float(config, "kl.target", 0.0, low_open=True)
+        defaults.check_float(config, "kl.horizon", 0.0, low_open=True)
+    defaults.check_int(config, "eval.samples_per_prompt", 1)
+    defaults.check_int(config, "eval.best_of_n_max_n", 0)
+    defaults.check_choice(config, "eval.plot", (True, False))
+    defaults.check_int(config, "eval.show", 0)
+    defaults.check_choice(config, "export", (True, False))
+
+
+# ----------------------------------------------------------------------------- the update
+
+
+def make_policy_loss_fns(config: ml_collections.ConfigDict, max_len: int, logps_fn):
+    """`(loss_fn, metrics_fn, totals_fn)` of the policy step for `step.make_train_step`.
+
+    `logps_fn(params, mb) -> float32 [R, L]` gives the policy's log-probs on
+    the log-prob grid (the driver's: `token_logps` of the Decoder; a test's:
+    a table). The minibatch holds `tokens`, `attention_mask`, `positions`
+    `[R, L]`, `mask` bool `[R, L]` (response tokens on the log-prob grid,
+    minus masked rows), `advantages`, `old_logps`, `ref_logps` float32
+    `[R, L]` and `on_policy` bool `[R]`.
+    """
+    a = config.algorithm
+    policy_loss = registry.get("policy_loss", a.policy_loss)
+    clip_high = a.clip_eps if a.clip_eps_high is None else a.clip_eps_high
+
+    def totals_fn(batch):
+        return aggregation_normalizers(batch["mask"])
+
+    def loss_fn(params, mb, rng, totals):
+        del rng  # deterministic forward
+        logps = logps_fn(params, mb)
+        mask = mb["mask"]
+        # On-policy: π_old = π exactly (ratio 1, gradient ∇log π); else the behaviour log-probs.
+        old = jnp.where(mb["on_policy"][:, None], sg(logps), mb["old_logps"])
+        loss, _ = policy_loss(logps, old, mb["advantages"], mask, clip_eps=a.clip_eps, clip_eps_high=clip_high,
+                              loss_agg_mode=a.loss_agg_mode, num_tokens=totals["num_tokens"],
+                              num_seqs=totals["num_seqs"], max_len=max_len)
+        # Per-row sums for metrics (merged over micro-batches, then averaged per token).
+        log_ratio = jnp.clip(jnp.where(mask, logps - old, 0.0), -MAX_LOG_RATIO, MAX_LOG_RATIO)
+        ratio = jnp.exp(log_ratio)
+        adv = mb["advantages"]
+        clip_low = mask & (adv < 0) & (ratio < 1 - a.clip_eps)
+        clip_hi = mask & (adv > 0) & (ratio > 1 + clip_high)
+        rowsum = lambda x: jnp.sum(jnp.where(mask, x, 0.0), axis=1)
+        outputs = {"tokens": rowsum(jnp.ones_like(logps)), "neg_logp": rowsum(-sg(logps)),
+                   "clip_low": rowsum(clip_low.astype(jnp.float32)),
+                   "clip_high": rowsum(clip_hi.astype(jnp.float32)),
+                   "approx_kl": rowsum(0.5 * sg(log_ratio) ** 2), "ratio": rowsum(sg(ratio))}
+        for name in ("k1", "k2", "k3"):
+            outputs[f"kl_{name}"] = rowsum(sg(kl_per_token(logps, mb["ref_logps"], mask, name)))
+        return loss, outputs
+
+    def metrics_fn(outputs, batch):
+        n = jnp.maximum(outputs["tokens"].sum(), 1.0)
+        out = {"entropy": outputs["neg_logp"].sum() / n,  # sampled-token estimate −E[log π(y_t)]
+               "clipfrac/low": outputs["clip_low"].sum() / n,
+               "clipfrac/high": outputs["clip_high"].sum() / n,
+               "approx_kl": outputs["approx_kl"].sum() / n, "ratio/mean": outputs["ratio"].sum() / n}
+        out["clipfrac"] = out["clipfrac/low"] + out["clipfrac/high"]
+        if config.kl.beta > 0 or config.kl.measure:
+            for name in ("k1", "k2", "k3"):
+                out[f"update_kl/{name}"] = outputs[f"kl_{name}"].sum() / n
+        return out
+
+    return loss_fn, metrics_fn, totals_fn
+
+
+def make_value_loss_fns(config: ml_collections.ConfigDict, max_len: int, values_fn):
+    """`(loss_fn, metrics_fn, totals_fn)` of the value step for `step.make_train_step`.
+
+    `values_fn(params, mb) -> float32 [R, L]` gives the value of the state
+    before each token of the log-prob grid (the driver's: the `ValueModel`
+    forward; a test's: a table). The loss is `value_loss` (½·max((V − R)²,
+    (V_clip − R)²), V_clip within `algorithm.value_clip` of the rollout's
+    values; unclipped when it is 0), aggregated like the policy loss over the
+    minibatch's `mask`, with `returns` and `old_values` float32 `[R, L]`.
+    """
+    a = config.algorithm
+    clip = a.value_clip or None
+
+    def totals_fn(batch):
+        return aggregation_normalizers(batch["mask"])
+
+    def loss_fn(params, mb, rng, totals):
+        del rng
+        values, mask = values_fn(params, mb), mb["mask"]
+        loss, _ = value_loss(values, mb["old_values"], mb["returns"], mask, clip_eps=clip,
+                             loss_agg_mode=a.loss_agg_mode, num_tokens=totals["num_tokens"],
+                             num_seqs=totals["num_seqs"], max_len=max_len)
+        if clip is None:
+            clipped = jnp.zeros(mask.shape, bool)
+        else:  # the clipped error is the larger one (as in value_loss)
+            v_clip = mb["old_values"] + jnp.clip(values - mb["old_values"], -clip, clip)
+            clipped = jnp.square(v_clip - mb["returns"]) > jnp.square(values - mb["returns"])
+        rowsum = lambda x: jnp.sum(jnp.where(mask, x, 0.0), axis=1)
+        return loss, {"tokens": rowsum(jnp.ones_like(values)), "clipped": rowsum(clipped.astype(jnp.float32))}
+
+    def metrics_fn(outputs, batch):
+        return {"clipfrac": outputs["clipped"].sum() / jnp.maximum(outputs["tokens"].sum(), 1.0)}
+
+    return loss_fn, metrics_fn, totals_fn
+
+
+def token_rewards(rewards_R, k1_RL, mask_RL, beta: float) -> np.ndarray:
+    """float32 `[R, L]`: each row's reward on its last response token (none
+    for an empty response, which has no token to carry it) minus β·k1 per
+    response token (KL in the reward, Ziegler et al., 2019); 0 elsewhere."""
+    mask = np.asarray(mask_RL, bool)
+    R, L = mask.shape
+    out = np.zeros((R, L), np.float32)
+    ends = L - 1 - np.argmax(mask[:, ::-1], axis=1)  # last response token (any column if empty)
+    out[np.arange(R), ends] = np.where(mask.any(1), np.asarray(rewards_R, np.float32), 0.0)
+    return np.where(mask, out - np.float32(beta) * np.asarray(k1_RL, np.float32), 0.0).astype(np.float32)
+
+
+def advantages_and_returns(config, rewards_RL, values_RL, mask_RL) -> tuple[np.ndarray, np.ndarray]:
+    """GAE (registry `token_advantage` "gae", γ = `algorithm.gamma`, λ =
+    `algorithm.lam`; every response terminates, so nothing is bootstrapped):
+    advantages (whitened over the valid tokens when
+    `algorithm.whiten_advantages`) and the value targets (returns = the GAE
+    advantages + values, unwhitened), float32 `[R, L]`, 0 at masked slots."""
+    a = config.algorithm
+    adv, returns = _gae(jnp.asarray(rewards_RL, jnp.float32), jnp.asarray(values_RL, jnp.float32),
+                        jnp.asarray(mask_RL, bool), gamma=float(a.gamma), lam=float(a.lam),
+                        whiten=bool(a.whiten_advantages))
+    return np.asarray(adv, np.float32), np.asarray(returns, np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("gamma", "lam", "whiten"))
+def _gae(rewards_RL, values_RL, mask_RL, *, gamma: float, lam: float, whiten: bool):
+    # Jitted once per (shape, γ, λ): eagerly, the reverse scan would compile anew at every call.
+    adv, returns = registry.get("token_advantage", "gae")(rewards_RL, values_RL, mask_RL, gamma=gamma, lam=lam)
+    return (masked_whiten(adv, mask_RL) if whiten else adv), returns
+
+
+def explained_variance(values_RL, returns_RL, mask_RL) -> float:
+    """1 − Var[returns − values] / Var[returns] over the valid tokens: 1 for a
+    critic that predicts its targets, 0 for one no better than their mean
+    (also 0 when the returns do not vary: nothing to explain)."""
+    mask = np.asarray(mask_RL, bool)
+    ret = np.asarray(returns_RL, np.float64)[mask]
+    err = ret - np.asarray(values_RL, np.float64)[mask]
+    var = ret.var() if ret.size else 0.0
+    return float(1.0 - err.var() / var) if var > 0 else 0.0
+
+
+def update(policy_step, value_step, state, value_state, batch: dict, config, step: int, mesh):
+    """`num_epochs` passes over `num_minibatches` shuffled minibatches of rows,
+    each one policy step and one value step on the same rows. The first
+    minibatch of the first epoch is on-policy. Returns both states and each
+    step's metrics (the value step's prefixed `value/`)."""
+    a = config.algorithm
+    R = len(batch["mask"])
+    rng = np.random.default_rng([config.seed, step])
+    out = []
+    for epoch in range(a.num_epochs):
+        order = rng.permutation(R) if a.num_minibatches > 1 else np.arange(R)
+        for j, rows in enumerate(np.split(order, a.num_minibatches)):
+            mb = {key: v[rows] for key, v in batch.items()}
+            mb["on_policy"] = np.full(len(rows), epoch == 0 and j == 0)
+            mb = parallel.shard_batch(mb, mesh)
+            state, met = policy_step(state, mb)
+            value_state, vmet = value_step(value_state, mb)
+            out.append({**met, **{f"value/{key}": x for key, x in vmet.items()}})
+    return state, value_state, out
+
+
+def value_model_init(config, workdir: str, policy_cfg, base_params):
+    """`(ValueModel, params)`: from the reward model (the synthetic proxy or
+    `reward.reward_model_dir`; its head becomes the value head), from the
+    initial policy (zero head), or from `value.path` (an exported reward model,
+    or a decoder checkpoint with a zero head)."""
+    v, m = config.value, config.model
+    if v.init == "policy":
+        cfg, params = policy_cfg, value_params_from_policy(base_params)
+    else:
+        path = v.path
+        if v.init == "reward_model":
+            path = (os.path.join(workdir, "proxy_reward_model") if config.reward.kind == "proxy"
+                    else config.reward.reward_model_dir)
+        if os.path.exists(os.path.join(path, "reward_model.json")):
+            rm, rm_params, _ = load_reward_model(path)
+            if rm.num_objectives != 1:
+                raise UserError(f"value model source {path} has {rm.num_objectives} objectives; the value "
+                                "head needs a one-output reward model")
+            cfg, params = rm.config, value_params_from_reward_model(rm_params)
+        else:
+            decoder, dec_params, _ = jaxreward.load_pretrained(path, dtype=m.dtype)
+            cfg, params = decoder.config, value_params_from_policy(dec_params)
+        if cfg.vocab_size != policy_cfg.vocab_size:
+            raise UserError(f"value model source {path} has vocabulary {cfg.vocab_size}, the policy "
+                            f"{policy_cfg.vocab_size}: they must share one tokenizer")
+    cfg = dataclasses.replace(cfg, dtype=m.dtype, remat=m.remat)
+    tb = v.trainable_blocks
+    return ValueModel(cfg, frozen_blocks=state_lib.frozen_blocks(cfg.num_layers, tb)), params
+
+
+@flax.struct.dataclass
+class PPOState:
+    """The policy's and the value model's train states, checkpointed and
+    restored together; `step` counts rollouts (each takes `updates_per_step`
+    optimizer steps of both)."""
+    policy: state_lib.TrainState
+    value: state_lib.TrainState
+    updates_per_step: int = flax.struct.field(pytree_node=False, default=1)
+
+    @property
+    def step(self):
+        return self.policy.step // self.updates_per_step
+
+
+class RunState:
+    """What resumes beside the two train states: the prompt sampler and the
+    KL β (JSON, saved in the checkpoint as its data state)."""
+
+    def __init__(self, sampler: PromptSampler, beta: float):
+        self.sampler, self.beta = sampler, float(beta)
+
+    def state(self) -> dict:
+        return {"prompts": self.sampler.state(), "kl_beta": self.beta}
+
+    def restore(self, state: dict) -> None:
+        self.sampler.restore(state["prompts"])
+        self.beta = float(state["kl_beta"])
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    # --- Policy, reference, prompts, reward.
+    m, d, ro, a, k, t, e = (config.model, config.data, config.rollout, config.algorithm, config.kl,
+                            config.train, config.eval)
+    base_model, base_params, tokenizer = rollout.load_policy(config, m.pretrained)
+    cfg = dataclasses.replace(base_model.config, remat=m.remat)
+    if d.source != "synthetic" and tokenizer is None:
+        raise UserError(f"model.pretrained={m.pretrained!r} has no tokenizer; text prompts need one")
+    task = None
+    if d.source == "synthetic":
+        task = synthetic.CountingTask(cfg.vocab_size, config.synthetic.prompt_length, ro.max_new_tokens,
+                                      seed=config.seed, label_beta=config.synthetic.label_beta)
+    print(f"policy {m.pretrained or 'random model.arch'}: {cfg.num_params():,} params; PPO "
+          f"({a.policy_loss} loss, {a.loss_agg_mode}), GAE γ={a.gamma:g} λ={a.lam:g}, KL in the reward "
+          f"β={k.beta:g}{' (adaptive)' if k.adaptive else ''}")
+    prompts = rollout.prompt_set(config, tokenizer, task)
+    train_p, eval_p = prompts["train"], prompts["eval"]
+    B, G = ro.prompts_per_step, ro.group_size
+    R = B * G
+    if len(train_p["tokens"]) < B:
+        raise UserError(f"{len(train_p['tokens'])} train prompts is fewer than rollout.prompts_per_step={B}")
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (R // a.num_minibatches) % (shards * t.micro_batches):
+        raise defaults.ConfigError(f"config fields rollout/algorithm.num_minibatches/train.micro_batches/mesh: "
+                                   f"a minibatch of {R // a.num_minibatches} rows does not split over "
+                                   f"{shards} shard(s) × {t.micro_batches} micro-batch(es)")
+    ref_model, ref_params = base_model, base_params
+    if config.reference.path:
+        ref_model, ref_params, _ = jaxreward.load_pretrained(config.reference.path, dtype=m.dtype)
+        if ref_model.config.vocab_size != cfg.vocab_size:
+            raise UserError(f"reference.path={config.reference.path!r} has vocabulary "
+                            f"{ref_model.config.vocab_size}, the policy {cfg.vocab_size}")
+    score, reward_name = rollout.make_reward_fn(config, workdir, task, tokenizer, base_model, base_params)
+    stop_ids = tokenizer.stop_ids if tokenizer else ()
+    pad_id = tokenizer.pad_id if tokenizer else synthetic.PAD_ID
+    sampling = dict(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_k=ro.top_k,
+                    top_p=ro.top_p, stop_ids=stop_ids, pad_id=pad_id)
+    process = (ro.temperature, ro.top_k, ro.top_p)
+    ref_logps_fn = rollout.logps_fn(ref_model, *process)
+    needs_ref = k.beta > 0 or k.measure
+
+    # --- The value model (critic): from the reward model, the policy, or value.path.
+    value_model, value_params = value_model_init(config, workdir, cfg, base_params)
+    print(f"value model ({config.value.init}{': ' + config.value.path if config.value.init == 'path' else ''}): "
+          f"{value_model.config.num_params():,} params")
+
+    # --- Two sharded steps and states (policy, value), prompt sampler.
+    updates_per_step = a.num_epochs * a.num_minibatches
+    steps_total = loop.schedule_steps(t) * updates_per_step
+    init_tokens = jnp.zeros((1, 2), jnp.int32)
+    tb = config.policy.trainable_blocks
+    policy = Decoder(cfg, frozen_blocks=state_lib.frozen_blocks(cfg.num_layers, tb))
+    boxed = jax.eval_shape(lambda: policy.init(jax.random.PRNGKey(0), init_tokens))["params"]
+    tx, schedule = state_lib.make_optimizer(config.optimizer, steps_total,
+                                            state_lib.block_trainable(cfg.num_layers, tb))
+    vcfg, vtb = value_model.config, config.value.trainable_blocks
+    vboxed = jax.eval_shape(lambda: value_model.init(jax.random.PRNGKey(0), init_tokens))["params"]
+    vtx, vschedule = state_lib.make_optimizer(config.value_optimizer, steps_total,
+                                              state_lib.block_trainable(vcfg.num_layers, vtb))
+    shardings = PPOState(step_lib.state_shardings(mesh, boxed, tx), step_lib.state_shardings(mesh, vboxed, vtx),
+                         updates_per_step)
+
+    def policy_logps(params, mb):
+        return token_logps(policy, params, mb["tokens"], mb["attention_mask"], mb["positions"],
+                           temperature=ro.temperature, top_k=ro.top_k, top_p=ro.top_p)
+
+    def values(params, mb):
+        return value_model.apply({"params": params}, mb["tokens"], mb["attention_mask"], mb["positions"])
+
+    ploss, pmetrics, ptotals = make_policy_loss_fns(config, ro.max_new_tokens, policy_logps)
+    policy_step = step_lib.make_train_step(ploss, pmetrics, tx, schedule, mesh, shardings.policy,
+                                           micro_batches=t.micro_batches, totals_fn=ptotals)
+    vloss, vmetrics, vtotals = make_value_loss_fns(config, ro.max_new_tokens, values)
+    value_step = step_lib.make_train_step(vloss, vmetrics, vtx, vschedule, mesh, shardings.value,
+                                          micro_batches=t.micro_batches, totals_fn=vtotals)
+    policy_logps_fn = rollout.logps_fn(policy, *process)
+    values_fn = jax.jit(values)
+    run_state = RunState(PromptSampler(len(train_p["tokens"]), B, config.seed), k.beta)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+    make_states = jax.jit(lambda p, v: PPOState(state_lib.init_state(p, tx, config.seed),
+                                                state_lib.init_state(v, vtx, config.seed + 1), updates_per_step),
+                          out_shardings=shardings)
+    states, _ = loop.restore_or_init(checkpointer, make_states, (base_params, value_params), shardings, run_state)
+    state, value_state = states.policy, states.value
+    del value_params
+    reuse = updates_per_step > 1
+    recompute = a.recompute_old_logps == "always" or (
+        a.recompute_old_logps == "auto" and reuse and (ro.top_k > 0 or ro.top_p < 1.0 or m.dtype != "float32"))
+    print(f"{len(train_p['tokens'])} train prompts, {B} per step × {G} completions = {R} rows; "
+          f"{a.num_epochs} epoch(s) × {a.num_minibatches} minibatch(es) per rollout; reward: {reward_name}")
+
+    # --- Eval points: policy samples on held-out prompts, reward and KL to the reference.
+    eval_ids = np.repeat(np.arange(len(eval_p["tokens"])), e.samples_per_prompt)
+    ref_bs = config.reference.batch_size
+
+    def evaluate(params, step: int) -> dict:
+        out = generate(policy, params, eval_p["tokens"], eval_p["mask"], rng=jax.random.PRNGKey(config.seed + 7),
+                       num_samples=e.samples_per_prompt, **sampling)
+        samples = out.sequences()
+        rew, extra = score(samples, eval_ids, eval_p)
+        arrays = rollout.rollout_arrays(samples)
+        mask = np.asarray(shift_mask(samples.loss_mask_RL))
+        lp = rollout.batched_logps(policy_logps_fn, params, arrays, ref_bs, mesh)
+        ref = rollout.batched_logps(ref_logps_fn, ref_params, arrays, ref_bs, mesh)
+        x = np.where(mask, lp - ref, 0.0)
+        k3 = np.where(mask, np.exp(-x) - 1 + x, 0.0)
+        res = {"reward": float(np.mean(rew)), "reward_se": rollout.standard_error(rew),
+               "kl_k1": float(x.sum(1).mean()), "kl_k1_se": rollout.standard_error(x.sum(1)),
+               "kl_k3": float(k3.sum(1).mean()), "kl_k3_se": rollout.standard_error(k3.sum(1)),
+               "response_length": float(np.asarray(samples.response_mask_RM).sum(1).mean())}
+        res["sqrt_kl"] = math.sqrt(max(res["kl_k1"], 0.0))
+        for name, v in extra.items():
+            res[f"reward/{name}"] = float(np.mean(v))
+        return res
+
+    # --- Train: rollout, score, reference and values, rewards and advantages, update.
+    start, stop = int(state.step) // updates_per_step, loop.stop_step(t)
+    writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+    if start == 0:
+        writer.write(0, evaluate(state.params, 0), prefix="eval")
+    history = []
+    bar = tqdm.trange(start, stop, desc="ppo", initial=start, total=stop,
+                      disable=not t.progress_bar, dynamic_ncols=True)
+    for step in bar:
+        # 1. Rollout: B prompts, G completions each.
+        t0 = time.perf_counter()
+        ids_B = run_state.sampler.next()
+        ids_R = np.repeat(ids_B, G)
+        out = generate(policy, state.params, train_p["tokens"][ids_B], train_p["mask"][ids_B],
+                       rng=jax.random.fold_in(jax.random.PRNGKey(config.seed + 11), step),
+                       num_samples=G, **sampling)
+        samples = out.sequences()
+        arrays = rollout.rollout_arrays(samples)
+        jax.block_until_ready(samples.tokens_RL)
+        rollout_s = time.perf_counter() - t0
+        # 2. Score.
+        t0 = time.perf_counter()
+        rewards_R, extra = score(samples, ids_R, train_p)
+        rewards_R = np.asarray(rewards_R, np.float32)
+        truncated = rollout.truncated_rows(samples, stop_ids)
+        raw_R = rewards_R.copy()
+        if config.reward.truncated == "penalty":
+            rewards_R = np.where(truncated, np.float32(config.reward.truncated_penalty), rewards_R)
+        valid = ~truncated if config.reward.truncated == "mask" else np.ones(R, bool)
+        if config.reward.transform == "whiten":
+            rewards_R = np.asarray(masked_whiten(jnp.asarray(rewards_R), jnp.asarray(valid)), np.float32)
+        elif config.reward.transform == "clip":
+            rewards_R = np.clip(rewards_R, -config.reward.clip, config.reward.clip)
+        score_s = time.perf_counter() - t0
+        # 3. Reference log-probs, behaviour log-probs on the training grid, values (one forward).
+        t0 = time.perf_counter()
+        mask = np.asarray(shift_mask(samples.loss_mask_RL)) & valid[:, None]
+        old_logps = np.asarray(samples.sample_logps_RL)
+        if recompute:
+            old_logps = rollout.batched_logps(policy_logps_fn, state.params, arrays, ref_bs, mesh)
+        ref_logps = (rollout.batched_logps(ref_logps_fn, ref_params, arrays, ref_bs, mesh) if needs_ref
+                     else np.zeros_like(old_logps))
+        # values[r, t] = V(tokens[:t+1]), the state before token t+1, whose log-prob is logps[r, t].
+        old_values = np.where(mask, rollout.batched_logps(values_fn, value_state.params, arrays, ref_bs, mesh), 0.0)
+        ref_s = time.perf_counter() - t0
+        # 4. Per-token rewards (KL in the reward), GAE advantages and returns.
+        beta = run_state.beta
+        k1_RL = np.where(mask, old_logps - ref_logps, 0.0).astype(np.float32)
+        rewards_RL = token_rewards(rewards_R, k1_RL, mask, beta)
+        advantages, returns = advantages_and_returns(config, rewards_RL, old_values, mask)
+        # 5. Update: epochs × minibatches of rows, each a policy step and a value step.
+        t0 = time.perf_counter()
+        batch = {**arrays, "mask": mask, "advantages": advantages, "old_logps": old_logps.astype(np.float32),
+                 "ref_logps": ref_logps.astype(np.float32), "returns": returns,
+                 "old_values": old_values.astype(np.float32)}
+        state, value_state, mb_metrics = update(policy_step, value_step, state, value_state, batch, config,
+                                                step, mesh)
+        jax.block_until_ready((state.params, value_state.params))
+        update_s = time.perf_counter() - t0
+        # KL controller and metrics.
+        resp_mask = np.asarray(samples.response_mask_RM)
+        lengths = resp_mask.sum(1)
+        seq_kl = k1_RL.sum(1)
+        if k.adaptive and needs_ref:
+            run_state.beta = float(adaptive_kl_coef(beta, float(seq_kl.mean()), R, target=k.target,
+                                                     horizon=k.horizon))
+        done = step + 1
+        if loop.due(done, t.log_every, stop):
+            met = {key: float(np.mean([float(x[key]) for x in mb_metrics])) for key in mb_metrics[0]}
+            met.update({"reward/mean": float(raw_R.mean()), "reward/std": float(raw_R.std()),
+                        "advantages/mean": float(advantages[mask].mean()) if mask.any() else 0.0,
+                        "advantages/std": float(advantages[mask].std()) if mask.any() else 0.0,
+                        "returns/mean": float(returns[mask].mean()) if mask.any() else 0.0,
+                        "value/mean": float(old_values[mask].mean()) if mask.any() else 0.0,
+                        "value/explained_variance": explained_variance(old_values, returns, mask),
+                        "response_length/mean": float(lengths.mean()),
+                        "response_length/min": float(lengths.min()),
+                        "response_length/max": float(lengths.max()),
+                        "response_length/clipped_frac": float(truncated.mean()),
+                        "kl/beta": beta,
+                        "rollout_tokens/s": float(resp_mask.sum()) / rollout_s,
+                        "update_tokens/s": float(np.asarray(arrays["attention_mask"]).sum())
+                        * a.num_epochs / update_s,
+                        "time/rollout_s": rollout_s, "time/score_s": score_s, "time/reference_s": ref_s,
+                        "time/update_s": update_s})
+            for name, v in extra.items():
+                met[f"reward/{name}"] = float(np.mean(v))
+            if needs_ref:
+                x = k1_RL
+                k3 = np.where(mask, np.exp(-x) - 1 + x, 0.0)
+                met.update({"kl/k1": float(seq_kl.mean()), "kl/k2": float((0.5 * x * x).sum(1).mean()),
+                            "kl/k3": float(k3.sum(1).mean())})
+            history.append({"step": done, **loop.log_train(writer, done, met, bar,
+                                                           show=("reward/mean", "kl/k1", "value/loss"))})
+        if t.eval_every and done % t.eval_every == 0 and done != t.num_steps:
+            writer.write(done, evaluate(state.params, done), prefix="eval")
+        if loop.due(done, t.checkpoint_every, stop):
+            checkpointer.save(done, PPOState(state, value_state, updates_per_step), run_state.state())
+    checkpointer.close()
+    if loop.stopped_early(int(state.step) // updates_per_step, t.num_steps):
+        writer.close()
+        return {"stopped_at": int(state.step) // updates_per_step, "history": history, "state": state,
+                "value_state": value_state, "mesh": mesh}
+
+    # --- Final eval, best-of-N of the reference on the same prompts, summary, plot, export.
+    final_step = int(state.step) // updates_per_step
+    final = evaluate(state.params, final_step)
+    writer.write(final_step, final, prefix="eval")
+    writer.close()
+    points = [{"step": r["step"], **{key.split("/", 1)[1]: v for key, v in r.items() if key.startswith("eval/")}}
+              for r in metrics_lib.read_metrics(workdir) if any(key.startswith("eval/") for key in r)]
+    curve = []
+    if e.best_of_n_max_n:
+        curve = rollout.best_of_n_points(ref_model, ref_params, eval_p, score, sampling, e.best_of_n_max_n,
+                                         config.seed)
+    cols = ["step", "reward", "kl_k1", "kl_k3", "sqrt_kl"] + sorted({c for p in points for c in p
+                                                                     if c.startswith("reward/")})
+    print(f"\neval points on {len(eval_p['tokens'])} held-out prompts × {e.samples_per_prompt} samples "
+          f"({reward_name}; KL in nats per response)")
+    print(metrics_lib.format_table(points, cols))
+    if curve:
+        print("\nbest-of-N of the reference on the same prompts (KL bound log N − (N−1)/N)")
+        print(metrics_lib.format_table(curve, list(curve[0])))
+    if tokenizer is not None and e.show:
+        rollout.show_samples(policy, state.params, eval_p, score, sampling, tokenizer, e.show, config.seed)
+    summary = {"final": final, "points": points, "best_of_n": curve, "reward": reward_name,
+               "history": history[-1:] if history else []}
+    if e.plot and points:
+        path = os.path.join(workdir, "reward_vs_kl.png")
+        rollout.plot_reward_vs_kl(path, points, curve, reward_name, f"PPO, KL in the reward β={k.beta:g}")
+        print(f"plot: {path}")
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "ppo.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+    if config.export:
+        out_dir = os.path.join(workdir, EXPORT_DIR)
+        jaxreward.save_pretrained(out_dir, policy.config, jax.device_get(state.params), tokenizer)
+        print(f"policy saved to {out_dir} (HF format)")
+    return {"final": final, "points": points, "best_of_n": curve, "history": history, "state": state,
+            "value_state": value_state, "mesh": mesh, "summary": summary}

@@ -1,0 +1,86 @@
+"""Study driver: several RL runs against one proxy reward model, on one plot.
+
+Reads top to bottom: run each configured job (a subprocess of
+`jaxreward.main`, so each is an ordinary, resumable run with its own
+workdir), read the eval points each wrote to `rl.json` (gold and proxy
+reward, KL(π‖π_ref) of held-out samples over training) and the best-of-N
+curve of the same proxy, print one table, draw one PNG.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+
+from jaxreward.train import metrics as metrics_lib
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+
+
+def run_one(name: str, config_file: str, variant: str, overrides, workdir: str) -> dict:
+    """Runs (or reuses) one job and returns its `rl.json`."""
+    out = os.path.join(workdir, name)
+    summary = os.path.join(out, "rl.json")
+    if not os.path.exists(summary):
+        cmd = [sys.executable, "-m", "jaxreward.main", f"--config={os.path.join(ROOT, config_file)}:{variant}",
+               f"--workdir={out}"] + [f"--config.{k}={v}" for k, v in overrides]
+        print(f"\n=== {name}: {' '.join(cmd[3:])}", flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    with open(summary, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    results = {name: run_one(name, cfg, variant, overrides, workdir)
+               for name, cfg, variant, overrides in config.study.runs}
+    rows = []
+    for name, res in results.items():
+        pts = res["points"]
+        best = max(pts, key=lambda p: p["reward/gold"])
+        last = pts[-1]
+        rows.append({"run": name, "gold start": pts[0]["reward/gold"],
+                     "gold peak": best["reward/gold"], "√KL at peak": best["sqrt_kl"],
+                     "gold end": last["reward/gold"], "proxy end": last["reward"], "√KL end": last["sqrt_kl"]})
+    print("\ngold and proxy reward of held-out samples (KL in nats per response)")
+    print(metrics_lib.format_table(rows))
+    curve = next(iter(results.values()))["best_of_n"]
+    if curve:
+        print("\nbest-of-N of the reference, ranked by the same proxy")
+        print(metrics_lib.format_table(curve, ["N", "sqrt_kl", "reward", "reward/gold"]))
+    if config.study.plot:
+        path = os.path.join(workdir, "rl_overoptimization.png")
+        plot(path, results, curve)
+        print(f"plot: {path}")
+    with open(os.path.join(workdir, "study.json"), "w", encoding="utf-8") as f:
+        json.dump({"rows": rows, "best_of_n": curve}, f, indent=2)
+    return {"rows": rows, "results": results}
+
+
+def plot(path: str, results: dict, curve: list[dict]) -> None:
+    """Gold (solid) and proxy (dashed) reward against √KL, one color per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_g, ax_p) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, (name, res) in enumerate(results.items()):
+        x = [p["sqrt_kl"] for p in res["points"]]
+        ax_g.plot(x, [p["reward/gold"] for p in res["points"]], "o-", color=f"C{i}", label=name, ms=3)
+        ax_p.plot(x, [p["reward"] for p in res["points"]], "o-", color=f"C{i}", label=name, ms=3)
+    if curve:
+        x = [c["sqrt_kl"] for c in curve]
+        ax_g.plot(x, [c["reward/gold"] for c in curve], "k--", marker="s", ms=3, label="best-of-N")
+        ax_p.plot(x, [c["reward"] for c in curve], "k--", marker="s", ms=3, label="best-of-N")
+    for ax, what in ((ax_g, "gold reward"), (ax_p, "proxy reward")):
+        ax.set_xlabel("√KL(π‖π_ref) (nats^½; best-of-N: √ of its bound)")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+    ax_g.legend(fontsize=7)
+    ax_g.set_title("gold reward of held-out samples")
+    ax_p.set_title("proxy reward (what RL optimizes)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+

@@ -1,0 +1,769 @@
+"""experiments/policy_gradient.py: the fixed points of its update on a bandit
+(exact expected gradients), the on-policy ratio and KL at the first
+minibatch under left padding, mesh shape, micro-batches, degenerate groups
+and DAPO's filter, the tiny variant end to end with an exact resume, and
+bad input through the CLI.
+
+Driver runs use the synthetic task (no files): configs/rl.py:tiny as is for
+the end-to-end and resume runs; one step of a variant with left-padded
+prompts and a test reward (no proxy reward model) for the first-minibatch,
+DAPO and mesh checks. The bandit and micro-batch checks run the driver's
+loss functions on table "models" through `step.make_train_step`.
+"""
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import string
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import rl as rl_config
+from experiments import policy_gradient as driver
+from jaxreward import main as cli
+from jaxreward import parallel, rewards
+from jaxreward.data import synthetic
+from jaxreward.data.prompts import PromptSampler
+from jaxreward.models.scoring import shift_mask
+from jaxreward.train import rollout
+from jaxreward.train import step as step_lib
+from jaxreward.train.state import TrainState
+from tests.experiments.test_cli import _cli
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+@contextlib.contextmanager
+def _first_devices():
+    """A (d, f, t) mesh runs on the first d·f·t devices (1 device for (1, 1, 1))."""
+    real = parallel.make_mesh
+
+    def make_mesh(data=-1, fsdp=1, tensor=1, devices=None):
+        if devices is None and data > 0:
+            devices = jax.devices()[:data * fsdp * tensor]
+        return real(data, fsdp, tensor, devices=devices)
+    parallel.make_mesh = make_mesh
+    try:
+        yield
+    finally:
+        parallel.make_mesh = real
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    """A persistent compilation cache for this module only: the driver builds
+    its jitted functions afresh in every run, and runs of one config (straight,
+    stopped, resumed) compile the same programs (≈ 30 s each on 2 CPU cores
+    without it)."""
+    from jax.experimental.compilation_cache import compilation_cache
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    saved = [getattr(jax.config, name) for name in names]
+    jax.config.update(names[0], str(tmp_path_factory.mktemp("compilation_cache")))
+    jax.config.update(names[1], 0.1)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        for name, value in zip(names, saved):
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
+
+
+@pytest.fixture(autouse=True)
+def _mesh_uses_first_devices():
+    with _first_devices():
+        yield
+
+
+@contextlib.contextmanager
+def _spy_updates():
+    """Records every call of the driver's update step: the minibatch it got
+    (numpy) and its metrics (floats), in call order."""
+    calls = []
+    real = step_lib.make_train_step
+
+    def make_train_step(*args, **kwargs):
+        update = real(*args, **kwargs)
+
+        def spy(state, batch):
+            new_state, metrics = update(state, batch)
+            calls.append({"batch": jax.device_get(batch),
+                          "metrics": {k: float(v) for k, v in jax.device_get(metrics).items()}})
+            return new_state, metrics
+        return spy
+    step_lib.make_train_step = make_train_step
+    try:
+        yield calls
+    finally:
+        step_lib.make_train_step = real
+
+
+def _left_padded_prompts(real_prompt_set):
+    """`rollout.prompt_set` with prompt i left-padded by i % 4 slots (masked, pad id)."""
+    def prompt_set(config, tokenizer, task):
+        out = real_prompt_set(config, tokenizer, task)
+        for split in out.values():
+            tokens, mask = split["tokens"].copy(), split["mask"].copy()
+            for i in range(len(tokens)):
+                tokens[i, :i % 4], mask[i, :i % 4] = synthetic.PAD_ID, False
+            split["tokens"], split["mask"] = tokens, mask
+        return out
+    return prompt_set
+
+
+def _small_config(mesh=(1, 1, 1), **algorithm):
+    """configs/rl.py:tiny with the gold reward, 16 prompts × 2 completions per step
+    (R = 32 rows: whole groups on 8 data shards), 2 minibatches, no best-of-N."""
+    c = rl_config.get_config("tiny")
+    c.reward.kind = "gold"
+    c.rollout.update(prompts_per_step=16, group_size=2)
+    c.algorithm.num_minibatches = 2
+    c.algorithm.update(algorithm)
+    c.eval.update(samples_per_prompt=1, best_of_n_max_n=0, plot=False)
+    c.train.update(eval_every=0, stop_after_steps=1)
+    c.export = False
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+    return c
+
+
+def _run(workdir, config):
+    os.makedirs(workdir, exist_ok=True)
+    return driver.run(config, str(workdir))
+
+
+def _leaves(params):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(params))]
+
+
+def _replicated_update(loss_fns, params, tx, micro_batches=1):
+    """`step.make_train_step` of a table "model" on one device, and its first state."""
+    loss_fn, metrics_fn, totals_fn = loss_fns
+    mesh = parallel.make_mesh(1, 1, 1)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                       rng=jax.random.PRNGKey(0))
+    shardings = jax.tree.map(lambda _: parallel.replicated(mesh), state)
+    update = step_lib.make_train_step(loss_fn, metrics_fn, tx, lambda step: 0.0, mesh, shardings,
+                                      micro_batches=micro_batches, totals_fn=totals_fn)
+    return update, state, mesh
+
+
+# ---------------------------------------------------------------------------
+# Bandit: one-token responses, a softmax table as the policy, exact expected gradients
+
+
+def bandit_logps(params, tokens, attention_mask, positions):
+    """Policy softmax(logits), the same for every prompt: logps[:, t] = log π(tokens[:, t + 1])."""
+    del positions
+    logp = jax.nn.log_softmax(params["logits"])
+    nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+    return jnp.where(shift_mask(attention_mask), logp[jnp.clip(nxt, 0, logp.shape[0] - 1)], 0.0)
+
+
+def _log_softmax(x):
+    x = np.asarray(x, np.float64)
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def _train_bandit(config, r, ref_logits, steps, lr, kl_in_reward_beta=0.0):
+    """Trains the logits with the driver's loss on the *expected* GRPO/RLOO update.
+
+    Every group of G actions is enumerated (V^G groups; rows [prompt, a]); the
+    driver's `compute_advantages` gives each row its group advantage. Each row
+    is fed off-policy with π_old chosen so that its importance ratio
+    π(a)/π_old(a) = n_groups · P(group), P(group) = Π_i π(a_i): the loss (a
+    mean over rows) then is Σ_groups P(group) · (its mean row loss), the exact
+    expectation of the sampled on-policy loss, and its gradient the exact
+    expected gradient (the PPO clip is set out of reach; the KL loss is
+    weighted by the same ratio, objectives/kl.py). With `kl_in_reward_beta`
+    the reward is r − β·k1 as in the driver (k1 = log π − log π_ref).
+    """
+    V, G = len(r), config.rollout.group_size
+    groups = np.array(list(itertools.product(range(V), repeat=G)))   # [n, G]
+    n = len(groups)
+    actions = groups.reshape(-1)                                      # [R], R = n·G
+    R = len(actions)
+    batch = {"tokens": np.stack([np.full(R, V), actions], 1).astype(np.int32),
+             "attention_mask": np.ones((R, 2), bool),
+             "positions": np.tile(np.array([0, 1], np.int32), (R, 1)),
+             "mask": np.tile(np.array([True, False]), (R, 1)),
+             "ref_logps": np.zeros((R, 2), np.float32),
+             "on_policy": np.zeros(R, bool)}
+    ref = _log_softmax(ref_logits)
+    batch["ref_logps"][:, 0] = ref[actions]
+    loss_fns = driver.make_loss_fns(bandit_logps, config, max_len=1)
+    tx = optax.adam(optax.cosine_decay_schedule(lr, steps))
+    update, state, mesh = _replicated_update(loss_fns, {"logits": jnp.asarray(ref_logits, jnp.float32)}, tx)
+    for _ in range(steps):
+        logp = _log_softmax(np.asarray(state.params["logits"]))
+        weight_R = np.repeat(n * np.exp(logp[groups].sum(1)), G)
+        old = np.zeros((R, 2), np.float32)
+        old[:, 0] = logp[actions] - np.log(weight_R)
+        seq_rewards = np.asarray(r, np.float64)[actions] - kl_in_reward_beta * (logp - ref)[actions]
+        adv = driver.compute_advantages(config, seq_rewards.astype(np.float32), np.ones(R, bool),
+                                        np.zeros((R, 2), np.float32), batch["mask"], None)
+        state, _ = update(state, parallel.shard_batch({**batch, "old_logps": old, "advantages": adv}, mesh))
+    return np.exp(_log_softmax(np.asarray(state.params["logits"])))
+
+
+def _bandit_config(**algorithm):
+    c = rl_config.get_config("dr_grpo")
+    c.rollout.group_size = 3
+    c.algorithm.update(clip_eps=1e6, **algorithm)   # no clipping: the ratios are enumeration weights
+    return c
+
+
+def _tv(p, q):
+    return 0.5 * np.abs(np.asarray(p) - np.asarray(q)).sum()
+
+
+R_BANDIT = np.array([1.0, 0.6, 0.2, -0.4])
+REF_LOGITS = np.array([-0.6, 0.3, 0.5, 0.0], np.float32)
+
+
+def _grpo_k3_fixed_point(r, ref, beta, c):
+    """Solves c·π_a·(r_a − E_π r) = β·(π_a − π_ref,a) for a distribution π.
+
+    π_a = β·π_ref,a / (β − c·(r_a − m)) with m = E_π r; Σ_a π_a = 1 picks m
+    (then m = Σ_a π_a r_a follows: Σ_a π_a (β − c(r_a − m)) = β Σ π_ref = β).
+    The sum falls from +∞ at m = max r − β/c to ≤ 1 at m = max r: bisection.
+    """
+    lo, hi = r.max() - beta / c, r.max()
+    for _ in range(200):
+        m = 0.5 * (lo + hi)
+        if (beta * ref / (beta - c * (r - m))).sum() > 1.0:
+            lo = m
+        else:
+            hi = m
+    return beta * ref / (beta - c * (r - m))
+
+
+def test_dr_grpo_with_k3_in_the_loss_reaches_its_own_fixed_point():
+    """Dr. GRPO (A = r − group mean), k3 in the loss, G = 3, β = 0.2, on a 4-armed bandit.
+
+    Expected gradient (kl.py): k3 in the loss gives ∇KL(π_ref‖π); the group
+    advantage's conditional mean is E[A_i | a_i = a] = r_a − (r_a + (G−1)·E_π r)/G
+    = (1 − 1/G)(r_a − E_π r). So the update ascends (1 − 1/G)·E_π[r] − β·KL(π_ref‖π),
+    concave in π, whose maximizer satisfies, for softmax logits θ
+    (∂/∂θ_b: (1−1/G)·π_b(r_b − E_π r) − β(π_b − π_ref,b) = 0),
+
+        (2/3)·π_a·(r_a − E_π r) = 0.2·(π_a − π_ref,a)  for every a,
+
+    solved by `_grpo_k3_fixed_point`: π* ≈ (0.6331, 0.1948, 0.1269, 0.0453)
+    from π_ref ≈ (0.121, 0.297, 0.363, 0.220). Neither π_ref·e^{(2/3)r/β}/Z
+    (reverse-KL optimum, TV 0.15 away) nor the fixed point without the
+    1 − 1/G factor (TV 0.11 away) is it.
+    """
+    beta, G = 0.2, 3
+    config = _bandit_config()
+    config.kl.update(placement="loss", estimator="k3", beta=beta)
+    ref = np.exp(_log_softmax(REF_LOGITS))
+    target = _grpo_k3_fixed_point(R_BANDIT, ref, beta, 1 - 1 / G)
+    np.testing.assert_allclose(target, [0.6331, 0.1948, 0.1269, 0.0453], atol=1e-4)
+    np.testing.assert_allclose((1 - 1 / G) * target * (R_BANDIT - target @ R_BANDIT),
+                               beta * (target - ref), atol=1e-12)
+    tilted = ref * np.exp((1 - 1 / G) * R_BANDIT / beta)
+    tilted /= tilted.sum()
+    without_scale = _grpo_k3_fixed_point(R_BANDIT, ref, beta, 1.0)
+    assert _tv(target, tilted) > 0.1 and _tv(target, without_scale) > 0.1 and _tv(target, ref) > 0.5
+
+    pi = _train_bandit(config, R_BANDIT, REF_LOGITS, steps=300, lr=0.1)
+    assert _tv(pi, target) <= 0.01, (pi, target)   # exact expected gradients: well inside 0.05
+    assert _tv(pi, tilted) > 0.05 and _tv(pi, without_scale) > 0.05
+
+
+def test_rloo_with_k1_in_the_reward_reaches_the_tilted_reference():
+    """RLOO, reward r − β·k1 (k1 = log π/π_ref of the sampled action), β = 0.2.
+
+    E[A_i | a_i = a] = r̃_a − E_π r̃ (the leave-one-out mean is an unbiased
+    baseline), with r̃_a = r_a − β·log(π_a/π_ref,a) held constant: the
+    expected gradient is that of E_π[r] − β·KL(π‖π_ref), zero iff r̃ is
+    constant, i.e. π = π_ref·e^{r/β}/Z ≈ (0.7197, 0.2396, 0.0396, 0.0012).
+    """
+    beta = 0.2
+    config = _bandit_config(advantage="rloo", loss_agg_mode="token-mean")
+    config.kl.update(placement="reward", estimator="k1", beta=beta)
+    ref = np.exp(_log_softmax(REF_LOGITS))
+    target = ref * np.exp(R_BANDIT / beta)
+    target /= target.sum()
+    np.testing.assert_allclose(target, [0.7197, 0.2396, 0.0396, 0.0012], atol=1e-4)
+    pi = _train_bandit(config, R_BANDIT, REF_LOGITS, steps=300, lr=0.1, kl_in_reward_beta=beta)
+    assert _tv(pi, target) <= 0.01, (pi, target)   # exact expected gradients: well inside 0.05
+    assert _tv(ref, target) > 0.5
+
+
+# ---------------------------------------------------------------------------
+# A bigram table as the model: micro-batches and masked rows through the driver's loss
+
+
+def bigram_logps(params, tokens, attention_mask, positions):
+    """logps[:, t] = log softmax(logits[tokens[:, t]])[tokens[:, t + 1]]; 0 where t + 1 is padding."""
+    del positions
+    tokens = jnp.where(attention_mask, tokens, 0)
+    logp = jax.nn.log_softmax(params["logits"][tokens], axis=-1)
+    nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+    out = jnp.take_along_axis(logp, nxt[..., None], axis=-1)[..., 0]
+    return jnp.where(shift_mask(attention_mask), out, 0.0)
+
+
+V_BIGRAM = 7
+
+
+def _bigram_batch(on_policy: bool, seed=0):
+    """8 rows (4 groups of 2): prompts of 3, 2, 1, 3, ... tokens left-padded to P = 3,
+    responses of 1..5 tokens right-padded to M = 5; row 5 is masked out (e.g. truncated)."""
+    rng = np.random.default_rng(seed)
+    R, P, M = 8, 3, 5
+    prompt_len = [3, 2, 1, 3, 2, 1, 3, 2]
+    resp_len = [5, 1, 3, 4, 2, 5, 1, 3]
+    tokens = rng.integers(1, V_BIGRAM, (R, P + M)).astype(np.int32)
+    attn = np.zeros((R, P + M), bool)
+    loss = np.zeros((R, P + M), bool)
+    for i in range(R):
+        attn[i, P - prompt_len[i]:P + resp_len[i]] = True
+        loss[i, P:P + resp_len[i]] = True
+    tokens = np.where(attn, tokens, 99)   # padding ids are never read
+    mask = np.array(shift_mask(loss))
+    mask[5] = False
+    positions = np.maximum(np.cumsum(attn, 1) - 1, 0).astype(np.int32)
+    logits = rng.normal(size=(V_BIGRAM, V_BIGRAM)).astype(np.float32)
+    logps = np.asarray(bigram_logps({"logits": logits}, tokens, attn, positions))
+    old = np.where(mask, logps + rng.normal(0, 0.3, logps.shape), 0.0).astype(np.float32)
+    ref = np.where(mask, logps + rng.normal(0, 0.3, logps.shape), 0.0).astype(np.float32)
+    rewards_R = rng.normal(size=R).astype(np.float32)
+    batch = {"tokens": tokens, "attention_mask": attn, "positions": positions, "mask": mask,
+             "old_logps": old, "ref_logps": ref, "on_policy": np.full(R, on_policy)}
+    return batch, logits, rewards_R
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_two_micro_batches_give_the_one_shot_update(mode):
+    """train.micro_batches = 2 (rows 0–3, on-policy, and 4–7, off-policy: parts
+    with 13 and 6 valid tokens) equals one shot: the whole-batch normalizers
+    make the parts' sum the one-shot loss. SGD with lr 1, so params move by
+    exactly −∇ (Adam would hide a scale error); k3 in the loss, weighted by
+    π/π_old off-policy."""
+    config = rl_config.get_config("tiny")
+    config.algorithm.update(loss_agg_mode=mode)
+    config.kl.update(placement="loss", estimator="k3", beta=0.1)
+    config.rollout.group_size = 2
+    batch, logits, rewards_R = _bigram_batch(on_policy=False)
+    batch["on_policy"] = np.arange(8) < 4
+    batch["advantages"] = driver.compute_advantages(config, rewards_R, np.ones(8, bool), None,
+                                                    batch["mask"], None)
+    assert np.count_nonzero(batch["mask"][:4]) == 13 and np.count_nonzero(batch["mask"][4:]) == 6
+    results = []
+    for k in (1, 2):
+        loss_fns = driver.make_loss_fns(bigram_logps, config, max_len=5)
+        update, state, mesh = _replicated_update(loss_fns, {"logits": jnp.asarray(logits)}, optax.sgd(1.0),
+                                                 micro_batches=k)
+        state, metrics = update(state, parallel.shard_batch(batch, mesh))
+        results.append((np.asarray(state.params["logits"]), jax.device_get(metrics)))
+    (p1, m1), (p2, m2) = results
+    assert np.abs(p1 - logits).max() > 1e-3   # it moved
+    np.testing.assert_allclose(p2, p1, rtol=1e-5, atol=1e-6)
+    assert set(m1) == set(m2)
+    for key in m1:
+        np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert 0.0 < float(m1["clipfrac"]) <= 6 / 19   # the clip is active on some of the 6 off-policy tokens
+
+
+def test_masked_rows_are_out_of_the_loss():
+    """Rows whose mask is all False (a dropped group) change neither the loss
+    nor the gradient: the whole-batch normalizers count only valid tokens
+    (N = 13 + 6 − 2 = 17) and non-empty rows (S = 6), so the loss equals
+    that of the batch without those rows."""
+    config = rl_config.get_config("tiny")
+    config.kl.update(placement="loss", estimator="k3", beta=0.1)
+    config.rollout.group_size = 2
+    batch, logits, rewards_R = _bigram_batch(on_policy=False)
+    batch["mask"][4] = False    # row 5 is already masked: group (4, 5) is out
+    batch["advantages"] = driver.compute_advantages(config, rewards_R, np.ones(8, bool), None,
+                                                    batch["mask"], None)
+    for key, junk in (("advantages", 1e3), ("old_logps", 5.0), ("ref_logps", -50.0)):
+        batch[key][4:6] = junk   # what a masked row holds is never read
+    kept = np.array([0, 1, 2, 3, 6, 7])
+    small = {k: v[kept] for k, v in batch.items()}
+    params = {"logits": jnp.asarray(logits)}
+    for mode in ("token-mean", "seq-mean-token-mean"):   # normalized by N and by S
+        config.algorithm.loss_agg_mode = mode
+        loss_fn, _, totals_fn = driver.make_loss_fns(bigram_logps, config, max_len=5)
+
+        @jax.jit
+        def value_and_grad(b):
+            return jax.value_and_grad(lambda p: loss_fn(p, b, None, totals_fn(b))[0])(params)
+        (full, g_full), (part, g_part) = value_and_grad(batch), value_and_grad(small)
+        np.testing.assert_allclose(full, part, rtol=1e-5, atol=1e-7, err_msg=mode)
+        np.testing.assert_allclose(g_full["logits"], g_part["logits"], rtol=1e-5, atol=1e-7, err_msg=mode)
+
+
+# ---------------------------------------------------------------------------
+# Degenerate groups
+
+
+def test_flat_groups_get_zero_advantage():
+    # Groups of 3: (1, 1, 1) is flat; (0, 1, 2) has mean 1, std (ddof 1) 1.
+    rewards_R = np.array([1.0, 1.0, 1.0, 0.0, 1.0, 2.0], np.float32)
+    mask = np.ones((6, 2), bool)
+    for advantage, scale, expected in [
+            ("grpo", True, [0, 0, 0, -1, 0, 1]),                 # (r − 1)/(1 + 1e-6)
+            ("grpo", False, [0, 0, 0, -1, 0, 1]),                # r − 1
+            ("rloo", False, [0, 0, 0, -1.5, 0, 1.5])]:           # r_i − mean of the other two
+        config = rl_config.get_config("tiny")
+        config.rollout.group_size = 3
+        config.algorithm.update(advantage=advantage, scale_by_std=scale)
+        adv = driver.compute_advantages(config, rewards_R, np.ones(6, bool), None, mask, None)
+        assert np.all(adv[:3] == 0.0), advantage   # exactly zero, not 0/eps round-off
+        np.testing.assert_allclose(adv[:, 0], expected, rtol=1e-5, err_msg=advantage)
+        np.testing.assert_array_equal(adv[:, 0], adv[:, 1])
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+def test_group_size_one_is_refused(advantage):
+    config = rl_config.get_config("tiny")
+    config.algorithm.advantage = advantage
+    config.rollout.group_size = 1
+    with pytest.raises(ValueError) as e:
+        cli.check_config(config)
+    assert str(e.value) == (f"config field rollout.group_size: {advantage} needs groups of >= 2 "
+                            "completions per prompt, got 1")
+
+
+# ---------------------------------------------------------------------------
+# The real driver, one step: first minibatch under left padding, DAPO's filter, mesh shape
+
+
+def _flat_or_distinct_reward(config, workdir, task, tokenizer, policy, base_params):
+    """Stands in for `rollout.make_reward_fn`: 0.5 for every completion of a prompt
+    with an even index (a flat group), a distinct number per completion otherwise."""
+    def score(samples, prompt_ids_R, split):
+        toks = np.asarray(samples.response_tokens_RM).astype(np.float64)
+        distinct = (toks * (1.0 + np.arange(toks.shape[1]))).sum(1) * 1e-3
+        return np.where(np.asarray(prompt_ids_R) % 2 == 0, 0.5, distinct).astype(np.float32), {}
+    return score, "test reward"
+
+
+def _driver_step(workdir, mesh):
+    """One step of `_small_config` with DAPO's dynamic sampling and clip-higher
+    (token-mean), k3 in the loss, left-padded prompts and
+    `_flat_or_distinct_reward`: the driver's output, its config, and the
+    update calls (`_spy_updates`)."""
+    config = _small_config(mesh=mesh, dynamic_sampling=True, clip_eps_high=0.28, loss_agg_mode="token-mean")
+    real_prompts, real_reward = rollout.prompt_set, rollout.make_reward_fn
+    rollout.prompt_set = _left_padded_prompts(real_prompts)
+    rollout.make_reward_fn = _flat_or_distinct_reward
+    try:
+        with _spy_updates() as calls:
+            out = _run(workdir, config)
+    finally:
+        rollout.prompt_set, rollout.make_reward_fn = real_prompts, real_reward
+    out["calls"], out["config"] = calls, config
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+    with _first_devices():
+        return _driver_step(tmp_path_factory.mktemp("mesh_1"), (1, 1, 1))
+
+
+def test_first_minibatch_is_on_policy_and_policy_equals_reference(one_device):
+    """Warmup makes the first update's learning rate 0, so both minibatches of
+    step 1 see the initial policy = the reference. The first is on-policy:
+    ratio exactly 1, nothing clipped, every KL estimate exactly 0. The second
+    uses the sampler's log-probs as π_old: ratio 1 up to round-off (the
+    sampler and the training forward agree under left padding)."""
+    assert one_device["stopped_at"] == 1   # rollout steps, not optimizer steps
+    assert int(one_device["state"].step) == 2
+    first, second = one_device["calls"]
+    mb = first["batch"]
+    assert mb["on_policy"].all() and not second["batch"]["on_policy"].any()
+    pad_rows = ~mb["attention_mask"][:, 0]
+    assert 0 < pad_rows.sum() < len(pad_rows)   # left padding is really there
+    assert first["metrics"]["learning_rate"] == 0.0
+    m = first["metrics"]
+    assert m["ratio/mean"] == 1.0
+    assert m["clipfrac"] == m["clipfrac/low"] == m["clipfrac/high"] == 0.0
+    assert m["approx_kl"] == 0.0
+    assert m["update_kl/k1"] == m["update_kl/k2"] == m["update_kl/k3"] == 0.0
+    m = second["metrics"]
+    np.testing.assert_allclose(m["ratio/mean"], 1.0, atol=1e-5)
+    assert m["clipfrac"] == 0.0
+    assert m["update_kl/k1"] == m["update_kl/k2"] == m["update_kl/k3"] == 0.0
+    assert m["learning_rate"] > 0.0
+
+
+def test_dapo_dynamic_sampling_drops_flat_groups(one_device):
+    """The flat groups (even prompt indices) are counted in groups/dropped and
+    reach the update with mask False and advantage 0; the other groups keep
+    every response token, with non-zero advantages."""
+    config = one_device["config"]
+    B, P = config.rollout.prompts_per_step, config.synthetic.prompt_length
+    ids_B = PromptSampler(config.data.num_prompts, B, config.seed).next()
+    assert 0 < (ids_B % 2 == 0).sum() < B
+    assert one_device["history"][0]["groups/dropped"] == float((ids_B % 2 == 0).sum())
+    task = synthetic.CountingTask(config.model.arch.vocab_size, P, config.rollout.max_new_tokens,
+                                  seed=config.seed, label_beta=config.synthetic.label_beta)
+    train = _left_padded_prompts(rollout.prompt_set)(config, None, task)["train"]
+    known = np.where(train["mask"], train["tokens"], -1)
+    seen = []
+    for call in one_device["calls"]:   # two minibatches of whole groups
+        mb = call["batch"]
+        prompts = np.where(mb["attention_mask"][:, :P], mb["tokens"][:, :P], -1)
+        ids_R = np.array([np.flatnonzero((known == row).all(1))[0] for row in prompts])
+        seen += ids_R.tolist()
+        flat = ids_R % 2 == 0
+        assert not mb["mask"][flat].any()
+        assert np.all(mb["advantages"][flat] == 0.0)
+        response = np.asarray(shift_mask(np.broadcast_to(np.arange(mb["tokens"].shape[1]) >= P, mb["mask"].shape)))
+        np.testing.assert_array_equal(mb["mask"][~flat], response[~flat])   # no stop tokens: all M
+        assert np.all(mb["advantages"][~flat][mb["mask"][~flat]] != 0.0)
+    assert sorted(seen) == sorted(np.repeat(ids_B, 2).tolist())
+
+
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2)])
+def test_mesh_shape_does_not_change_the_update(tmp_path, one_device, mesh):
+    out = _driver_step(tmp_path / "mesh", mesh)
+    assert len(out["mesh"].devices.ravel()) == 8
+    assert out["stopped_at"] == 1 and int(out["state"].step) == 2
+    if mesh[2] > 1:
+        kernel = out["state"].params["layers_0"]["mlp"]["up_proj"]["kernel"]
+        assert "tensor" in str(kernel.sharding.spec)
+    assert len(out["calls"]) == len(one_device["calls"]) == 2
+    for a, b in zip(out["calls"], one_device["calls"]):
+        np.testing.assert_array_equal(a["batch"]["tokens"], b["batch"]["tokens"])   # same rollout
+        for key in b["metrics"]:
+            np.testing.assert_allclose(a["metrics"][key], b["metrics"][key], rtol=1e-5, atol=1e-6,
+                                       err_msg=key)
+    for a, b in zip(_leaves(out["state"].params), _leaves(one_device["state"].params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    base = one_device["history"][0]
+    for key, value in out["history"][0].items():
+        if "time/" not in key and "tokens/s" not in key:
+            np.testing.assert_allclose(value, base[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+# ---------------------------------------------------------------------------
+# configs/rl.py:tiny end to end, and an exact resume
+
+
+def _tiny(**train):
+    c = rl_config.get_config("tiny")
+    c.mesh.data = 1
+    c.train.update(train)
+    return c
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """configs/rl.py:tiny (4 steps, checkpoints at 2 and 4) straight through, and
+    in another workdir stopped at step 2 then re-run to 4."""
+    with _first_devices():
+        straight_dir = tmp_path_factory.mktemp("straight")
+        straight = _run(straight_dir, _tiny())
+        resumed_dir = tmp_path_factory.mktemp("resumed")
+        # The proxy reward model is trained once per workdir (same seed, same model);
+        # the copy saves retraining it, and the resumed run reloads it as any resume does.
+        shutil.copytree(straight_dir / "proxy_reward_model", resumed_dir / "proxy_reward_model")
+        half = _run(resumed_dir, _tiny(stop_after_steps=2))
+        resumed = _run(resumed_dir, _tiny())
+    return {"straight": straight, "straight_dir": straight_dir, "half": half, "resumed": resumed,
+            "resumed_dir": resumed_dir}
+
+
+def test_tiny_variant_end_to_end(tiny_runs):
+    out, wd = tiny_runs["straight"], tiny_runs["straight_dir"]
+    assert int(out["state"].step) == 4
+    assert [h["step"] for h in out["history"]] == [1, 2, 3, 4]
+    for h in out["history"]:
+        for key in ("reward/mean", "reward/gold", "kl/k1", "kl/k3", "loss", "grad_norm", "entropy",
+                    "ratio/mean", "clipfrac", "response_length/mean"):
+            assert np.isfinite(h[key]), key
+        assert h["response_length/mean"] == 8.0 and h["ratio/mean"] == 1.0   # one on-policy minibatch
+    assert [p["step"] for p in out["points"]] == [0, 2, 4]
+    for p in out["points"]:
+        assert all(np.isfinite(v) for v in p.values())
+    assert out["points"][0]["kl_k1"] == out["points"][0]["kl_k3"] == 0.0   # step 0: π = π_ref
+    # best-of-N of the reference: KL bound log N − (N−1)/N = 0, 0.193147, 0.636294
+    np.testing.assert_allclose([c["kl_bound"] for c in out["best_of_n"]], [0.0, 0.193147, 0.636294],
+                               atol=1e-6)
+    with open(wd / "rl.json") as f:
+        summary = json.load(f)
+    assert summary["final"] == out["final"] and summary["reward"] == "proxy reward"
+    assert os.path.getsize(wd / "reward_vs_kl.png") > 1000
+    exported = os.listdir(wd / driver.EXPORT_DIR)
+    assert "config.json" in exported and any(f.endswith(".safetensors") for f in exported)
+    assert sorted(os.listdir(wd / "checkpoints")) == ["2", "4"]
+    rows = [json.loads(line) for line in open(wd / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
+    # HF export round trip: the saved policy is the trained one.
+    import jaxreward
+    _, params, _ = jaxreward.load_pretrained(str(wd / driver.EXPORT_DIR))
+    for a, b in zip(_leaves(params), _leaves(out["state"].params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resume_is_exact(tiny_runs):
+    half, resumed, straight = tiny_runs["half"], tiny_runs["resumed"], tiny_runs["straight"]
+    assert half["stopped_at"] == 2 and int(resumed["state"].step) == 4
+    a, b = _leaves(resumed["state"].params), _leaves(straight["state"].params)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(jax.tree.leaves(jax.device_get(resumed["state"].opt_state)),
+                    jax.tree.leaves(jax.device_get(straight["state"].opt_state))):
+        np.testing.assert_array_equal(x, y)
+
+    def data_state(wd, step):
+        with open(wd / "checkpoints" / str(step) / "data" / "metadata") as f:
+            return json.load(f)
+    for step in (2, 4):
+        assert data_state(tiny_runs["resumed_dir"], step) == data_state(tiny_runs["straight_dir"], step)
+    assert data_state(tiny_runs["straight_dir"], 4)["prompts"]["position"] == 16   # 4 steps × 4 prompts
+
+    def lines(wd):   # every metric of every step but the wall-clock ones
+        return [{k: v for k, v in json.loads(line).items() if "time/" not in k and "tokens/s" not in k}
+                for line in open(wd / "metrics.jsonl")]
+    assert lines(tiny_runs["resumed_dir"]) == lines(tiny_runs["straight_dir"])
+    assert resumed["final"] == straight["final"]
+
+
+# ---------------------------------------------------------------------------
+# Bad input: reward functions, then the CLI
+
+
+def _register_once(name, fn):
+    if name not in rewards.names():
+        rewards.register(name)(fn)
+
+
+def _raise_on_row_2(prompts, completions, columns):
+    if len(completions) > 2:
+        raise ValueError(f"cannot score {completions[2]!r}")
+    return np.zeros(len(completions), np.float32)
+
+
+def _nan_on_row_1(prompts, completions, columns):
+    out = np.ones(len(completions), np.float32)
+    out[1] = np.nan
+    return out
+
+
+class _Chars:
+    """A character tokenizer stand-in for `decode_completions`."""
+
+    def decode(self, ids):
+        return "".join(string.ascii_lowercase[i % 26] for i in ids)
+
+
+class _Samples:
+    def __init__(self, tokens_RM):
+        self.response_tokens_RM = np.asarray(tokens_RM)
+        self.response_mask_RM = np.ones_like(self.response_tokens_RM, bool)
+
+
+@pytest.mark.parametrize("name,message", [
+    ("test_raise_on_row_2", "text reward 'test_raise_on_row_2' raised ValueError: cannot score 'ccc'"),
+    ("test_nan_on_row_1", "text reward 'test_nan_on_row_1' returned NaN/inf for 1 of 4 rows: row 1 'bbb'"),
+])
+def test_a_failing_reward_function_names_itself_and_the_row(name, message):
+    _register_once("test_raise_on_row_2", _raise_on_row_2)
+    _register_once("test_nan_on_row_1", _nan_on_row_1)
+    config = rl_config.get_config("smollm2_arith")
+    config.reward.functions = (("exact_match", 0.5), (name, 1.0))
+    score, label = rollout.make_reward_fn(config, "", None, _Chars(), None, None)
+    assert label == f"0.5·exact_match + 1·{name}"
+    split = {"texts": ["p0", "p1"], "columns": {"answer": ["1", "2"]}}
+    samples = _Samples([[0, 0, 0], [1, 1, 1], [2, 2, 2], [3, 3, 3]])
+    with pytest.raises(rewards.RewardFunctionError) as e:
+        score(samples, np.array([0, 0, 1, 1]), split)
+    assert str(e.value) == message
+
+
+def _assert_user_error(proc, message):
+    """One `error:` line naming the problem, exit status 2, no traceback."""
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+
+
+def test_bad_prompt_files_and_reward_names_through_the_cli(tmp_path):
+    missing = _cli("--config=configs/rl.py:tiny", f"--workdir={tmp_path / 'a'}",
+                   "--config.data.source=jsonl", "--config.data.prompts_path=/no/such/prompts.jsonl",
+                   check=False)
+    _assert_user_error(missing, "config field data.prompts_path: '/no/such/prompts.jsonl' does not exist")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    refused = _cli("--config=configs/rl.py:tiny", f"--workdir={tmp_path / 'b'}",
+                   "--config.data.source=jsonl", f"--config.data.prompts_path={empty}", check=False)
+    _assert_user_error(refused, f"config field data.prompts_path: '{empty}' is empty (no records)")
+    # An unknown reward name, refused before SmolLM2 loads.
+    unknown = _cli("--config=configs/rl.py:smollm2_arith", f"--workdir={tmp_path / 'c'}",
+                   "--config.reward.functions=(('exact_matc', 1.0),)", check=False)
+    _assert_user_error(unknown, "config field reward.functions: reward spec 0: no text reward named "
+                                "'exact_matc'; registered:")
+    for where in ("a", "b", "c"):
+        assert not os.path.exists(tmp_path / where / "config.json")   # nothing written
+
+
+def _tiny_text_model(directory):
+    """A random 1-block decoder + a character BPE tokenizer with a ChatML template."""
+    import tokenizers
+    from tokenizers import decoders, models
+
+    import jaxreward
+    from jaxreward.data.tokenizer import Tokenizer
+    from jaxreward.models.llama import Decoder, LlamaConfig
+    from jaxreward.train.step import unbox
+    specials = ["<pad>", "<s>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for ch in string.printable:
+        vocab.setdefault(ch, len(vocab))
+    hf = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<pad>"))
+    hf.decoder = decoders.Fuse()
+    hf.add_special_tokens(specials)
+    chatml = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
+              "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    tok = Tokenizer(hf, bos_id=1, eos_id=3, pad_id=0, add_bos=False, chat_template=chatml)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_layers=1,
+                      num_heads=2, num_kv_heads=1, max_position_embeddings=256)
+    decoder = Decoder(cfg)
+    params = unbox(decoder.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"])
+    jaxreward.save_pretrained(directory, cfg, params, tok)
+
+
+def test_a_reward_returning_nan_stops_the_run_with_one_line(tmp_path):
+    """A text task on a tiny local model: a reward registered in the config
+    file returns NaN on row 1; the run ends at the first scoring (the eval at
+    step 0) with one line naming the reward and the row."""
+    _tiny_text_model(tmp_path / "model")
+    (tmp_path / "prompts.txt").write_text("say a\nsay b\nsay c\nsay d\n")
+    (tmp_path / "nan_reward.py").write_text(
+        "import numpy as np\n"
+        "from configs import rl\n"
+        "from jaxreward import rewards\n\n"
+        "def nan_on_row_1(prompts, completions, columns):\n"
+        "    out = np.zeros(len(completions), np.float32)\n"
+        "    out[1] = np.nan\n"
+        "    return out\n\n"
+        "if 'nan_on_row_1' not in rewards.names():\n"
+        "    rewards.register('nan_on_row_1')(nan_on_row_1)\n\n"
+        "def get_config(variant=None):\n"
+        "    c = rl.get_config('tiny')\n"
+        f"    c.model.pretrained = {str(tmp_path / 'model')!r}\n"
+        f"    c.data.update(source='jsonl', prompts_path={str(tmp_path / 'prompts.txt')!r}, "
+        "num_eval_prompts=2)\n"
+        "    c.reward.update(kind='text', functions=(('nan_on_row_1', 1.0),))\n"
+        "    c.rollout.update(prompts_per_step=2, group_size=2, max_new_tokens=3)\n"
+        "    c.mesh.data = 1\n"
+        "    return c\n")
+    proc = _cli(f"--config={tmp_path / 'nan_reward.py'}", f"--workdir={tmp_path / 'wd'}", check=False)
+    _assert_user_error(proc, "text reward 'nan_on_row_1' returned NaN/inf for 1 of 4 rows: row 1 ")

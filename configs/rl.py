@@ -58,8 +58,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         batch_size=64,                         # rows per reference forward
     ))
     c.data = ml_collections.ConfigDict(dict(
-        source="synthetic",                    # synthetic | arithmetic | jsonl (prompts)
-        prompts_path="",                       # .jsonl (`prompt`, optional `answer`) or .txt (source=jsonl)
+        source="synthetic",                    # synthetic | arithmetic | jsonl (prompts) | pairs (preference pairs' prompts)
+        prompts_path="",                       # jsonl: .jsonl (`prompt`[, `answer`]) or .txt; pairs: HH/TRL .jsonl[.gz]
         on_error="skip",                       # skip | raise, for malformed prompt lines
         chat_template=True,                    # render text prompts as a user turn with the chat template
         max_prompt_length=128,                 # tokens; longer prompts keep their end (counted)
@@ -152,9 +152,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         c.reward.update(kind="text", functions=(("exact_match", 1.0),), truncated="score")
         c.rollout.update(prompts_per_step=4, group_size=8, max_new_tokens=32, temperature=0.7)
         c.algorithm.update(loss_agg_mode="seq-mean-token-mean")
-        c.kl.update(placement="loss", estimator="k3", beta=0.0, measure=True)
-        c.optimizer = defaults.optimizer(learning_rate=3e-5, warmup_steps=2)
+        # No KL term and no reference forward in training (eval points still measure the KL).
+        c.kl.update(placement="loss", estimator="k3", beta=0.0, measure=False)
+        c.optimizer = defaults.optimizer(learning_rate=5e-5, warmup_steps=2)
         c.optimizer.weight_decay = 0.0
-        c.train.update(num_steps=40, log_every=1, eval_every=10, checkpoint_every=10)
-        c.eval.update(samples_per_prompt=4, best_of_n_max_n=0)
+        c.train.update(num_steps=30, log_every=1, eval_every=15, checkpoint_every=15)
+        c.eval.update(samples_per_prompt=2, best_of_n_max_n=0)
     return c

@@ -48,13 +48,13 @@ from jaxreward.data.preference import read_preference_pairs
 from jaxreward.models.llama import Decoder, LlamaConfig
 from jaxreward.models.reward_io import load_reward_model
 from jaxreward.sampling.best_of_n import best_of_n, reward_model_fn
-from jaxreward.sampling.sampler import generate
 from jaxreward.train import checkpoint as ckpt_lib
 from jaxreward.train import defaults, loop
 from jaxreward.train import metrics as metrics_lib
 from jaxreward.train import preference as pref
 from jaxreward.train import state as state_lib
 from jaxreward.train import step as step_lib
+from jaxreward.train.proxy import sample_pairs
 from jaxreward.train.step import unbox
 
 CACHE_FILE = "reference_logps.npz"
@@ -120,23 +120,6 @@ def _init_fn(decoder: Decoder):
     """Jitted random init of `decoder`, compiled once per architecture (XLA
     compiles the RNG of the init slowly; the key is an argument)."""
     return jax.jit(lambda key: unbox(decoder.init(key, jnp.zeros((1, 2), jnp.int32))["params"]))
-
-
-def sample_pairs(task: synthetic.CountingTask, policy: Decoder, params, n: int, seed: int,
-                 temperature: float) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """n pairs of the policy's own samples, labelled by Bradley–Terry of the
-    gold reward; also bool `[n]`: the chosen response has the higher gold
-    reward (its mean is the accuracy ceiling)."""
-    prompts = task.prompts(n, seed)
-    out = generate(policy, params, prompts, np.ones_like(prompts, bool), rng=jax.random.PRNGKey(seed),
-                   max_new_tokens=task.response_length, temperature=temperature, num_samples=2)
-    resp = np.asarray(out.tokens_RM).reshape(n, 2, -1)
-    mask = np.asarray(out.mask_RM).reshape(n, 2, -1)
-    gold = task.gold_reward(resp.reshape(2 * n, -1), mask.reshape(2 * n, -1)).reshape(n, 2)
-    prefer_1 = task.label(gold[:, 0], gold[:, 1], seed)
-    arrays = synthetic.pair_arrays(prompts, resp[:, 0], resp[:, 1], prefer_1, mask[:, 0], mask[:, 1])
-    agree = np.where(prefer_1, gold[:, 0] > gold[:, 1], gold[:, 1] > gold[:, 0])
-    return arrays, agree
 
 
 def read_pairs(config: ml_collections.ConfigDict, tokenizer, workdir: str):

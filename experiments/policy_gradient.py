@@ -60,7 +60,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import time
 
@@ -72,15 +71,14 @@ import tqdm
 
 import jaxreward
 from jaxreward import parallel, rewards
-from jaxreward.data import synthetic
-from jaxreward.data.prompts import PromptSampler, filter_degenerate_groups, group_shard_check
+from jaxreward.data.prompts import PromptSampler, filter_degenerate_groups
 from jaxreward.errors import UserError
 from jaxreward.models.llama import Decoder
 from jaxreward.models.scoring import shift_mask, token_logps
 from jaxreward.objectives import registry
-from jaxreward.objectives.kl import adaptive_kl_coef, kl_loss, kl_per_token
+from jaxreward.objectives.kl import adaptive_kl_coef, kl_loss
 from jaxreward.objectives.masking import masked_whiten
-from jaxreward.objectives.policy_gradient import MAX_LOG_RATIO, aggregation_normalizers
+from jaxreward.objectives.policy_gradient import aggregation_normalizers
 from jaxreward.sampling.sampler import generate
 from jaxreward.train import checkpoint as ckpt_lib
 from jaxreward.train import defaults, loop, rollout
@@ -96,8 +94,8 @@ ADVANTAGES = ("grpo", "rloo", "reinforce_pp", "remax")
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Checks this job's own fields (the shared blocks are checked by main)."""
     d, r, ro, a, k = config.data, config.reward, config.rollout, config.algorithm, config.kl
-    defaults.check_choice(config, "data.source", ("synthetic", "arithmetic", "jsonl"))
-    if d.source == "jsonl":
+    defaults.check_choice(config, "data.source", ("synthetic", "arithmetic", "jsonl", "pairs"))
+    if d.source in ("jsonl", "pairs"):
         defaults.check_path(config, "data.prompts_path", required=True)
         defaults.check_not_empty(config, "data.prompts_path")  # before any model loads
     if d.source == "synthetic":
@@ -230,31 +228,12 @@ def make_loss_fns(logps_fn, config: ml_collections.ConfigDict, max_len: int):
                                  old_logps_BT=sg(off_policy), **agg)
             loss = loss + k.beta * kl_term
         # Per-row sums for metrics (merged over micro-batches, then averaged per token).
-        log_ratio = jnp.clip(jnp.where(mask, logps - old, 0.0), -MAX_LOG_RATIO, MAX_LOG_RATIO)
-        ratio = jnp.exp(log_ratio)
-        adv = mb["advantages"]
-        clip_low = mask & (adv < 0) & (ratio < 1 - a.clip_eps)
-        clip_hi = mask & (adv > 0) & (ratio > 1 + clip_high)
-        rowsum = lambda x: jnp.sum(jnp.where(mask, x, 0.0), axis=1)
-        outputs = {"tokens": rowsum(jnp.ones_like(logps)), "neg_logp": rowsum(-sg(logps)),
-                   "clip_low": rowsum(clip_low.astype(jnp.float32)),
-                   "clip_high": rowsum(clip_hi.astype(jnp.float32)),
-                   "approx_kl": rowsum(0.5 * sg(log_ratio) ** 2), "ratio": rowsum(sg(ratio))}
-        for name in ("k1", "k2", "k3"):
-            outputs[f"kl_{name}"] = rowsum(sg(kl_per_token(logps, mb["ref_logps"], mask, name)))
+        outputs = rollout.update_row_stats(logps, old, mb["advantages"], mb["ref_logps"], mask, a.clip_eps,
+                                           clip_high)
         return loss, outputs
 
     def metrics_fn(outputs, batch):
-        n = jnp.maximum(outputs["tokens"].sum(), 1.0)
-        out = {"entropy": outputs["neg_logp"].sum() / n,  # sampled-token estimate −E[log π(y_t)]
-               "clipfrac/low": outputs["clip_low"].sum() / n,
-               "clipfrac/high": outputs["clip_high"].sum() / n,
-               "approx_kl": outputs["approx_kl"].sum() / n, "ratio/mean": outputs["ratio"].sum() / n}
-        out["clipfrac"] = out["clipfrac/low"] + out["clipfrac/high"]
-        if config.kl.beta > 0 or config.kl.measure:
-            for name in ("k1", "k2", "k3"):
-                out[f"update_kl/{name}"] = outputs[f"kl_{name}"].sum() / n
-        return out
+        return rollout.update_metrics(outputs, config.kl.beta > 0 or config.kl.measure)
 
     return loss_fn, metrics_fn, totals_fn
 
@@ -283,21 +262,6 @@ def _advantage_fn(name: str, group_size: int, scale_by_std: bool, gamma: float):
     return jax.jit(lambda r, valid, _: fn(r, group_size=group_size, valid_B=valid, **kw))
 
 
-class RunState:
-    """What resumes beside the train state: the prompt sampler and the KL β
-    (JSON, saved in the checkpoint as its data state)."""
-
-    def __init__(self, sampler: PromptSampler, beta: float):
-        self.sampler, self.beta = sampler, float(beta)
-
-    def state(self) -> dict:
-        return {"prompts": self.sampler.state(), "kl_beta": self.beta}
-
-    def restore(self, state: dict) -> None:
-        self.sampler.restore(state["prompts"])
-        self.beta = float(state["kl_beta"])
-
-
 # ----------------------------------------------------------------------------- the job
 
 
@@ -309,10 +273,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cfg = dataclasses.replace(base_model.config, remat=m.remat)
     if d.source != "synthetic" and tokenizer is None:
         raise UserError(f"model.pretrained={m.pretrained!r} has no tokenizer; text prompts need one")
-    task = None
-    if d.source == "synthetic":
-        task = synthetic.CountingTask(cfg.vocab_size, config.synthetic.prompt_length, ro.max_new_tokens,
-                                      seed=config.seed, label_beta=config.synthetic.label_beta)
+    task = rollout.synthetic_task(config, cfg.vocab_size)
     print(f"policy {m.pretrained or 'random model.arch'}: {cfg.num_params():,} params; "
           f"{a.advantage} advantages, {a.policy_loss} loss ({a.loss_agg_mode}), KL {k.placement} "
           f"β={k.beta:g} ({k.estimator})")
@@ -323,23 +284,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if len(train_p["tokens"]) < B:
         raise UserError(f"{len(train_p['tokens'])} train prompts is fewer than rollout.prompts_per_step={B}")
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    try:
-        group_shard_check(R // a.num_minibatches, G, shards, t.micro_batches)
-    except ValueError as err:
-        raise defaults.ConfigError(f"config fields rollout/algorithm.num_minibatches/train.micro_batches/"
-                                   f"mesh: {err}") from None
-    ref_model, ref_params = base_model, base_params
-    if config.reference.path:
-        ref_model, ref_params, _ = jaxreward.load_pretrained(config.reference.path, dtype=m.dtype)
-        if ref_model.config.vocab_size != cfg.vocab_size:
-            raise UserError(f"reference.path={config.reference.path!r} has vocabulary "
-                            f"{ref_model.config.vocab_size}, the policy {cfg.vocab_size}")
+    rollout.check_minibatch_split(config, mesh)
+    ref_model, ref_params = rollout.load_reference(config, cfg.vocab_size, base_model, base_params)
     score, reward_name = rollout.make_reward_fn(config, workdir, task, tokenizer, base_model, base_params)
-    stop_ids = tokenizer.stop_ids if tokenizer else ()
-    pad_id = tokenizer.pad_id if tokenizer else synthetic.PAD_ID
-    sampling = dict(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_k=ro.top_k,
-                    top_p=ro.top_p, stop_ids=stop_ids, pad_id=pad_id)
+    sampling = rollout.sampling_kwargs(config, tokenizer)
+    stop_ids = sampling["stop_ids"]
     process = (ro.temperature, ro.top_k, ro.top_p)
     ref_logps_fn = rollout.logps_fn(ref_model, *process)
     needs_ref = k.beta > 0 or k.measure
@@ -356,7 +305,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     update = step_lib.make_train_step(loss_fn, metrics_fn, tx, schedule, mesh, shardings,
                                       micro_batches=t.micro_batches, totals_fn=totals_fn)
     policy_logps_fn = rollout.logps_fn(policy, *process)
-    run_state = RunState(PromptSampler(len(train_p["tokens"]), B, config.seed), k.beta)
+    run_state = rollout.RunState(PromptSampler(len(train_p["tokens"]), B, config.seed), k.beta)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
     make_state = jax.jit(lambda p: state_lib.init_state(p, tx, config.seed), out_shardings=shardings)
     state, _ = loop.restore_or_init(checkpointer, make_state, (base_params,), shardings, run_state)
@@ -367,35 +316,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"{a.num_epochs} epoch(s) × {a.num_minibatches} minibatch(es) per rollout; reward: {reward_name}")
 
     # --- Eval points: policy samples on held-out prompts, reward and KL to the reference.
-    eval_ids = np.repeat(np.arange(len(eval_p["tokens"])), e.samples_per_prompt)
     ref_bs = config.reference.batch_size
 
-    def evaluate(params, step: int) -> dict:
-        out = generate(policy, params, eval_p["tokens"], eval_p["mask"], rng=jax.random.PRNGKey(config.seed + 7),
-                       num_samples=e.samples_per_prompt, **sampling)
-        samples = out.sequences()
-        rew, extra = score(samples, eval_ids, eval_p)
-        arrays = rollout.rollout_arrays(samples)
-        mask = np.asarray(shift_mask(samples.loss_mask_RL))
-        lp = rollout.batched_logps(policy_logps_fn, params, arrays, ref_bs, mesh)
-        ref = rollout.batched_logps(ref_logps_fn, ref_params, arrays, ref_bs, mesh)
-        x = np.where(mask, lp - ref, 0.0)
-        k3 = np.where(mask, np.exp(-x) - 1 + x, 0.0)
-        res = {"reward": float(np.mean(rew)), "reward_se": rollout.standard_error(rew),
-               "kl_k1": float(x.sum(1).mean()), "kl_k1_se": rollout.standard_error(x.sum(1)),
-               "kl_k3": float(k3.sum(1).mean()), "kl_k3_se": rollout.standard_error(k3.sum(1)),
-               "response_length": float(np.asarray(samples.response_mask_RM).sum(1).mean())}
-        res["sqrt_kl"] = math.sqrt(max(res["kl_k1"], 0.0))
-        for name, v in extra.items():
-            res[f"reward/{name}"] = float(np.mean(v))
-        return res
+    def evaluate(params) -> dict:
+        return rollout.eval_point(policy, params, eval_p, score, sampling, policy_logps_fn, ref_logps_fn,
+                                  ref_params, samples_per_prompt=e.samples_per_prompt, batch_size=ref_bs,
+                                  mesh=mesh, seed=config.seed)
 
     # --- Train: rollout, score, reference, advantages, update.
     updates_per_step = a.num_epochs * a.num_minibatches  # state.step counts optimizer steps
     start, stop = int(state.step) // updates_per_step, loop.stop_step(t)
     writer = metrics_lib.MetricWriter(workdir, resume_step=start)
     if start == 0:
-        writer.write(0, evaluate(state.params, 0), prefix="eval")
+        writer.write(0, evaluate(state.params), prefix="eval")
     history = []
     bar = tqdm.trange(start, stop, desc=f"rl {a.advantage}", initial=start, total=stop,
                       disable=not t.progress_bar, dynamic_ncols=True)
@@ -503,7 +436,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             "kl/k3": float(k3.sum(1).mean())})
             history.append({"step": done, **loop.log_train(writer, done, met, bar, show=("reward/mean", "kl/k1"))})
         if t.eval_every and done % t.eval_every == 0 and done != t.num_steps:
-            writer.write(done, evaluate(state.params, done), prefix="eval")
+            writer.write(done, evaluate(state.params), prefix="eval")
         if loop.due(done, t.checkpoint_every, stop):
             checkpointer.save(done, state, run_state.state())
     checkpointer.close()
@@ -513,7 +446,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return {"stopped_at": done, "history": history, "state": state, "mesh": mesh}
 
     # --- Final eval, best-of-N of the reference on the same prompts, summary, plot, export.
-    final = evaluate(state.params, done)
+    final = evaluate(state.params)
     writer.write(done, final, prefix="eval")
     writer.close()
     points = [{"step": r["step"], **{key.split("/", 1)[1]: v for key, v in r.items() if key.startswith("eval/")}}

@@ -49,7 +49,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import time
 
@@ -62,7 +61,6 @@ import tqdm
 
 import jaxreward
 from jaxreward import parallel, rewards
-from jaxreward.data import synthetic
 from jaxreward.data.prompts import PromptSampler
 from jaxreward.errors import UserError
 from jaxreward.models.heads import ValueModel, value_params_from_policy, value_params_from_reward_model
@@ -70,9 +68,9 @@ from jaxreward.models.llama import Decoder
 from jaxreward.models.reward_io import load_reward_model
 from jaxreward.models.scoring import shift_mask, token_logps
 from jaxreward.objectives import registry
-from jaxreward.objectives.kl import adaptive_kl_coef, kl_per_token
+from jaxreward.objectives.kl import adaptive_kl_coef
 from jaxreward.objectives.masking import masked_whiten
-from jaxreward.objectives.policy_gradient import MAX_LOG_RATIO, aggregation_normalizers, value_loss
+from jaxreward.objectives.policy_gradient import aggregation_normalizers, value_loss
 from jaxreward.sampling.sampler import generate
 from jaxreward.train import checkpoint as ckpt_lib
 from jaxreward.train import defaults, loop, rollout
@@ -219,31 +217,12 @@ def make_policy_loss_fns(config: ml_collections.ConfigDict, max_len: int, logps_
                               loss_agg_mode=a.loss_agg_mode, num_tokens=totals["num_tokens"],
                               num_seqs=totals["num_seqs"], max_len=max_len)
         # Per-row sums for metrics (merged over micro-batches, then averaged per token).
-        log_ratio = jnp.clip(jnp.where(mask, logps - old, 0.0), -MAX_LOG_RATIO, MAX_LOG_RATIO)
-        ratio = jnp.exp(log_ratio)
-        adv = mb["advantages"]
-        clip_low = mask & (adv < 0) & (ratio < 1 - a.clip_eps)
-        clip_hi = mask & (adv > 0) & (ratio > 1 + clip_high)
-        rowsum = lambda x: jnp.sum(jnp.where(mask, x, 0.0), axis=1)
-        outputs = {"tokens": rowsum(jnp.ones_like(logps)), "neg_logp": rowsum(-sg(logps)),
-                   "clip_low": rowsum(clip_low.astype(jnp.float32)),
-                   "clip_high": rowsum(clip_hi.astype(jnp.float32)),
-                   "approx_kl": rowsum(0.5 * sg(log_ratio) ** 2), "ratio": rowsum(sg(ratio))}
-        for name in ("k1", "k2", "k3"):
-            outputs[f"kl_{name}"] = rowsum(sg(kl_per_token(logps, mb["ref_logps"], mask, name)))
+        outputs = rollout.update_row_stats(logps, old, mb["advantages"], mb["ref_logps"], mask, a.clip_eps,
+                                           clip_high)
         return loss, outputs
 
     def metrics_fn(outputs, batch):
-        n = jnp.maximum(outputs["tokens"].sum(), 1.0)
-        out = {"entropy": outputs["neg_logp"].sum() / n,  # sampled-token estimate −E[log π(y_t)]
-               "clipfrac/low": outputs["clip_low"].sum() / n,
-               "clipfrac/high": outputs["clip_high"].sum() / n,
-               "approx_kl": outputs["approx_kl"].sum() / n, "ratio/mean": outputs["ratio"].sum() / n}
-        out["clipfrac"] = out["clipfrac/low"] + out["clipfrac/high"]
-        if config.kl.beta > 0 or config.kl.measure:
-            for name in ("k1", "k2", "k3"):
-                out[f"update_kl/{name}"] = outputs[f"kl_{name}"].sum() / n
-        return out
+        return rollout.update_metrics(outputs, config.kl.beta > 0 or config.kl.measure)
 
     return loss_fn, metrics_fn, totals_fn
 
@@ -392,21 +371,6 @@ class PPOState:
         return self.policy.step // self.updates_per_step
 
 
-class RunState:
-    """What resumes beside the two train states: the prompt sampler and the
-    KL β (JSON, saved in the checkpoint as its data state)."""
-
-    def __init__(self, sampler: PromptSampler, beta: float):
-        self.sampler, self.beta = sampler, float(beta)
-
-    def state(self) -> dict:
-        return {"prompts": self.sampler.state(), "kl_beta": self.beta}
-
-    def restore(self, state: dict) -> None:
-        self.sampler.restore(state["prompts"])
-        self.beta = float(state["kl_beta"])
-
-
 # ----------------------------------------------------------------------------- the job
 
 
@@ -418,10 +382,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cfg = dataclasses.replace(base_model.config, remat=m.remat)
     if d.source != "synthetic" and tokenizer is None:
         raise UserError(f"model.pretrained={m.pretrained!r} has no tokenizer; text prompts need one")
-    task = None
-    if d.source == "synthetic":
-        task = synthetic.CountingTask(cfg.vocab_size, config.synthetic.prompt_length, ro.max_new_tokens,
-                                      seed=config.seed, label_beta=config.synthetic.label_beta)
+    task = rollout.synthetic_task(config, cfg.vocab_size)
     print(f"policy {m.pretrained or 'random model.arch'}: {cfg.num_params():,} params; PPO "
           f"({a.policy_loss} loss, {a.loss_agg_mode}), GAE γ={a.gamma:g} λ={a.lam:g}, KL in the reward "
           f"β={k.beta:g}{' (adaptive)' if k.adaptive else ''}")
@@ -432,22 +393,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if len(train_p["tokens"]) < B:
         raise UserError(f"{len(train_p['tokens'])} train prompts is fewer than rollout.prompts_per_step={B}")
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if (R // a.num_minibatches) % (shards * t.micro_batches):
-        raise defaults.ConfigError(f"config fields rollout/algorithm.num_minibatches/train.micro_batches/mesh: "
-                                   f"a minibatch of {R // a.num_minibatches} rows does not split over "
-                                   f"{shards} shard(s) × {t.micro_batches} micro-batch(es)")
-    ref_model, ref_params = base_model, base_params
-    if config.reference.path:
-        ref_model, ref_params, _ = jaxreward.load_pretrained(config.reference.path, dtype=m.dtype)
-        if ref_model.config.vocab_size != cfg.vocab_size:
-            raise UserError(f"reference.path={config.reference.path!r} has vocabulary "
-                            f"{ref_model.config.vocab_size}, the policy {cfg.vocab_size}")
+    rollout.check_minibatch_split(config, mesh)
+    ref_model, ref_params = rollout.load_reference(config, cfg.vocab_size, base_model, base_params)
     score, reward_name = rollout.make_reward_fn(config, workdir, task, tokenizer, base_model, base_params)
-    stop_ids = tokenizer.stop_ids if tokenizer else ()
-    pad_id = tokenizer.pad_id if tokenizer else synthetic.PAD_ID
-    sampling = dict(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_k=ro.top_k,
-                    top_p=ro.top_p, stop_ids=stop_ids, pad_id=pad_id)
+    sampling = rollout.sampling_kwargs(config, tokenizer)
+    stop_ids = sampling["stop_ids"]
     process = (ro.temperature, ro.top_k, ro.top_p)
     ref_logps_fn = rollout.logps_fn(ref_model, *process)
     needs_ref = k.beta > 0 or k.measure
@@ -488,7 +438,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                           micro_batches=t.micro_batches, totals_fn=vtotals)
     policy_logps_fn = rollout.logps_fn(policy, *process)
     values_fn = jax.jit(values)
-    run_state = RunState(PromptSampler(len(train_p["tokens"]), B, config.seed), k.beta)
+    run_state = rollout.RunState(PromptSampler(len(train_p["tokens"]), B, config.seed), k.beta)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
     make_states = jax.jit(lambda p, v: PPOState(state_lib.init_state(p, tx, config.seed),
                                                 state_lib.init_state(v, vtx, config.seed + 1), updates_per_step),
@@ -503,34 +453,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"{a.num_epochs} epoch(s) × {a.num_minibatches} minibatch(es) per rollout; reward: {reward_name}")
 
     # --- Eval points: policy samples on held-out prompts, reward and KL to the reference.
-    eval_ids = np.repeat(np.arange(len(eval_p["tokens"])), e.samples_per_prompt)
     ref_bs = config.reference.batch_size
 
-    def evaluate(params, step: int) -> dict:
-        out = generate(policy, params, eval_p["tokens"], eval_p["mask"], rng=jax.random.PRNGKey(config.seed + 7),
-                       num_samples=e.samples_per_prompt, **sampling)
-        samples = out.sequences()
-        rew, extra = score(samples, eval_ids, eval_p)
-        arrays = rollout.rollout_arrays(samples)
-        mask = np.asarray(shift_mask(samples.loss_mask_RL))
-        lp = rollout.batched_logps(policy_logps_fn, params, arrays, ref_bs, mesh)
-        ref = rollout.batched_logps(ref_logps_fn, ref_params, arrays, ref_bs, mesh)
-        x = np.where(mask, lp - ref, 0.0)
-        k3 = np.where(mask, np.exp(-x) - 1 + x, 0.0)
-        res = {"reward": float(np.mean(rew)), "reward_se": rollout.standard_error(rew),
-               "kl_k1": float(x.sum(1).mean()), "kl_k1_se": rollout.standard_error(x.sum(1)),
-               "kl_k3": float(k3.sum(1).mean()), "kl_k3_se": rollout.standard_error(k3.sum(1)),
-               "response_length": float(np.asarray(samples.response_mask_RM).sum(1).mean())}
-        res["sqrt_kl"] = math.sqrt(max(res["kl_k1"], 0.0))
-        for name, v in extra.items():
-            res[f"reward/{name}"] = float(np.mean(v))
-        return res
+    def evaluate(params) -> dict:
+        return rollout.eval_point(policy, params, eval_p, score, sampling, policy_logps_fn, ref_logps_fn,
+                                  ref_params, samples_per_prompt=e.samples_per_prompt, batch_size=ref_bs,
+                                  mesh=mesh, seed=config.seed)
 
     # --- Train: rollout, score, reference and values, rewards and advantages, update.
     start, stop = int(state.step) // updates_per_step, loop.stop_step(t)
     writer = metrics_lib.MetricWriter(workdir, resume_step=start)
     if start == 0:
-        writer.write(0, evaluate(state.params, 0), prefix="eval")
+        writer.write(0, evaluate(state.params), prefix="eval")
     history = []
     bar = tqdm.trange(start, stop, desc="ppo", initial=start, total=stop,
                       disable=not t.progress_bar, dynamic_ncols=True)
@@ -621,7 +555,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             history.append({"step": done, **loop.log_train(writer, done, met, bar,
                                                            show=("reward/mean", "kl/k1", "value/loss"))})
         if t.eval_every and done % t.eval_every == 0 and done != t.num_steps:
-            writer.write(done, evaluate(state.params, done), prefix="eval")
+            writer.write(done, evaluate(state.params), prefix="eval")
         if loop.due(done, t.checkpoint_every, stop):
             checkpointer.save(done, PPOState(state, value_state, updates_per_step), run_state.state())
     checkpointer.close()
@@ -632,7 +566,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # --- Final eval, best-of-N of the reference on the same prompts, summary, plot, export.
     final_step = int(state.step) // updates_per_step
-    final = evaluate(state.params, final_step)
+    final = evaluate(state.params)
     writer.write(final_step, final, prefix="eval")
     writer.close()
     points = [{"step": r["step"], **{key.split("/", 1)[1]: v for key, v in r.items() if key.startswith("eval/")}}

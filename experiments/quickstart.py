@@ -94,6 +94,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       seed=1, temperature=s.temperature)
     evals, eval_agree = sample_pairs(task, policy, policy_params, s.num_eval_pairs,
                                      seed=2, temperature=s.temperature)
+    train_agree, eval_agree = float(train_agree.mean()), float(eval_agree.mean())
     print(f"sampled {s.num_train_pairs} train / {s.num_eval_pairs} eval pairs; labels agree "
           f"with the gold reward on {eval_agree:.3f} of eval pairs (the accuracy ceiling)")
 

@@ -33,10 +33,11 @@ from jaxreward.train.step import unbox
 
 
 def sample_pairs(task: synthetic.CountingTask, policy, params, n: int, seed: int,
-                 temperature: float = 1.0) -> tuple[dict[str, np.ndarray], float]:
+                 temperature: float = 1.0) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """n pairs of the policy's own samples labelled by Bradley–Terry of the gold
-    reward, and the fraction whose chosen response has the higher gold reward
-    (the accuracy ceiling a reward model can reach on them)."""
+    reward (pair arrays as `synthetic.pair_arrays`), and bool `[n]`: the
+    chosen response has the higher gold reward (its mean is the accuracy
+    ceiling a reward model can reach on them)."""
     prompts = task.prompts(n, seed)
     out = generate(policy, params, prompts, np.ones_like(prompts, bool), rng=jax.random.PRNGKey(seed),
                    max_new_tokens=task.response_length, temperature=temperature, num_samples=2)
@@ -45,8 +46,8 @@ def sample_pairs(task: synthetic.CountingTask, policy, params, n: int, seed: int
     gold = task.gold_reward(resp.reshape(2 * n, -1), mask.reshape(2 * n, -1)).reshape(n, 2)
     prefer_1 = task.label(gold[:, 0], gold[:, 1], seed)
     arrays = synthetic.pair_arrays(prompts, resp[:, 0], resp[:, 1], prefer_1, mask[:, 0], mask[:, 1])
-    agree = np.mean(np.where(prefer_1, gold[:, 0] > gold[:, 1], gold[:, 1] > gold[:, 0]))
-    return arrays, float(agree)
+    agree = np.where(prefer_1, gold[:, 0] > gold[:, 1], gold[:, 1] > gold[:, 0])
+    return arrays, agree
 
 
 def train_proxy(directory: str, task: synthetic.CountingTask, policy, params, *, num_pairs: int,
@@ -100,7 +101,7 @@ def train_proxy(directory: str, task: synthetic.CountingTask, policy, params, *,
     final = pairwise.evaluate_pairs(rm, state.params, evals, 256, mesh, "bradley_terry")
     rm_params = jax.device_get(state.params)
     export_reward_model(directory, rm, rm_params, pretrained="")
-    info = {"settings": settings, "accuracy": final["accuracy"], "ceiling": ceiling}
+    info = {"settings": settings, "accuracy": final["accuracy"], "ceiling": float(ceiling.mean())}
     with open(info_path, "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)
     return rm, rm_params, info

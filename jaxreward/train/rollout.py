@@ -278,3 +278,138 @@ def plot_reward_vs_kl(path: str, points: list[dict], curve: list[dict], reward_n
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def synthetic_task(config: ml_collections.ConfigDict, vocab_size: int):
+    """The counting task of `data.source = "synthetic"` (None otherwise)."""
+    if config.data.source != "synthetic":
+        return None
+    from jaxreward.data.synthetic import CountingTask
+    return CountingTask(vocab_size, config.synthetic.prompt_length, config.rollout.max_new_tokens,
+                        seed=config.seed, label_beta=config.synthetic.label_beta)
+
+
+def load_reference(config: ml_collections.ConfigDict, vocab_size: int, base_model, base_params):
+    """`(model, params)` of the reference: the initial policy, or `reference.path`.
+
+    Raises:
+      UserError: the reference's vocabulary differs from the policy's.
+    """
+    if not config.reference.path:
+        return base_model, base_params
+    model, params, _ = jaxreward.load_pretrained(config.reference.path, dtype=config.model.dtype)
+    if model.config.vocab_size != vocab_size:
+        raise UserError(f"reference.path={config.reference.path!r} has vocabulary {model.config.vocab_size}, "
+                        f"the policy {vocab_size}: they must share one tokenizer")
+    return model, params
+
+
+def sampling_kwargs(config: ml_collections.ConfigDict, tokenizer) -> dict:
+    """`generate` keyword arguments of `config.rollout` (stop and pad ids from the tokenizer)."""
+    from jaxreward.data.synthetic import PAD_ID
+    ro = config.rollout
+    return dict(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_k=ro.top_k, top_p=ro.top_p,
+                stop_ids=tokenizer.stop_ids if tokenizer else (),
+                pad_id=tokenizer.pad_id if tokenizer else PAD_ID)
+
+
+def check_minibatch_split(config: ml_collections.ConfigDict, mesh) -> None:
+    """Each minibatch splits into whole groups over the mesh's batch shards and
+    the micro-batches (`data.prompts.group_shard_check`), else a ConfigError."""
+    from jaxreward.data.prompts import group_shard_check
+    from jaxreward.train.defaults import ConfigError
+    ro, a = config.rollout, config.algorithm
+    rows = ro.prompts_per_step * ro.group_size // a.num_minibatches
+    try:
+        group_shard_check(rows, ro.group_size, mesh.shape["data"] * mesh.shape["fsdp"],
+                          config.train.micro_batches)
+    except ValueError as err:
+        raise ConfigError(f"config fields rollout, algorithm.num_minibatches, train.micro_batches, mesh: "
+                          f"{err}") from None
+
+
+class RunState:
+    """What resumes beside the train state(s): the prompt sampler and the KL β
+    (JSON, saved in the checkpoint as its data state)."""
+
+    def __init__(self, sampler, beta: float):
+        self.sampler, self.beta = sampler, float(beta)
+
+    def state(self) -> dict:
+        return {"prompts": self.sampler.state(), "kl_beta": self.beta}
+
+    def restore(self, state: dict) -> None:
+        self.sampler.restore(state["prompts"])
+        self.beta = float(state["kl_beta"])
+
+
+def update_row_stats(logps_RL, old_logps_RL, advantages_RL, ref_logps_RL, mask_RL, clip_eps: float,
+                     clip_eps_high: float) -> dict:
+    """Per-row sums float32 `[R]` for the update's metrics (summed over
+    micro-batches, then divided by the token count in `update_metrics`, so
+    they do not depend on the split): tokens, −log π (entropy estimate),
+    clipped tokens below 1 − ε_low (A < 0) and above 1 + ε_high (A > 0),
+    ½(log ρ)² (approximate KL(π_old‖π)), ρ, and k1/k2/k3 against the reference."""
+    from jaxreward.objectives.kl import kl_per_token
+    from jaxreward.objectives.policy_gradient import MAX_LOG_RATIO
+    sg = jax.lax.stop_gradient
+    mask = mask_RL
+    log_ratio = jnp.clip(jnp.where(mask, sg(logps_RL) - old_logps_RL, 0.0), -MAX_LOG_RATIO, MAX_LOG_RATIO)
+    ratio = jnp.exp(log_ratio)
+    clip_low = mask & (advantages_RL < 0) & (ratio < 1 - clip_eps)
+    clip_hi = mask & (advantages_RL > 0) & (ratio > 1 + clip_eps_high)
+    rowsum = lambda x: jnp.sum(jnp.where(mask, x, 0.0), axis=1)
+    out = {"tokens": rowsum(jnp.ones_like(ratio)), "neg_logp": rowsum(-sg(logps_RL)),
+           "clip_low": rowsum(clip_low.astype(jnp.float32)), "clip_high": rowsum(clip_hi.astype(jnp.float32)),
+           "approx_kl": rowsum(0.5 * log_ratio ** 2), "ratio": rowsum(ratio)}
+    for name in ("k1", "k2", "k3"):
+        out[f"kl_{name}"] = rowsum(sg(kl_per_token(logps_RL, ref_logps_RL, mask, name)))
+    return out
+
+
+def update_metrics(outputs: dict, with_kl: bool) -> dict:
+    """Token means of `update_row_stats` over the whole minibatch: `entropy`
+    (sampled-token estimate −E[log π(y_t)]), `clipfrac`, `clipfrac/low|high`,
+    `approx_kl`, `ratio/mean`, and `update_kl/k1|k2|k3` when `with_kl`."""
+    n = jnp.maximum(outputs["tokens"].sum(), 1.0)
+    out = {"entropy": outputs["neg_logp"].sum() / n, "clipfrac/low": outputs["clip_low"].sum() / n,
+           "clipfrac/high": outputs["clip_high"].sum() / n, "approx_kl": outputs["approx_kl"].sum() / n,
+           "ratio/mean": outputs["ratio"].sum() / n}
+    out["clipfrac"] = out["clipfrac/low"] + out["clipfrac/high"]
+    if with_kl:
+        for name in ("k1", "k2", "k3"):
+            out[f"update_kl/{name}"] = outputs[f"kl_{name}"].sum() / n
+    return out
+
+
+def eval_point(policy, params, split: dict, score, sampling: dict, policy_logps, ref_logps, ref_params, *,
+               samples_per_prompt: int, batch_size: int, mesh, seed: int) -> dict:
+    """One eval point: samples of the policy on the held-out prompts (a fixed key,
+    so every point sees the same draws' randomness), their reward (and the
+    reward function's extras, e.g. gold) and KL(π‖π_ref) per response.
+
+    KL is measured with the training-path log-probs of both models on the
+    samples: k1 = Σ_t (log π − log π_ref) and k3 = Σ_t (e^{−x} − 1 + x),
+    x the per-token log-ratio; `sqrt_kl` = √max(k1, 0), the x-axis of Gao et
+    al. (2022). Each mean has its standard error (`*_se`) over responses.
+    """
+    from jaxreward.models.scoring import shift_mask
+    out = generate(policy, params, split["tokens"], split["mask"], rng=jax.random.PRNGKey(seed + 7),
+                   num_samples=samples_per_prompt, **sampling)
+    samples = out.sequences()
+    ids = np.repeat(np.arange(len(split["tokens"])), samples_per_prompt)
+    rew, extra = score(samples, ids, split)
+    arrays = rollout_arrays(samples)
+    mask = np.asarray(shift_mask(samples.loss_mask_RL))
+    lp = batched_logps(policy_logps, params, arrays, batch_size, mesh)
+    ref = batched_logps(ref_logps, ref_params, arrays, batch_size, mesh)
+    x = np.where(mask, lp - ref, 0.0)
+    k3 = np.where(mask, np.exp(-x) - 1 + x, 0.0)
+    res = {"reward": float(np.mean(rew)), "reward_se": standard_error(rew),
+           "kl_k1": float(x.sum(1).mean()), "kl_k1_se": standard_error(x.sum(1)),
+           "kl_k3": float(k3.sum(1).mean()), "kl_k3_se": standard_error(k3.sum(1)),
+           "response_length": float(np.asarray(samples.response_mask_RM).sum(1).mean())}
+    res["sqrt_kl"] = math.sqrt(max(res["kl_k1"], 0.0))
+    for name, v in extra.items():
+        res[f"reward/{name}"] = float(np.mean(v))
+    return res

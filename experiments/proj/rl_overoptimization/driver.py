@@ -21,9 +21,9 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..")
 
 
 def run_one(name: str, config_file: str, variant: str, overrides, workdir: str) -> dict:
-    """Runs (or reuses) one job and returns its `rl.json`."""
+    """Runs (or reuses) one job and returns its summary (`rl.json`, or `ppo.json`)."""
     out = os.path.join(workdir, name)
-    summary = os.path.join(out, "rl.json")
+    summary = os.path.join(out, "ppo.json" if "ppo" in os.path.basename(config_file) else "rl.json")
     if not os.path.exists(summary):
         cmd = [sys.executable, "-m", "jaxreward.main", f"--config={os.path.join(ROOT, config_file)}:{variant}",
                f"--workdir={out}"] + [f"--config.{k}={v}" for k, v in overrides]

@@ -110,14 +110,19 @@ def bench(name: str, dtype: str, precompute: bool) -> dict:
 
 
 def main():
+    global PROMPT, RESPONSE
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="llama4.5m,smollm2")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--seq-len", type=int, default=PROMPT + RESPONSE,
+                    help="tokens per sequence, half prompt and half response (the issue's SmolLM2 check: 256)")
+    ap.add_argument("--reference", default="precomputed,in-step", help="which variants to run")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
-    rows = [bench(m, args.dtype, precompute) for m in args.models.split(",")
-            for precompute in (True, False)]
-    common.report(f"dpo_step_{jax.default_backend()}_{args.dtype}", rows, args.out,
+    PROMPT, RESPONSE = args.seq_len // 2, args.seq_len - args.seq_len // 2
+    variants = [v == "precomputed" for v in args.reference.split(",")]
+    rows = [bench(m, args.dtype, precompute) for m in args.models.split(",") for precompute in variants]
+    common.report(f"dpo_step_{jax.default_backend()}_{args.dtype}_T{args.seq_len}", rows, args.out,
                   {"batch": f"{PAIRS} pairs x ({PROMPT} prompt + {RESPONSE} response) tokens"})
 
 

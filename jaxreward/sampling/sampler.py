@@ -310,6 +310,49 @@ def _compiled(model, max_new_tokens: int, temperature: float, top_k: int, top_p:
     return jax.jit(run)
 
 
+def check_decode_args(config, prompt_tokens_BP, prompt_mask_BP, rng, max_new_tokens: int,
+                      temperature: float, num_samples: int, stop_ids):
+    """The checks every decoder of this package makes (`generate`, guided decoding).
+
+    Returns `(prompt_tokens_BP, prompt_mask_BP, stop_ids)` as jax arrays and a
+    tuple of ids.
+
+    Raises:
+      ValueError: prompt tokens and mask not one `[B, P]` shape (P >= 1),
+        max_new_tokens not an integer >= 0, temperature < 0 or not finite,
+        num_samples < 1, P + max_new_tokens > max_position_embeddings, rng
+        neither one key nor a `[B, num_samples]` batch, or (for concrete
+        prompts) a row with no real token or an id outside the vocabulary.
+    """
+    prompt_tokens_BP = jnp.asarray(prompt_tokens_BP)
+    prompt_mask_BP = jnp.asarray(prompt_mask_BP)
+    if prompt_tokens_BP.ndim != 2 or prompt_tokens_BP.shape != prompt_mask_BP.shape:
+        raise ValueError(f"prompt tokens {prompt_tokens_BP.shape} and mask "
+                         f"{prompt_mask_BP.shape} must be the same [B, P] shape")
+    B, T = prompt_tokens_BP.shape
+    if T < 1:
+        raise ValueError("prompts need T >= 1 columns")
+    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
+    if not (temperature >= 0.0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    max_pos = config.max_position_embeddings
+    if T + max_new_tokens > max_pos:
+        raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds "
+                         f"max_position_embeddings {max_pos}")
+    shape = _key_batch_shape(jnp.asarray(rng))
+    if shape not in ((), (B, num_samples)):
+        raise ValueError(f"rng must be one key or a [{B}, {num_samples}] batch of keys, "
+                         f"got key batch shape {shape}")
+    if not isinstance(prompt_tokens_BP, jax.core.Tracer):  # concrete: check on the host
+        _check_prompts(np.asarray(prompt_tokens_BP), np.asarray(prompt_mask_BP), config.vocab_size)
+    if isinstance(stop_ids, (int, np.integer)):
+        stop_ids = (stop_ids,)
+    return prompt_tokens_BP, prompt_mask_BP, tuple(stop_ids)
+
+
 def generate(model, params, prompt_tokens_BP: Array, prompt_mask_BP: Array, *, rng: Array,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              stop_ids=(), pad_id: int = 0, num_samples: int = 1) -> SampleOutput:
@@ -353,37 +396,13 @@ def generate(model, params, prompt_tokens_BP: Array, prompt_mask_BP: Array, *, r
         top_k < 0, top_p outside (0, 1], num_samples < 1, rng of the wrong
         shape, or T + max_new_tokens > model.config.max_position_embeddings.
     """
-    prompt_tokens_BP = jnp.asarray(prompt_tokens_BP)
-    prompt_mask_BP = jnp.asarray(prompt_mask_BP)
-    if prompt_tokens_BP.ndim != 2 or prompt_tokens_BP.shape != prompt_mask_BP.shape:
-        raise ValueError(f"prompt tokens {prompt_tokens_BP.shape} and mask "
-                         f"{prompt_mask_BP.shape} must be the same [B, P] shape")
-    B, T = prompt_tokens_BP.shape
-    if T < 1:
-        raise ValueError("prompts need T >= 1 columns")
-    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
-    if not (temperature >= 0.0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if int(top_k) != top_k or top_k < 0:
         raise ValueError(f"top_k must be an integer >= 0, got {top_k}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    max_pos = model.config.max_position_embeddings
-    if T + max_new_tokens > max_pos:
-        raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds "
-                         f"max_position_embeddings {max_pos}")
-    shape = _key_batch_shape(jnp.asarray(rng))
-    if shape not in ((), (B, num_samples)):
-        raise ValueError(f"rng must be one key or a [{B}, {num_samples}] batch of keys, "
-                         f"got key batch shape {shape}")
-    if not isinstance(prompt_tokens_BP, jax.core.Tracer):  # concrete: check on the host
-        _check_prompts(np.asarray(prompt_tokens_BP), np.asarray(prompt_mask_BP),
-                       model.config.vocab_size)
-    if isinstance(stop_ids, (int, np.integer)):
-        stop_ids = (stop_ids,)
+    prompt_tokens_BP, prompt_mask_BP, stop_ids = check_decode_args(
+        model.config, prompt_tokens_BP, prompt_mask_BP, rng, max_new_tokens, temperature, num_samples,
+        stop_ids)
     fn = _compiled(model, int(max_new_tokens), float(temperature), int(top_k), float(top_p),
                    tuple(sorted({int(s) for s in stop_ids})), int(pad_id), int(num_samples))
     return fn(params, prompt_tokens_BP, prompt_mask_BP, rng)

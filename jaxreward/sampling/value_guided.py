@@ -61,7 +61,6 @@ compiled decoder.
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from typing import Any, Protocol
 
@@ -73,8 +72,8 @@ import numpy as np
 from jaxreward.models.heads import RewardModel, ValueModel
 from jaxreward.models.llama import Decoder, KVCache
 from jaxreward.models.scoring import NEG_INF, process_logits
-from jaxreward.sampling.sampler import (SampleOutput, _check_prompts, _key_batch_shape,
-                                        _left_align, sample_keys, two_level_sample)
+from jaxreward.sampling.sampler import (SampleOutput, _left_align, check_decode_args, sample_keys,
+                                        two_level_sample)
 
 Array = jax.Array
 
@@ -479,20 +478,9 @@ def guided_generate(policy, params, prompt_tokens_BP: Array, prompt_mask_BP: Arr
         guide that cannot score the policy's vocabulary (e.g. a value model
         with a different vocab_size).
     """
-    prompt_tokens_BP = jnp.asarray(prompt_tokens_BP)
-    prompt_mask_BP = jnp.asarray(prompt_mask_BP)
-    if prompt_tokens_BP.ndim != 2 or prompt_tokens_BP.shape != prompt_mask_BP.shape:
-        raise ValueError(f"prompt tokens {prompt_tokens_BP.shape} and mask "
-                         f"{prompt_mask_BP.shape} must be the same [B, P] shape")
-    B, T = prompt_tokens_BP.shape
-    if T < 1:
-        raise ValueError("prompts need P >= 1 columns")
-    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
-    if not (temperature >= 0.0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    prompt_tokens_BP, prompt_mask_BP, stop_ids = check_decode_args(
+        policy.config, prompt_tokens_BP, prompt_mask_BP, rng, max_new_tokens, temperature, num_samples,
+        stop_ids)
     V = policy.config.vocab_size
     if int(k) != k or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k}")
@@ -500,18 +488,6 @@ def guided_generate(policy, params, prompt_tokens_BP: Array, prompt_mask_BP: Arr
         warnings.warn(f"k = {k} exceeds the vocabulary size {V}; using k = {V}", stacklevel=2)
         k = V
     guide.check(V)
-    max_pos = policy.config.max_position_embeddings
-    if T + max_new_tokens > max_pos:
-        raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds "
-                         f"max_position_embeddings {max_pos}")
-    shape = _key_batch_shape(jnp.asarray(rng))
-    if shape not in ((), (B, num_samples)):
-        raise ValueError(f"rng must be one key or a [{B}, {num_samples}] batch of keys, "
-                         f"got key batch shape {shape}")
-    if not isinstance(prompt_tokens_BP, jax.core.Tracer):
-        _check_prompts(np.asarray(prompt_tokens_BP), np.asarray(prompt_mask_BP), V)
-    if isinstance(stop_ids, (int, np.integer)):
-        stop_ids = (stop_ids,)
     fn = _compiled(policy, int(max_new_tokens), float(temperature), int(k),
                    tuple(sorted({int(s) for s in stop_ids})), int(pad_id), int(num_samples))
     return fn(params, guide, prompt_tokens_BP, prompt_mask_BP, rng)

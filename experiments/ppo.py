@@ -63,9 +63,7 @@ import jaxreward
 from jaxreward import parallel, rewards
 from jaxreward.data.prompts import PromptSampler
 from jaxreward.errors import UserError
-from jaxreward.models.heads import ValueModel, value_params_from_policy, value_params_from_reward_model
 from jaxreward.models.llama import Decoder
-from jaxreward.models.reward_io import load_reward_model
 from jaxreward.models.scoring import shift_mask, token_logps
 from jaxreward.objectives import registry
 from jaxreward.objectives.kl import adaptive_kl_coef
@@ -295,17 +293,6 @@ def _gae(rewards_RL, values_RL, mask_RL, *, gamma: float, lam: float, whiten: bo
     return (masked_whiten(adv, mask_RL) if whiten else adv), returns
 
 
-def explained_variance(values_RL, returns_RL, mask_RL) -> float:
-    """1 − Var[returns − values] / Var[returns] over the valid tokens: 1 for a
-    critic that predicts its targets, 0 for one no better than their mean
-    (also 0 when the returns do not vary: nothing to explain)."""
-    mask = np.asarray(mask_RL, bool)
-    ret = np.asarray(returns_RL, np.float64)[mask]
-    err = ret - np.asarray(values_RL, np.float64)[mask]
-    var = ret.var() if ret.size else 0.0
-    return float(1.0 - err.var() / var) if var > 0 else 0.0
-
-
 def update(policy_step, value_step, state, value_state, batch: dict, config, step: int, mesh):
     """`num_epochs` passes over `num_minibatches` shuffled minibatches of rows,
     each one policy step and one value step on the same rows. The first
@@ -325,36 +312,6 @@ def update(policy_step, value_step, state, value_state, batch: dict, config, ste
             value_state, vmet = value_step(value_state, mb)
             out.append({**met, **{f"value/{key}": x for key, x in vmet.items()}})
     return state, value_state, out
-
-
-def value_model_init(config, workdir: str, policy_cfg, base_params):
-    """`(ValueModel, params)`: from the reward model (the synthetic proxy or
-    `reward.reward_model_dir`; its head becomes the value head), from the
-    initial policy (zero head), or from `value.path` (an exported reward model,
-    or a decoder checkpoint with a zero head)."""
-    v, m = config.value, config.model
-    if v.init == "policy":
-        cfg, params = policy_cfg, value_params_from_policy(base_params)
-    else:
-        path = v.path
-        if v.init == "reward_model":
-            path = (os.path.join(workdir, "proxy_reward_model") if config.reward.kind == "proxy"
-                    else config.reward.reward_model_dir)
-        if os.path.exists(os.path.join(path, "reward_model.json")):
-            rm, rm_params, _ = load_reward_model(path)
-            if rm.num_objectives != 1:
-                raise UserError(f"value model source {path} has {rm.num_objectives} objectives; the value "
-                                "head needs a one-output reward model")
-            cfg, params = rm.config, value_params_from_reward_model(rm_params)
-        else:
-            decoder, dec_params, _ = jaxreward.load_pretrained(path, dtype=m.dtype)
-            cfg, params = decoder.config, value_params_from_policy(dec_params)
-        if cfg.vocab_size != policy_cfg.vocab_size:
-            raise UserError(f"value model source {path} has vocabulary {cfg.vocab_size}, the policy "
-                            f"{policy_cfg.vocab_size}: they must share one tokenizer")
-    cfg = dataclasses.replace(cfg, dtype=m.dtype, remat=m.remat)
-    tb = v.trainable_blocks
-    return ValueModel(cfg, frozen_blocks=state_lib.frozen_blocks(cfg.num_layers, tb)), params
 
 
 @flax.struct.dataclass
@@ -403,7 +360,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     needs_ref = k.beta > 0 or k.measure
 
     # --- The value model (critic): from the reward model, the policy, or value.path.
-    value_model, value_params = value_model_init(config, workdir, cfg, base_params)
+    value_model, value_params = rollout.value_model_init(config, workdir, cfg, base_params)
     print(f"value model ({config.value.init}{': ' + config.value.path if config.value.init == 'path' else ''}): "
           f"{value_model.config.num_params():,} params")
 
@@ -534,7 +491,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         "advantages/std": float(advantages[mask].std()) if mask.any() else 0.0,
                         "returns/mean": float(returns[mask].mean()) if mask.any() else 0.0,
                         "value/mean": float(old_values[mask].mean()) if mask.any() else 0.0,
-                        "value/explained_variance": explained_variance(old_values, returns, mask),
+                        "value/explained_variance": rollout.explained_variance(old_values, returns, mask),
                         "response_length/mean": float(lengths.mean()),
                         "response_length/min": float(lengths.min()),
                         "response_length/max": float(lengths.max()),

@@ -53,7 +53,10 @@ def process_logits(logits_BV: Array, temperature: float = 1.0, top_k: int = 0,
     # gives finite, greedy-like log-probs instead of 0 * inf = NaN.
     x = jnp.maximum(x * min(1.0 / temperature, 1e30), NEG_INF)
     if top_k and top_k < x.shape[-1]:
-        kth = jax.lax.top_k(x, top_k)[0][..., -1:]
+        # The k-th largest as the min of the top k (the same value): slicing
+        # the last column instead made XLA on CPU sort the whole vocabulary
+        # (≈ 100 ms per step at batch 8, V = 49152) rather than call top-k.
+        kth = jnp.min(jax.lax.top_k(x, top_k)[0], axis=-1, keepdims=True)
         x = jnp.where(x >= kth, x, NEG_INF)
     if top_p < 1.0:
         sorted_x = jnp.sort(x, axis=-1)[..., ::-1]

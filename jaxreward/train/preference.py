@@ -351,25 +351,29 @@ def reference_logps(ref_fn: LogpsFn, ref_params, splits: Mapping[str, Mapping[st
     return out
 
 
-def cached_reference_logps(path: str, key: str, compute: Callable[[], dict[str, np.ndarray]]
-                           ) -> tuple[dict[str, np.ndarray], bool]:
+def cached_reference_logps(path: str, key: str, compute: Callable[[], dict[str, np.ndarray]],
+                           what: str = "reference log-probs", made_of: str = "data, tokenization or "
+                           "reference weights") -> tuple[dict[str, np.ndarray], bool]:
     """`compute()`'s arrays, stored at `path` (`.npz` with the key) and reused while the key matches.
+
+    Any job's npz cache with a key (reference log-probs here, the VAS
+    driver's policy samples); `what` and `made_of` name its content in the
+    error.
 
     Returns:
       `(arrays, reused)`.
 
     Raises:
-      StaleCacheError: `path` holds log-probs for another key (other data,
-        tokenization or reference weights); the message says what to do.
+      StaleCacheError: `path` holds arrays for another key (other data,
+        tokenization or weights); the message says what to do.
     """
     if os.path.exists(path):
         with np.load(path) as data:
             stored = str(data["__key__"])
             if stored != key:
                 raise StaleCacheError(
-                    f"{path} holds reference log-probs for other data, tokenization or reference "
-                    f"weights (key {stored[:16]}..., this run needs {key[:16]}...); delete the file to "
-                    "recompute them, or use a new --workdir")
+                    f"{path} holds {what} for other {made_of} (key {stored[:16]}..., this run needs "
+                    f"{key[:16]}...); delete the file to recompute them, or use a new --workdir")
             return {k: data[k] for k in data.files if k != "__key__"}, True
     arrays = compute()
     if jax.process_index() == 0:

@@ -8,6 +8,7 @@ drivers, where it reads top to bottom.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -23,11 +24,13 @@ from jaxreward.data.arithmetic import arithmetic_prompts
 from jaxreward.data.preference import read_preference_pairs
 from jaxreward.data.records import PromptRecord, read_prompts
 from jaxreward.errors import UserError
+from jaxreward.models.heads import ValueModel, value_params_from_policy, value_params_from_reward_model
 from jaxreward.models.llama import Decoder, LlamaConfig
 from jaxreward.models.reward_io import load_reward_model
 from jaxreward.models.scoring import token_logps
 from jaxreward.sampling.best_of_n import best_of_n_kl_bound, reward_model_fn
 from jaxreward.sampling.sampler import SampleBatch, generate
+from jaxreward.train import state as state_lib
 from jaxreward.train.proxy import train_proxy
 from jaxreward.train.step import unbox
 
@@ -255,9 +258,11 @@ def show_samples(policy, params, split, score, sampling, tokenizer, n: int, seed
               + f"\n--- greedy completion, reward {float(rew[i]):.3f}\n{text}")
 
 
-def plot_reward_vs_kl(path: str, points: list[dict], curve: list[dict], reward_name: str, title: str) -> None:
-    """Rewards of the eval points against √KL (k1, nats^½), with best-of-N against
-    √(its KL bound): the axes of Gao et al. (2022)."""
+def plot_reward_vs_kl(path: str, points: list[dict], curve: list[dict], reward_name: str, title: str,
+                      point_label: str = "policy") -> None:
+    """Rewards of the eval points (`point_label`: a trained policy, VAS at
+    each β, ...) against √KL (nats^½), with best-of-N against √(its KL
+    bound): the axes of Gao et al. (2022)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -267,7 +272,7 @@ def plot_reward_vs_kl(path: str, points: list[dict], curve: list[dict], reward_n
         label = reward_name if key == "reward" else key.split("/", 1)[1]
         color, marker = f"C{i}", "os^v"[i]
         ax.plot([p["sqrt_kl"] for p in points], [p[key] for p in points], "-", marker=marker, color=color,
-                label=f"policy: {label}")
+                label=f"{point_label}: {label}")
         if curve:
             ax.plot([c["sqrt_kl"] for c in curve], [c[key] for c in curve], "--", marker=marker, color=color,
                     alpha=0.5, label=f"best-of-N: {label}")
@@ -413,3 +418,59 @@ def eval_point(policy, params, split: dict, score, sampling: dict, policy_logps,
     for name, v in extra.items():
         res[f"reward/{name}"] = float(np.mean(v))
     return res
+
+
+def explained_variance(values_RL, returns_RL, mask_RL) -> float:
+    """1 − Var[returns − values] / Var[returns] over the valid tokens: 1 for a
+    critic that predicts its targets, 0 for one no better than their mean
+    (also 0 when the returns do not vary: nothing to explain)."""
+    mask = np.asarray(mask_RL, bool)
+    ret = np.asarray(returns_RL, np.float64)[mask]
+    err = ret - np.asarray(values_RL, np.float64)[mask]
+    var = ret.var() if ret.size else 0.0
+    return float(1.0 - err.var() / var) if var > 0 else 0.0
+
+
+def value_model_init(config, workdir: str, policy_cfg, base_params, policy_tokenizer=None):
+    """`(ValueModel, params)` of `config.value`.
+
+    `value.init`: "reward_model" (the synthetic proxy in `<workdir>/proxy_reward_model`
+    or `reward.reward_model_dir`; its head becomes the value head), "policy"
+    (the initial policy's backbone, zero head), or "path" (`value.path`: an
+    exported reward model, or an HF dir / .gguf / known name, zero head; it
+    may be smaller than the policy but must share its tokenizer).
+
+    Raises:
+      UserError: the source's vocabulary size differs from the policy's, its
+        tokenizer differs from `policy_tokenizer` (when both have one), or a
+        reward-model source has more than one objective.
+      FileNotFoundError: a missing `value.path` (named).
+    """
+    from jaxreward.data.pipeline import tokenizer_fingerprint
+    v, m = config.value, config.model
+    if v.init == "policy":
+        cfg, params = policy_cfg, value_params_from_policy(base_params)
+    else:
+        path = v.path
+        if v.init == "reward_model":
+            path = (os.path.join(workdir, "proxy_reward_model") if config.reward.kind == "proxy"
+                    else config.reward.reward_model_dir)
+        if os.path.exists(os.path.join(path, "reward_model.json")):
+            rm, rm_params, _ = load_reward_model(path)
+            if rm.num_objectives != 1:
+                raise UserError(f"value model source {path} has {rm.num_objectives} objectives; the value "
+                                "head needs a one-output reward model")
+            cfg, params = rm.config, value_params_from_reward_model(rm_params)
+        else:
+            decoder, dec_params, tokenizer = jaxreward.load_pretrained(path, dtype=m.dtype)
+            cfg, params = decoder.config, value_params_from_policy(dec_params)
+            if (tokenizer is not None and policy_tokenizer is not None
+                    and tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(policy_tokenizer)):
+                raise UserError(f"value model source {path} has another tokenizer than the policy: a value "
+                                "model must score the policy's own token ids")
+        if cfg.vocab_size != policy_cfg.vocab_size:
+            raise UserError(f"value model source {path} has vocabulary {cfg.vocab_size}, the policy "
+                            f"{policy_cfg.vocab_size}: they must share one tokenizer")
+    cfg = dataclasses.replace(cfg, dtype=m.dtype, remat=m.remat)
+    tb = v.trainable_blocks
+    return ValueModel(cfg, frozen_blocks=state_lib.frozen_blocks(cfg.num_layers, tb)), params

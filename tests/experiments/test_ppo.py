@@ -76,9 +76,9 @@ def test_gae_with_lambda_1_gamma_1_gives_the_returns_as_value_targets():
     np.testing.assert_allclose([adv_w[mask].mean(), adv_w[mask].std()], [0.0, 1.0], atol=1e-5)
     assert np.all(adv_w[~mask] == 0)
     # A perfect critic (V = G) explains all the variance; predicting the mean explains none.
-    assert driver.explained_variance(ret, ret, mask) == pytest.approx(1.0)
+    assert rollout.explained_variance(ret, ret, mask) == pytest.approx(1.0)
     mean = np.where(mask, ret[mask].mean(), 0.0)
-    assert driver.explained_variance(mean, ret, mask) == pytest.approx(0.0, abs=1e-6)
+    assert rollout.explained_variance(mean, ret, mask) == pytest.approx(0.0, abs=1e-6)
 
 
 # ---------------------------------------------------------------------------
@@ -187,7 +187,7 @@ def test_tiny_runs_end_to_end_and_resumes_bit_for_bit(tmp_path):
     # of a sequence its value is the proxy's reward ("last" pooling).
     rm, rm_params, _ = load_reward_model(str(straight / "proxy_reward_model"))
     base_model, base_params, _ = rollout.load_policy(_tiny(), "")
-    value_model, value_params = driver.value_model_init(_tiny(), str(straight), base_model.config, base_params)
+    value_model, value_params = rollout.value_model_init(_tiny(), str(straight), base_model.config, base_params)
     tokens = jnp.asarray(np.random.default_rng(1).integers(1, 64, (3, 10)), jnp.int32)
     v = value_model.apply({"params": value_params}, tokens)
     np.testing.assert_allclose(v[:, -1], rm.apply({"params": rm_params}, tokens)[:, 0], rtol=1e-5, atol=1e-6)

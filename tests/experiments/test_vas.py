@@ -1,0 +1,356 @@
+"""experiments/vas.py: TD(λ) targets (hand-computed), the value grid, the
+held-out diagnostics, policy improvement on a depth-3 tree through the
+driver's own loss and targets, and the `tiny` variant end to end: cached
+samples (reused, stale ones refused), composition, exact resume, mesh shape
+and micro-batches of the value step, and bad input."""
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import vas as vas_config
+from experiments import vas as driver
+from jaxreward import parallel
+from jaxreward.errors import UserError
+from jaxreward.sampling import value_guided as vg
+from jaxreward.train import defaults, preference, rollout
+from tests.experiments.test_cli import _cli
+from tests.experiments.test_policy_gradient import (_assert_user_error, _compilation_cache,  # noqa: F401
+                                                    _first_devices, _tiny_text_model)
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+# ---------------------------------------------------------------------------
+# TD(λ) targets, the value grid and the diagnostics (hand-computed)
+
+
+def test_value_grid_runs_from_the_last_prompt_token_to_the_last_response_token():
+    # P = 3 columns of prompt, then M = 3 response columns; row 0 has 2
+    # response tokens, row 1 three.
+    loss_mask = np.array([[0, 0, 0, 1, 1, 0],
+                          [0, 0, 0, 1, 1, 1]], bool)
+    grid = driver.value_grid(loss_mask)
+    np.testing.assert_array_equal(grid, [[0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]])
+    rewards = driver.token_rewards(np.array([2.0, -1.0]), grid)
+    np.testing.assert_array_equal(rewards, [[0, 0, 0, 0, 2.0, 0], [0, 0, 0, 0, 0, -1.0]])
+
+
+@pytest.mark.parametrize("gamma, expected", [
+    # γ = 1, λ = 0.5, V on the grid = [0.5, 1.0, 2.0], r = 3 on the last state:
+    #   G_2 = 3 (terminal); G_1 = 0.5·V_2 + 0.5·G_2 = 1 + 1.5 = 2.5;
+    #   G_0 = 0.5·V_1 + 0.5·G_1 = 0.5 + 1.25 = 1.75.
+    (1.0, [1.75, 2.5, 3.0]),
+    # γ = 0.9: G_1 = 0.9·(0.5·2 + 0.5·3) = 2.25; G_0 = 0.9·(0.5·1 + 0.5·2.25) = 1.4625.
+    (0.9, [1.4625, 2.25, 3.0]),
+])
+def test_td_lambda_targets_by_hand_under_either_padding(gamma, expected):
+    values = np.array([[0.5, 1.0, 2.0, 0.0, 0.0],      # grid at columns 0..2 (right padding)
+                       [0.0, 0.0, 0.5, 1.0, 2.0]])     # grid at columns 2..4 (left padding)
+    grid = np.array([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1]], bool)
+    rewards = driver.token_rewards(np.array([3.0, 3.0]), grid)
+    out = np.asarray(driver.td_lambda_targets(rewards, values, grid, gamma=gamma, lam=0.5))
+    np.testing.assert_allclose(out[0, :3], expected, rtol=1e-6)
+    np.testing.assert_allclose(out[1, 2:], expected, rtol=1e-6)
+    assert not out[0, 3:].any() and not out[1, :2].any()
+    # λ = 1, γ = 1: the Monte-Carlo return r at every state, whatever the values.
+    mc = np.asarray(driver.td_lambda_targets(rewards, values, grid, gamma=1.0, lam=1.0))
+    np.testing.assert_allclose(mc[grid], 3.0, rtol=1e-6)
+
+
+def test_value_diagnostics_by_hand():
+    grid = np.array([[0, 1, 1, 1], [0, 1, 1, 1]], bool)
+    values = np.array([[9.0, 0.0, 0.5, 1.0],   # first state 0, last 1
+                       [9.0, 1.0, 1.0, -1.0]])  # first state 1, last −1
+    d = driver.value_diagnostics(values, np.array([1.0, -1.0]), grid)
+    assert d["first_mse"] == pytest.approx((1.0 + 4.0) / 2)        # (0 − 1)², (1 + 1)²
+    assert d["first_corr"] == pytest.approx(-1.0)
+    assert d["last_mse"] == pytest.approx(0.0) and d["last_corr"] == pytest.approx(1.0)
+    # MC returns r per grid token: [1, 1, 1, −1, −1, −1] (variance 1); errors
+    # r − V = [1, 0.5, 0, −2, −2, 0]: mean −2.5/6 = −0.41667, mean square
+    # 9.25/6 = 1.54167, variance 1.54167 − 0.17361 = 1.36806; EV = 1 − 1.36806.
+    assert d["explained_variance"] == pytest.approx(1 - 1.3680556, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# A depth-3 tree: TD(λ) through the driver's loss reaches Q^{π_ref}, and the
+# guided policy improves on the base policy for every β > 0
+
+
+VOCAB, DEPTH = 4, 3
+
+
+def _state_id(prefix) -> int:
+    """0 for the root; then depth by depth, in lexicographic order."""
+    base = sum(VOCAB ** d for d in range(len(prefix)))
+    return base + sum(a * VOCAB ** (len(prefix) - 1 - i) for i, a in enumerate(prefix))
+
+
+def _tree():
+    rng = np.random.default_rng(3)
+    probs = {}  # π_ref(·|s): a permutation of (0.1, 0.2, 0.3, 0.4), so π(seq)·1000 is an integer
+    for d in range(DEPTH):
+        for idx in np.ndindex(*(VOCAB,) * d):
+            probs[tuple(idx)] = rng.permutation([0.1, 0.2, 0.3, 0.4])
+    reward = {seq: float(rng.normal()) for seq in np.ndindex(*(VOCAB,) * DEPTH)}
+    return probs, reward
+
+
+def _enumerated_values(probs, reward) -> np.ndarray:
+    """V^{π_ref}(prefix) for every prefix (Q(s, a) = V(s·a)), by enumeration."""
+    table = np.zeros(sum(VOCAB ** d for d in range(DEPTH + 1)))
+    for seq, r in reward.items():
+        table[_state_id(seq)] = r
+    for d in range(DEPTH - 1, -1, -1):
+        for idx in np.ndindex(*(VOCAB,) * d):
+            table[_state_id(idx)] = sum(probs[idx][a] * table[_state_id(idx + (a,))] for a in range(VOCAB))
+    return table
+
+
+def _expected_reward(policy, reward, prefix=()):
+    if len(prefix) == DEPTH:
+        return reward[prefix]
+    return sum(policy[prefix][a] * _expected_reward(policy, reward, prefix + (a,)) for a in range(VOCAB))
+
+
+@pytest.mark.parametrize("lam, epochs", [(1.0, 1), (0.5, DEPTH + 2)])
+def test_td_lambda_on_a_tree_learns_q_and_guidance_improves_the_policy(lam, epochs):
+    probs, reward = _tree()
+    exact = _enumerated_values(probs, reward)
+    # The data: every sequence, repeated 1000·π_ref(seq) times (the exact
+    # distribution of the policy's samples); column 0 is the prompt token.
+    rows = []
+    for seq, r in reward.items():
+        count = round(1000 * np.prod([probs[seq[:d]][seq[d]] for d in range(DEPTH)]))
+        rows += [(seq, r)] * count
+    assert len(rows) == 1000
+    seqs = np.array([s for s, _ in rows])
+    tokens = np.concatenate([np.zeros((len(rows), 1), np.int32), seqs], axis=1)
+    loss_mask = np.concatenate([np.zeros((len(rows), 1), bool), np.ones((len(rows), DEPTH), bool)], axis=1)
+    grid = driver.value_grid(loss_mask)
+    states = np.array([[_state_id(tuple(s[:t])) for t in range(DEPTH + 1)] for s in seqs])
+    batch = {"state": states, "grid": grid}
+
+    def values_fn(params, mb):  # a tabular value model: V(prefix) = table[prefix]
+        return params["table"][mb["state"]]
+
+    loss_fn, _, totals_fn = driver.make_value_loss_fns(values_fn)
+    rewards_RL = driver.token_rewards(np.array([r for _, r in rows]), grid)
+    params = {"table": jnp.zeros(len(exact))}
+    steps = 400
+    tx = optax.adam(optax.cosine_decay_schedule(0.2, steps))
+
+    @jax.jit
+    def fit(params, targets):  # regresses the fixed targets of one epoch
+        mb = {**batch, "targets": targets}
+        totals = totals_fn(mb)
+        grad = jax.grad(lambda p: loss_fn(p, mb, None, totals)[0])
+
+        def body(_, carry):
+            p, opt = carry
+            updates, opt = tx.update(grad(p), opt, p)
+            return optax.apply_updates(p, updates), opt
+        return jax.lax.fori_loop(0, steps, body, (params, tx.init(params)))[0]
+
+    for _ in range(epochs):
+        targets = driver.td_lambda_targets(rewards_RL, values_fn(params, batch), grid, gamma=1.0, lam=lam)
+        params = fit(params, targets)
+    table = np.asarray(params["table"])
+    np.testing.assert_allclose(table, exact, atol=2e-3)
+
+    # The guided policy at each internal state: the decoder's own step with
+    # k = V and scores β·(Q(s, a) − mean_a Q(s, a)) from the learned table.
+    internal = [idx for d in range(DEPTH) for idx in np.ndindex(*(VOCAB,) * d)]
+    logits = jnp.log(jnp.asarray(np.array([probs[s] for s in internal]), jnp.float32))
+    q = jnp.asarray(np.array([[table[_state_id(s + (a,))] for a in range(VOCAB)] for s in internal]), jnp.float32)
+    base = _expected_reward(probs, reward)
+    assert base == pytest.approx(exact[0], abs=1e-9)
+    for beta in (0.25, 1.0, 4.0, 16.0, 64.0):
+        def scores(logp_RV, cand_RK, beta=beta):
+            qc = jnp.take_along_axis(q, cand_RK, axis=1)
+            return beta * (qc - qc.mean(1, keepdims=True)), None
+        out = vg.guided_step(logits, scores, temperature=1.0, k=VOCAB)
+        g = np.zeros((len(internal), VOCAB))
+        np.put_along_axis(g, np.asarray(out["cand_RK"]), np.exp(np.asarray(out["glogp_RK"])), axis=1)
+        guided = {s: g[i] for i, s in enumerate(internal)}
+        improved = _expected_reward(guided, reward)
+        assert improved >= base - 1e-6, (beta, improved, base)
+        assert improved > base + 0.05  # strictly better: the rewards differ within every subtree
+    # Depth 1 of the same rule: g(a|root) ∝ π_ref(a|root)·exp(β·Q(root, a)).
+    expect = probs[()] * np.exp(4.0 * q[0]) / np.sum(probs[()] * np.exp(4.0 * q[0]))
+    out = vg.guided_step(logits[:1], lambda lp, c: (4.0 * jnp.take_along_axis(q[:1], c, 1), None), 1.0, VOCAB)
+    got = np.zeros(VOCAB)
+    got[np.asarray(out["cand_RK"][0])] = np.exp(np.asarray(out["glogp_RK"][0]))
+    np.testing.assert_allclose(got, expect, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# configs/vas.py:tiny end to end
+
+
+def _tiny(**train):
+    c = vas_config.get_config("tiny")
+    c.mesh.data = 1
+    c.train.update(train)
+    return c
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The tiny variant with a composed second value model, run once."""
+    workdir = tmp_path_factory.mktemp("vas_straight")
+    c = _tiny()
+    c.compose.kind = "second_gold"
+    with _first_devices():
+        out = driver.run(c, str(workdir))
+    return out, workdir
+
+
+def test_tiny_end_to_end(straight):
+    out, workdir = straight
+    c = _tiny()
+    for name in ("samples.npz", "vas.json", "reward_vs_kl.png", "compose.png", "value/metrics.jsonl",
+                 "value_b/metrics.jsonl"):
+        assert (workdir / name).exists(), name
+    summary = json.loads((workdir / "vas.json").read_text())
+    assert [r["beta"] for r in summary["vas"]] == list(c.guide.betas)
+    assert [r["N"] for r in summary["best_of_n"]] == [1, 2, 4]
+    assert len(summary["compose"]) == len(c.compose.betas) ** 2
+    B, n, k, M, P = c.data.num_eval_prompts, c.guide.samples_per_prompt, c.guide.k, c.rollout.max_new_tokens, \
+        c.synthetic.prompt_length
+    for row in summary["vas"]:
+        # Synthetic responses have no stop token: every step scores k candidates per row.
+        assert row["value_tokens"] == B * P + B * n * k * M
+        assert row["kl"] > 0  # k = 8 < V = 64: the top-k truncation alone costs KL
+        assert set(row) >= {"reward", "reward_se", "reward/gold", "kl", "kl_se", "decode_s"}
+    # β = (0, 0) of the composition is β = 0 of the sweep: the same guided draw.
+    zero = next(r for r in summary["compose"] if r["beta_1"] == 0 and r["beta_2"] == 0)
+    assert zero["reward"] == pytest.approx(summary["vas"][0]["reward"], abs=1e-6)
+    assert zero["kl"] == pytest.approx(summary["vas"][0]["kl"], abs=1e-5)
+    for bon in summary["best_of_n"]:
+        assert bon["reward_tokens"] == bon["N"] * B * (P + M)
+    # Samples: train prompts × samples per prompt, with both rewards and the gold extra.
+    with np.load(workdir / "samples.npz") as data:
+        S = c.data.num_prompts * c.rollout.samples_per_prompt
+        assert data["train/tokens"].shape == (S, P + M)
+        task = rollout.synthetic_task(c, c.model.arch.vocab_size)
+        resp = data["train/tokens"][:, P:]
+        np.testing.assert_allclose(data["train/rewards"], task.gold_reward(resp, data["train/loss_mask"][:, P:]),
+                                   rtol=1e-6)
+        assert "train/rewards_b" in data.files and "eval/extra/gold" in data.files
+    records = [json.loads(x) for x in (workdir / "value" / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if "train/loss" in r]
+    assert train_steps == [1, 2, 3, 4] and all(math.isfinite(r["train/explained_variance"])
+                                               for r in records if "train/loss" in r)
+    assert {"eval/first_mse", "eval/last_corr", "eval/explained_variance"} <= set(records[-1])
+
+
+def test_samples_are_reused_by_other_value_runs_and_stale_ones_refused(straight, tmp_path):
+    out, workdir = straight
+    c = _tiny(num_steps=1)
+    c.value.lam = 0.5                                   # another value-model hyper-parameter
+    c.compose.kind = "second_gold"                      # the samples' rewards are those of the first run
+    c.rollout.samples_path = str(workdir / "samples.npz")
+    c.eval.best_of_n_max_n = 0
+    c.guide.betas = (0.0,)
+    with _first_devices():
+        again = driver.run(c, str(tmp_path / "other"))
+    assert again["samples"]["reused"] and not (tmp_path / "other" / "samples.npz").exists()
+    c.seed = 1                                          # other prompts and samples: the file is stale
+    with _first_devices(), pytest.raises(preference.StaleCacheError, match="holds policy samples for other"):
+        driver.run(c, str(tmp_path / "stale"))
+
+
+def test_resume_is_exact_mid_epoch_and_at_the_epoch_boundary(straight, tmp_path):
+    out, _ = straight
+    c = _tiny(stop_after_steps=1)                       # 2 steps per epoch: stop inside epoch 0
+    c.eval.best_of_n_max_n = 0
+    c.guide.betas = (0.0,)
+    with _first_devices():
+        first = driver.run(c, str(tmp_path))
+        assert first["stopped_at"] == 1
+        c.train.stop_after_steps = 3                    # resume with epoch 0's stored targets, cross into 1
+        assert driver.run(c, str(tmp_path))["stopped_at"] == 3
+        c.train.stop_after_steps = 0
+        resumed = driver.run(c, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "td_targets" / "value")) == ["epoch_0.npy", "epoch_1.npy"]
+    for a, b in zip(_leaves(resumed["trained"]["value"]["params"]), _leaves(out["trained"]["value"]["params"])):
+        np.testing.assert_array_equal(a, b)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "value" / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in x]
+    assert steps == [1, 2, 3, 4]                        # each step once
+
+
+@pytest.mark.parametrize("mesh, micro", [((8, 1, 1), 1), ((2, 2, 2), 1), ((1, 1, 1), 2)])
+def test_mesh_shape_and_micro_batches_do_not_change_the_value_step(straight, tmp_path, mesh, micro):
+    out, workdir = straight
+    with np.load(workdir / "samples.npz") as f:
+        data = {s: {k.split("/", 1)[1]: f[k] for k in f.files if k.startswith(s + "/")} for s in ("train", "eval")}
+    c = _tiny(num_steps=2, micro_batches=micro)
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+    model = out["value_model"]
+    with _first_devices():
+        policy, params, _ = rollout.load_policy(c, "")
+        _, init = rollout.value_model_init(c, str(tmp_path), policy.config, params)
+        m = parallel.make_mesh(*mesh)
+        trained, _ = driver.train_value_model(c, str(tmp_path), "value", model, init, data, "rewards", m)
+        c1 = _tiny(num_steps=2)
+        c1.mesh.data, c1.mesh.fsdp, c1.mesh.tensor = 1, 1, 1
+        one, _ = driver.train_value_model(c1, str(tmp_path / "one"), "value", model, init, data, "rewards",
+                                          parallel.make_mesh(1, 1, 1))
+    assert trained["step"] == one["step"] == 2
+    for a, b in zip(_leaves(trained["params"]), _leaves(one["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize("field, value, names", [
+    ("guide.betas", (-1.0,), "guide.betas"),
+    ("compose.betas", (), "compose.betas"),
+    ("rollout.top_k", 5, "rollout.top_k"),
+    ("value.lam", 1.5, "value.lam"),
+    ("guide.k", 0, "guide.k"),
+    ("compose.kind", "text", "compose.kind"),           # the synthetic task has no text
+    ("value.init", "reward_model", "value.init"),       # gold is not a reward model
+])
+def test_check_config_names_the_field(field, value, names):
+    c = _tiny()
+    section, key = field.split(".")
+    c[section][key] = value
+    with pytest.raises(defaults.ConfigError, match=names.replace(".", r"\.")):
+        driver.check_config(c)
+
+
+def test_value_model_with_another_vocabulary_or_a_missing_path(tmp_path):
+    _tiny_text_model(tmp_path / "text_model")
+    c = _tiny()
+    c.value.update(init="path", path=str(tmp_path / "text_model"))
+    policy, params, _ = rollout.load_policy(c, "")
+    with pytest.raises(UserError, match="has vocabulary .* the policy 64: they must share one tokenizer"):
+        rollout.value_model_init(c, str(tmp_path), policy.config, params)
+    proc = _cli("--config=configs/vas.py:tiny", f"--workdir={tmp_path / 'wd'}", "--config.value.init=path",
+                "--config.value.path=/no/such/value_model", check=False)
+    _assert_user_error(proc, "config field value.path: '/no/such/value_model' does not exist")
+    assert not (tmp_path / "wd" / "config.json").exists()
+
+
+def test_value_model_with_another_tokenizer_is_refused(tmp_path):
+    import jaxreward
+    _tiny_text_model(tmp_path / "text_model")
+    c = _tiny()
+    c.model.dtype = "float32"
+    c.value.update(init="path", path=str(tmp_path / "text_model"))
+    policy, params, tok = jaxreward.load_pretrained(str(tmp_path / "text_model"))
+    tok._pad_id = tok.pad_id + 1         # same vocabulary size, another tokenizer (pad id)
+    with pytest.raises(UserError, match="another tokenizer than the policy"):
+        rollout.value_model_init(c, str(tmp_path), policy.config, params, tok)

@@ -67,7 +67,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         on_error="skip",                       # skip | raise, for malformed prompt / pair lines
         chat_template=True,                    # render text prompts with the chat template
         max_prompt_length=128,                 # tokens; longer prompts keep their end (counted)
-        num_prompts=512,                       # train prompts (synthetic / arithmetic: generated)
+        num_prompts=512,                       # train prompts (generated; a prompt file: its first num_prompts)
         num_eval_prompts=64,                   # held-out prompts for the decoding comparison
         batch_size=64,                         # sample rows per value-model step
     ))

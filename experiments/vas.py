@@ -72,7 +72,7 @@ from jaxreward.errors import UserError
 from jaxreward.models.scoring import shift_mask
 from jaxreward.objectives import registry
 from jaxreward.objectives.policy_gradient import aggregation_normalizers, value_loss
-from jaxreward.sampling.sampler import SampleBatch, generate
+from jaxreward.sampling.sampler import generate
 from jaxreward.sampling.value_guided import guided_generate, vas_guide
 from jaxreward.train import checkpoint as ckpt_lib
 from jaxreward.train import defaults, loop, rollout
@@ -83,6 +83,9 @@ from jaxreward.train import step as step_lib
 
 SAMPLES_FILE = "samples.npz"
 VALUE_INITS = ("policy", "reward_model", "path")
+# Decode-time settings: a finished (or resumed) workdir re-decodes under new
+# values with the value models it trained (jaxreward.main checks the rest).
+RESUMABLE_CHANGES = ("guide", "compose.betas", "eval")
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -276,14 +279,14 @@ def second_reward(config, task, tokenizer):
 
 
 def sample_split(policy, params, split, score, score_b, sampling, n: int, batch_size: int, seed: int,
-                 desc: str) -> dict[str, np.ndarray]:
+                 desc: str, progress: bool = True) -> dict[str, np.ndarray]:
     """`n` samples of every prompt of `split`, in calls of `batch_size`
     prompts, with their rewards: `tokens`, `attention_mask`, `positions`,
     `loss_mask` `[S, L]`, `prompt_ids`, `rewards`, `extra/<name>` (e.g. the
     gold reward beside a proxy) and `rewards_b` (the composed reward) `[S]`."""
     num = len(split["tokens"])
     parts = []
-    for lo in tqdm.trange(0, num, batch_size, desc=desc, leave=False, dynamic_ncols=True):
+    for lo in tqdm.trange(0, num, batch_size, desc=desc, leave=False, dynamic_ncols=True, disable=not progress):
         ids_B = np.arange(lo, min(lo + batch_size, num))
         out = generate(policy, params, split["tokens"][ids_B], split["mask"][ids_B],
                        rng=jax.random.fold_in(jax.random.PRNGKey(seed), lo), num_samples=n, **sampling)
@@ -296,24 +299,8 @@ def sample_split(policy, params, split, score, score_b, sampling, n: int, batch_
         if score_b is not None:
             part["rewards_b"] = np.asarray(score_b(samples, ids_R, split), np.float32)
         parts.append(part)
-    P = max(p["tokens"].shape[1] for p in parts)  # calls may differ in prompt width: left-pad to one
-
-    def widen(k, x):
-        if x.ndim != 2 or x.shape[1] == P:
-            return x
-        fill = 0 if k != "positions" else 0
-        return np.concatenate([np.full((len(x), P - x.shape[1]), fill, x.dtype), x], axis=1)
-    return {k: np.concatenate([widen(k, p[k]) for p in parts]) for k in parts[0]}
-
-
-def as_samples(arrays: dict, rows=None) -> SampleBatch:
-    """A `SampleBatch` view of stored sample arrays (what reward functions read)."""
-    rows = slice(None) if rows is None else rows
-    tokens, loss_mask = arrays["tokens"][rows], arrays["loss_mask"][rows]
-    P = int(np.argmax(loss_mask.any(0))) if loss_mask.any() else tokens.shape[1]
-    return SampleBatch(tokens, arrays["attention_mask"][rows], loss_mask, arrays["positions"][rows],
-                       np.zeros(tokens.shape, np.float32), tokens[:, :P], arrays["attention_mask"][rows][:, :P],
-                       tokens[:, P:], loss_mask[:, P:], P)
+    # One prompt width for the split (prompt_set pads all prompts alike), so the parts stack.
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 # ----------------------------------------------------------------------------- the job
@@ -329,7 +316,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     task = rollout.synthetic_task(config, policy.config.vocab_size)
     prompts = rollout.prompt_set(config, tokenizer, task)
     train_p, eval_p = prompts["train"], prompts["eval"]
+    if len(train_p["tokens"]) > d.num_prompts:  # a prompt file: its first data.num_prompts train prompts
+        train_p = {**{x: train_p[x][:d.num_prompts] for x in ("tokens", "mask", "texts")},
+                   "columns": {x: y[:d.num_prompts] for x, y in train_p["columns"].items()}}
+        prompts = {"train": train_p, "eval": eval_p}
     score, reward_name = rollout.make_reward_fn(config, workdir, task, tokenizer, policy, params)
+    if config.reward.kind == "gold":  # the reward is the gold reward: no second `reward/gold` column
+        score = functools.partial(lambda fn, *a: (fn(*a)[0], {}), score)
     composed = second_reward(config, task, tokenizer)
     score_b, reward_b_name = composed if composed else (None, None)
     sampling = rollout.sampling_kwargs(config, tokenizer)
@@ -337,32 +330,47 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f"policy {m.pretrained or 'random model.arch'} (frozen): {policy.config.num_params():,} params; "
           f"reward: {reward_name}" + (f"; composed with: {reward_b_name}" if composed else ""))
 
+    S = min(len(train_p["tokens"]), d.num_prompts) * ro.samples_per_prompt
+    if S < d.batch_size:
+        raise UserError(f"config field data.batch_size: {S} train samples ({len(train_p['tokens'])} prompts × "
+                        f"rollout.samples_per_prompt={ro.samples_per_prompt}) is fewer than data.batch_size="
+                        f"{d.batch_size}; lower it or raise data.num_prompts / rollout.samples_per_prompt")
+    # The value model now, so a bad value.path fails before any sampling.
+    value_model, init_params = rollout.value_model_init(config, workdir, policy.config, params, tokenizer)
+
     # --- 1. Samples of the frozen policy and their rewards (cached under a key).
     path = ro.samples_path or os.path.join(workdir, SAMPLES_FILE)
-    key = _samples_key(config, params, tokenizer, prompts, sampling)
+    key, meta = _samples_key(config, params, tokenizer, prompts, sampling)
 
     def draw():
         out = {}
         for name, split, seed in (("train", train_p, config.seed + 21), ("eval", eval_p, config.seed + 22)):
             arrays = sample_split(policy, params, split, score, score_b, sampling, ro.samples_per_prompt,
-                                  ro.batch_size, seed, f"sampling {name}")
+                                  ro.batch_size, seed, f"sampling {name}", t.progress_bar)
             out.update({f"{name}/{k}": x for k, x in arrays.items()})
         return out
     t0 = time.perf_counter()
-    cache, reused = pref.cached_reference_logps(path, key, draw, what="policy samples",
-                                                made_of="policy weights, prompts, sampling or reward settings")
+    if os.path.exists(path):  # reuse, or say which settings differ (the file is never touched)
+        stored_key, cache = pref.read_cache(path, "policy samples")
+        if stored_key != key:
+            stored_meta = json.loads(str(cache["__meta__"])) if "__meta__" in cache else {}
+            diff = [f"{k}: {stored_meta.get(k, '?')} -> {meta[k]}" for k in meta if stored_meta.get(k) != meta[k]]
+            fix = ("point rollout.samples_path at samples drawn under these settings, or set it to '' to draw new "
+                   "ones" if ro.samples_path else f"move {path} away to draw new samples, or use a new --workdir")
+            raise pref.StaleCacheError(("config field rollout.samples_path: " if ro.samples_path else "")
+                                       + f"{path} holds policy samples drawn under other settings ("
+                                       + "; ".join(diff or ["unrecorded"]) + f"); {fix}")
+        reused = True
+    else:
+        cache, reused = pref.cached_reference_logps(
+            path, key, lambda: {**draw(), "__meta__": np.array(json.dumps(meta))}, what="policy samples")
     data = {s: {k.split("/", 1)[1]: x for k, x in cache.items() if k.startswith(s + "/")} for s in ("train", "eval")}
-    S = len(data["train"]["tokens"])
     print(f"{S} train and {len(data['eval']['tokens'])} eval samples "
           + (f"reused from {path}" if reused else f"drawn in {time.perf_counter() - t0:.1f}s, cached in {path}")
           + f"; train reward mean {data['train']['rewards'].mean():.3f} (std {data['train']['rewards'].std():.3f})")
-    if S < d.batch_size:
-        raise UserError(f"{S} train samples is fewer than data.batch_size={d.batch_size}; lower data.batch_size "
-                        "or raise data.num_prompts / rollout.samples_per_prompt")
 
     # --- 2. Value model(s), trained by TD(λ) on the cached samples.
     columns = [("value", "rewards", reward_name)] + ([("value_b", "rewards_b", reward_b_name)] if composed else [])
-    value_model, init_params = rollout.value_model_init(config, workdir, policy.config, params, tokenizer)
     print(f"value model ({v.init}{': ' + v.path if v.init == 'path' else ''}): "
           f"{value_model.config.num_params():,} params, TD(λ={v.lam:g}, γ={v.gamma:g}), "
           f"{S // d.batch_size} steps per epoch")
@@ -394,14 +402,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         rew, extra = score(out.sample_output().sequences(), ids_R, eval_p)
         kl = np.asarray(out.kl_R, np.float64)
         steps = int(np.asarray(out.lengths_R).max())
+        # Forward tokens: each model prefills the B prompts once, then scores k candidates per row and step.
+        value_tokens = len(guide.models) * (B * P + B * n * k * steps)
         row = {"reward": float(np.mean(rew)), "reward_se": rollout.standard_error(rew),
                **{f"reward/{x}": float(np.mean(y)) for x, y in extra.items()},
                "kl": float(kl.mean()), "kl_se": rollout.standard_error(kl), "sqrt_kl": math.sqrt(max(kl.mean(), 0)),
-               "decode_s": seconds, "value_tokens": len(guide.models) * (B * P + B * n * k * steps),
-               "policy_tokens": B * P + B * n * steps}
+               "scorer_tokens/output": value_tokens / (B * n), "policy_tokens/output": (B * P + B * n * steps) / (B * n),
+               "seconds/output": seconds / (B * n), "decode_s": seconds, "value_tokens": value_tokens}
         return row, out
 
     vm, vp = value_model, trained["value"]["params"]
+    print(f"decoding {B} eval prompts × {n}: VAS at β = {', '.join(f'{b:g}' for b in g.betas)} (compiling first)"
+          + (f", then best-of-N up to N = {e.best_of_n_max_n}" if e.best_of_n_max_n else ""))
     # Compiles once (β is a leaf, so every β below reuses it); blocked on, so no timing below includes it.
     jax.block_until_ready(guided(vas_guide(vm, vp, 0.0)).tokens_RM)
     vas_rows, outs = [], {}
@@ -413,16 +425,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f"\nVAS (k = {k}) on {B} held-out prompts × {n} samples ({reward_name}; KL in nats per response, "
           "exact)")
     cols = ["beta", "reward", "reward_se"] + sorted(x for x in vas_rows[0] if x.startswith("reward/")) + [
-        "kl", "kl_se", "decode_s", "value_tokens"]
+        "kl", "kl_se", "scorer_tokens/output", "policy_tokens/output", "seconds/output"]
     print(metrics_lib.format_table(vas_rows, cols))
+    if k < policy.config.vocab_size:
+        print(f"(k = {k} < V = {policy.config.vocab_size}: β = 0 is the policy truncated to its top {k}, and its "
+              "KL is the cost of that truncation)")
     if bon_rows:
         print(f"\nbest-of-N of the policy on the same prompts, picked by {reward_name} "
-              "(KL bound log N − (N−1)/N)")
-        print(metrics_lib.format_table(bon_rows, list(bon_rows[0])))
+              "(KL bound log N − (N−1)/N; scorer tokens = the reward model's N·(P+M) per output)")
+        print(metrics_lib.format_table(bon_rows, [x for x in bon_rows[0] if x not in ("reward_tokens", "seconds")]))
     if e.plot:
         plot = os.path.join(workdir, "reward_vs_kl.png")
-        rollout.plot_reward_vs_kl(plot, vas_rows, bon_rows, reward_name, f"VAS (k = {k}) vs best-of-N",
-                                  point_label="VAS")
+        rollout.plot_reward_vs_kl(plot, vas_rows, bon_rows, reward_name,
+                                  f"VAS (k = {k})" + (" vs best-of-N" if bon_rows else ""), point_label="VAS")
         print(f"plot: {plot}")
     if tokenizer is not None and e.show:
         show_completions(tokenizer, eval_p, outs, score, ids_R, n, e.show)
@@ -536,13 +551,15 @@ def train_value_model(config, workdir: str, name: str, value_model, init_params,
 
 def best_of_n_rows(policy, params, split, score, sampling, max_n: int, seed: int) -> list[dict]:
     """Best-of-N of the frozen policy, N = 1, 2, 4, …, max_n, picked by the
-    reward: mean reward (and extras) of the picks, the KL bound, the reward
-    forward tokens N·B·L and the seconds of sampling N per prompt plus
+    reward: mean reward (and extras) of the picks, the KL bound, and per
+    returned completion the reward-model tokens N·L, the policy tokens
+    P + N·M (one prefill per prompt) and the seconds of sampling N and
     scoring them (timed on a second call, after compiling)."""
     if not max_n:
         return []
     rows = rollout.best_of_n_points(policy, params, split, score, sampling, max_n, seed)
-    B, L = len(split["tokens"]), split["tokens"].shape[1] + sampling["max_new_tokens"]
+    B, P, M = len(split["tokens"]), split["tokens"].shape[1], sampling["max_new_tokens"]
+    L = P + M
     for row in rows:
         N = row["N"]
         ids = np.repeat(np.arange(B), N)
@@ -552,7 +569,8 @@ def best_of_n_rows(policy, params, split, score, sampling, max_n: int, seed: int
                            num_samples=N, **sampling)
             score(out.sequences(), ids, split)
             seconds = time.perf_counter() - t0
-        row.update(reward_tokens=N * B * L, seconds=seconds)
+        row.update({"scorer_tokens/output": N * L, "policy_tokens/output": P + N * M,
+                    "seconds/output": seconds / B, "reward_tokens": N * B * L, "seconds": seconds})
     return rows
 
 
@@ -587,25 +605,29 @@ def plot_composition(path: str, rows: list[dict], name_a: str, name_b: str) -> N
     plt.close(fig)
 
 
-def _samples_key(config, params, tokenizer, prompts: dict, sampling: dict) -> str:
-    """sha256 over what the samples depend on: policy weights and
-    architecture, tokenizer, prompt arrays, sampling settings, samples per
-    prompt, seed and the reward settings (and a reward-model export's digests)."""
+def _samples_key(config, params, tokenizer, prompts: dict, sampling: dict) -> tuple[str, dict]:
+    """`(sha256, settings)`: what the samples depend on, as a flat dict of
+    strings (policy weights and architecture, tokenizer, prompts, sampling
+    settings, samples per prompt, seed, reward settings and a reward-model
+    export's digests), and the sha256 of it. The dict is stored with the
+    samples so a mismatch can name the settings that differ."""
+    import hashlib
     r = config.reward
     rm_meta = ""
     if r.kind == "reward_model":
         with open(os.path.join(r.reward_model_dir, "reward_model.json"), encoding="utf-8") as f:
-            rm_meta = f.read()
-    splits = {name: {"tokens": s["tokens"], "mask": s["mask"]} for name, s in prompts.items()}
-    options = {"sampling": sampling, "n": config.rollout.samples_per_prompt, "seed": config.seed,
-               "reward": r.to_dict(), "synthetic": config.synthetic.to_dict(), "rm": rm_meta,
-               "compose": (config.compose.kind, config.compose.functions), "batch": config.rollout.batch_size,
-               "tokenizer": tokenizer_fingerprint(tokenizer) if tokenizer is not None else ""}
-    import hashlib
+            rm_meta = hashlib.sha256(f.read().encode()).hexdigest()[:16]
     digest = hashlib.sha256()
-    for name in sorted(splits):
-        for k in sorted(splits[name]):
-            pref._update_array(digest, f"{name}/{k}", splits[name][k])
-    digest.update(json.dumps([pref.params_digest(params), repr(config.model.to_dict()), sorted(options.items())],
-                             default=str).encode())
-    return digest.hexdigest()
+    for name in sorted(prompts):
+        for k in ("tokens", "mask"):
+            pref._update_array(digest, f"{name}/{k}", prompts[name][k])
+    short = lambda x: json.dumps(x, default=str, sort_keys=True)
+    meta = {"policy weights": pref.params_digest(params)[:16], "model": short(config.model.to_dict()),
+            "tokenizer": tokenizer_fingerprint(tokenizer)[:16] if tokenizer is not None else "",
+            "prompts": digest.hexdigest()[:16], "sampling": short(sampling),
+            "rollout.samples_per_prompt": str(config.rollout.samples_per_prompt),
+            "rollout.batch_size": str(config.rollout.batch_size), "seed": str(config.seed),
+            "reward": short(r.to_dict()), "reward model export": rm_meta,
+            "synthetic": short(config.synthetic.to_dict()),
+            "compose": short([config.compose.kind, config.compose.functions])}
+    return hashlib.sha256(short(meta).encode()).hexdigest(), meta

@@ -122,9 +122,11 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_resume_config(config, workdir: str) -> None:
+def check_resume_config(config, workdir: str, resumable: tuple[str, ...] = ()) -> None:
     """A workdir holding checkpoints resumes only under the config that wrote
-    them (up to `RESUMABLE_CHANGES`); else a ConfigError lists the changes.
+    them (up to `RESUMABLE_CHANGES`, and the fields or sections a driver
+    lists in its own `RESUMABLE_CHANGES`, passed as `resumable`: e.g. the
+    VAS job's decode-time settings); else a ConfigError lists the changes.
 
     One more change is allowed: a larger `train.num_steps` extends the run.
     Then `train.schedule_steps` is set to the stored schedule length, so the
@@ -149,7 +151,8 @@ def check_resume_config(config, workdir: str) -> None:
             stored[key] = current[key]
     changed = [f"{k}: {stored.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}"
                for k in sorted(set(stored) | set(current))
-               if stored.get(k) != current.get(k) and k not in RESUMABLE_CHANGES]
+               if stored.get(k) != current.get(k) and k not in RESUMABLE_CHANGES
+               and not any(k == p or k.startswith(p + ".") for p in resumable)]
     if changed:
         from jaxreward.train import defaults
         raise defaults.ConfigError(
@@ -237,7 +240,7 @@ def main(argv):
     try:
         driver = check_config(config)
         workdir = flags.FLAGS.workdir or os.path.join("runs", config.task)
-        check_resume_config(config, workdir)
+        check_resume_config(config, workdir, getattr(driver, "RESUMABLE_CHANGES", ()))
     except (ValueError, *errors.USER_ERRORS) as e:  # a check_config raises ValueError naming the field
         fail(errors.message(e), e)
     os.makedirs(workdir, exist_ok=True)

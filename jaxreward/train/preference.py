@@ -351,6 +351,25 @@ def reference_logps(ref_fn: LogpsFn, ref_params, splits: Mapping[str, Mapping[st
     return out
 
 
+def read_cache(path: str, what: str) -> tuple[str, dict[str, np.ndarray]]:
+    """`(key, arrays)` of a cache file written by `cached_reference_logps`.
+
+    Raises:
+      CorruptFileError: `path` is a directory, not an `.npz` archive, cut
+        short, or has no key (one line naming the file; nothing is deleted).
+    """
+    import zipfile
+    from jaxreward.errors import CorruptFileError
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not hasattr(data, "files") or "__key__" not in data.files:
+                raise ValueError("no __key__ entry")
+            return str(data["__key__"]), {k: data[k] for k in data.files if k != "__key__"}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise CorruptFileError(f"{path} is not a cache of {what} written by this code ({type(e).__name__}: "
+                               f"{e}); move it away to recompute it") from None
+
+
 def cached_reference_logps(path: str, key: str, compute: Callable[[], dict[str, np.ndarray]],
                            what: str = "reference log-probs", made_of: str = "data, tokenization or "
                            "reference weights") -> tuple[dict[str, np.ndarray], bool]:
@@ -368,13 +387,12 @@ def cached_reference_logps(path: str, key: str, compute: Callable[[], dict[str, 
         tokenization or weights); the message says what to do.
     """
     if os.path.exists(path):
-        with np.load(path) as data:
-            stored = str(data["__key__"])
-            if stored != key:
-                raise StaleCacheError(
-                    f"{path} holds {what} for other {made_of} (key {stored[:16]}..., this run needs "
-                    f"{key[:16]}...); delete the file to recompute them, or use a new --workdir")
-            return {k: data[k] for k in data.files if k != "__key__"}, True
+        stored, arrays = read_cache(path, what)
+        if stored != key:
+            raise StaleCacheError(
+                f"{path} holds {what} for other {made_of} (key {stored[:16]}..., this run needs "
+                f"{key[:16]}...); delete the file to recompute them, or use a new --workdir")
+        return arrays, True
     arrays = compute()
     if jax.process_index() == 0:
         buffer = io.BytesIO()

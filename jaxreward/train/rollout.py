@@ -276,6 +276,14 @@ def plot_reward_vs_kl(path: str, points: list[dict], curve: list[dict], reward_n
         if curve:
             ax.plot([c["sqrt_kl"] for c in curve], [c[key] for c in curve], "--", marker=marker, color=color,
                     alpha=0.5, label=f"best-of-N: {label}")
+    # Each point says what it is: β (VAS) or the step (a trained policy); each best-of-N point its N.
+    for p in points:
+        tag = f"β={p['beta']:g}" if "beta" in p else (f"{p['step']}" if "step" in p else "")
+        ax.annotate(tag, (p["sqrt_kl"], p["reward"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for c in curve:
+        ax.annotate(f"N={c['N']}", (c["sqrt_kl"], c["reward"]), fontsize=6, alpha=0.6, xytext=(3, -8),
+                    textcoords="offset points")
+    ax.ticklabel_format(useOffset=False)
     ax.set_xlabel("√KL(π‖π_ref)  (nats^½; best-of-N: √ of its bound)")
     ax.set_ylabel("reward")
     ax.set_title(title)
@@ -462,7 +470,12 @@ def value_model_init(config, workdir: str, policy_cfg, base_params, policy_token
                                 "head needs a one-output reward model")
             cfg, params = rm.config, value_params_from_reward_model(rm_params)
         else:
-            decoder, dec_params, tokenizer = jaxreward.load_pretrained(path, dtype=m.dtype)
+            try:
+                decoder, dec_params, tokenizer = jaxreward.load_pretrained(path, dtype=m.dtype)
+            except (ValueError, OSError) as e:  # not a model (e.g. another run's workdir): name the field
+                field = "value.path" if v.init == "path" else "reward.reward_model_dir"
+                raise UserError(f"config field {field}: {path!r} is neither an exported reward model "
+                                f"(reward_model.json) nor a decoder checkpoint ({e})") from None
             cfg, params = decoder.config, value_params_from_policy(dec_params)
             if (tokenizer is not None and policy_tokenizer is not None
                     and tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(policy_tokenizer)):

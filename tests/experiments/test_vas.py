@@ -16,7 +16,7 @@ import pytest
 from configs import vas as vas_config
 from experiments import vas as driver
 from jaxreward import parallel
-from jaxreward.errors import UserError
+from jaxreward.errors import CorruptFileError, UserError
 from jaxreward.sampling import value_guided as vg
 from jaxreward.train import defaults, preference, rollout
 from tests.experiments.test_cli import _cli
@@ -229,13 +229,15 @@ def test_tiny_end_to_end(straight):
         # Synthetic responses have no stop token: every step scores k candidates per row.
         assert row["value_tokens"] == B * P + B * n * k * M
         assert row["kl"] > 0  # k = 8 < V = 64: the top-k truncation alone costs KL
-        assert set(row) >= {"reward", "reward_se", "reward/gold", "kl", "kl_se", "decode_s"}
+        assert set(row) >= {"reward", "reward_se", "kl", "kl_se", "decode_s"} and "reward/gold" not in row
+        assert row["scorer_tokens/output"] == row["value_tokens"] / (B * n)
     # β = (0, 0) of the composition is β = 0 of the sweep: the same guided draw.
     zero = next(r for r in summary["compose"] if r["beta_1"] == 0 and r["beta_2"] == 0)
     assert zero["reward"] == pytest.approx(summary["vas"][0]["reward"], abs=1e-6)
     assert zero["kl"] == pytest.approx(summary["vas"][0]["kl"], abs=1e-5)
     for bon in summary["best_of_n"]:
         assert bon["reward_tokens"] == bon["N"] * B * (P + M)
+        assert bon["scorer_tokens/output"] == bon["N"] * (P + M) and bon["policy_tokens/output"] == P + bon["N"] * M
     # Samples: train prompts × samples per prompt, with both rewards and the gold extra.
     with np.load(workdir / "samples.npz") as data:
         S = c.data.num_prompts * c.rollout.samples_per_prompt
@@ -244,7 +246,8 @@ def test_tiny_end_to_end(straight):
         resp = data["train/tokens"][:, P:]
         np.testing.assert_allclose(data["train/rewards"], task.gold_reward(resp, data["train/loss_mask"][:, P:]),
                                    rtol=1e-6)
-        assert "train/rewards_b" in data.files and "eval/extra/gold" in data.files
+        assert "train/rewards_b" in data.files
+        assert "eval/extra/gold" not in data.files     # the reward is the gold reward: stored once
     records = [json.loads(x) for x in (workdir / "value" / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in records if "train/loss" in r]
     assert train_steps == [1, 2, 3, 4] and all(math.isfinite(r["train/explained_variance"])
@@ -264,8 +267,22 @@ def test_samples_are_reused_by_other_value_runs_and_stale_ones_refused(straight,
         again = driver.run(c, str(tmp_path / "other"))
     assert again["samples"]["reused"] and not (tmp_path / "other" / "samples.npz").exists()
     c.seed = 1                                          # other prompts and samples: the file is stale
-    with _first_devices(), pytest.raises(preference.StaleCacheError, match="holds policy samples for other"):
+    c.rollout.temperature = 0.5
+    with _first_devices(), pytest.raises(preference.StaleCacheError) as info:
         driver.run(c, str(tmp_path / "stale"))
+    message = str(info.value)
+    assert message.startswith("config field rollout.samples_path: ") and "drawn under other settings" in message
+    assert "seed: 0 -> 1" in message and '"temperature": 0.5' in message  # what differs is named
+    assert "set it to '' to draw new ones" in message and "delete" not in message
+    # A file that is not a samples cache: one line naming it, nothing deleted.
+    for name, content in (("garbage.npz", os.urandom(300)), ("empty.npz", b""), ("text.npz", b"hello\n")):
+        (tmp_path / name).write_bytes(content)
+        c.rollout.samples_path = str(tmp_path / name)
+        with _first_devices(), pytest.raises(CorruptFileError, match=f"{name} is not a cache of policy samples"):
+            driver.run(c, str(tmp_path / "bad"))
+        assert (tmp_path / name).read_bytes() == content
+    with pytest.raises(CorruptFileError, match="is not a cache of policy samples"):
+        preference.read_cache(str(tmp_path), "policy samples")           # a directory
 
 
 def test_resume_is_exact_mid_epoch_and_at_the_epoch_boundary(straight, tmp_path):
@@ -342,6 +359,12 @@ def test_value_model_with_another_vocabulary_or_a_missing_path(tmp_path):
                 "--config.value.path=/no/such/value_model", check=False)
     _assert_user_error(proc, "config field value.path: '/no/such/value_model' does not exist")
     assert not (tmp_path / "wd" / "config.json").exists()
+    # Another run's workdir (a config.json that is not a model's) is named, not a traceback.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text('{"task": "vas"}')
+    c.value.path = str(tmp_path / "run")
+    with pytest.raises(UserError, match="config field value.path: .* is neither an exported reward model"):
+        rollout.value_model_init(c, str(tmp_path), policy.config, params)
 
 
 def test_value_model_with_another_tokenizer_is_refused(tmp_path):
@@ -354,3 +377,17 @@ def test_value_model_with_another_tokenizer_is_refused(tmp_path):
     tok._pad_id = tok.pad_id + 1         # same vocabulary size, another tokenizer (pad id)
     with pytest.raises(UserError, match="another tokenizer than the policy"):
         rollout.value_model_init(c, str(tmp_path), policy.config, params, tok)
+
+
+def test_decode_time_settings_change_on_a_finished_workdir(tmp_path):
+    """β, k and the eval settings are chosen at decode time: a workdir with
+    trained value models re-decodes under new ones; training fields are refused."""
+    from jaxreward import main
+    c = _tiny()
+    (tmp_path / "checkpoints" / "value").mkdir(parents=True)
+    (tmp_path / "config.json").write_text(c.to_json_best_effort())
+    c.guide.betas, c.guide.k, c.compose.betas, c.eval.best_of_n_max_n = (0.0, 5.0), 4, (1.0,), 8
+    main.check_resume_config(c, str(tmp_path), driver.RESUMABLE_CHANGES)
+    c.value.lam = 0.5
+    with pytest.raises(defaults.ConfigError, match=r"changed fields:\n  value.lam: 0.95 -> 0.5\nUse a new"):
+        main.check_resume_config(c, str(tmp_path), driver.RESUMABLE_CHANGES)

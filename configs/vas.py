@@ -133,7 +133,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
                       num_prompts=192, num_eval_prompts=16, batch_size=16)
         c.reward.kind = "reward_model"
         c.rollout.update(samples_per_prompt=2, max_new_tokens=32, batch_size=32)
-        c.guide.update(k=10, betas=(0.0, 1.0, 4.0), samples_per_prompt=2)
+        c.guide.update(k=10, betas=(0.0, 4.0, 16.0, 64.0), samples_per_prompt=2)
         c.optimizer = defaults.optimizer(learning_rate=1e-4, warmup_steps=4)
         c.train.update(num_steps=48, log_every=4, checkpoint_every=24)
         c.eval.update(best_of_n_max_n=8)

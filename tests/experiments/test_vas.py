@@ -305,25 +305,32 @@ def test_resume_is_exact_mid_epoch_and_at_the_epoch_boundary(straight, tmp_path)
     assert steps == [1, 2, 3, 4]                        # each step once
 
 
-@pytest.mark.parametrize("mesh, micro", [((8, 1, 1), 1), ((2, 2, 2), 1), ((1, 1, 1), 2)])
-def test_mesh_shape_and_micro_batches_do_not_change_the_value_step(straight, tmp_path, mesh, micro):
-    out, workdir = straight
-    with np.load(workdir / "samples.npz") as f:
+def _train_value(straight, workdir, mesh, micro):
+    """Two value steps of the tiny config on the straight run's samples, on `mesh`."""
+    out, run_dir = straight
+    with np.load(run_dir / "samples.npz") as f:
         data = {s: {k.split("/", 1)[1]: f[k] for k in f.files if k.startswith(s + "/")} for s in ("train", "eval")}
     c = _tiny(num_steps=2, micro_batches=micro)
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
-    model = out["value_model"]
     with _first_devices():
         policy, params, _ = rollout.load_policy(c, "")
-        _, init = rollout.value_model_init(c, str(tmp_path), policy.config, params)
-        m = parallel.make_mesh(*mesh)
-        trained, _ = driver.train_value_model(c, str(tmp_path), "value", model, init, data, "rewards", m)
-        c1 = _tiny(num_steps=2)
-        c1.mesh.data, c1.mesh.fsdp, c1.mesh.tensor = 1, 1, 1
-        one, _ = driver.train_value_model(c1, str(tmp_path / "one"), "value", model, init, data, "rewards",
-                                          parallel.make_mesh(1, 1, 1))
-    assert trained["step"] == one["step"] == 2
-    for a, b in zip(_leaves(trained["params"]), _leaves(one["params"])):
+        _, init = rollout.value_model_init(c, str(workdir), policy.config, params)
+        trained, _ = driver.train_value_model(c, str(workdir), "value", out["value_model"], init, data, "rewards",
+                                              parallel.make_mesh(*mesh))
+    return trained
+
+
+@pytest.fixture(scope="module")
+def one_device_value(straight, tmp_path_factory):
+    return _train_value(straight, tmp_path_factory.mktemp("one_device"), (1, 1, 1), 1)
+
+
+@pytest.mark.parametrize("mesh, micro", [((8, 1, 1), 1), ((2, 2, 2), 1), ((1, 1, 1), 2)])
+def test_mesh_shape_and_micro_batches_do_not_change_the_value_step(straight, one_device_value, tmp_path, mesh,
+                                                                   micro):
+    trained = _train_value(straight, tmp_path, mesh, micro)
+    assert trained["step"] == one_device_value["step"] == 2
+    for a, b in zip(_leaves(trained["params"]), _leaves(one_device_value["params"])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -391,3 +398,29 @@ def test_decode_time_settings_change_on_a_finished_workdir(tmp_path):
     c.value.lam = 0.5
     with pytest.raises(defaults.ConfigError, match=r"changed fields:\n  value.lam: 0.95 -> 0.5\nUse a new"):
         main.check_resume_config(c, str(tmp_path), driver.RESUMABLE_CHANGES)
+
+
+def test_text_prompts_with_registered_rewards_and_a_composed_text_reward(tmp_path, capsys):
+    """The text path on a tiny local model: prompts from a file, a registered
+    Python reward, a second text reward composed at decode time, and the
+    printed prompts with their base and guided completions."""
+    _tiny_text_model(tmp_path / "model")
+    (tmp_path / "prompts.txt").write_text("".join(f"say {ch}\n" for ch in "abcdefghij"))
+    c = _tiny(num_steps=2)
+    c.model.pretrained = str(tmp_path / "model")
+    c.data.update(source="jsonl", prompts_path=str(tmp_path / "prompts.txt"), num_eval_prompts=2, batch_size=8,
+                  num_prompts=6)
+    c.reward.update(kind="text", functions=(("length_target", 1.0, {"target": 4, "scale": 4}),))
+    c.compose.update(kind="text", functions=(("format_regex", 1.0, {"pattern": "a", "search": True}),), betas=(0.0, 1.0))
+    c.guide.update(k=200, betas=(0.0, 3.0))               # k > V: clamped with a warning
+    c.eval.update(best_of_n_max_n=2, show=1)
+    with _first_devices():
+        out = driver.run(c, str(tmp_path / "wd"))
+    printed = capsys.readouterr().out
+    assert "warning: guide.k=200 exceeds the vocabulary size" in printed
+    assert "### say i" in printed and "--- β = 0, reward" in printed and "--- β = 3, reward" in printed
+    assert out["samples"]["train"] == 6 * c.rollout.samples_per_prompt   # the first data.num_prompts prompts
+    assert out["k"] == out["trained"]["value"]["params"]["backbone"]["embed_tokens"]["embedding"].shape[0]
+    for row in out["vas"]:
+        assert row["kl"] == pytest.approx(0.0, abs=1e-5) if row["beta"] == 0 else row["kl"] >= 0
+    assert len(out["compose"]) == 4 and all(math.isfinite(r["reward_b"]) for r in out["compose"])

@@ -70,7 +70,7 @@ import numpy as np
 import tqdm
 
 import jaxreward
-from jaxreward import parallel, rewards
+from jaxreward import parallel
 from jaxreward.data.prompts import PromptSampler, filter_degenerate_groups
 from jaxreward.errors import UserError
 from jaxreward.models.llama import Decoder
@@ -93,47 +93,11 @@ ADVANTAGES = ("grpo", "rloo", "reinforce_pp", "remax")
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Checks this job's own fields (the shared blocks are checked by main)."""
-    d, r, ro, a, k = config.data, config.reward, config.rollout, config.algorithm, config.kl
-    defaults.check_choice(config, "data.source", ("synthetic", "arithmetic", "jsonl", "pairs"))
-    if d.source in ("jsonl", "pairs"):
-        defaults.check_path(config, "data.prompts_path", required=True)
-        defaults.check_not_empty(config, "data.prompts_path")  # before any model loads
-    if d.source == "synthetic":
-        if config.model.pretrained:
-            raise defaults.ConfigError("config field model.pretrained: the synthetic task needs a random "
-                                       "model.arch decoder (set model.pretrained='' or another data.source)")
-        defaults.check_choice(config, "reward.kind", ("proxy", "gold", "reward_model"))
-    else:
-        if not config.model.pretrained:
-            raise defaults.ConfigError(f"config field model.pretrained: data.source={d.source!r} has text "
-                                       "prompts and needs a pretrained model with a tokenizer")
-        defaults.check_choice(config, "reward.kind", ("reward_model", "text"))
-    if not config.model.pretrained:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                     "num_heads", "num_kv_heads"):
-            defaults.check_int(config, f"model.arch.{name}", 1)
+    ro, a, k = config.rollout, config.algorithm, config.kl
+    rollout.check_prompts_and_reward(config)
     defaults.check_pretrained(config, "reference.path")
     defaults.check_int(config, "reference.batch_size", 1)
     defaults.check_int(config, "policy.trainable_blocks", -1)
-    defaults.check_choice(config, "data.on_error", ("skip", "raise"))
-    for name in ("max_prompt_length", "num_prompts", "num_eval_prompts"):
-        defaults.check_int(config, f"data.{name}", 1)
-    defaults.check_int(config, "data.operand_low", 0)
-    defaults.check_int(config, "data.operand_high", d.operand_low)
-    for name in ("prompt_length", "proxy_pairs", "proxy_steps"):
-        defaults.check_int(config, f"synthetic.{name}", 1)
-    defaults.check_float(config, "synthetic.label_beta", 0.0)
-    if r.kind == "reward_model":
-        defaults.check_path(config, "reward.reward_model_dir", required=True)
-        if not os.path.exists(os.path.join(r.reward_model_dir, "reward_model.json")):
-            raise defaults.ConfigError(f"config field reward.reward_model_dir: {r.reward_model_dir!r} has "
-                                       "no reward_model.json (point it at the reward_model/ folder a "
-                                       "reward_model run wrote)")
-    if r.kind == "text":
-        try:
-            rewards.combine(r.functions)
-        except (ValueError, KeyError, TypeError) as e:
-            raise defaults.ConfigError(f"config field reward.functions: {e}") from None
     defaults.check_choice(config, "reward.transform", ("none", "whiten", "clip"))
     defaults.check_float(config, "reward.clip", 0.0, low_open=True)
     defaults.check_choice(config, "reward.truncated", ("score", "penalty", "mask"))

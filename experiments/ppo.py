@@ -60,7 +60,7 @@ import numpy as np
 import tqdm
 
 import jaxreward
-from jaxreward import parallel, rewards
+from jaxreward import parallel
 from jaxreward.data.prompts import PromptSampler
 from jaxreward.errors import UserError
 from jaxreward.models.llama import Decoder
@@ -78,52 +78,15 @@ from jaxreward.train import step as step_lib
 
 sg = jax.lax.stop_gradient
 EXPORT_DIR = "policy"
-VALUE_INITS = ("reward_model", "policy", "path")
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Checks this job's own fields (the shared blocks are checked by main)."""
-    d, r, ro, a, k, v = config.data, config.reward, config.rollout, config.algorithm, config.kl, config.value
-    defaults.check_choice(config, "data.source", ("synthetic", "arithmetic", "jsonl", "pairs"))
-    if d.source in ("jsonl", "pairs"):
-        defaults.check_path(config, "data.prompts_path", required=True)
-        defaults.check_not_empty(config, "data.prompts_path")
-    if d.source == "synthetic":
-        if config.model.pretrained:
-            raise defaults.ConfigError("config field model.pretrained: the synthetic task needs a random "
-                                       "model.arch decoder (set model.pretrained='' or another data.source)")
-        defaults.check_choice(config, "reward.kind", ("proxy", "gold", "reward_model"))
-    else:
-        if not config.model.pretrained:
-            raise defaults.ConfigError(f"config field model.pretrained: data.source={d.source!r} has text "
-                                       "prompts and needs a pretrained model with a tokenizer")
-        defaults.check_choice(config, "reward.kind", ("reward_model", "text"))
-    if not config.model.pretrained:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                     "num_heads", "num_kv_heads"):
-            defaults.check_int(config, f"model.arch.{name}", 1)
-        defaults.check_float(config, "model.arch.rope_theta", 0.0, low_open=True)
+    ro, a, k = config.rollout, config.algorithm, config.kl
+    rollout.check_prompts_and_reward(config)
     defaults.check_pretrained(config, "reference.path")
     defaults.check_int(config, "reference.batch_size", 1)
     defaults.check_int(config, "policy.trainable_blocks", -1)
-    defaults.check_choice(config, "data.on_error", ("skip", "raise"))
-    defaults.check_choice(config, "data.chat_template", (True, False))
-    for name in ("max_prompt_length", "num_prompts", "num_eval_prompts"):
-        defaults.check_int(config, f"data.{name}", 1)
-    for name in ("prompt_length", "proxy_pairs", "proxy_steps"):
-        defaults.check_int(config, f"synthetic.{name}", 1)
-    defaults.check_float(config, "synthetic.label_beta", 0.0)
-    if r.kind == "reward_model":
-        defaults.check_path(config, "reward.reward_model_dir", required=True)
-        if not os.path.exists(os.path.join(r.reward_model_dir, "reward_model.json")):
-            raise defaults.ConfigError(f"config field reward.reward_model_dir: {r.reward_model_dir!r} has "
-                                       "no reward_model.json (point it at the reward_model/ folder a "
-                                       "reward_model run wrote)")
-    if r.kind == "text":
-        try:
-            rewards.combine(r.functions)
-        except (ValueError, KeyError, TypeError) as e:
-            raise defaults.ConfigError(f"config field reward.functions: {e}") from None
     defaults.check_choice(config, "reward.transform", ("none", "whiten", "clip"))
     defaults.check_float(config, "reward.clip", 0.0, low_open=True)
     defaults.check_choice(config, "reward.truncated", ("score", "penalty", "mask"))
@@ -150,16 +113,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise defaults.ConfigError(f"config field algorithm.num_minibatches: {a.num_minibatches} does not "
                                    f"divide the R = rollout.prompts_per_step × rollout.group_size = {R} "
                                    "rows of a rollout")
-    defaults.check_choice(config, "value.init", VALUE_INITS)
-    if v.init == "reward_model" and r.kind not in ("proxy", "reward_model"):
-        raise defaults.ConfigError(f"config field value.init: 'reward_model' needs a reward model "
-                                   f"(reward.kind proxy or reward_model), got reward.kind={r.kind!r}; "
-                                   "use value.init='policy' or 'path'")
-    if v.init == "path":
-        defaults.check_path(config, "value.path", required=True)
-        if not os.path.exists(os.path.join(v.path, "reward_model.json")):
-            defaults.check_pretrained(config, "value.path")
-    defaults.check_int(config, "value.trainable_blocks", -1)
+    rollout.check_value_config(config)
     vo = "value_optimizer"
     defaults.check_float(config, f"{vo}.learning_rate", 0.0, low_open=True)
     defaults.check_int(config, f"{vo}.warmup_steps", 0)

@@ -82,7 +82,6 @@ from jaxreward.train import state as state_lib
 from jaxreward.train import step as step_lib
 
 SAMPLES_FILE = "samples.npz"
-VALUE_INITS = ("policy", "reward_model", "path")
 # Decode-time settings: a finished (or resumed) workdir re-decodes under new
 # values with the value models it trained (jaxreward.main checks the rest).
 RESUMABLE_CHANGES = ("guide", "compose.betas", "eval")
@@ -90,47 +89,14 @@ RESUMABLE_CHANGES = ("guide", "compose.betas", "eval")
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Checks this job's own fields (the shared blocks are checked by main)."""
-    d, r, ro, g, c, v = config.data, config.reward, config.rollout, config.guide, config.compose, config.value
-    defaults.check_choice(config, "data.source", ("synthetic", "arithmetic", "jsonl", "pairs"))
-    if d.source in ("jsonl", "pairs"):
-        defaults.check_path(config, "data.prompts_path", required=True)
-        defaults.check_not_empty(config, "data.prompts_path")
-    if d.source == "synthetic":
-        if config.model.pretrained:
-            raise defaults.ConfigError("config field model.pretrained: the synthetic task needs a random "
-                                       "model.arch decoder (set model.pretrained='' or another data.source)")
-        defaults.check_choice(config, "reward.kind", ("gold", "proxy", "reward_model"))
-        defaults.check_choice(config, "compose.kind", ("", "second_gold"))
-    else:
-        if not config.model.pretrained:
-            raise defaults.ConfigError(f"config field model.pretrained: data.source={d.source!r} has text "
-                                       "prompts and needs a pretrained model with a tokenizer")
-        defaults.check_choice(config, "reward.kind", ("reward_model", "text"))
-        defaults.check_choice(config, "compose.kind", ("", "text"))
-    if not config.model.pretrained:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads"):
-            defaults.check_int(config, f"model.arch.{name}", 1)
-        defaults.check_float(config, "model.arch.rope_theta", 0.0, low_open=True)
-    defaults.check_choice(config, "data.chat_template", (True, False))
-    for name in ("num_prompts", "num_eval_prompts"):
-        defaults.check_int(config, f"data.{name}", 1)
-    for name in ("prompt_length", "proxy_pairs", "proxy_steps"):
-        defaults.check_int(config, f"synthetic.{name}", 1)
-    defaults.check_float(config, "synthetic.label_beta", 0.0)
-    if r.kind == "reward_model":
-        defaults.check_path(config, "reward.reward_model_dir", required=True)
-        if not os.path.exists(os.path.join(r.reward_model_dir, "reward_model.json")):
-            raise defaults.ConfigError(f"config field reward.reward_model_dir: {r.reward_model_dir!r} has "
-                                       "no reward_model.json (point it at the reward_model/ folder a "
-                                       "reward_model run wrote)")
-    for field, kind, specs in (("reward.functions", r.kind, r.functions),
-                               ("compose.functions", c.kind, c.functions)):
-        if kind == "text":
-            try:
-                rewards.combine(specs)
-            except (ValueError, KeyError, TypeError) as e:
-                raise defaults.ConfigError(f"config field {field}: {e}") from None
+    d, ro, g, c = config.data, config.rollout, config.guide, config.compose
+    rollout.check_prompts_and_reward(config)
+    defaults.check_choice(config, "compose.kind", ("", "second_gold") if d.source == "synthetic" else ("", "text"))
+    if c.kind == "text":
+        try:
+            rewards.combine(c.functions)
+        except (ValueError, KeyError, TypeError) as e:
+            raise defaults.ConfigError(f"config field compose.functions: {e}") from None
     for name in ("samples_per_prompt", "max_new_tokens", "batch_size"):
         defaults.check_int(config, f"rollout.{name}", 1)
     defaults.check_float(config, "rollout.temperature", 0.0, low_open=True)
@@ -139,16 +105,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                                    "takes its own top-k (guide.k) of the temperature-scaled policy")
     if ro.samples_path:
         defaults.check_path(config, "rollout.samples_path")
-    defaults.check_choice(config, "value.init", VALUE_INITS)
-    if v.init == "reward_model" and r.kind not in ("proxy", "reward_model"):
-        raise defaults.ConfigError(f"config field value.init: 'reward_model' needs a reward model "
-                                   f"(reward.kind proxy or reward_model), got reward.kind={r.kind!r}; "
-                                   "use value.init='policy' or 'path'")
-    if v.init == "path":
-        defaults.check_path(config, "value.path", required=True)
-        if not os.path.exists(os.path.join(v.path, "reward_model.json")):
-            defaults.check_pretrained(config, "value.path")
-    defaults.check_int(config, "value.trainable_blocks", -1)
+    rollout.check_value_config(config)
     defaults.check_float(config, "value.lam", 0.0, 1.0)
     defaults.check_float(config, "value.gamma", 0.0, 1.0)
     defaults.check_int(config, "guide.k", 1)

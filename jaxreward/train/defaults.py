@@ -122,7 +122,8 @@ def check_choice(config, name: str, choices) -> None:
     """`name`, if present, is one of `choices`."""
     v = get_field(config, name)
     if v is not _MISSING and v not in choices:
-        raise ConfigError(f"config field {name} must be one of {', '.join(map(str, choices))}; "
+        shown = ", ".join(repr(c) if c == "" else str(c) for c in choices)  # '' (off) stays visible
+        raise ConfigError(f"config field {name} must be one of {shown}; "
                           f"got {v!r}")
 
 

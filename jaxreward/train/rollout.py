@@ -47,6 +47,62 @@ def load_policy(config: ml_collections.ConfigDict, path: str):
     return decoder, init(jax.random.PRNGKey(config.seed)), None
 
 
+def check_prompts_and_reward(config: ml_collections.ConfigDict) -> None:
+    """Checks the blocks the sampling drivers share (policy_gradient, ppo,
+    vas): `data` (source, prompt file, sizes), `model.arch` when there is no
+    `model.pretrained`, `synthetic`, and `reward` (kind for the data source,
+    the reward-model folder, the text reward specs).
+
+    The synthetic task takes a random `model.arch` decoder and reward.kind
+    proxy | gold | reward_model; text prompts (arithmetic, jsonl, pairs) take
+    a pretrained model with a tokenizer and reward.kind reward_model | text.
+
+    Raises:
+      ConfigError: naming the first field with an impossible value.
+    """
+    from jaxreward.train import defaults
+    d, r = config.data, config.reward
+    defaults.check_choice(config, "data.source", ("synthetic", "arithmetic", "jsonl", "pairs"))
+    if d.source in ("jsonl", "pairs"):
+        defaults.check_path(config, "data.prompts_path", required=True)
+        defaults.check_not_empty(config, "data.prompts_path")  # before any model loads
+    if d.source == "synthetic":
+        if config.model.pretrained:
+            raise defaults.ConfigError("config field model.pretrained: the synthetic task needs a random "
+                                       "model.arch decoder (set model.pretrained='' or another data.source)")
+        defaults.check_choice(config, "reward.kind", ("proxy", "gold", "reward_model"))
+    else:
+        if not config.model.pretrained:
+            raise defaults.ConfigError(f"config field model.pretrained: data.source={d.source!r} has text "
+                                       "prompts and needs a pretrained model with a tokenizer")
+        defaults.check_choice(config, "reward.kind", ("reward_model", "text"))
+    if not config.model.pretrained:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            defaults.check_int(config, f"model.arch.{name}", 1)
+        defaults.check_float(config, "model.arch.rope_theta", 0.0, low_open=True)
+    defaults.check_choice(config, "data.on_error", ("skip", "raise"))
+    defaults.check_choice(config, "data.chat_template", (True, False))
+    for name in ("max_prompt_length", "num_prompts", "num_eval_prompts"):
+        defaults.check_int(config, f"data.{name}", 1)
+    defaults.check_int(config, "data.operand_low", 0)
+    if "operand_low" in d:
+        defaults.check_int(config, "data.operand_high", d.operand_low)
+    for name in ("prompt_length", "proxy_pairs", "proxy_steps"):
+        defaults.check_int(config, f"synthetic.{name}", 1)
+    defaults.check_float(config, "synthetic.label_beta", 0.0)
+    if r.kind == "reward_model":
+        defaults.check_path(config, "reward.reward_model_dir", required=True)
+        if not os.path.exists(os.path.join(r.reward_model_dir, "reward_model.json")):
+            raise defaults.ConfigError(f"config field reward.reward_model_dir: {r.reward_model_dir!r} has "
+                                       "no reward_model.json (point it at the reward_model/ folder a "
+                                       "reward_model run wrote)")
+    if r.kind == "text":
+        try:
+            rewards.combine(r.functions)
+        except (ValueError, KeyError, TypeError) as e:
+            raise defaults.ConfigError(f"config field reward.functions: {e}") from None
+
+
 def encode_prompts(tokenizer, texts: list[str], max_length: int, chat: bool) -> tuple[np.ndarray, np.ndarray, int]:
     """Left-padded prompt arrays `[N, P]` (chat-rendered as a user turn when
     `chat`), and how many prompts lost their beginning to `max_length`."""
@@ -437,6 +493,31 @@ def explained_variance(values_RL, returns_RL, mask_RL) -> float:
     err = ret - np.asarray(values_RL, np.float64)[mask]
     var = ret.var() if ret.size else 0.0
     return float(1.0 - err.var() / var) if var > 0 else 0.0
+
+
+VALUE_INITS = ("reward_model", "policy", "path")
+
+
+def check_value_config(config: ml_collections.ConfigDict) -> None:
+    """Checks `config.value` of a job with a value model (ppo, vas): `init`
+    is one of `VALUE_INITS`, "reward_model" has a reward model to start
+    from, "path" names an exported reward model or a decoder checkpoint.
+
+    Raises:
+      ConfigError: naming the field.
+    """
+    from jaxreward.train import defaults
+    v, r = config.value, config.reward
+    defaults.check_choice(config, "value.init", VALUE_INITS)
+    if v.init == "reward_model" and r.kind not in ("proxy", "reward_model"):
+        raise defaults.ConfigError(f"config field value.init: 'reward_model' needs a reward model "
+                                   f"(reward.kind proxy or reward_model), got reward.kind={r.kind!r}; "
+                                   "use value.init='policy' or 'path'")
+    if v.init == "path":
+        defaults.check_path(config, "value.path", required=True)
+        if not os.path.exists(os.path.join(v.path, "reward_model.json")):
+            defaults.check_pretrained(config, "value.path")
+    defaults.check_int(config, "value.trainable_blocks", -1)
 
 
 def value_model_init(config, workdir: str, policy_cfg, base_params, policy_tokenizer=None):

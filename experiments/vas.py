@@ -382,7 +382,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f"\nVAS (k = {k}) on {B} held-out prompts × {n} samples ({reward_name}; KL in nats per response, "
           "exact)")
     cols = ["beta", "reward", "reward_se"] + sorted(x for x in vas_rows[0] if x.startswith("reward/")) + [
-        "kl", "kl_se", "scorer_tokens/output", "policy_tokens/output", "seconds/output"]
+        "kl", "kl_se", "decode_s", "scorer_tokens/output", "policy_tokens/output", "seconds/output"]
     print(metrics_lib.format_table(vas_rows, cols))
     if k < policy.config.vocab_size:
         print(f"(k = {k} < V = {policy.config.vocab_size}: β = 0 is the policy truncated to its top {k}, and its "

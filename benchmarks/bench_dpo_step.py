@@ -6,13 +6,17 @@ stop_gradient (`reference.precompute=False`: one more forward per step).
 Models: `llama4.5m` (hidden 256, 4 layers, 8 heads, 4 KV heads, FFN 1024,
 vocab 1024) and `smollm2` (SmolLM2-135M-Instruct architecture, random
 weights: speed does not depend on them). Batch: 8 pairs × (32 prompt + 32
-response) tokens = 16 sequences of 64 tokens (chosen and rejected in one
-forward), float32, every policy parameter trained, AdamW, one device. The
-step is the driver's: `experiments/dpo.py`'s loss functions in
-`train.step.make_train_step`.
+response) tokens, the two sides of a pair sharing their prompt, float32,
+every policy parameter trained, AdamW, one device. The step is the
+driver's: `experiments/dpo.py`'s loss functions in
+`train.step.make_train_step`. With prefix sharing (`model.prefix_sharing`,
+the driver's default) a pair is one packed row [prompt | chosen | rejected]
+of 96 tokens; without it, two rows of 64 (16 sequences in one forward).
+`tokens_per_s` counts the pairs' tokens (2 × 8 × 64 per step) either way,
+as the peers do; `forward_tokens` is what the forward runs over.
 
 FLOPs per step = 3 × policy forward (+ 1 × reference forward in-step),
-forward = 2 × (non-embedding params) × tokens + attention 4 × layers × T ×
+forward = 2 × (non-embedding params) × forward tokens + attention 4 × layers × T ×
 heads × head_dim per token (the 6N + 12·L·T·d accounting of "Scaling Laws
 for Neural Language Models", 2020). The output layer is counted (it is a
 real GEMM here, vocab × hidden per token, forward 2× that).
@@ -62,8 +66,10 @@ def make_batch(cfg: LlamaConfig, with_reference: bool) -> dict:
     rng = np.random.default_rng(0)
     T = PROMPT + RESPONSE
     batch = {}
+    prompt = rng.integers(0, cfg.vocab_size, (PAIRS, PROMPT))  # one prompt per pair, as in real data
     for side in ("chosen", "rejected"):
-        batch[f"{side}_tokens"] = rng.integers(0, cfg.vocab_size, (PAIRS, T)).astype(np.int32)
+        response = rng.integers(0, cfg.vocab_size, (PAIRS, RESPONSE))
+        batch[f"{side}_tokens"] = np.concatenate([prompt, response], axis=1).astype(np.int32)
         batch[f"{side}_attention_mask"] = np.ones((PAIRS, T), bool)
         batch[f"{side}_loss_mask"] = np.arange(T)[None].repeat(PAIRS, 0) >= PROMPT
         batch[f"{side}_positions"] = np.tile(np.arange(T, dtype=np.int32), (PAIRS, 1))
@@ -73,7 +79,7 @@ def make_batch(cfg: LlamaConfig, with_reference: bool) -> dict:
     return batch
 
 
-def bench(name: str, dtype: str, precompute: bool) -> dict:
+def bench(name: str, dtype: str, precompute: bool, prefix_sharing: bool) -> dict:
     cfg = dataclasses.replace(MODELS[name], dtype=dtype, max_position_embeddings=PROMPT + RESPONSE)
     config = dpo_config.get_config("synthetic")
     model = Decoder(cfg)
@@ -87,23 +93,27 @@ def bench(name: str, dtype: str, precompute: bool) -> dict:
     tx, schedule = state_lib.make_optimizer(config.optimizer, 100,
                                             pref.policy_trainable(cfg.num_layers, -1))
     shardings = step_lib.state_shardings(mesh, boxed_tree, tx)
-    logps_fn = pref.decoder_logps_fn(model)
+    batch = make_batch(cfg, precompute)
+    T = PROMPT + RESPONSE
+    S = pref.shared_prefix_length({"bench": batch}) if prefix_sharing else 0
+    logps_fn = pref.decoder_logps_fn(model, S)
     loss_fn, metrics_fn, _ = driver.make_loss_fns(config, logps_fn, logps_fn)
     train_step = step_lib.make_train_step(loss_fn, metrics_fn, tx, schedule, mesh, shardings)
     state = [jax.jit(lambda p: state_lib.init_state(p, tx, 0), out_shardings=shardings)(tree)]
-    device_batch = parallel.shard_batch(make_batch(cfg, precompute), mesh)
+    device_batch = parallel.shard_batch(batch, mesh)
 
     def run():
         state[0], metrics = train_step(state[0], device_batch)
         return metrics["loss"]
 
     first, sec = common.time_fn(run, warmup=2, iters=5)
-    T = PROMPT + RESPONSE
-    tokens = 2 * PAIRS * T
-    flops = (3.0 + (0.0 if precompute else 1.0)) * forward_flops(cfg, tokens, T)
+    tokens = 2 * PAIRS * T                              # the pairs' tokens (what peers count)
+    model_tokens, seq = (PAIRS * S, S) if S else (tokens, T)  # what the forward runs over
+    flops = (3.0 + (0.0 if precompute else 1.0)) * forward_flops(cfg, model_tokens, seq)
     mem, mem_src = common.peak_memory_bytes()
     return {"model": name, "reference": "precomputed" if precompute else "in-step",
-            "dtype": dtype, "params_M": cfg.num_params() / 1e6, "tokens_per_step": tokens,
+            "prefix_sharing": bool(S), "dtype": dtype, "params_M": cfg.num_params() / 1e6,
+            "tokens_per_step": tokens, "forward_tokens": model_tokens,
             "compile_s": first, "step_s": sec, "tokens_per_s": tokens / sec,
             **common.mfu_fields(flops / sec, dtype), "peak_mem_GiB": mem / 2**30,
             "mem_source": mem_src}
@@ -117,11 +127,16 @@ def main():
     ap.add_argument("--seq-len", type=int, default=PROMPT + RESPONSE,
                     help="tokens per sequence, half prompt and half response (the issue's SmolLM2 check: 256)")
     ap.add_argument("--reference", default="precomputed,in-step", help="which variants to run")
+    ap.add_argument("--prefix-sharing", default="on,off",
+                    help="on: one [prompt | chosen | rejected] row per pair (the driver's default); "
+                         "off: two rows per pair")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     PROMPT, RESPONSE = args.seq_len // 2, args.seq_len - args.seq_len // 2
     variants = [v == "precomputed" for v in args.reference.split(",")]
-    rows = [bench(m, args.dtype, precompute) for m in args.models.split(",") for precompute in variants]
+    sharing = [v == "on" for v in args.prefix_sharing.split(",")]
+    rows = [bench(m, args.dtype, precompute, share) for m in args.models.split(",")
+            for precompute in variants for share in sharing]
     common.report(f"dpo_step_{jax.default_backend()}_{args.dtype}_T{args.seq_len}", rows, args.out,
                   {"batch": f"{PAIRS} pairs x ({PROMPT} prompt + {RESPONSE} response) tokens"})
 

@@ -8,10 +8,14 @@ parameter trained with AdamW, KL (k3, β = 0.04) in the loss so the
 reference forward runs, one epoch of one minibatch. The reward is the
 fraction of even token ids in the completion (a host Python function, as
 the peers' benchmark rewards the fraction of even numbers in the text).
+With prefix sharing (`model.prefix_sharing`, the driver's default) the
+update and reference forwards run over one row [prompt | 4 completions] of
+32 + 4 × 32 = 160 tokens per group (320 tokens) instead of 8 rows of 64
+(512 tokens); `--prefix-sharing on,off` measures both.
 
     rollout    generate: prefill + 32 decode steps, behaviour log-probs
     scoring    the reward on the host + group advantages
-    reference  the reference forward over the 8 × 64 tokens
+    reference  the reference forward over the rollout's tokens
     update     one optimizer step: policy forward + backward + AdamW
 
 FLOPs: rollout = the decode FLOPs of `bench_decode.decode_flops`; update =
@@ -22,7 +26,8 @@ With `--smollm2-rollout`, also the rollout tokens/s of SmolLM2-135M (random
 weights, its architecture) for 64 completions × 128 new tokens (8 prompts ×
 G = 8), the issue's rollout shape.
 
-    python benchmarks/bench_rl_step.py [--steps 10] [--smollm2-rollout] [--out benchmarks/results]
+    python benchmarks/bench_rl_step.py [--steps 10] [--prefix-sharing on,off] [--smollm2-rollout]
+        [--out benchmarks/results]
 """
 from __future__ import annotations
 
@@ -63,9 +68,10 @@ def even_reward(tokens_RM: np.ndarray, mask_RM: np.ndarray) -> np.ndarray:
     return np.asarray(out, np.float32)
 
 
-def bench_grpo(steps: int) -> dict:
+def bench_grpo(steps: int, prefix_sharing: bool) -> dict:
     cfg = dataclasses.replace(MODELS["llama4.5m"], max_position_embeddings=P + M)
     config = rl_config.get_config("synthetic")
+    config.model.prefix_sharing = prefix_sharing
     config.rollout.update(prompts_per_step=B, group_size=G, max_new_tokens=M)
     config.kl.update(placement="loss", estimator="k3", beta=0.04)
     config.optimizer.learning_rate = 1e-4
@@ -80,7 +86,7 @@ def bench_grpo(steps: int) -> dict:
     loss_fn, metrics_fn, totals_fn = driver.make_loss_fns(driver.decoder_logps_fn(policy, config), config, M)
     update = step_lib.make_train_step(loss_fn, metrics_fn, tx, schedule, mesh, shardings, totals_fn=totals_fn)
     state = jax.jit(lambda p: state_lib.init_state(p, tx, 0), out_shardings=shardings)(params)
-    ref_fn = rollout_lib.logps_fn(policy, 1.0, 0, 1.0)
+    ref_fn = rollout_lib.logps_fn(policy, 1.0, 0, 1.0, G if prefix_sharing else 1, M)
     prompts = np.random.default_rng(0).integers(1, cfg.vocab_size, (B, P)).astype(np.int32)
     pmask = np.ones_like(prompts, bool)
     times = {"rollout": [], "scoring": [], "reference": [], "update": []}
@@ -111,10 +117,14 @@ def bench_grpo(steps: int) -> dict:
                 times[k].append(v)
     med = {k: float(np.median(v)) for k, v in times.items()}
     step_s = float(np.median([sum(x) for x in zip(*times.values())]))
-    T = P + M
-    flops = (decode_flops(cfg, B * G, P, M) + 4.0 * forward_flops(cfg, B * G * T, T))
+    # The update and reference forwards run over one packed row per group
+    # (P + G·M tokens) with prefix sharing, else over G rows of P + M.
+    T = P + G * M if prefix_sharing else P + M
+    rows = B if prefix_sharing else B * G
+    flops = (decode_flops(cfg, B * G, P, M) + 4.0 * forward_flops(cfg, rows * T, T))
     mem, mem_src = common.peak_memory_bytes()
-    return {"job": "grpo step (4.5M Llama)", "rows": B * G, "new_tokens": B * G * M, "first_step_s": first,
+    return {"job": "grpo step (4.5M Llama)", "prefix_sharing": prefix_sharing, "rows": B * G,
+            "forward_tokens": rows * T, "new_tokens": B * G * M, "first_step_s": first,
             "step_s": step_s, **{f"{k}_s": v for k, v in med.items()},
             "rollout_tokens_per_s": B * G * M / med["rollout"], **common.mfu_fields(flops / step_s),
             "peak_mem_GiB": mem / 2**30, "mem_source": mem_src}
@@ -139,9 +149,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--smollm2-rollout", action="store_true")
+    ap.add_argument("--prefix-sharing", default="on,off",
+                    help="on: the update and reference forwards encode each group's prompt once "
+                         "(the driver's default); off: one row per sample")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
-    rows = [bench_grpo(args.steps)]
+    rows = [bench_grpo(args.steps, v == "on") for v in args.prefix_sharing.split(",")]
     if args.smollm2_rollout:
         rows.append(bench_smollm2_rollout())
     common.report(f"rl_step_{jax.default_backend()}_float32", rows, args.out,

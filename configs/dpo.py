@@ -60,6 +60,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         pretrained="",                         # HF dir, .gguf file, or a known name ("" = random `arch`)
         dtype="float32",                       # compute dtype (bfloat16 on accelerators)
         remat=False,                           # rematerialize blocks in backward (saves memory)
+        prefix_sharing=True,                   # encode each pair's prompt once: [prompt | chosen | rejected] rows
         arch=ml_collections.ConfigDict(dict(   # random decoder when pretrained == "" (sizes in units)
             vocab_size=64, hidden_size=64, intermediate_size=256, num_layers=2,
             num_heads=4, num_kv_heads=2, rope_theta=10000.0)),

@@ -77,6 +77,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                      "num_heads", "num_kv_heads"):
             defaults.check_int(config, f"model.arch.{name}", 1)
         defaults.check_float(config, "model.arch.rope_theta", 0.0, low_open=True)
+    defaults.check_choice(config, "model.prefix_sharing", (True, False))
     defaults.check_pretrained(config, "reference.path")
     defaults.check_choice(config, "reference.precompute", (True, False))
     defaults.check_int(config, "reference.batch_size", 1)
@@ -221,7 +222,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ref_boxed = jax.eval_shape(lambda: ref_model.init(jax.random.PRNGKey(0),
                                                       jnp.zeros((1, 2), jnp.int32)))["params"]
     ref_params = jax.device_put(ref_params, parallel.param_shardings(mesh, ref_boxed))
-    ref_fn = pref.decoder_logps_fn(ref_model)
+    # Prefix sharing: every pair forward packs [prompt | chosen | rejected] into one row.
+    packed = pref.shared_prefix_length({"train": train, "eval": evals}) if m.prefix_sharing else 0
+    if packed:
+        T = train["chosen_tokens"].shape[1]
+        print(f"prefix sharing: one row of {packed} tokens per pair instead of two of {T}")
+    ref_fn = pref.decoder_logps_fn(ref_model, packed)
     in_step_reference = loss.uses_reference and not r.precompute
     if loss.uses_reference and r.precompute:
         splits = {"train": train, "eval": evals}
@@ -250,7 +256,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     trainable = pref.policy_trainable(cfg.num_layers, tb)
     tx, schedule = state_lib.make_optimizer(config.optimizer, loop.schedule_steps(t), trainable)
     shardings = step_lib.state_shardings(mesh, boxed, tx)
-    policy_fn = pref.decoder_logps_fn(policy)
+    policy_fn = pref.decoder_logps_fn(policy, packed)
     loss_fn, metrics_fn, _ = make_loss_fns(config, policy_fn, ref_fn)
     train_step = step_lib.make_train_step(loss_fn, metrics_fn, tx, schedule, mesh, shardings,
                                           micro_batches=t.micro_batches)

@@ -443,7 +443,7 @@ def make_scorer(config, tokenizer, mesh):
 
         def logps(model, p, b):
             return sequence_logps(token_logps(model, p, b["tokens"], b["attention_mask"], b["positions"]),
-                                  b["loss_mask"], average=average)
+                                  b["loss_mask"], average=average, attention_mask_BT=b["attention_mask"])
 
         def score_fn(p, b):
             return beta * (logps(policy, p[0], b) - logps(ref, p[1], b))

@@ -74,7 +74,7 @@ from jaxreward import parallel
 from jaxreward.data.prompts import PromptSampler, filter_degenerate_groups
 from jaxreward.errors import UserError
 from jaxreward.models.llama import Decoder
-from jaxreward.models.scoring import shift_mask, token_logps
+from jaxreward.models.scoring import group_token_logps, shift_mask, token_logps
 from jaxreward.objectives import registry
 from jaxreward.objectives.kl import adaptive_kl_coef, kl_loss
 from jaxreward.objectives.masking import masked_whiten
@@ -120,6 +120,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if a.advantage in ("grpo", "rloo") and ro.group_size < 2:
         raise defaults.ConfigError(f"config field rollout.group_size: {a.advantage} needs groups of >= 2 "
                                    f"completions per prompt, got {ro.group_size}")
+    defaults.check_choice(config, "model.prefix_sharing", (True, False))
+    if config.model.prefix_sharing and config.reference.batch_size % ro.group_size:
+        raise defaults.ConfigError(f"config field reference.batch_size: {config.reference.batch_size} is not a "
+                                   f"multiple of rollout.group_size={ro.group_size} (with model.prefix_sharing "
+                                   "a reference forward packs whole groups)")
     if ro.prompts_per_step % a.num_minibatches:
         raise defaults.ConfigError(f"config field algorithm.num_minibatches: {a.num_minibatches} does not "
                                    f"divide rollout.prompts_per_step={ro.prompts_per_step} (minibatches "
@@ -148,12 +153,21 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def decoder_logps_fn(policy: Decoder, config: ml_collections.ConfigDict):
     """`logps_fn(params, tokens, attention_mask, positions) -> [R, L]` of a
-    decoder under the sampling processing (temperature, top-k, top-p)."""
+    decoder under the sampling processing (temperature, top-k, top-p).
+
+    With `model.prefix_sharing` the rows are taken as whole rollout groups
+    and each group's prompt is encoded once (`scoring.group_token_logps`):
+    the response log-probs are the same, prompt columns are 0 (the loss
+    never reads them).
+    """
     ro = config.rollout
+    kw = dict(temperature=ro.temperature, top_k=ro.top_k, top_p=ro.top_p)
 
     def logps_fn(params, tokens, attention_mask, positions):
-        return token_logps(policy, params, tokens, attention_mask, positions,
-                           temperature=ro.temperature, top_k=ro.top_k, top_p=ro.top_p)
+        if config.model.prefix_sharing and ro.group_size > 1:
+            return group_token_logps(policy, params, tokens, attention_mask, positions,
+                                     tokens.shape[1] - ro.max_new_tokens, ro.group_size, **kw)
+        return token_logps(policy, params, tokens, attention_mask, positions, **kw)
     return logps_fn
 
 
@@ -269,6 +283,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     update = step_lib.make_train_step(loss_fn, metrics_fn, tx, schedule, mesh, shardings,
                                       micro_batches=t.micro_batches, totals_fn=totals_fn)
     policy_logps_fn = rollout.logps_fn(policy, *process)
+    # The rollout's own rows come in groups of G: those forwards encode each prompt once.
+    packing = (G if m.prefix_sharing else 1, ro.max_new_tokens)
+    group_ref_fn = rollout.logps_fn(ref_model, *process, *packing)
+    group_policy_fn = rollout.logps_fn(policy, *process, *packing)
     run_state = rollout.RunState(PromptSampler(len(train_p["tokens"]), B, config.seed), k.beta)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
     make_state = jax.jit(lambda p: state_lib.init_state(p, tx, config.seed), out_shardings=shardings)
@@ -332,8 +350,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         mask = np.asarray(shift_mask(samples.loss_mask_RL)) & valid[:, None]
         old_logps = np.asarray(samples.sample_logps_RL)
         if recompute:
-            old_logps = rollout.batched_logps(policy_logps_fn, state.params, arrays, ref_bs, mesh)
-        ref_logps = (rollout.batched_logps(ref_logps_fn, ref_params, arrays, ref_bs, mesh) if needs_ref
+            old_logps = rollout.batched_logps(group_policy_fn, state.params, arrays, ref_bs, mesh)
+        ref_logps = (rollout.batched_logps(group_ref_fn, ref_params, arrays, ref_bs, mesh) if needs_ref
                      else np.zeros_like(old_logps))
         ref_s = time.perf_counter() - t0
         # 4. Advantages (KL in the reward first).

@@ -231,7 +231,8 @@ class Decoder(nn.Module):
             self.lm_head = _dense(cfg.vocab_size, ("embed", "vocab"), False, cfg, "lm_head")
 
     def hidden_states(self, tokens_BT: Array, attention_mask: Array | None = None,
-                      positions: Array | None = None, cache: KVCache | None = None):
+                      positions: Array | None = None, cache: KVCache | None = None,
+                      branch_ids: Array | None = None):
         """Final-norm hidden states `[B, T, E]` (and the updated cache).
 
         Args:
@@ -244,6 +245,14 @@ class Decoder(nn.Module):
           cache: a `KVCache`; when given, the T tokens are written at slots
             `cache.index .. cache.index + T - 1` and attend to all valid
             earlier slots.
+          branch_ids: int32 `[B, T]` for a packed row of one shared prefix
+            and several continuations of it (no cache): 0 on the prefix,
+            k >= 1 on continuation k. A token then attends to earlier
+            tokens of its own branch and of the prefix only, so each
+            continuation sees exactly what it would see alone; give
+            `positions` that restart after the prefix for each branch.
+            (Prefix sharing: "Accelerating Direct Preference Optimization
+            with Prefix Sharing", 2024.)
 
         Returns:
           `h_BTE` if cache is None, else `(h_BTE, new_cache)`.
@@ -257,8 +266,13 @@ class Decoder(nn.Module):
                 positions = positions_from_mask(attention_mask)
             causal = jnp.tril(jnp.ones((T, T), bool))
             mask_BTS = causal[None] & attention_mask[:, None, :]
+            if branch_ids is not None:
+                key = branch_ids[:, None, :]
+                mask_BTS = mask_BTS & ((key == 0) | (key == branch_ids[:, :, None]))
             new_mask = None
         else:
+            if branch_ids is not None:
+                raise ValueError("branch_ids (packed prefix + branches) is for cache-free forwards")
             if positions is None:
                 positions = positions_from_mask(attention_mask, cache.lengths_B)
             S = cache.mask_BS.shape[1]

@@ -85,37 +85,53 @@ def shift_mask(loss_mask_BT: Array) -> Array:
     return jnp.concatenate([m[:, 1:], jnp.zeros_like(m[:, :1])], axis=1)
 
 
-def logps_from_hidden(logits_fn, h_BTE: Array, tokens_BT: Array, *, temperature: float = 1.0,
-                      top_k: int = 0, top_p: float = 1.0, chunk_size: int = 128) -> Array:
-    """Chunked per-token log-probs from hidden states.
+def target_logps(logits_fn, h_BNE: Array, targets_BN: Array, *, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, chunk_size: int = 128) -> Array:
+    """Chunked log p(targets[b, n] | hidden state h[b, n]) under the processed distribution.
 
     Args:
       logits_fn: maps hidden states `[B, C, E]` to logits `[B, C, V]`.
-      h_BTE: final hidden states.
-      tokens_BT: int32 tokens; targets are `tokens[:, 1:]`.
-      chunk_size: sequence positions per chunk (T is padded up to a multiple).
+      h_BNE: hidden states, one per target.
+      targets_BN: int32 token ids in [0, V).
+      chunk_size: positions per chunk (N is padded up to a multiple); each
+        chunk's float32 logits live only inside its `jax.checkpoint`.
 
     Returns:
-      float32 `[B, T]`; column T-1 is 0.
+      float32 `[B, N]`.
     """
-    B, T, E = h_BTE.shape
-    targets_BT = jnp.concatenate([tokens_BT[:, 1:], jnp.zeros_like(tokens_BT[:, :1])], axis=1)
-    c = max(1, min(chunk_size, T))
-    n = -(-T // c)
-    pad = n * c - T
-    h = jnp.pad(h_BTE, ((0, 0), (0, pad), (0, 0)))
-    tgt = jnp.pad(targets_BT, ((0, 0), (0, pad)))
-    h_NBCE = h.reshape(B, n, c, E).swapaxes(0, 1)
-    tgt_NBC = tgt.reshape(B, n, c).swapaxes(0, 1)
+    B, N, E = h_BNE.shape
+    c = max(1, min(chunk_size, N))
+    n = -(-N // c)
+    pad = n * c - N
+    h = jnp.pad(h_BNE, ((0, 0), (0, pad), (0, 0)))
+    tgt = jnp.pad(targets_BN, ((0, 0), (0, pad)))
+    h_KBCE = h.reshape(B, n, c, E).swapaxes(0, 1)
+    tgt_KBC = tgt.reshape(B, n, c).swapaxes(0, 1)
 
     @jax.checkpoint
     def chunk(h_BCE, tgt_BC):
         logp = process_logits(logits_fn(h_BCE), temperature, top_k, top_p)
         return jnp.take_along_axis(logp, tgt_BC[..., None], axis=-1)[..., 0]
 
-    out_NBC = jax.lax.map(lambda a: chunk(*a), (h_NBCE, tgt_NBC))
-    logps = out_NBC.swapaxes(0, 1).reshape(B, n * c)[:, :T]
-    return logps.at[:, T - 1].set(0.0)
+    out_KBC = jax.lax.map(lambda a: chunk(*a), (h_KBCE, tgt_KBC))
+    return out_KBC.swapaxes(0, 1).reshape(B, n * c)[:, :N]
+
+
+def logps_from_hidden(logits_fn, h_BTE: Array, tokens_BT: Array, **kwargs) -> Array:
+    """Chunked per-token log-probs from hidden states.
+
+    Args:
+      logits_fn: maps hidden states `[B, C, E]` to logits `[B, C, V]`.
+      h_BTE: final hidden states.
+      tokens_BT: int32 tokens; targets are `tokens[:, 1:]`.
+      **kwargs: temperature, top_k, top_p, chunk_size (see `target_logps`).
+
+    Returns:
+      float32 `[B, T]`; column T-1 is 0.
+    """
+    T = h_BTE.shape[1]
+    targets_BT = jnp.concatenate([tokens_BT[:, 1:], jnp.zeros_like(tokens_BT[:, :1])], axis=1)
+    return target_logps(logits_fn, h_BTE, targets_BT, **kwargs).at[:, T - 1].set(0.0)
 
 
 def token_logps(model, params, tokens_BT: Array, attention_mask_BT: Array,
@@ -145,19 +161,122 @@ def token_logps(model, params, tokens_BT: Array, attention_mask_BT: Array,
     return jnp.where(shift_mask(attention_mask_BT), logps, 0.0)
 
 
-def sequence_logps(logps_BT: Array, loss_mask_BT: Array, average: bool = False) -> Array:
+def branch_logps(model, params, tokens_BS: Array, attention_mask_BS: Array, positions_BS: Array,
+                 branch_ids_BS: Array, prefix_last_B: Array, **kwargs) -> Array:
+    """Token log-probs of packed rows (prefix sharing), from ONE forward.
+
+    A packed row holds a shared prefix (a prompt; branch id 0) followed by
+    several continuations of it (branch ids 1, 2, ...; see
+    `Decoder.hidden_states`), so the prefix is encoded once instead of once
+    per continuation ("Accelerating Direct Preference Optimization with
+    Prefix Sharing", 2024). A token is scored from the hidden state of the
+    column before it, except the first token of a branch, which is scored
+    from the prefix's last token.
+
+    Args:
+      model: a `Decoder`; params: its parameters.
+      tokens_BS, attention_mask_BS, positions_BS, branch_ids_BS: the packed
+        rows `[B, S]` (positions restart after the prefix for each branch).
+      prefix_last_B: int32 `[B]`, the column of each row's last prefix token.
+      **kwargs: temperature, top_k, top_p, chunk_size (see `target_logps`).
+
+    Returns:
+      float32 `[B, S]`, token-aligned: `[b, j]` = log p(tokens[b, j] | its
+      branch's earlier tokens and the prefix). Column 0 and padded columns
+      are 0; prefix columns hold the prefix's own log-probs.
+    """
+    variables = {"params": params}
+    mask = jnp.asarray(attention_mask_BS).astype(bool)
+    tokens_BS = jnp.where(mask, tokens_BS, 0)
+    h = model.apply(variables, tokens_BS, mask, positions_BS, None, branch_ids_BS,
+                    method=model.hidden_states)
+    # The previous column's state; at a branch start, the prefix's last one.
+    prev = jnp.concatenate([h[:, :1], h[:, :-1]], axis=1)
+    start = (branch_ids_BS > 0) & (branch_ids_BS != jnp.concatenate(
+        [branch_ids_BS[:, :1], branch_ids_BS[:, :-1]], axis=1))
+    last = jnp.take_along_axis(h, prefix_last_B[:, None, None], axis=1)
+    h_src = jnp.where(start[..., None], last, prev)
+    logits_fn = functools.partial(model.apply, variables, method=model.logits)
+    lp = target_logps(logits_fn, h_src, tokens_BS, **kwargs)
+    scored = mask & (jnp.arange(mask.shape[1]) > 0)[None]
+    return jnp.where(scored, lp, 0.0)
+
+
+def group_token_logps(model, params, tokens_RL: Array, attention_mask_RL: Array,
+                      positions_RL: Array, prompt_length: int, group_size: int, **kwargs) -> Array:
+    """`token_logps` of groups of rows that share a prompt, with the prompt encoded once.
+
+    Rows `g·G .. g·G + G − 1` must hold the same prompt in columns `[:P]`
+    (as `generate(num_samples=G)` lays out a group) and their own response
+    in `[P:]`. Each group becomes one packed row `[prompt | response 1 |
+    ... | response G]` of P + G·M tokens (see `branch_logps`), so a forward
+    costs P + G·M tokens per group instead of G·(P + M) ("Accelerating
+    Direct Preference Optimization with Prefix Sharing", 2024, applied to a
+    group of samples).
+
+    Args:
+      model, params: a `Decoder` and its parameters.
+      tokens_RL, attention_mask_RL, positions_RL: `[R, L]` rows, L = P + M,
+        R a multiple of G.
+      prompt_length: P (static), >= 1.
+      group_size: G (static).
+      **kwargs: temperature, top_k, top_p, chunk_size.
+
+    Returns:
+      float32 `[R, L]` on the grid of `token_logps`: `[r, t]` = log p(token
+      t + 1 | tokens <= t) for response tokens t + 1 >= P, 0 elsewhere (the
+      prompt's own tokens are not scored) and where token t + 1 is padding.
+    """
+    R, L = tokens_RL.shape
+    P, G = prompt_length, group_size
+    M = L - P
+    n = R // G
+    mask_RL = jnp.asarray(attention_mask_RL).astype(bool)
+    tokens_RL = jnp.where(mask_RL, tokens_RL, 0)
+    group = lambda x: x.reshape(n, G, L)
+    flat = lambda x_nGM: x_nGM.reshape(n, G * M)
+    tok, msk, pos = group(tokens_RL), group(mask_RL), group(positions_RL)
+    packed = lambda x: jnp.concatenate([x[:, 0, :P], flat(x[:, :, P:])], axis=1)
+    branch = jnp.concatenate([jnp.zeros((P,), jnp.int32),
+                              jnp.repeat(jnp.arange(1, G + 1, dtype=jnp.int32), M)])
+    last = jnp.max(jnp.where(msk[:, 0, :P], jnp.arange(P)[None], 0), axis=1)
+    lp = branch_logps(model, params, packed(tok), packed(msk), packed(pos),
+                      jnp.broadcast_to(branch, (n, P + G * M)), last, **kwargs)
+    grid = jnp.concatenate([jnp.zeros((R, P - 1), jnp.float32), lp[:, P:].reshape(R, M),
+                            jnp.zeros((R, 1), jnp.float32)], axis=1)
+    return jnp.where(shift_mask(mask_RL), grid, 0.0)
+
+
+def scored_mask(loss_mask_BT: Array, attention_mask_BT: Array | None = None) -> Array:
+    """The log-prob grid's mask of scored response tokens.
+
+    Token t counts when `loss_mask[t]` is True and, given an attention mask,
+    the token before it is a real one: a response token that follows
+    padding (left padding and no prompt) has no context and is not scored,
+    whatever the padding side. bool `[B, T]` (see `shift_mask`).
+    """
+    m = shift_mask(loss_mask_BT)
+    if attention_mask_BT is not None:
+        m = m & jnp.asarray(attention_mask_BT).astype(bool)
+    return m
+
+
+def sequence_logps(logps_BT: Array, loss_mask_BT: Array, average: bool = False,
+                   attention_mask_BT: Array | None = None) -> Array:
     """Sums (or averages) the response-token log-probs of each row.
 
     Args:
       logps_BT: from `token_logps`.
       loss_mask_BT: bool, token-aligned (True at response tokens).
       average: divide by the number of response tokens (0 for an empty row).
+      attention_mask_BT: when given, a response token right after padding
+        is not scored (see `scored_mask`).
 
     Returns:
       float32 `[B]`. Values at masked slots are selected away with `where`
       first, so NaN/inf there never reaches the result or its gradient.
     """
-    m = shift_mask(loss_mask_BT)
+    m = scored_mask(loss_mask_BT, attention_mask_BT)
     total = jnp.sum(jnp.where(m, logps_BT, 0.0), axis=1)
     if not average:
         return total

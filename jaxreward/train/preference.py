@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxreward.errors import UserError
-from jaxreward.models.scoring import sequence_logps, shift_mask, token_logps
+from jaxreward.models.scoring import branch_logps, scored_mask, sequence_logps, shift_mask, token_logps
 from jaxreward.objectives import registry
 from jaxreward.objectives.kl import kl_k3
 from jaxreward.objectives.masking import masked_mean
@@ -58,8 +58,16 @@ FORWARDS: collections.Counter = collections.Counter()
 # ----------------------------------------------------------------------------
 
 
-def decoder_logps_fn(model, **kwargs) -> LogpsFn:
-    """`logps_fn` of a `Decoder` (`scoring.token_logps`; kwargs: temperature, chunk_size, ...)."""
+def decoder_logps_fn(model, packed_length: int = 0, **kwargs) -> LogpsFn:
+    """`logps_fn` of a `Decoder` (`scoring.token_logps`; kwargs: temperature, chunk_size, ...).
+
+    With `packed_length` S > 0 the result is a `SharedPrefixLogps`: its pair
+    forward packs each pair into one row of S tokens (see `pack_pairs`)
+    instead of running the prompt twice.
+    """
+    if packed_length:
+        return SharedPrefixLogps(model, int(packed_length), tuple(sorted(kwargs.items())))
+
     def fn(params, tokens_BT, attention_mask_BT, positions_BT):
         return token_logps(model, params, tokens_BT, attention_mask_BT, positions_BT, **kwargs)
     return fn
@@ -71,7 +79,11 @@ def pair_fields(arrays: Mapping[str, Any]) -> dict:
 
 
 def pair_logps(logps_fn: LogpsFn, params, batch: Mapping[str, Array], role: str = "policy"):
-    """Summed response log-probs of both sides in ONE forward over `[2B, T]`.
+    """Summed response log-probs of both sides in ONE forward.
+
+    The forward is over `[2B, T]` (chosen rows, then rejected rows), or over
+    `[B, S]` packed rows when `logps_fn` is a `SharedPrefixLogps`; both give
+    the same numbers.
 
     Returns:
       `(chosen_logps_B, rejected_logps_B, chosen_lengths_B, rejected_lengths_B)`:
@@ -79,14 +91,152 @@ def pair_logps(logps_fn: LogpsFn, params, batch: Mapping[str, Array], role: str 
       never count) and the number of those tokens (float32).
     """
     FORWARDS[role] += 1
+    if isinstance(logps_fn, SharedPrefixLogps):
+        return logps_fn.pair_logps(params, batch)
     cat = lambda k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=0)
     attention = cat("attention_mask").astype(bool)
     loss_mask = cat("loss_mask").astype(bool) & attention
     logps = logps_fn(params, cat("tokens"), attention, cat("positions"))
-    seq = sequence_logps(logps, loss_mask)
-    lengths = shift_mask(loss_mask).sum(axis=1).astype(jnp.float32)
+    # Left padding and no prompt: the first response token follows padding
+    # and is not scored, as with right padding (`scored_mask`).
+    seq = sequence_logps(logps, loss_mask, attention_mask_BT=attention)
+    lengths = scored_mask(loss_mask, attention).sum(axis=1).astype(jnp.float32)
     B = batch["chosen_tokens"].shape[0]
     return seq[:B], seq[B:], lengths[:B], lengths[B:]
+
+
+# ----------------------------------------------------------------------------
+# Prefix sharing: one row per pair
+# ----------------------------------------------------------------------------
+
+
+def _compact(values_BT: Array, keep_BT: Array) -> Array:
+    """Moves each row's kept entries to its front, in order (the rest follow)."""
+    order = jnp.argsort(~keep_BT, axis=1, stable=True)
+    return jnp.take_along_axis(values_BT, order, axis=1)
+
+
+def pack_pairs(batch: Mapping[str, Array], packed_length: int) -> dict[str, Array]:
+    """Packs each pair into one row: `[prompt | chosen response | rejected response]`.
+
+    The prompt (attended tokens outside `loss_mask`) is taken from the chosen
+    side; the rejected side contributes its response only. Positions are the
+    sides' own (so the rejected response restarts after the prompt), and
+    `branch_ids` (0 prompt, 1 chosen, 2 rejected) keep the rejected tokens
+    from attending to the chosen ones. Each response is thus scored exactly
+    as in its own row, with the prompt encoded once ("Accelerating Direct
+    Preference Optimization with Prefix Sharing", 2024). Any padding side
+    and amount gives the same packed row.
+
+    Args:
+      batch: pair arrays `[B, T]` whose two sides share their prompt (see
+        `shared_prefix_length`, which checks it and gives `packed_length`).
+      packed_length: S >= prompt + chosen + rejected tokens of every row
+        (static); longer rows would be cut.
+
+    Returns:
+      dict of `[B, S]` arrays: `tokens`, `attention_mask`, `positions`,
+      `branch_ids`, `chosen` and `rejected` (bool: a scored token of that
+      side; with an empty prompt a response's first token is not scored, as
+      on the `[B, T]` grid), and `prefix_last` int32 `[B]` (the prompt's last
+      column, which scores both responses' first tokens).
+    """
+    S = packed_length
+    attn_c = batch["chosen_attention_mask"].astype(bool)
+    resp_c = batch["chosen_loss_mask"].astype(bool) & attn_c
+    resp_r = batch["rejected_loss_mask"].astype(bool) & batch["rejected_attention_mask"].astype(bool)
+    p_B = jnp.sum(attn_c & ~resp_c, axis=1)
+    pc_B = jnp.sum(attn_c, axis=1)
+    end_B = pc_B + jnp.sum(resp_r, axis=1)
+    T = attn_c.shape[1]
+    tok_c, pos_c = (_compact(batch[f"chosen_{k}"], attn_c) for k in ("tokens", "positions"))
+    tok_r, pos_r = (_compact(batch[f"rejected_{k}"], resp_r) for k in ("tokens", "positions"))
+    j = jnp.arange(S)[None, :]
+    in_c = j < pc_B[:, None]
+    in_r = (j >= pc_B[:, None]) & (j < end_B[:, None])
+    ic = jnp.minimum(j, T - 1) + jnp.zeros_like(p_B)[:, None]
+    ir = jnp.clip(j - pc_B[:, None], 0, T - 1)
+    pick = lambda c, r: jnp.where(in_c, jnp.take_along_axis(c, ic, axis=1),
+                                  jnp.where(in_r, jnp.take_along_axis(r, ir, axis=1), 0))
+    return {
+        "tokens": pick(tok_c, tok_r).astype(jnp.int32),
+        "attention_mask": in_c | in_r,
+        "positions": pick(pos_c, pos_r).astype(jnp.int32),
+        "branch_ids": jnp.where(j < p_B[:, None], 0, jnp.where(in_c, 1, 2)).astype(jnp.int32),
+        "prefix_last": jnp.maximum(p_B - 1, 0).astype(jnp.int32),
+        # A response token with no earlier prompt token (empty prompt) has no
+        # predictor at all: it is not scored, as on the [B, T] grid.
+        "chosen": in_c & (j >= p_B[:, None]) & (j > 0),
+        "rejected": in_r & ((p_B[:, None] > 0) | (j > pc_B[:, None])),
+    }
+
+
+def shared_prefix_length(splits: Mapping[str, Mapping[str, np.ndarray]], multiple: int = 8) -> int:
+    """Host check + the static packed length for `pack_pairs`.
+
+    Returns the largest prompt + chosen + rejected token count over every
+    pair of every split, rounded up to `multiple`.
+
+    Raises:
+      UserError: a pair whose two sides hold different prompt tokens, or
+        whose response is not one block after the prompt (prefix sharing
+        needs both; set `model.prefix_sharing=False` for such data).
+    """
+    longest = 1
+    for name, a in splits.items():
+        for side in SIDES:
+            attn = np.asarray(a[f"{side}_attention_mask"], bool)
+            resp = np.asarray(a[f"{side}_loss_mask"], bool) & attn
+            # Attended tokens must read prompt..., response...: no prompt after a response token.
+            after = np.cumsum(resp, axis=1) > 0
+            bad = np.flatnonzero((after & attn & ~resp).any(axis=1))
+            if bad.size:
+                raise UserError(f"{name} pair {int(bad[0])}: the {side} response is not one block "
+                                "after the prompt; prefix sharing needs that "
+                                "(set model.prefix_sharing=False)")
+        prompts = []
+        for side in SIDES:
+            attn = np.asarray(a[f"{side}_attention_mask"], bool)
+            keep = attn & ~np.asarray(a[f"{side}_loss_mask"], bool)
+            prompts.append([row[k] for row, k in zip(np.asarray(a[f"{side}_tokens"]), keep)])
+        for i, (pc, pr) in enumerate(zip(*prompts)):
+            if not np.array_equal(pc, pr):
+                raise UserError(f"{name} pair {i}: chosen and rejected have different prompt tokens; "
+                                "prefix sharing needs one prompt per pair "
+                                "(set model.prefix_sharing=False)")
+        total = (np.asarray(a["chosen_attention_mask"], bool).sum(axis=1)
+                 + (np.asarray(a["rejected_loss_mask"], bool)
+                    & np.asarray(a["rejected_attention_mask"], bool)).sum(axis=1))
+        if total.size:
+            longest = max(longest, int(total.max()))
+    return -(-longest // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedPrefixLogps:
+    """A `Decoder`'s log-prob function whose pair forward shares the prompt.
+
+    Called like any `LogpsFn` it gives the `[B, T]` grid of
+    `scoring.token_logps`; `pair_logps` (used by the module's `pair_logps`)
+    runs one packed `[B, packed_length]` forward per pair batch instead of
+    `[2B, T]`: for a prompt of P tokens and responses of R, 2(P + R) tokens
+    become P + 2R.
+    """
+    model: Any
+    packed_length: int
+    kwargs: tuple = ()
+
+    def __call__(self, params, tokens_BT, attention_mask_BT, positions_BT):
+        return token_logps(self.model, params, tokens_BT, attention_mask_BT, positions_BT,
+                           **dict(self.kwargs))
+
+    def pair_logps(self, params, batch: Mapping[str, Array]):
+        p = pack_pairs(batch, self.packed_length)
+        lp = branch_logps(self.model, params, p["tokens"], p["attention_mask"], p["positions"],
+                          p["branch_ids"], p["prefix_last"], **dict(self.kwargs))
+        side = lambda m: (jnp.sum(jnp.where(m, lp, 0.0), axis=1), jnp.sum(m, axis=1).astype(jnp.float32))
+        (c, lc), (r, lr) = side(p["chosen"]), side(p["rejected"])
+        return c, r, lc, lr
 
 
 # ----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from jaxreward.errors import UserError
 from jaxreward.models.heads import ValueModel, value_params_from_policy, value_params_from_reward_model
 from jaxreward.models.llama import Decoder, LlamaConfig
 from jaxreward.models.reward_io import load_reward_model
-from jaxreward.models.scoring import token_logps
+from jaxreward.models.scoring import group_token_logps, token_logps
 from jaxreward.sampling.best_of_n import best_of_n_kl_bound, reward_model_fn
 from jaxreward.sampling.sampler import SampleBatch, generate
 from jaxreward.train import state as state_lib
@@ -245,12 +245,23 @@ def truncated_rows(samples: SampleBatch, stop_ids) -> np.ndarray:
     return (lengths == M) & ~np.isin(last, list(stop_ids))
 
 
-@functools.lru_cache(maxsize=4)
-def logps_fn(model: Decoder, temperature: float, top_k: int, top_p: float):
+@functools.lru_cache(maxsize=8)
+def logps_fn(model: Decoder, temperature: float, top_k: int, top_p: float, group_size: int = 1,
+             max_new_tokens: int = 0):
     """Jitted training-path log-probs `[R, L]` of `model` under the sampling
-    processing (temperature, top-k, top-p), so they match the sampler's."""
-    return jax.jit(lambda p, b: token_logps(model, p, b["tokens"], b["attention_mask"], b["positions"],
-                                            temperature=temperature, top_k=top_k, top_p=top_p))
+    processing (temperature, top-k, top-p), so they match the sampler's.
+
+    With `group_size` G > 1 the rows are rollout groups (G samples of one
+    prompt, contiguous, L = P + max_new_tokens) and each group's prompt is
+    encoded once (`scoring.group_token_logps`); the response log-probs are
+    the same, the prompt columns are 0.
+    """
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    if group_size > 1:
+        return jax.jit(lambda p, b: group_token_logps(
+            model, p, b["tokens"], b["attention_mask"], b["positions"],
+            b["tokens"].shape[1] - max_new_tokens, group_size, **kw))
+    return jax.jit(lambda p, b: token_logps(model, p, b["tokens"], b["attention_mask"], b["positions"], **kw))
 
 
 def batched_logps(fn, params, arrays: dict, batch_size: int, mesh) -> np.ndarray:

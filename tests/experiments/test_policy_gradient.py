@@ -449,12 +449,13 @@ def _flat_or_distinct_reward(config, workdir, task, tokenizer, policy, base_para
     return score, "test reward"
 
 
-def _driver_step(workdir, mesh):
+def _driver_step(workdir, mesh, prefix_sharing=True):
     """One step of `_small_config` with DAPO's dynamic sampling and clip-higher
     (token-mean), k3 in the loss, left-padded prompts and
     `_flat_or_distinct_reward`: the driver's output, its config, and the
     update calls (`_spy_updates`)."""
     config = _small_config(mesh=mesh, dynamic_sampling=True, clip_eps_high=0.28, loss_agg_mode="token-mean")
+    config.model.prefix_sharing = prefix_sharing
     real_prompts, real_reward = rollout.prompt_set, rollout.make_reward_fn
     rollout.prompt_set = _left_padded_prompts(real_prompts)
     rollout.make_reward_fn = _flat_or_distinct_reward
@@ -527,10 +528,12 @@ def test_dapo_dynamic_sampling_drops_flat_groups(one_device):
     assert sorted(seen) == sorted(np.repeat(ids_B, 2).tolist())
 
 
-@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2)])
-def test_mesh_shape_does_not_change_the_update(tmp_path, one_device, mesh):
-    out = _driver_step(tmp_path / "mesh", mesh)
-    assert len(out["mesh"].devices.ravel()) == 8
+@pytest.mark.parametrize("mesh,prefix_sharing", [((8, 1, 1), True), ((2, 2, 2), True), ((1, 1, 1), False)])
+def test_mesh_shape_and_prefix_sharing_do_not_change_the_update(tmp_path, one_device, mesh, prefix_sharing):
+    """The baseline packs each group's prompt once (update, reference); one
+    row per sample gives the same update, on 1 device as on 8."""
+    out = _driver_step(tmp_path / "mesh", mesh, prefix_sharing)
+    assert len(out["mesh"].devices.ravel()) == mesh[0] * mesh[1] * mesh[2]
     assert out["stopped_at"] == 1 and int(out["state"].step) == 2
     if mesh[2] > 1:
         kernel = out["state"].params["layers_0"]["mlp"]["up_proj"]["kernel"]

@@ -151,3 +151,16 @@ def test_tiny_temperature_is_finite_and_greedy_like(temperature):
     # All mass on the argmax: log-prob 0 there, effectively -inf elsewhere.
     np.testing.assert_allclose(logp[0, 1], 0.0, atol=1e-6)
     assert float(jnp.max(logp[0, jnp.array([0, 2, 3])])) < -1e3
+
+
+def test_sequence_logps_never_scores_a_token_that_follows_padding():
+    # One left-padded row with no prompt: pad r1 r2 r3. Grid column t scores
+    # token t + 1, so r1's log-prob (column 0) comes from the padding slot:
+    # with the attention mask it is not counted, 2 + 3 = 5 (mean 2.5);
+    # without it, 1 + 2 + 3 = 6.
+    logps = jnp.array([[1.0, 2.0, 3.0, 0.0]])
+    loss = jnp.array([[False, True, True, True]])
+    attention = jnp.array([[False, True, True, True]])
+    assert float(sequence_logps(logps, loss)[0]) == 6.0
+    assert float(sequence_logps(logps, loss, attention_mask_BT=attention)[0]) == 5.0
+    assert float(sequence_logps(logps, loss, average=True, attention_mask_BT=attention)[0]) == 2.5

@@ -1,0 +1,163 @@
+"""Prefix sharing: a prompt encoded once for several continuations gives the
+log-probs of encoding each continuation alone (DPO pairs and rollout groups)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxreward.errors import UserError
+from jaxreward.models.llama import Decoder, LlamaConfig
+from jaxreward.models.scoring import branch_logps, group_token_logps, token_logps
+from jaxreward.sampling.sampler import generate
+from jaxreward.train import preference as pref
+from jaxreward.train.step import unbox
+
+CFG = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=4, num_kv_heads=2, rope_theta=1000.0, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+    model = Decoder(CFG)
+    return model, unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"])
+
+
+def _pairs(prompts, chosen, rejected, T, side):
+    """Pair arrays in the data pipeline's layout (prompt then response, one side's padding)."""
+    out = {}
+    for name, responses in (("chosen", chosen), ("rejected", rejected)):
+        tok = np.zeros((len(prompts), T), np.int32)
+        att = np.zeros((len(prompts), T), bool)
+        loss = np.zeros_like(att)
+        pos = np.zeros_like(tok)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            n = len(p) + len(r)
+            lo = 0 if side == "right" else T - n
+            tok[i, lo:lo + n] = p + r
+            att[i, lo:lo + n] = True
+            loss[i, lo + len(p):lo + n] = True
+            pos[i, lo:lo + n] = np.arange(n)
+        out.update({f"{name}_tokens": tok, f"{name}_attention_mask": att,
+                    f"{name}_loss_mask": loss, f"{name}_positions": pos})
+    return out
+
+
+def _random_pairs(seed, n=6):
+    rng = np.random.default_rng(seed)
+    draw = lambda lo, hi: [rng.integers(1, 50, rng.integers(lo, hi)).tolist() for _ in range(n)]
+    return draw(1, 9), draw(1, 11), draw(1, 11)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_packed_pair_logps_equal_two_rows_per_pair(model_and_params, side):
+    model, params = model_and_params
+    prompts, chosen, rejected = _random_pairs(0)
+    prompts[0] = []  # no prompt: each response's first token has no predictor
+    batch = _pairs(prompts, chosen, rejected, 24, side)
+    S = pref.shared_prefix_length({"train": batch})
+    plain = pref.pair_logps(pref.decoder_logps_fn(model), params, batch)
+    packed = pref.pair_logps(pref.decoder_logps_fn(model, S), params, batch)
+    for a, b in zip(plain, packed):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+    # Lengths count each response's tokens (but the first token of a row is never scored).
+    np.testing.assert_array_equal(np.asarray(packed[2]), [len(c) - (i == 0) for i, c in enumerate(chosen)])
+    np.testing.assert_array_equal(np.asarray(packed[3]), [len(r) - (i == 0) for i, r in enumerate(rejected)])
+    # Padding side and amount, and a longer packed row, change nothing.
+    wider = _pairs(prompts, chosen, rejected, 31, "left" if side == "right" else "right")
+    again = pref.pair_logps(pref.decoder_logps_fn(model, S + 16), params, wider)
+    for a, b in zip(packed, again):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_gradients_equal_two_rows_per_pair(model_and_params):
+    model, params = model_and_params
+    batch = _pairs(*_random_pairs(1, n=4), 24, "right")
+    S = pref.shared_prefix_length({"train": batch})
+
+    def objective(fn, p):  # a DPO-like mix of both sides, so both gradients count
+        c, r, _, _ = pref.pair_logps(fn, p, batch)
+        return jnp.sum(c - 0.5 * r)
+    plain, packed = (jax.tree.leaves(jax.grad(lambda p: objective(fn, p))(params))
+                     for fn in (pref.decoder_logps_fn(model), pref.decoder_logps_fn(model, S)))
+    for a, b in zip(plain, packed):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+
+
+def test_rejected_response_never_sees_the_chosen_one(model_and_params):
+    model, params = model_and_params
+    prompts, chosen, rejected = _random_pairs(2, n=3)
+    S = 32
+    fn = pref.decoder_logps_fn(model, S)
+    base = pref.pair_logps(fn, params, _pairs(prompts, chosen, rejected, 24, "right"))
+    other = [[(t + 7) % 49 + 1 for t in c] for c in chosen]  # same lengths, other tokens
+    moved = pref.pair_logps(fn, params, _pairs(prompts, other, rejected, 24, "right"))
+    np.testing.assert_allclose(np.asarray(moved[1]), np.asarray(base[1]), rtol=1e-6)
+    assert np.all(np.abs(np.asarray(moved[0]) - np.asarray(base[0])) > 1e-3)
+
+
+def test_packed_row_layout_by_hand():
+    # Prompt [11, 12], chosen [21, 22, 23], rejected [31]: the row is
+    # 11 12 21 22 23 31 pad pad; positions 0 1 2 3 4 2; branches 0 0 1 1 1 2.
+    # Token 31 (column 5) is scored from the prompt's last token (column 1).
+    batch = _pairs([[11, 12]], [[21, 22, 23]], [[31]], 6, "left")
+    p = jax.tree.map(np.asarray, pref.pack_pairs(batch, 8))
+    np.testing.assert_array_equal(p["tokens"][0], [11, 12, 21, 22, 23, 31, 0, 0])
+    np.testing.assert_array_equal(p["positions"][0], [0, 1, 2, 3, 4, 2, 0, 0])
+    np.testing.assert_array_equal(p["branch_ids"][0], [0, 0, 1, 1, 1, 2, 2, 2])
+    np.testing.assert_array_equal(p["attention_mask"][0], [1, 1, 1, 1, 1, 1, 0, 0])
+    assert int(p["prefix_last"][0]) == 1
+    np.testing.assert_array_equal(p["chosen"][0], [0, 0, 1, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(p["rejected"][0], [0, 0, 0, 0, 0, 1, 0, 0])
+
+
+def test_shared_prefix_length_and_refusals():
+    # Totals: (2 + 3 + 1) = 6 and (1 + 1 + 4) = 6 -> 6, rounded up to 8.
+    batch = _pairs([[11, 12], [5]], [[21, 22, 23], [6]], [[31], [7, 8, 9, 10]], 6, "right")
+    assert pref.shared_prefix_length({"train": batch}) == 8
+    assert pref.shared_prefix_length({"train": batch}, multiple=1) == 6
+    bad = dict(batch)
+    bad["rejected_tokens"] = batch["rejected_tokens"].copy()
+    bad["rejected_tokens"][1, 0] = 9  # pair 1's rejected side has another prompt
+    with pytest.raises(UserError, match=r"eval pair 1: chosen and rejected have different prompt"):
+        pref.shared_prefix_length({"train": batch, "eval": bad})
+    holes = dict(batch)
+    holes["chosen_loss_mask"] = batch["chosen_loss_mask"].copy()
+    holes["chosen_loss_mask"][0, 3] = False  # a prompt token inside the chosen response
+    with pytest.raises(UserError, match=r"train pair 0: the chosen response is not one block"):
+        pref.shared_prefix_length({"train": holes})
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=5)])
+def test_group_logps_equal_one_row_per_sample(model_and_params, kw):
+    model, params = model_and_params
+    rng = np.random.default_rng(3)
+    prompts = rng.integers(1, 50, (3, 7)).astype(np.int32)
+    mask = np.ones_like(prompts, bool)
+    mask[0, :3] = False  # left padding
+    mask[1, 5:] = False  # right padding (the sampler left-aligns it)
+    out = generate(model, params, prompts, mask, rng=jax.random.PRNGKey(1), max_new_tokens=9,
+                   num_samples=4, stop_ids=(5, 7, 9), **kw)
+    s = out.sequences()
+    assert np.asarray(out.lengths_R).min() < 9  # some rows stopped early: padded responses
+    plain = np.asarray(token_logps(model, params, s.tokens_RL, s.attention_mask_RL, s.positions_RL, **kw))
+    grouped = np.asarray(group_token_logps(model, params, s.tokens_RL, s.attention_mask_RL,
+                                           s.positions_RL, s.prompt_length, 4, **kw))
+    P = s.prompt_length
+    np.testing.assert_allclose(grouped[:, P - 1:], plain[:, P - 1:], rtol=1e-5, atol=1e-5)
+    assert np.all(grouped[:, :P - 1] == 0.0)
+    # And they are the sampler's own log-probs of the drawn tokens.
+    np.testing.assert_allclose(grouped, np.asarray(s.sample_logps_RL), rtol=1e-4, atol=1e-4)
+
+
+def test_branch_ids_need_a_cache_free_forward(model_and_params):
+    model, params = model_and_params
+    from jaxreward.models.llama import KVCache
+    tokens = jnp.ones((1, 3), jnp.int32)
+    with pytest.raises(ValueError, match="cache-free"):
+        model.apply({"params": params}, tokens, None, None, KVCache.init(CFG, 1, 4),
+                    jnp.zeros((1, 3), jnp.int32), method=model.hidden_states)
+    # One branch over the whole row is the plain causal forward, token-aligned.
+    lp = branch_logps(model, params, tokens, jnp.ones((1, 3), bool), jnp.arange(3)[None],
+                      jnp.zeros((1, 3), jnp.int32), jnp.array([0]))
+    plain = token_logps(model, params, tokens, jnp.ones((1, 3), bool))
+    np.testing.assert_allclose(np.asarray(lp)[0], [0.0, *np.asarray(plain)[0, :2]], rtol=1e-6)

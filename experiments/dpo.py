@@ -289,6 +289,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     temperature=config.sampling.temperature, top_k=config.sampling.top_k,
                     top_p=config.sampling.top_p, stop_ids=tokenizer.stop_ids if tokenizer else (),
                     pad_id=tokenizer.pad_id if tokenizer else synthetic.PAD_ID)
+    # One key for policy samples, reference samples and best-of-N (common random
+    # numbers): an unchanged policy ties the reference on every prompt (win rate
+    # exactly 0.5), and best-of-N's first samples are the reference's own.
     gen_rng = jax.random.PRNGKey(config.seed + 3)
     ref_rewards = [None]  # the reference's samples do not change: scored once
 
@@ -352,7 +355,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         points += _generate_records(workdir)
         if reward_fn is not None and e.best_of_n_max_n:
             bon = best_of_n(ref_model, ref_params, prompts, prompt_mask, reward_fn,
-                            n=e.best_of_n_max_n, rng=jax.random.PRNGKey(config.seed + 4), **sampling)
+                            n=e.best_of_n_max_n, rng=gen_rng, **sampling)
             curve = pref.best_of_n_curve(np.asarray(bon.rewards_BN), e.best_of_n_max_n)
     writer.close()
 

@@ -8,10 +8,7 @@ row has stopped). Tokens are drawn exactly, block then token (see
 processed distribution the training path scores with, so a sampled token's
 log-prob is recomputed exactly by
 `scoring.token_logps(..., temperature=, top_k=, top_p=)` on
-`SampleOutput.sequences()`. The Gumbel noise of every step is drawn in one
-vectorized call before the loop (up to `NOISE_BUDGET` floats): on CPU,
-JAX lowers its random bits to a loop of their own (threefry's rolled
-rounds), which inside the decode loop ran once per step.
+`SampleOutput.sequences()`.
 
 Key scheme (what makes samples reproducible and batch-independent): sample
 j of prompt b draws its token at response column t with the key
@@ -197,54 +194,16 @@ def _check_prompts(tokens_BT: np.ndarray, mask_BT: np.ndarray, vocab_size: int) 
                          f"outside the vocabulary [0, {vocab_size})")
 
 
-def two_level_noise(keys_R: Array, vocab_size: int, block: int = 256) -> tuple[Array, ...]:
-    """The Gumbel noise `two_level_sample` draws from its keys (see `two_level_pick`).
-
-    Returns `(g_RV,)` when V <= block, else `(g_block_RN, g_within_RB)`:
-    float32 Gumbel draws, one per block and one per token of a block. Drawn
-    apart from the logits so a decoder can draw every step's noise before
-    its loop (one vectorized call instead of a random-bits loop per step).
-    """
-    gumbels = lambda keys, n: jax.vmap(lambda k: jax.random.gumbel(k, (n,), jnp.float32))(keys)
-    if vocab_size <= block:
-        return (gumbels(keys_R, vocab_size),)
-    keys = jax.vmap(lambda k: jax.random.split(k, 2))(keys_R)
-    return gumbels(keys[:, 0], -(-vocab_size // block)), gumbels(keys[:, 1], block)
-
-
-def two_level_pick(noise: tuple[Array, ...], logp_RV: Array, block: int = 256) -> Array:
-    """Exact categorical draws from `two_level_noise` (Gumbel-max, block then token).
+def two_level_sample(keys_R: Array, logp_RV: Array, block: int = 256) -> Array:
+    """Exact categorical draws with far fewer random numbers than Gumbel-max.
 
     The vocabulary is cut into blocks of `block` tokens. A block is drawn
     with probability P(block) = Σ_{i in block} p_i (Gumbel-max over the
     block log-masses), then a token within it with probability p_i / P(block)
     (Gumbel-max over the block): P(i) = p_i exactly. That is V/block + block
-    Gumbel draws per row instead of V. Tokens with zero probability (removed
-    by top-k/top-p, log-prob -1e30) are never drawn.
-
-    Returns:
-      int32 `[R]` token ids.
-    """
-    R, V = logp_RV.shape
-    if V <= block:
-        return jnp.argmax(noise[0] + logp_RV, axis=-1).astype(jnp.int32)
-    nb = -(-V // block)
-    lp = jnp.pad(logp_RV, ((0, 0), (0, nb * block - V)), constant_values=NEG_INF)
-    lp_RNB = lp.reshape(R, nb, block)
-    b_R = jnp.argmax(noise[0] + jax.nn.logsumexp(lp_RNB, axis=-1), axis=-1)
-    within_RB = jnp.take_along_axis(lp_RNB, b_R[:, None, None], axis=1)[:, 0]
-    j_R = jnp.argmax(noise[1] + within_RB, axis=-1)
-    return (b_R * block + j_R).astype(jnp.int32)
-
-
-def two_level_sample(keys_R: Array, logp_RV: Array, block: int = 256) -> Array:
-    """Exact categorical draws with far fewer random numbers than Gumbel-max.
-
-    `two_level_pick(two_level_noise(keys_R, V, block), logp_RV, block)`: the
-    same tokens as `jax.vmap(jax.random.categorical)` would draw for
-    V <= block, and for a larger vocabulary V/block + block Gumbel draws per
-    row instead of V (on CPU the plain `jax.random.categorical` over a 49k
-    vocabulary dominated the decode step).
+    Gumbel draws per row instead of V; for a 49k vocabulary on CPU the plain
+    `jax.random.categorical` dominated the decode step. Tokens with zero
+    probability (removed by top-k/top-p, log-prob -1e30) are never drawn.
 
     Args:
       keys_R: `[R]` PRNG keys.
@@ -254,12 +213,17 @@ def two_level_sample(keys_R: Array, logp_RV: Array, block: int = 256) -> Array:
     Returns:
       int32 `[R]` token ids.
     """
-    return two_level_pick(two_level_noise(keys_R, logp_RV.shape[1], block), logp_RV, block)
-
-
-# Noise of all steps drawn before the decode loop up to this many floats (256 MB);
-# beyond it each step draws its own (same tokens either way).
-NOISE_BUDGET = 1 << 26
+    R, V = logp_RV.shape
+    if V <= block:
+        return jax.vmap(jax.random.categorical)(keys_R, logp_RV).astype(jnp.int32)
+    nb = -(-V // block)
+    lp = jnp.pad(logp_RV, ((0, 0), (0, nb * block - V)), constant_values=NEG_INF)
+    lp_RNB = lp.reshape(R, nb, block)
+    keys = jax.vmap(lambda k: jax.random.split(k, 2))(keys_R)
+    b_R = jax.vmap(jax.random.categorical)(keys[:, 0], jax.nn.logsumexp(lp_RNB, axis=-1))
+    within_RB = jnp.take_along_axis(lp_RNB, b_R[:, None, None], axis=1)[:, 0]
+    j_R = jax.vmap(jax.random.categorical)(keys[:, 1], within_RB)
+    return (b_R * block + j_R).astype(jnp.int32)
 
 
 @functools.lru_cache(maxsize=64)
@@ -269,19 +233,15 @@ def _compiled(model, max_new_tokens: int, temperature: float, top_k: int, top_p:
     M, n = max_new_tokens, num_samples
     greedy = temperature == 0.0
 
-    def noise_at(keys_R, t):
-        """The Gumbel noise of response column t (keys `fold_in(K[r], t)`)."""
-        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_R, t)
-        return two_level_noise(step_keys, model.config.vocab_size)
-
-    def draw(logits_RV, noise, t):
+    def draw(logits_RV, keys_R, t):
         """Token and its log-prob for each row at response column t."""
         if greedy:
             logp = process_logits(logits_RV, 1.0, top_k, top_p)
             tok = jnp.argmax(logits_RV.astype(jnp.float32), axis=-1).astype(jnp.int32)
         else:
             logp = process_logits(logits_RV, temperature, top_k, top_p)
-            tok = two_level_pick(noise(t), logp)
+            step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_R, t)
+            tok = two_level_sample(step_keys, logp)
         return tok, jnp.take_along_axis(logp, tok[:, None], axis=1)[:, 0]
 
     def is_stop(tok_R):
@@ -304,17 +264,6 @@ def _compiled(model, max_new_tokens: int, temperature: float, top_k: int, top_p:
             return SampleOutput(tokens, logps, jnp.zeros((R, 0), bool), jnp.zeros((R,), jnp.int32),
                                 prompt_RT, pmask_RT)
         keys_R = sample_keys(rng, B, n).reshape(R)
-        # Every step's noise in one vectorized draw before the loop when it fits
-        # (on CPU a draw inside the loop is a random-bits loop per step).
-        V = model.config.vocab_size
-        width = V if V <= 256 else -(-V // 256) + 256
-        if greedy:
-            noise = None
-        elif R * M * width <= NOISE_BUDGET:
-            all_noise = jax.vmap(lambda t: noise_at(keys_R, t))(jnp.arange(M))
-            noise = lambda t: tuple(jax.lax.dynamic_index_in_dim(x, t, keepdims=False) for x in all_noise)
-        else:
-            noise = lambda t: noise_at(keys_R, t)
 
         # Prefill once for the B prompts; the last drawn token is never fed back,
         # so the cache needs T + M - 1 slots.
@@ -328,7 +277,7 @@ def _compiled(model, max_new_tokens: int, temperature: float, top_k: int, top_p:
                             mask_BS=rep(cache.mask_BS), index=cache.index)
             logits_BV = rep(logits_BV)
 
-        tok, lp = draw(logits_BV, noise, 0)
+        tok, lp = draw(logits_BV, keys_R, 0)
         tokens = tokens.at[:, 0].set(tok)
         logps = logps.at[:, 0].set(lp)
         lengths = jnp.ones((R,), jnp.int32)
@@ -344,7 +293,7 @@ def _compiled(model, max_new_tokens: int, temperature: float, top_k: int, top_p:
             # Stopped rows feed pad_id as an unattended token: the cache slot stays
             # invalid and their output is masked.
             logits, cache = model.apply(variables, prev[:, None], live[:, None], None, cache)
-            tok, lp = draw(logits[:, 0], noise, t)
+            tok, lp = draw(logits[:, 0], keys_R, t)
             tok = jnp.where(live, tok, pad_id)
             lp = jnp.where(live, lp, 0.0)
             tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], t, axis=1)

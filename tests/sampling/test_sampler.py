@@ -276,31 +276,3 @@ def test_prompts_are_validated(model, params):
     b_ = generate(model, params, tokens, m, rng=jax.random.PRNGKey(0), max_new_tokens=3)
     np.testing.assert_array_equal(a.tokens_RM, b_.tokens_RM)
     np.testing.assert_array_equal(a.logps_RM, b_.logps_RM)
-
-
-@pytest.mark.parametrize("V", [5, 1000])
-def test_two_level_sample_is_categorical_for_small_vocabularies_and_noise_then_pick(V):
-    """`two_level_sample` = `two_level_pick(two_level_noise(...))`, and for
-    V <= block it draws exactly what `jax.random.categorical` draws."""
-    from jaxreward.sampling.sampler import two_level_noise, two_level_pick, two_level_sample
-    keys = jax.random.split(jax.random.PRNGKey(7), 64)
-    logp = jax.nn.log_softmax(jax.random.normal(jax.random.PRNGKey(8), (64, V)))
-    tok = np.asarray(two_level_sample(keys, logp))
-    np.testing.assert_array_equal(tok, np.asarray(two_level_pick(two_level_noise(keys, V), logp)))
-    if V <= 256:
-        np.testing.assert_array_equal(tok, np.asarray(jax.vmap(jax.random.categorical)(keys, logp)))
-
-
-def test_noise_drawn_before_the_loop_or_per_step_gives_the_same_samples(model, params, monkeypatch):
-    """The decoder draws every step's Gumbel noise before its loop when it fits
-    `NOISE_BUDGET`, else inside each step: the tokens and log-probs are equal."""
-    from jaxreward.sampling import sampler
-    tokens, mask = make_prompts(LENGTHS, 6)
-    args = dict(rng=jax.random.PRNGKey(3), max_new_tokens=7, num_samples=3, top_k=5)
-    before = generate(model, params, tokens, mask, **args)
-    monkeypatch.setattr(sampler, "NOISE_BUDGET", 0)
-    sampler._compiled.cache_clear()
-    per_step = generate(model, params, tokens, mask, **args)
-    sampler._compiled.cache_clear()
-    np.testing.assert_array_equal(np.asarray(per_step.tokens_RM), np.asarray(before.tokens_RM))
-    np.testing.assert_array_equal(np.asarray(per_step.logps_RM), np.asarray(before.logps_RM))

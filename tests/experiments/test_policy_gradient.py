@@ -424,6 +424,17 @@ def test_flat_groups_get_zero_advantage():
         np.testing.assert_array_equal(adv[:, 0], adv[:, 1])
 
 
+def test_reference_batch_of_partial_groups_is_refused_with_prefix_sharing():
+    config = rl_config.get_config("tiny")
+    config.reference.batch_size = 6   # groups of 4: a packed forward needs whole groups
+    with pytest.raises(ValueError) as e:
+        cli.check_config(config)
+    assert str(e.value) == ("config field reference.batch_size: 6 is not a multiple of rollout.group_size=4 "
+                            "(with model.prefix_sharing a reference forward packs whole groups)")
+    config.model.prefix_sharing = False
+    cli.check_config(config)
+
+
 @pytest.mark.parametrize("advantage", ["grpo", "rloo"])
 def test_group_size_one_is_refused(advantage):
     config = rl_config.get_config("tiny")

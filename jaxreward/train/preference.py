@@ -634,9 +634,9 @@ def plot_reward_vs_kl(path: str, points: list[dict], curve: list[dict], reward_n
         ax.errorbar([p["kl_k3"] for p in points], [p["reward"] for p in points],
                     xerr=[p["kl_k3_se"] for p in points], yerr=[p["reward_se"] for p in points],
                     fmt="s-", color="tab:blue", capsize=2, label="policy at eval points (x: k3 KL)")
-        for p in points:
-            ax.annotate(f"{int(p['step'])}", (p["kl_k3"], p["reward"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=7, color="tab:blue")
+        for i, p in enumerate(points):  # alternate above/below: points at equal KL (e.g. 0) stay legible
+            ax.annotate(f"step {int(p['step'])}", (p["kl_k3"], p["reward"]), textcoords="offset points",
+                        xytext=(4, 4 if i % 2 == 0 else -10), fontsize=7, color="tab:blue")
     ax.set_xlabel("KL(π ‖ π_ref) (nats)")
     ax.set_ylabel(f"mean {reward_name}")
     ax.set_title(title, fontsize=9)

@@ -111,7 +111,11 @@ def target_logps(logits_fn, h_BNE: Array, targets_BN: Array, *, temperature: flo
     @jax.checkpoint
     def chunk(h_BCE, tgt_BC):
         logp = process_logits(logits_fn(h_BCE), temperature, top_k, top_p)
-        return jnp.take_along_axis(logp, tgt_BC[..., None], axis=-1)[..., 0]
+        # Pick the target by a one-hot select and sum (exact: one term is
+        # non-zero). Its gradient is elementwise; `take_along_axis`'s is a
+        # scatter, which XLA on CPU ran as a slow separate pass.
+        hit = tgt_BC[..., None] == jnp.arange(logp.shape[-1], dtype=tgt_BC.dtype)
+        return jnp.sum(jnp.where(hit, logp, 0.0), axis=-1)
 
     out_KBC = jax.lax.map(lambda a: chunk(*a), (h_KBCE, tgt_KBC))
     return out_KBC.swapaxes(0, 1).reshape(B, n * c)[:, :N]

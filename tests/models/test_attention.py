@@ -1,0 +1,67 @@
+"""`llama.grouped_attention` against `jax.nn.dot_product_attention` (the trusted reference)."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxreward.models.llama import Decoder, LlamaConfig, grouped_attention
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 4), (6, 2), (4, 4), (3, 1)])
+@pytest.mark.parametrize("T,S", [(7, 7), (1, 11), (3, 9)])
+def test_grouped_attention_equals_the_library(heads, kv_heads, T, S):
+    ks = jax.random.split(jax.random.PRNGKey(heads * 100 + T), 4)
+    q = jax.random.normal(ks[0], (2, T, heads, 16))
+    k = jax.random.normal(ks[1], (2, S, kv_heads, 16))
+    v = jax.random.normal(ks[2], (2, S, kv_heads, 16))
+    # A random mask where every query row sees at least key 0.
+    mask = jax.random.bernoulli(ks[3], 0.6, (2, T, S)).at[:, :, 0].set(True)
+    ours = grouped_attention(q, k, v, mask)
+    ref = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+    # Query head i reads kv head i // (heads // kv_heads): changing kv head 0's
+    # values moves exactly the first heads // kv_heads query heads.
+    g = heads // kv_heads
+    moved = grouped_attention(q, k, v.at[:, :, 0].add(1.0), mask) - ours
+    assert np.abs(np.asarray(moved[:, :, :g])).min() > 0.5
+    np.testing.assert_array_equal(np.asarray(moved[:, :, g:]), 0.0)
+
+
+def test_gradients_equal_the_library():
+    ks = jax.random.split(jax.random.PRNGKey(3), 4)
+    q = jax.random.normal(ks[0], (2, 5, 4, 8))
+    k, v = (jax.random.normal(kk, (2, 5, 2, 8)) for kk in ks[1:3])
+    mask = jnp.tril(jnp.ones((5, 5), bool))[None].repeat(2, 0)
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+    ours = jax.grad(loss(lambda q, k, v: grouped_attention(q, k, v, mask)), (0, 1, 2))(q, k, v)
+    ref = jax.grad(loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])),
+                   (0, 1, 2))(q, k, v)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_matches_the_library_and_keeps_the_dtype():
+    ks = jax.random.split(jax.random.PRNGKey(5), 3)
+    q = jax.random.normal(ks[0], (2, 6, 4, 16), jnp.bfloat16)
+    k, v = (jax.random.normal(kk, (2, 6, 2, 16), jnp.bfloat16) for kk in ks[1:])
+    mask = jnp.tril(jnp.ones((6, 6), bool))[None].repeat(2, 0)
+    ours = grouped_attention(q, k, v, mask)
+    assert ours.dtype == jnp.bfloat16
+    ref = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+    np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32),
+                               atol=2e-2)
+
+
+def test_decoder_gives_the_same_logits_with_either_implementation():
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 9), 0, 64)
+    mask = jnp.arange(9)[None] >= jnp.array([[0], [3]])  # the second row left-padded
+    params = Decoder(cfg).init(jax.random.PRNGKey(1), tokens)["params"]
+    ours = Decoder(cfg).apply({"params": params}, tokens, mask)
+    lib = Decoder(dataclasses.replace(cfg, attention_impl="xla")).apply({"params": params},
+                                                                         tokens, mask)
+    np.testing.assert_allclose(np.asarray(ours)[np.asarray(mask)], np.asarray(lib)[np.asarray(mask)],
+                               rtol=1e-5, atol=1e-5)

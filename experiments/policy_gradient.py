@@ -82,6 +82,7 @@ from jaxreward.objectives.policy_gradient import aggregation_normalizers
 from jaxreward.sampling.sampler import generate
 from jaxreward.train import checkpoint as ckpt_lib
 from jaxreward.train import defaults, loop, rollout
+from jaxreward.train import evaluate as evaluate_lib
 from jaxreward.train import metrics as metrics_lib
 from jaxreward.train import state as state_lib
 from jaxreward.train import step as step_lib
@@ -350,8 +351,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         mask = np.asarray(shift_mask(samples.loss_mask_RL)) & valid[:, None]
         old_logps = np.asarray(samples.sample_logps_RL)
         if recompute:
-            old_logps = rollout.batched_logps(group_policy_fn, state.params, arrays, ref_bs, mesh)
-        ref_logps = (rollout.batched_logps(group_ref_fn, ref_params, arrays, ref_bs, mesh) if needs_ref
+            old_logps = evaluate_lib.score_all_rows(group_policy_fn, state.params, arrays, ref_bs, mesh,
+                                                multiple_of=packing[0])
+        ref_logps = (evaluate_lib.score_all_rows(group_ref_fn, ref_params, arrays, ref_bs, mesh,
+                                             multiple_of=packing[0]) if needs_ref
                      else np.zeros_like(old_logps))
         ref_s = time.perf_counter() - t0
         # 4. Advantages (KL in the reward first).

@@ -72,6 +72,7 @@ from jaxreward.objectives.policy_gradient import aggregation_normalizers, value_
 from jaxreward.sampling.sampler import generate
 from jaxreward.train import checkpoint as ckpt_lib
 from jaxreward.train import defaults, loop, rollout
+from jaxreward.train import evaluate as evaluate_lib
 from jaxreward.train import metrics as metrics_lib
 from jaxreward.train import state as state_lib
 from jaxreward.train import step as step_lib
@@ -410,11 +411,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         mask = np.asarray(shift_mask(samples.loss_mask_RL)) & valid[:, None]
         old_logps = np.asarray(samples.sample_logps_RL)
         if recompute:
-            old_logps = rollout.batched_logps(policy_logps_fn, state.params, arrays, ref_bs, mesh)
-        ref_logps = (rollout.batched_logps(ref_logps_fn, ref_params, arrays, ref_bs, mesh) if needs_ref
+            old_logps = evaluate_lib.score_all_rows(policy_logps_fn, state.params, arrays, ref_bs, mesh)
+        ref_logps = (evaluate_lib.score_all_rows(ref_logps_fn, ref_params, arrays, ref_bs, mesh) if needs_ref
                      else np.zeros_like(old_logps))
         # values[r, t] = V(tokens[:t+1]), the state before token t+1, whose log-prob is logps[r, t].
-        old_values = np.where(mask, rollout.batched_logps(values_fn, value_state.params, arrays, ref_bs, mesh), 0.0)
+        old_values = np.where(mask, evaluate_lib.score_all_rows(values_fn, value_state.params, arrays, ref_bs, mesh), 0.0)
         ref_s = time.perf_counter() - t0
         # 4. Per-token rewards (KL in the reward), GAE advantages and returns.
         beta = run_state.beta

@@ -76,6 +76,7 @@ from jaxreward.sampling.sampler import generate
 from jaxreward.sampling.value_guided import guided_generate, vas_guide
 from jaxreward.train import checkpoint as ckpt_lib
 from jaxreward.train import defaults, loop, rollout
+from jaxreward.train import evaluate as evaluate_lib
 from jaxreward.train import metrics as metrics_lib
 from jaxreward.train import preference as pref
 from jaxreward.train import state as state_lib
@@ -459,7 +460,7 @@ def train_value_model(config, workdir: str, name: str, value_model, init_params,
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints", name))
     make_state = jax.jit(lambda p: state_lib.init_state(p, tx, config.seed), out_shardings=shardings)
     state, _ = loop.restore_or_init(checkpointer, make_state, (init_params,), shardings)
-    all_values = lambda p, a: rollout.batched_logps(values_fn, p, a, B, mesh)
+    all_values = lambda p, a: evaluate_lib.score_all_rows(values_fn, p, a, B, mesh)
 
     def epoch_targets(epoch: int, params) -> np.ndarray:
         # Fixed within an epoch; stored, so a resumed run regresses the same targets.

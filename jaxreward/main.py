@@ -46,8 +46,11 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics). Default: runs/<task>.")
 
 # Fields a resumed run may change: they do not change what is trained.
+# model.prefix_sharing changes how a forward is laid out, not what it computes
+# (up to float rounding), so a run may switch it when it resumes.
 RESUMABLE_CHANGES = ("train.stop_after_steps", "train.progress_bar", "train.log_every",
-                     "train.eval_every", "train.checkpoint_every", "data.eval_batch_size")
+                     "train.eval_every", "train.checkpoint_every", "data.eval_batch_size",
+                     "model.prefix_sharing")
 
 
 class UnknownTask(errors.UserError):

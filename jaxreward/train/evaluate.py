@@ -3,6 +3,7 @@ fixed-shape batches, padding the last batch and dropping the padded rows,
 so held-out numbers count every row exactly once."""
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
@@ -12,7 +13,7 @@ from jaxreward import parallel
 
 
 def score_all_rows(score_fn: Callable[[Any, dict], Any], params: Any,
-                   arrays: dict[str, np.ndarray], batch_size: int, mesh) -> Any:
+                   arrays: dict[str, np.ndarray], batch_size: int, mesh, multiple_of: int = 1) -> Any:
     """Runs `score_fn(params, batch)` over all rows of `arrays`.
 
     Args:
@@ -20,16 +21,24 @@ def score_all_rows(score_fn: Callable[[Any, dict], Any], params: Any,
       params: passed through.
       arrays: equal-length numpy arrays `[n, ...]` (a batch dict).
       batch_size: rows per call; rounded up to a multiple of the mesh's
-        batch shards so every call has one fixed shape (one compile).
+        batch shards (and of `multiple_of`) so every call has one fixed
+        shape (one compile) that shards evenly.
       mesh: the device mesh batches are sharded over.
+      multiple_of: rows that must stay in one call, e.g. G for groups of
+        G completions packed into one row (`scoring.group_token_logps`);
+        the row count must then be a multiple of it too, and the padding
+        (copies of row 0, i.e. groups of one repeated prompt) is whole
+        groups.
 
     Returns:
       The outputs concatenated over batches as numpy arrays `[n, ...]`; the
       padding rows of the last batch (copies of row 0) are dropped.
     """
     n = len(next(iter(arrays.values())))
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    batch_size = -(-batch_size // shards) * shards
+    if n % multiple_of:
+        raise ValueError(f"score_all_rows: {n} rows are not whole groups of {multiple_of}")
+    step = math.lcm(mesh.shape["data"] * mesh.shape["fsdp"], multiple_of)
+    batch_size = -(-batch_size // step) * step
     parts = []
     for start in range(0, n, batch_size):
         rows = np.arange(start, min(start + batch_size, n))

@@ -236,7 +236,25 @@ class SharedPrefixLogps:
                           p["branch_ids"], p["prefix_last"], **dict(self.kwargs))
         side = lambda m: (jnp.sum(jnp.where(m, lp, 0.0), axis=1), jnp.sum(m, axis=1).astype(jnp.float32))
         (c, lc), (r, lr) = side(p["chosen"]), side(p["rejected"])
-        return c, r, lc, lr
+        # The two responses sit at different columns of the packed row, where
+        # float rounding differs (~1e-5 nats on SmolLM2): a pair of identical
+        # responses would no longer be an exact tie. Such a pair reads both
+        # sides from the chosen branch (the same function, so the same value
+        # and gradient), as the unpacked [2B, T] forward gives them.
+        same = identical_sides(batch)
+        return c, jnp.where(same, c, r), lc, jnp.where(same, lc, lr)
+
+
+def identical_sides(batch: Mapping[str, Array]) -> Array:
+    """bool `[B]`: the pair's chosen and rejected rows hold the same tokens,
+    masks and response span (padding ids ignored), i.e. the same sequence."""
+    same = jnp.ones(batch["chosen_tokens"].shape[:1], bool)
+    mask_c = batch["chosen_attention_mask"].astype(bool)
+    mask_r = batch["rejected_attention_mask"].astype(bool)
+    same &= jnp.all(mask_c == mask_r, axis=1)
+    same &= jnp.all(jnp.where(mask_c, batch["chosen_tokens"] == batch["rejected_tokens"], True), axis=1)
+    same &= jnp.all(batch["chosen_loss_mask"].astype(bool) == batch["rejected_loss_mask"].astype(bool), axis=1)
+    return same
 
 
 # ----------------------------------------------------------------------------

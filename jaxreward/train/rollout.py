@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 import jaxreward
-from jaxreward import parallel, rewards
+from jaxreward import rewards
 from jaxreward.data.arithmetic import arithmetic_prompts
 from jaxreward.data.preference import read_preference_pairs
 from jaxreward.data.records import PromptRecord, read_prompts
@@ -30,7 +30,7 @@ from jaxreward.models.reward_io import load_reward_model
 from jaxreward.models.scoring import group_token_logps, token_logps
 from jaxreward.sampling.best_of_n import best_of_n_kl_bound, reward_model_fn
 from jaxreward.sampling.sampler import SampleBatch, generate
-from jaxreward.train import state as state_lib
+from jaxreward.train import evaluate, state as state_lib
 from jaxreward.train.proxy import train_proxy
 from jaxreward.train.step import unbox
 
@@ -264,20 +264,6 @@ def logps_fn(model: Decoder, temperature: float, top_k: int, top_p: float, group
     return jax.jit(lambda p, b: token_logps(model, p, b["tokens"], b["attention_mask"], b["positions"], **kw))
 
 
-def batched_logps(fn, params, arrays: dict, batch_size: int, mesh) -> np.ndarray:
-    """`fn` over all rows of `arrays` in chunks of `batch_size` (the last padded)."""
-    R = len(arrays["tokens"])
-    out = []
-    for lo in range(0, R, batch_size):
-        part = {k: v[lo:lo + batch_size] for k, v in arrays.items()}
-        n = len(part["tokens"])
-        if n < batch_size:  # one compiled shape: pad by repeating the first row
-            part = {k: np.concatenate([v, np.repeat(v[:1], batch_size - n, 0)]) for k, v in part.items()}
-        out.append(np.asarray(fn(params, parallel.shard_batch(part, mesh)))[:n])
-    return np.concatenate(out)
-
-
-
 def rollout_arrays(samples: SampleBatch) -> dict[str, np.ndarray]:
     """`tokens`, `attention_mask`, `positions` `[R, L]` of a rollout as numpy."""
     return {"tokens": np.asarray(samples.tokens_RL), "attention_mask": np.asarray(samples.attention_mask_RL),
@@ -481,8 +467,8 @@ def eval_point(policy, params, split: dict, score, sampling: dict, policy_logps,
     rew, extra = score(samples, ids, split)
     arrays = rollout_arrays(samples)
     mask = np.asarray(shift_mask(samples.loss_mask_RL))
-    lp = batched_logps(policy_logps, params, arrays, batch_size, mesh)
-    ref = batched_logps(ref_logps, ref_params, arrays, batch_size, mesh)
+    lp = evaluate.score_all_rows(policy_logps, params, arrays, batch_size, mesh)
+    ref = evaluate.score_all_rows(ref_logps, ref_params, arrays, batch_size, mesh)
     x = np.where(mask, lp - ref, 0.0)
     k3 = np.where(mask, np.exp(-x) - 1 + x, 0.0)
     res = {"reward": float(np.mean(rew)), "reward_se": standard_error(rew),

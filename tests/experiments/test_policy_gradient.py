@@ -460,13 +460,15 @@ def _flat_or_distinct_reward(config, workdir, task, tokenizer, policy, base_para
     return score, "test reward"
 
 
-def _driver_step(workdir, mesh, prefix_sharing=True):
+def _driver_step(workdir, mesh, prefix_sharing=True, reference_batch_size=None):
     """One step of `_small_config` with DAPO's dynamic sampling and clip-higher
     (token-mean), k3 in the loss, left-padded prompts and
     `_flat_or_distinct_reward`: the driver's output, its config, and the
     update calls (`_spy_updates`)."""
     config = _small_config(mesh=mesh, dynamic_sampling=True, clip_eps_high=0.28, loss_agg_mode="token-mean")
     config.model.prefix_sharing = prefix_sharing
+    if reference_batch_size:
+        config.reference.batch_size = reference_batch_size
     real_prompts, real_reward = rollout.prompt_set, rollout.make_reward_fn
     rollout.prompt_set = _left_padded_prompts(real_prompts)
     rollout.make_reward_fn = _flat_or_distinct_reward
@@ -542,8 +544,11 @@ def test_dapo_dynamic_sampling_drops_flat_groups(one_device):
 @pytest.mark.parametrize("mesh,prefix_sharing", [((8, 1, 1), True), ((2, 2, 2), True), ((1, 1, 1), False)])
 def test_mesh_shape_and_prefix_sharing_do_not_change_the_update(tmp_path, one_device, mesh, prefix_sharing):
     """The baseline packs each group's prompt once (update, reference); one
-    row per sample gives the same update, on 1 device as on 8."""
-    out = _driver_step(tmp_path / "mesh", mesh, prefix_sharing)
+    row per sample gives the same update, on 1 device as on 8. Here the
+    reference forward takes 6 rows at a time: whole groups of 2 but not a
+    multiple of 8 shards (rounded up to 8 there; that crashed on 8 devices),
+    and 32 rows leave a padded last batch."""
+    out = _driver_step(tmp_path / "mesh", mesh, prefix_sharing, reference_batch_size=6)
     assert len(out["mesh"].devices.ravel()) == mesh[0] * mesh[1] * mesh[2]
     assert out["stopped_at"] == 1 and int(out["state"].step) == 2
     if mesh[2] > 1:

@@ -161,3 +161,26 @@ def test_branch_ids_need_a_cache_free_forward(model_and_params):
                       jnp.zeros((1, 3), jnp.int32), jnp.array([0]))
     plain = token_logps(model, params, tokens, jnp.ones((1, 3), bool))
     np.testing.assert_allclose(np.asarray(lp)[0], [0.0, *np.asarray(plain)[0, :2]], rtol=1e-6)
+
+
+def test_identical_responses_stay_an_exact_tie(model_and_params, monkeypatch):
+    """A pair whose two sides are the same sequence scores both sides alike.
+
+    Packed, the rejected copy sits at other columns than the chosen one, and
+    on SmolLM2 the rounding there moved its log-prob by ~1e-5 nats, so the
+    tie (accuracy 0.5) became a loss. To make that drift certain here, the
+    packed scorer adds 1e-3 × column to every log-prob: an identical pair
+    must still come out equal, and a different pair must keep the drift.
+    """
+    model, params = model_and_params
+    real = pref.branch_logps
+    drift = lambda *a, **k: real(*a, **k) + 1e-3 * jnp.arange(a[2].shape[1])[None]
+    monkeypatch.setattr(pref, "branch_logps", drift)
+    prompts, chosen, rejected = [[3, 4], [5]], [[7, 8, 9], [6, 6]], [[7, 8, 9], [6, 2]]
+    for side in ("right", "left"):
+        batch = _pairs(prompts, chosen, rejected, 8, side)
+        fn = pref.decoder_logps_fn(model, pref.shared_prefix_length({"train": batch}))
+        c, r, lc, lr = map(np.asarray, pref.pair_logps(fn, params, batch))
+        assert c[0] == r[0] and lc[0] == lr[0] == 3           # the identical pair: exact tie
+        assert abs(c[1] - r[1]) > 1e-4 and lc[1] == lr[1] == 2  # the other pair is untouched
+        np.testing.assert_array_equal(np.asarray(pref.identical_sides(batch)), [True, False])

@@ -1,6 +1,7 @@
 """train/evaluate.py: the all-rows evaluator and the Wilson interval."""
 import jax
 import numpy as np
+import pytest
 
 from jaxreward import parallel
 from jaxreward.train import evaluate
@@ -30,3 +31,29 @@ def test_score_all_rows_counts_every_row_once():
     out = evaluate.score_all_rows(score, 2.0, arrays, batch_size=4, mesh=mesh)
     np.testing.assert_array_equal(out, np.arange(10) * 2.0)  # 4 + 4 + 2 rows, padding dropped
     assert calls == [(4,), (4,), (4,)]  # one fixed shape
+
+
+def test_score_all_rows_keeps_groups_whole_on_a_mesh():
+    """Batches of packed groups on 8 devices: 12 rows asked, groups of 4.
+
+    The batch is rounded up to lcm(8 shards, 4) = 8 · 2 = 16 rows (12 does
+    not shard over 8 devices: that was a crash of the RL driver), every
+    call holds whole groups, and the padding is copies of row 0.
+    """
+    mesh = parallel.make_mesh(8, 1, 1)
+    group = np.repeat(np.arange(5), 4)  # 20 rows = 5 groups of 4
+    seen = []
+
+    def score(params, batch):
+        g = np.asarray(batch["group"])
+        seen.append(g)
+        return batch["group"] * 1.0
+    out = evaluate.score_all_rows(score, None, {"group": group}, batch_size=12, mesh=mesh, multiple_of=4)
+    np.testing.assert_array_equal(out, group)
+    assert [len(g) for g in seen] == [16, 16]
+    # Second call: rows 16..19 (group 4), then 12 padding rows, all row 0 (group 0).
+    np.testing.assert_array_equal(seen[1], [4] * 4 + [0] * 12)
+    for g in seen:  # whole groups: each aligned block of 4 is one group
+        assert (g.reshape(-1, 4) == g.reshape(-1, 4)[:, :1]).all()
+    with pytest.raises(ValueError, match="not whole groups of 4"):
+        evaluate.score_all_rows(score, None, {"group": group[:18]}, 12, mesh, multiple_of=4)

@@ -7,6 +7,12 @@ transformers (torch CPU) on the same GGUF weights. Tokens/s counts new
 tokens of all rows; times are medians of 3 runs after a warm-up (ours
 excludes compile; the compile time is reported separately).
 
+`weights_floor_s` is the memory floor of the row: new tokens × weight bytes
+÷ the read bandwidth measured in this process (a jitted float32 sum over as
+many bytes as the weights). Each decode step reads every weight once, so no
+float32 decoder can go below it; HF's row has `max_speedup_vs_hf`, its
+seconds over that floor: the largest speedup any decoder could show.
+
 MFU counts the model FLOPs of the job, the same for both implementations:
 per row, a forward over the P prompt tokens and the first M - 1 new ones
 (2 × non-embedding params per token, plus attention 4 × layers × heads ×
@@ -118,9 +124,22 @@ def main():
             ours = next(r for r in rows if r["batch"] == b and r["impl"] == "jaxreward")
             hf = next(r for r in rows if r["batch"] == b and r["impl"] != "jaxreward")
             ours["speedup_vs_hf"] = ours["tokens_per_s"] / hf["tokens_per_s"]
+    # The memory floor: each decode step reads every weight once. No decoder
+    # of these float32 weights can beat (steps × weight bytes / read bandwidth).
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    bw = common.measure_read_bandwidth(weight_bytes)
+    for r in rows:
+        r["weights_floor_s"] = r["new_tokens"] * weight_bytes / bw["bytes_per_s"]
+    for b in batches if not args.no_hf else []:
+        hf = next(r for r in rows if r["batch"] == b and r["impl"] != "jaxreward")
+        hf["max_speedup_vs_hf"] = hf["seconds"] / hf["weights_floor_s"]
+    print(f"weights: {weight_bytes / 2**20:.0f} MiB read per decode step at "
+          f"{bw['bytes_per_s'] / 1e9:.1f} GB/s (best jitted float32 sum of that size): "
+          f"floor {weight_bytes / bw['bytes_per_s'] * 1e3:.1f} ms per step")
     common.report(f"decode_{jax.default_backend()}", rows, args.out,
                   {"peak_mem_note": "peak_mem_GiB is the process high-water mark after each "
-                                    "row (rows run in table order, ours first)"})
+                                    "row (rows run in table order, ours first)",
+                   "weight_bytes": weight_bytes, "read_bandwidth": bw})
 
 
 if __name__ == "__main__":

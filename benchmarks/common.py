@@ -64,6 +64,26 @@ def measure_matmul_flops(n: int, dtype: str = "float32", seconds: float = 2.0,
             "median_s": sorted(times)[len(times) // 2], "flops_per_s": 2.0 * n ** 3 / best}
 
 
+def measure_read_bandwidth(nbytes: int, seconds: float = 1.0, min_reps: int = 3) -> dict:
+    """Best bytes/s of reading `nbytes` of float32 once (a jitted sum) on the default device.
+
+    The floor of a decode step at small batch: every weight is read once per
+    step, so a step cannot take less than (weight bytes) / (this). Measured
+    the way `measure_matmul_flops` is: compile, repeat, keep the best.
+    """
+    x = jnp.ones((max(1, nbytes // 4),), jnp.float32)
+    total = jax.jit(jnp.sum)
+    jax.block_until_ready(total(x))
+    times, start = [], time.perf_counter()
+    while len(times) < min_reps or time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        jax.block_until_ready(total(x))
+        times.append(time.perf_counter() - t0)
+    best = min(times)
+    del x
+    return {"bytes": nbytes, "reps": len(times), "best_s": best, "bytes_per_s": nbytes / best}
+
+
 def stated_peak(dtype: str) -> tuple[str, float] | None:
     """(chip, FLOP/s) from `STATED_PEAKS` for the default device, or None."""
     if jax.default_backend() != "gpu":

@@ -136,7 +136,7 @@ def _candidates_forward(decoder: Decoder, cache: KVCache, cand_RK: Array):
 
     Returns:
       (float32 `[R, k, E]` final hidden states, (k_L, v_L): per layer
-      `[R, k, KV, D]` K/V of the candidates).
+      `[R, KV, k, D]` K/V of the candidates, the cache's head-major layout).
     """
     R, k = cand_RK.shape
     S = cache.mask_BS.shape[1]
@@ -148,8 +148,8 @@ def _candidates_forward(decoder: Decoder, cache: KVCache, cand_RK: Array):
     ks, vs = [], []
     for i, layer in enumerate(decoder.layers):
         x, (ck, cv) = layer(x, pos_RK, mask_RKS, (cache.k[i], cache.v[i]), idx)
-        ks.append(jax.lax.dynamic_slice_in_dim(ck, idx, k, axis=1))
-        vs.append(jax.lax.dynamic_slice_in_dim(cv, idx, k, axis=1))
+        ks.append(jax.lax.dynamic_slice_in_dim(ck, idx, k, axis=2))
+        vs.append(jax.lax.dynamic_slice_in_dim(cv, idx, k, axis=2))
     return decoder.norm(x).astype(jnp.float32), (tuple(ks), tuple(vs))
 
 
@@ -166,9 +166,9 @@ def _reward_candidates(module: RewardModel, cache, cand_RK):
 
 def _commit_cache(cache: KVCache, kv, choice_R: Array, live_R: Array) -> KVCache:
     """Writes the chosen candidate's K/V at the next slot (attended where live)."""
-    pick = lambda a: jnp.take_along_axis(a, choice_R[:, None, None, None], axis=1)
+    pick = lambda a: jnp.take_along_axis(a, choice_R[:, None, None, None], axis=2)
     put = lambda c, a: jax.lax.dynamic_update_slice_in_dim(c, pick(a).astype(c.dtype),
-                                                          cache.index, axis=1)
+                                                          cache.index, axis=2)
     return KVCache(k=tuple(map(put, cache.k, kv[0])), v=tuple(map(put, cache.v, kv[1])),
                    mask_BS=jax.lax.dynamic_update_slice_in_dim(
                        cache.mask_BS, live_R[:, None], cache.index, axis=1),

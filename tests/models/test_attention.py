@@ -8,6 +8,8 @@ import pytest
 
 from jaxreward.models.llama import Decoder, LlamaConfig, grouped_attention
 
+hm = lambda x_BSKD: jnp.swapaxes(x_BSKD, 1, 2)  # head-major [B, K, S, D], the cache layout
+
 
 @pytest.mark.parametrize("heads,kv_heads", [(8, 4), (6, 2), (4, 4), (3, 1)])
 @pytest.mark.parametrize("T,S", [(7, 7), (1, 11), (3, 9)])
@@ -18,13 +20,13 @@ def test_grouped_attention_equals_the_library(heads, kv_heads, T, S):
     v = jax.random.normal(ks[2], (2, S, kv_heads, 16))
     # A random mask where every query row sees at least key 0.
     mask = jax.random.bernoulli(ks[3], 0.6, (2, T, S)).at[:, :, 0].set(True)
-    ours = grouped_attention(q, k, v, mask)
+    ours = grouped_attention(q, hm(k), hm(v), mask)
     ref = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
     # Query head i reads kv head i // (heads // kv_heads): changing kv head 0's
     # values moves exactly the first heads // kv_heads query heads.
     g = heads // kv_heads
-    moved = grouped_attention(q, k, v.at[:, :, 0].add(1.0), mask) - ours
+    moved = grouped_attention(q, hm(k), hm(v.at[:, :, 0].add(1.0)), mask) - ours
     assert np.abs(np.asarray(moved[:, :, :g])).min() > 0.5
     np.testing.assert_array_equal(np.asarray(moved[:, :, g:]), 0.0)
 
@@ -35,7 +37,7 @@ def test_gradients_equal_the_library():
     k, v = (jax.random.normal(kk, (2, 5, 2, 8)) for kk in ks[1:3])
     mask = jnp.tril(jnp.ones((5, 5), bool))[None].repeat(2, 0)
     loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
-    ours = jax.grad(loss(lambda q, k, v: grouped_attention(q, k, v, mask)), (0, 1, 2))(q, k, v)
+    ours = jax.grad(loss(lambda q, k, v: grouped_attention(q, hm(k), hm(v), mask)), (0, 1, 2))(q, k, v)
     ref = jax.grad(loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])),
                    (0, 1, 2))(q, k, v)
     for a, b in zip(ours, ref):
@@ -47,7 +49,7 @@ def test_bfloat16_matches_the_library_and_keeps_the_dtype():
     q = jax.random.normal(ks[0], (2, 6, 4, 16), jnp.bfloat16)
     k, v = (jax.random.normal(kk, (2, 6, 2, 16), jnp.bfloat16) for kk in ks[1:])
     mask = jnp.tril(jnp.ones((6, 6), bool))[None].repeat(2, 0)
-    ours = grouped_attention(q, k, v, mask)
+    ours = grouped_attention(q, hm(k), hm(v), mask)
     assert ours.dtype == jnp.bfloat16
     ref = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
     np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32),
@@ -65,3 +67,23 @@ def test_decoder_gives_the_same_logits_with_either_implementation():
                                                                          tokens, mask)
     np.testing.assert_allclose(np.asarray(ours)[np.asarray(mask)], np.asarray(lib)[np.asarray(mask)],
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", [None, "xla"])
+def test_cached_decoding_equals_the_full_forward(impl):
+    """Prefill 5 tokens into the head-major cache, then feed 3 more one at a
+    time: each step's logits equal the full forward's at that position."""
+    from jaxreward.models.llama import KVCache
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=6, num_kv_heads=2, head_dim=8, attention_impl=impl)
+    model = Decoder(cfg)
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 8), 0, 64)
+    params = {"params": model.init(jax.random.PRNGKey(1), tokens)["params"]}
+    full = model.apply(params, tokens)
+    cache = KVCache.init(cfg, 2, 8)
+    assert cache.k[0].shape == (2, 2, 8, 8)  # [B, KV, S, D]
+    logits, cache = model.apply(params, tokens[:, :5], None, None, cache)
+    np.testing.assert_allclose(logits, full[:, :5], rtol=1e-5, atol=1e-5)
+    for t in range(5, 8):
+        logits, cache = model.apply(params, tokens[:, t:t + 1], None, None, cache)
+        np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)

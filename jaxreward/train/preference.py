@@ -132,14 +132,17 @@ def pack_pairs(batch: Mapping[str, Array], packed_length: int) -> dict[str, Arra
       batch: pair arrays `[B, T]` whose two sides share their prompt (see
         `shared_prefix_length`, which checks it and gives `packed_length`).
       packed_length: S >= prompt + chosen + rejected tokens of every row
-        (static); longer rows would be cut.
+        (static). A longer row does not fit: its `fits` entry is False and
+        `SharedPrefixLogps.pair_logps` gives it NaN rather than the
+        log-probs of a cut pair.
 
     Returns:
       dict of `[B, S]` arrays: `tokens`, `attention_mask`, `positions`,
       `branch_ids`, `chosen` and `rejected` (bool: a scored token of that
       side; with an empty prompt a response's first token is not scored, as
-      on the `[B, T]` grid), and `prefix_last` int32 `[B]` (the prompt's last
-      column, which scores both responses' first tokens).
+      on the `[B, T]` grid), `prefix_last` int32 `[B]` (the prompt's last
+      column, which scores both responses' first tokens) and `fits` bool
+      `[B]` (the pair's tokens fit in S).
     """
     S = packed_length
     attn_c = batch["chosen_attention_mask"].astype(bool)
@@ -154,7 +157,7 @@ def pack_pairs(batch: Mapping[str, Array], packed_length: int) -> dict[str, Arra
     j = jnp.arange(S)[None, :]
     in_c = j < pc_B[:, None]
     in_r = (j >= pc_B[:, None]) & (j < end_B[:, None])
-    ic = jnp.minimum(j, T - 1) + jnp.zeros_like(p_B)[:, None]
+    ic = jnp.broadcast_to(jnp.minimum(j, T - 1), (attn_c.shape[0], S))
     ir = jnp.clip(j - pc_B[:, None], 0, T - 1)
     pick = lambda c, r: jnp.where(in_c, jnp.take_along_axis(c, ic, axis=1),
                                   jnp.where(in_r, jnp.take_along_axis(r, ir, axis=1), 0))
@@ -168,6 +171,7 @@ def pack_pairs(batch: Mapping[str, Array], packed_length: int) -> dict[str, Arra
         # predictor at all: it is not scored, as on the [B, T] grid.
         "chosen": in_c & (j >= p_B[:, None]) & (j > 0),
         "rejected": in_r & ((p_B[:, None] > 0) | (j > pc_B[:, None])),
+        "fits": end_B <= S,
     }
 
 
@@ -178,9 +182,10 @@ def shared_prefix_length(splits: Mapping[str, Mapping[str, np.ndarray]], multipl
     pair of every split, rounded up to `multiple`.
 
     Raises:
-      UserError: a pair whose two sides hold different prompt tokens, or
-        whose response is not one block after the prompt (prefix sharing
-        needs both; set `model.prefix_sharing=False` for such data).
+      UserError: a pair whose two sides hold different prompt tokens (or
+        give them different positions), or whose response is not one block
+        after the prompt (prefix sharing needs all three; set
+        `model.prefix_sharing=False` for such data).
     """
     longest = 1
     for name, a in splits.items():
@@ -198,11 +203,16 @@ def shared_prefix_length(splits: Mapping[str, Mapping[str, np.ndarray]], multipl
         for side in SIDES:
             attn = np.asarray(a[f"{side}_attention_mask"], bool)
             keep = attn & ~np.asarray(a[f"{side}_loss_mask"], bool)
-            prompts.append([row[k] for row, k in zip(np.asarray(a[f"{side}_tokens"]), keep)])
-        for i, (pc, pr) in enumerate(zip(*prompts)):
-            if not np.array_equal(pc, pr):
+            prompts.append([(row[k], pos[k]) for row, pos, k in zip(
+                np.asarray(a[f"{side}_tokens"]), np.asarray(a[f"{side}_positions"]), keep)])
+        for i, ((tc, pc), (tr, pr)) in enumerate(zip(*prompts)):
+            if not np.array_equal(tc, tr):
                 raise UserError(f"{name} pair {i}: chosen and rejected have different prompt tokens; "
                                 "prefix sharing needs one prompt per pair "
+                                "(set model.prefix_sharing=False)")
+            if not np.array_equal(pc, pr):
+                raise UserError(f"{name} pair {i}: chosen and rejected give the prompt different "
+                                "positions; prefix sharing encodes it once "
                                 "(set model.prefix_sharing=False)")
         total = (np.asarray(a["chosen_attention_mask"], bool).sum(axis=1)
                  + (np.asarray(a["rejected_loss_mask"], bool)
@@ -242,7 +252,10 @@ class SharedPrefixLogps:
         # sides from the chosen branch (the same function, so the same value
         # and gradient), as the unpacked [2B, T] forward gives them.
         same = identical_sides(batch)
-        return c, jnp.where(same, c, r), lc, jnp.where(same, lc, lr)
+        r, lr = jnp.where(same, c, r), jnp.where(same, lc, lr)
+        # A pair longer than packed_length was cut: NaN, never a wrong number.
+        cut = lambda x: jnp.where(p["fits"], x, jnp.nan)
+        return cut(c), cut(r), lc, lr
 
 
 def identical_sides(batch: Mapping[str, Array]) -> Array:

@@ -125,6 +125,26 @@ def test_shared_prefix_length_and_refusals():
     holes["chosen_loss_mask"][0, 3] = False  # a prompt token inside the chosen response
     with pytest.raises(UserError, match=r"train pair 0: the chosen response is not one block"):
         pref.shared_prefix_length({"train": holes})
+    shifted = dict(batch)
+    shifted["rejected_positions"] = batch["rejected_positions"] + 1  # prompt at other positions
+    with pytest.raises(UserError, match=r"train pair 0: chosen and rejected give the prompt different "
+                                        r"positions"):
+        pref.shared_prefix_length({"train": shifted})
+
+
+def test_a_pair_longer_than_the_packed_length_gives_nan(model_and_params):
+    """A packed length of 5 fits pair 1 (1 + 1 + 2 = 4 tokens) but would cut
+    pair 0 (2 + 3 + 1 = 6): pair 0 gets NaN, never the log-probs of a cut
+    pair, and pair 1 keeps its value."""
+    model, params = model_and_params
+    batch = _pairs([[11, 12], [5]], [[21, 22, 23], [6]], [[31], [7, 8]], 6, "right")
+    # Totals: pair 0: 2 + 3 + 1 = 6; pair 1: 1 + 1 + 2 = 4.
+    np.testing.assert_array_equal(np.asarray(pref.pack_pairs(batch, 5)["fits"]), [False, True])
+    c, r, lc, lr = map(np.asarray, pref.pair_logps(pref.decoder_logps_fn(model, 5), params, batch))
+    assert np.isnan(c[0]) and np.isnan(r[0])
+    assert np.isfinite(c[1]) and np.isfinite(r[1])
+    full = pref.pair_logps(pref.decoder_logps_fn(model, 8), params, batch)
+    np.testing.assert_allclose([c[1], r[1]], np.asarray(full)[:2, 1], rtol=1e-6)
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=5)])

@@ -126,18 +126,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                         pad_id=tokenizer.pad_id)
         tokens_RM = np.asarray(out.samples.tokens_RM)
         mask_RM = np.asarray(out.samples.mask_RM)
-        rewards = np.asarray(out.rewards_BN)
+        rewards_BN = np.asarray(out.rewards_BN)
         for i, prompt in enumerate(batch):
             rows_i = range(i * config.n, (i + 1) * config.n)  # row b * N + j is sample j
             completions = [tokenizer.decode(tokens_RM[r][mask_RM[r]].tolist()) for r in rows_i]
             best = int(out.best_index_B[i])
             text = completions[best]
             row = {"prompt": prompt, "best": text, "best_index": best,
-                   "best_reward": float(rewards[i].max()), "rewards": rewards[i].tolist(),
+                   "best_reward": float(rewards_BN[i].max()), "rewards": rewards_BN[i].tolist(),
                    "completions": completions, "kl_bound": out.kl_bound}
             rows.append(row)
             print(f"\n### {prompt}\n--- best of {config.n} (sample {row['best_index']}, reward "
-                  f"{row['best_reward']:.3f}; all: {np.array2string(rewards[i], precision=2)})\n"
+                  f"{row['best_reward']:.3f}; all: {np.array2string(rewards_BN[i], precision=2)})\n"
                   f"{text}")
     print(f"\nKL(best-of-{config.n} || policy) <= log N - (N-1)/N = {rows[0]['kl_bound']:.4f} nats")
     with open(os.path.join(workdir, "best_of_n.jsonl"), "w", encoding="utf-8") as f:

@@ -29,7 +29,6 @@ Writes `metrics.jsonl` (train/*, eval/*, generate/*), `tensorboard/`,
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import time
@@ -45,7 +44,8 @@ from jaxreward import parallel
 from jaxreward.data import pipeline, synthetic
 from jaxreward.errors import UserError
 from jaxreward.data.preference import read_preference_pairs
-from jaxreward.models.llama import Decoder, LlamaConfig
+from jaxreward.models import pretrained
+from jaxreward.models.llama import Decoder
 from jaxreward.models.reward_io import load_reward_model
 from jaxreward.sampling.best_of_n import best_of_n, reward_model_fn
 from jaxreward.train import checkpoint as ckpt_lib
@@ -55,7 +55,6 @@ from jaxreward.train import preference as pref
 from jaxreward.train import state as state_lib
 from jaxreward.train import step as step_lib
 from jaxreward.train.proxy import sample_pairs
-from jaxreward.train.step import unbox
 
 CACHE_FILE = "reference_logps.npz"
 EXPORT_DIR = "policy"
@@ -105,22 +104,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def load_model(path: str, config: ml_collections.ConfigDict, seed: int):
     """`(decoder, params, tokenizer)`: pretrained `path`, or a random
     `model.arch` decoder (tokenizer None) when `path` is empty."""
-    m = config.model
-    if path:
-        return jaxreward.load_pretrained(path, dtype=m.dtype)
     s = config.synthetic
-    cfg = LlamaConfig(**m.arch.to_dict(), dtype=m.dtype,
-                      max_position_embeddings=s.prompt_length + max(s.response_length,
-                                                                   config.sampling.max_new_tokens))
-    decoder = Decoder(cfg)
-    return decoder, _init_fn(decoder)(jax.random.PRNGKey(seed)), None
-
-
-@functools.lru_cache(maxsize=8)
-def _init_fn(decoder: Decoder):
-    """Jitted random init of `decoder`, compiled once per architecture (XLA
-    compiles the RNG of the init slowly; the key is an argument)."""
-    return jax.jit(lambda key: unbox(decoder.init(key, jnp.zeros((1, 2), jnp.int32))["params"]))
+    return pretrained.load_or_init(
+        path, config.model.arch, dtype=config.model.dtype, seed=seed,
+        max_positions=s.prompt_length + max(s.response_length, config.sampling.max_new_tokens))
 
 
 def read_pairs(config: ml_collections.ConfigDict, tokenizer, workdir: str):

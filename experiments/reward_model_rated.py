@@ -38,14 +38,13 @@ import ml_collections
 import numpy as np
 import tqdm
 
-import jaxreward
 from jaxreward import parallel
 from jaxreward.data import records
 from jaxreward.data.batching import tokenize_pairs
 from jaxreward.data.pipeline import GrainLoader
 from jaxreward.errors import UserError
 from jaxreward.models.heads import RewardModel
-from jaxreward.models.llama import Decoder, LlamaConfig
+from jaxreward.models import pretrained
 from jaxreward.models.reward_io import EXPORT_DIR, export_reward_model
 from jaxreward.objectives import registry
 from jaxreward.objectives.reward import weighted_objective_sum
@@ -118,15 +117,9 @@ def objective_names(config) -> list[str]:
 def load_backbone(config: ml_collections.ConfigDict):
     """`(decoder, params, tokenizer)`: pretrained, or a random `model.arch`
     decoder (tokenizer None) when `model.pretrained` is empty."""
-    m = config.model
-    if m.pretrained:
-        return jaxreward.load_pretrained(m.pretrained, dtype=m.dtype)
-    s = config.synthetic
-    cfg = LlamaConfig(**m.arch.to_dict(), dtype=m.dtype,
-                      max_position_embeddings=s.prompt_length + s.response_length)
-    decoder = Decoder(cfg)
-    params = unbox(decoder.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 2), jnp.int32))["params"])
-    return decoder, params, None
+    m, s = config.model, config.synthetic
+    return pretrained.load_or_init(m.pretrained, m.arch, dtype=m.dtype, seed=config.seed,
+                                   max_positions=s.prompt_length + s.response_length)
 
 
 def synthetic_ratings(config: ml_collections.ConfigDict, n: int, split_seed: int) -> dict[str, np.ndarray]:

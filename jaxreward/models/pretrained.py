@@ -8,9 +8,14 @@ tokenizer files) that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import pathlib
-from typing import Any
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax.core import meta
 
 from jaxreward.models import gguf_io, hf_io
 from jaxreward.models.llama import Decoder, LlamaConfig
@@ -88,6 +93,41 @@ def load_pretrained(path: str | pathlib.Path, *, dtype: Any = "float32"):
     else:
         raise ValueError(f"{resolved}: expected an HF checkpoint directory or a .gguf file")
     return Decoder(cfg), params, tokenizer
+
+
+def load_or_init(path: str, arch: Mapping[str, Any], *, dtype: str, max_positions: int, seed: int):
+    """`load_pretrained(path)`, or a randomly initialized decoder when `path` is empty.
+
+    The one loader of the drivers' `model.pretrained` / `model.arch` pair.
+
+    Args:
+      path: a checkpoint for `load_pretrained`; "" for a random decoder.
+      arch: `LlamaConfig` fields of the random decoder (e.g. a config's
+        `model.arch`, a ConfigDict or dict); unused with a path.
+      dtype: params and compute dtype.
+      max_positions: the random decoder's `max_position_embeddings` (the
+        longest prompt + response the job feeds it).
+      seed: PRNG seed of the random init.
+
+    Returns:
+      `(decoder, params, tokenizer)`; the tokenizer is None for a random
+      decoder.
+
+    Raises:
+      see `load_pretrained`.
+    """
+    if path:
+        return load_pretrained(path, dtype=dtype)
+    fields = arch.to_dict() if hasattr(arch, "to_dict") else dict(arch)
+    decoder = Decoder(LlamaConfig(**fields, dtype=dtype, max_position_embeddings=max_positions))
+    return decoder, _init_fn(decoder)(jax.random.PRNGKey(seed)), None
+
+
+@functools.lru_cache(maxsize=8)
+def _init_fn(decoder: Decoder):
+    """Jitted random init of `decoder`, compiled once per architecture (XLA
+    compiles the RNG of the init slowly; the key is an argument)."""
+    return jax.jit(lambda key: meta.unbox(decoder.init(key, jnp.zeros((1, 2), jnp.int32))["params"]))
 
 
 def save_pretrained(path: str | pathlib.Path, model_or_config: Decoder | LlamaConfig, params,

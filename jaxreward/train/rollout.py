@@ -25,26 +25,21 @@ from jaxreward.data.preference import read_preference_pairs
 from jaxreward.data.records import PromptRecord, read_prompts
 from jaxreward.errors import UserError
 from jaxreward.models.heads import ValueModel, value_params_from_policy, value_params_from_reward_model
-from jaxreward.models.llama import Decoder, LlamaConfig
+from jaxreward.models import pretrained
+from jaxreward.models.llama import Decoder
 from jaxreward.models.reward_io import load_reward_model
 from jaxreward.models.scoring import group_token_logps, token_logps
 from jaxreward.sampling.best_of_n import best_of_n_kl_bound, reward_model_fn
 from jaxreward.sampling.sampler import SampleBatch, generate
 from jaxreward.train import evaluate, state as state_lib
 from jaxreward.train.proxy import train_proxy
-from jaxreward.train.step import unbox
 
 def load_policy(config: ml_collections.ConfigDict, path: str):
     """`(decoder, params, tokenizer)`: pretrained `path`, or a random
     `model.arch` decoder (tokenizer None) when `path` is empty."""
-    m = config.model
-    if path:
-        return jaxreward.load_pretrained(path, dtype=m.dtype)
-    cfg = LlamaConfig(**m.arch.to_dict(), dtype=m.dtype,
-                      max_position_embeddings=config.synthetic.prompt_length + config.rollout.max_new_tokens)
-    decoder = Decoder(cfg)
-    init = jax.jit(lambda key: unbox(decoder.init(key, jnp.zeros((1, 2), jnp.int32))["params"]))
-    return decoder, init(jax.random.PRNGKey(config.seed)), None
+    return pretrained.load_or_init(
+        path, config.model.arch, dtype=config.model.dtype, seed=config.seed,
+        max_positions=config.synthetic.prompt_length + config.rollout.max_new_tokens)
 
 
 def check_prompts_and_reward(config: ml_collections.ConfigDict) -> None:

@@ -109,6 +109,24 @@ def test_reward_model_on_real_hh_then_best_of_n(tmp_path, hh_file):
     assert "KL(best-of-2 || policy) <= log N - (N-1)/N = 0.1931" in bon.stdout
 
 
+def test_best_of_n_without_a_reward_model_ranks_by_the_text_reward(tmp_path):
+    """No reward_model_dir: the registered text reward (distinct_words) ranks
+    the samples. (This path once died with UnboundLocalError: a later local
+    named `rewards` shadowed the `jaxreward.rewards` module.)"""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Say hello.\n")
+    bon = _cli("--config=configs/best_of_n.py:smollm2", f"--workdir={tmp_path / 'bon'}",
+               f"--config.prompts_path={prompts}", "--config.n=3", "--config.sampling.max_new_tokens=8")
+    assert "text reward 'distinct_words' (no reward_model_dir given)" in bon.stdout
+    (row,) = [json.loads(l) for l in open(tmp_path / "bon" / "best_of_n.jsonl")]
+    # distinct_words of each completion, recomputed from the written text.
+    from jaxreward import rewards
+    fn = rewards.get("distinct_words")
+    expect = [float(rewards.call(fn, [row["prompt"]], [c])[0]) for c in row["completions"]]
+    np.testing.assert_allclose(row["rewards"], expect, rtol=1e-6)
+    assert row["best_index"] == int(np.argmax(expect))
+
+
 def test_a_new_job_is_one_config_and_one_driver(tmp_path):
     """Dispatch by convention: a toy driver + config, run through the CLI."""
     root = tmp_path / "repo"

@@ -227,13 +227,8 @@ def second_reward(config, task, tokenizer):
         other = dataclasses.replace(task, seed=task.seed + 1000)
         return (lambda s, ids, split: other.gold_reward(np.asarray(s.response_tokens_RM),
                                                         np.asarray(s.response_mask_RM))), "second gold reward"
-    combined = rewards.combine(c.functions)
-
-    def score_text(samples, ids, split):
-        prompts = [split["texts"][i] for i in ids]
-        columns = {k: [v[i] for i in ids] for k, v in split["columns"].items()}
-        return combined(prompts, rollout.decode_completions(tokenizer, samples), columns)[0]
-    return score_text, " + ".join(f"{w:g}·{name}" for name, w, *_ in c.functions)
+    score = rollout.text_reward_fn(c.functions, tokenizer)
+    return (lambda s, ids, split: score(s, ids, split)[0]), " + ".join(f"{w:g}·{name}" for name, w, *_ in c.functions)
 
 
 def sample_split(policy, params, split, score, score_b, sampling, n: int, batch_size: int, seed: int,

@@ -209,14 +209,21 @@ def make_reward_fn(config, workdir, task, tokenizer, policy, base_params):
                             f"policy {policy.config.vocab_size}: they must share one tokenizer")
         fn = reward_model_fn(rm, rm_params)
         return (lambda s, ids, split: (np.asarray(fn(s)), {})), f"reward model {r.reward_model_dir}"
-    combined = rewards.combine(r.functions)
+    return text_reward_fn(r.functions, tokenizer), " + ".join(f"{w:g}·{name}" for name, w, *_ in r.functions)
+
+
+def text_reward_fn(functions, tokenizer):
+    """`score(samples, prompt_ids_R, split) -> (float32 [R], {name: [R]})`:
+    the weighted registered text rewards `functions` (`rewards.combine`'s
+    specs) of each completion's text, with its prompt text and the split's
+    extra columns (e.g. `answer`) of prompt `prompt_ids_R[r]`."""
+    combined = rewards.combine(functions)
 
     def score_text(samples: SampleBatch, prompt_ids_R, split):
         prompts = [split["texts"][i] for i in prompt_ids_R]
         columns = {k: [v[i] for i in prompt_ids_R] for k, v in split["columns"].items()}
-        total, parts = combined(prompts, decode_completions(tokenizer, samples), columns)
-        return total, parts
-    return score_text, " + ".join(f"{w:g}·{name}" for name, w, *_ in r.functions)
+        return combined(prompts, decode_completions(tokenizer, samples), columns)
+    return score_text
 
 
 def _with_gold(proxy_R, gold_R):

@@ -49,6 +49,12 @@ class LlamaConfig:
     remat: bool = False                # rematerialize each block in backward
     attention_impl: str | None = None  # None: grouped_attention; else jax.nn.dot_product_attention's impl
 
+    def __post_init__(self):
+        if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads="
+                             f"{self.num_kv_heads} (grouped-query attention shares each kv head "
+                             "among num_heads / num_kv_heads query heads)")
+
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads

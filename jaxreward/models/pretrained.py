@@ -104,7 +104,8 @@ def load_or_init(path: str, arch: Mapping[str, Any], *, dtype: str, max_position
       path: a checkpoint for `load_pretrained`; "" for a random decoder.
       arch: `LlamaConfig` fields of the random decoder (e.g. a config's
         `model.arch`, a ConfigDict or dict); unused with a path.
-      dtype: params and compute dtype.
+      dtype: the compute dtype; for a checkpoint also its params' dtype
+        (`load_pretrained`). A random decoder keeps float32 params.
       max_positions: the random decoder's `max_position_embeddings` (the
         longest prompt + response the job feeds it).
       seed: PRNG seed of the random init.
@@ -118,6 +119,7 @@ def load_or_init(path: str, arch: Mapping[str, Any], *, dtype: str, max_position
     """
     if path:
         return load_pretrained(path, dtype=dtype)
+    hf_io.float_dtype_name(dtype)
     fields = arch.to_dict() if hasattr(arch, "to_dict") else dict(arch)
     decoder = Decoder(LlamaConfig(**fields, dtype=dtype, max_position_embeddings=max_positions))
     return decoder, _init_fn(decoder)(jax.random.PRNGKey(seed)), None

@@ -21,7 +21,7 @@ NEG_INF = -1e30  # finite "minus infinity": keeps softmax and gradients NaN-free
 
 
 def process_logits(logits_BV: Array, temperature: float = 1.0, top_k: int = 0,
-                   top_p: float = 1.0) -> Array:
+                   top_p: float = 1.0, always_keep: Array | None = None) -> Array:
     """Log-probabilities of the processed next-token distribution.
 
     Args:
@@ -33,6 +33,10 @@ def process_logits(logits_BV: Array, temperature: float = 1.0, top_k: int = 0,
       top_p: keep the smallest set of tokens whose probability reaches top_p
         (nucleus sampling, "The Curious Case of Neural Text Degeneration",
         2020); the most likely token is always kept. 1.0 keeps all.
+      always_keep: optional bool `[..., V]`: tokens kept whatever top-k/top-p
+        say (scoring passes the target token: a token that was sampled was
+        in the kept set when it was drawn, and a recomputation that rounds
+        differently, e.g. in bfloat16, must not give it probability 0).
 
     Returns:
       float32 `[..., V]` normalized log-probs; removed tokens get -1e30.
@@ -52,6 +56,7 @@ def process_logits(logits_BV: Array, temperature: float = 1.0, top_k: int = 0,
     # 1/T is capped at 1e30 (below float32's max), so even a subnormal T
     # gives finite, greedy-like log-probs instead of 0 * inf = NaN.
     x = jnp.maximum(x * min(1.0 / temperature, 1e30), NEG_INF)
+    x_all = x
     if top_k and top_k < x.shape[-1]:
         # The k-th largest as the min of the top k (the same value): slicing
         # the last column instead made XLA on CPU sort the whole vocabulary
@@ -72,6 +77,8 @@ def process_logits(logits_BV: Array, temperature: float = 1.0, top_k: int = 0,
         # and then even the top token can fail `logp >= threshold`.
         threshold = jnp.min(jnp.where(keep_sorted, sorted_x, jnp.inf), axis=-1, keepdims=True)
         x = jnp.where(x >= threshold, x, NEG_INF)
+    if always_keep is not None and (top_k or top_p < 1.0):
+        x = jnp.where(always_keep, x_all, x)
     return jax.nn.log_softmax(x, axis=-1)
 
 
@@ -96,6 +103,14 @@ def target_logps(logits_fn, h_BNE: Array, targets_BN: Array, *, temperature: flo
       chunk_size: positions per chunk (N is padded up to a multiple); each
         chunk's float32 logits live only inside its `jax.checkpoint`.
 
+    With top-k/top-p the target is always in the support: a target outside
+    the kept set is scored over the set plus itself. A token the sampler
+    drew was inside the set when it was drawn, but a recomputation that
+    rounds differently (bfloat16, another batch layout) can put it just
+    outside; it then gets a finite log-prob near the sampler's, never
+    −1e30. For a token the set really excludes (another model's sample),
+    this is the log-prob of the smallest support that contains it.
+
     Returns:
       float32 `[B, N]`.
     """
@@ -110,11 +125,13 @@ def target_logps(logits_fn, h_BNE: Array, targets_BN: Array, *, temperature: flo
 
     @jax.checkpoint
     def chunk(h_BCE, tgt_BC):
-        logp = process_logits(logits_fn(h_BCE), temperature, top_k, top_p)
+        logits = logits_fn(h_BCE)
+        hit = tgt_BC[..., None] == jnp.arange(logits.shape[-1], dtype=tgt_BC.dtype)
+        # The target stays in the top-k/top-p support (see `process_logits`).
+        logp = process_logits(logits, temperature, top_k, top_p, always_keep=hit)
         # Pick the target by a one-hot select and sum (exact: one term is
         # non-zero). Its gradient is elementwise; `take_along_axis`'s is a
         # scatter, which XLA on CPU ran as a slow separate pass.
-        hit = tgt_BC[..., None] == jnp.arange(logp.shape[-1], dtype=tgt_BC.dtype)
         return jnp.sum(jnp.where(hit, logp, 0.0), axis=-1)
 
     out_KBC = jax.lax.map(lambda a: chunk(*a), (h_KBCE, tgt_KBC))

@@ -87,3 +87,9 @@ def test_cached_decoding_equals_the_full_forward(impl):
     for t in range(5, 8):
         logits, cache = model.apply(params, tokens[:, t:t + 1], None, None, cache)
         np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
+
+
+def test_heads_must_be_a_multiple_of_kv_heads():
+    with pytest.raises(ValueError, match="num_heads=6 must be a multiple of num_kv_heads=4"):
+        LlamaConfig(vocab_size=8, hidden_size=24, intermediate_size=8, num_layers=1, num_heads=6,
+                    num_kv_heads=4)

@@ -6,7 +6,7 @@ import pytest
 
 from jaxreward.models.heads import RewardModel
 from jaxreward.models.llama import Decoder, LlamaConfig, last_token_index
-from jaxreward.models.scoring import (logps_from_hidden, process_logits, sequence_logps,
+from jaxreward.models.scoring import (logps_from_hidden, process_logits, sequence_logps, target_logps,
                                       shift_mask, token_logps)
 from jaxreward.train.step import unbox
 
@@ -164,3 +164,51 @@ def test_sequence_logps_never_scores_a_token_that_follows_padding():
     assert float(sequence_logps(logps, loss)[0]) == 6.0
     assert float(sequence_logps(logps, loss, attention_mask_BT=attention)[0]) == 5.0
     assert float(sequence_logps(logps, loss, average=True, attention_mask_BT=attention)[0]) == 2.5
+
+
+def test_a_target_outside_the_top_k_stays_in_the_support():
+    """Scoring keeps the target token in the top-k / top-p set.
+
+    Logits [3, 2, 1, 0.5, 0], top_k = 2 keeps {3, 2}. Target 0 (inside):
+    log p = 3 − log(e³ + e²) = −log(1 + e⁻¹) = −log 1.367879 = −0.313262.
+    Target 2 (just outside, as a sampled token can be when the recomputed
+    forward rounds differently from the sampler's): scored over the set plus
+    itself, {3, 2, 1}: 1 − (3 + log(1 + e⁻¹ + e⁻²)) = −2 − log 1.503215 =
+    −2.407606, not −1e30. With top_p = 0.6 the kept set is {3} (p = 0.616),
+    and target 1 gives 2 − (3 + log(1 + e⁻¹)) = −1.313262.
+    """
+    logits = jnp.array([[[3.0, 2.0, 1.0, 0.5, 0.0]] * 3])  # [1, 3, V]: 3 positions
+    identity = lambda h: h  # the "hidden states" are the logits
+    lp = target_logps(identity, logits, jnp.array([[0, 2, 4]]), top_k=2)
+    np.testing.assert_allclose(lp[0, :2], [-0.313262, -2.407606], atol=1e-5)
+    # Target 4 too: {3, 2, 0}: 0 − (3 + log(1 + e⁻¹ + e⁻³)) = −3 − log 1.417666 = −3.349006.
+    np.testing.assert_allclose(lp[0, 2], -3.349006, atol=1e-5)
+    lp = target_logps(identity, logits, jnp.array([[0, 1, 0]]), top_p=0.6)
+    np.testing.assert_allclose(lp[0, :2], [0.0, -1.313262], atol=1e-5)
+    # The sampler's own distribution is unchanged: the outside token has -1e30 there.
+    assert process_logits(logits[0, 0], top_k=2)[2] < -1e29
+
+
+def test_bfloat16_recomputed_logps_of_top_k_samples_are_finite():
+    """A bfloat16 policy sampled with top-k / top-p: the recomputed log-prob
+    of every sampled token is finite and near the sampler's (a reviewer
+    found tokens on the top-k boundary recomputed as −1e30)."""
+    from jaxreward.models.scoring import shift_mask, token_logps
+    from jaxreward.sampling.sampler import generate
+    T, V = 6, 64
+    toks = jax.random.randint(jax.random.PRNGKey(1), (4, T), 1, V)
+    mask = jnp.arange(T)[None] >= T - jnp.asarray([3, 5, 1, 6])[:, None]
+    prompts = jnp.where(mask, toks, 0).astype(jnp.int32)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, max_position_embeddings=64, dtype="bfloat16")
+    model = Decoder(cfg)
+    params = jax.tree.map(lambda x: x * 5.0, unbox(model.init(jax.random.PRNGKey(0),
+                                                              jnp.zeros((1, 4), jnp.int32))["params"]))
+    for kw in (dict(top_k=5), dict(top_p=0.8)):
+        out = generate(model, params, prompts, mask, rng=jax.random.PRNGKey(3), max_new_tokens=7,
+                       num_samples=3, stop_ids=(7,), pad_id=63, **kw)
+        s = out.sequences()
+        lp = token_logps(model, params, s.tokens_RL, s.attention_mask_RL, s.positions_RL, **kw)
+        scored = np.asarray(shift_mask(s.loss_mask_RL))
+        gap = np.abs(np.asarray(lp) - np.asarray(s.sample_logps_RL))[scored]
+        assert gap.max() < 2.0, (kw, gap.max())  # bfloat16 rounding, never −1e30

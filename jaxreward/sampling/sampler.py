@@ -6,9 +6,10 @@ row has stopped). Tokens are drawn exactly, block then token (see
 `two_level_sample`), from
 `scoring.process_logits(logits, temperature, top_k, top_p)`, the same
 processed distribution the training path scores with, so a sampled token's
-log-prob is recomputed exactly by
+log-prob is recomputed, up to float rounding, by
 `scoring.token_logps(..., temperature=, top_k=, top_p=)` on
-`SampleOutput.sequences()`.
+`SampleOutput.sequences()` (which keeps the token in the top-k/top-p set
+even where rounding would put it just outside).
 
 Key scheme (what makes samples reproducible and batch-independent): sample
 j of prompt b draws its token at response column t with the key

@@ -43,6 +43,18 @@ STATED_PEAKS = (
 )
 
 
+def _repeat_timed(fn, arg, seconds: float, min_reps: int) -> list[float]:
+    """Seconds of each call `fn(arg)` after one compile-and-warm-up call,
+    repeated until `seconds` have passed (at least `min_reps` times)."""
+    jax.block_until_ready(fn(arg))
+    times, start = [], time.perf_counter()
+    while len(times) < min_reps or time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(arg))
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def measure_matmul_flops(n: int, dtype: str = "float32", seconds: float = 2.0,
                          min_reps: int = 3) -> dict:
     """Best FLOP/s of an `[n, n] @ [n, n]` matmul through XLA on the default device.
@@ -52,13 +64,7 @@ def measure_matmul_flops(n: int, dtype: str = "float32", seconds: float = 2.0,
     peak is what the machine can do, not what it does on average.
     """
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
-    mm = jax.jit(lambda x: x @ x)
-    jax.block_until_ready(mm(a))
-    times, start = [], time.perf_counter()
-    while len(times) < min_reps or time.perf_counter() - start < seconds:
-        t0 = time.perf_counter()
-        jax.block_until_ready(mm(a))
-        times.append(time.perf_counter() - t0)
+    times = _repeat_timed(jax.jit(lambda x: x @ x), a, seconds, min_reps)
     best = min(times)
     return {"n": n, "dtype": str(jnp.dtype(dtype)), "reps": len(times), "best_s": best,
             "median_s": sorted(times)[len(times) // 2], "flops_per_s": 2.0 * n ** 3 / best}
@@ -72,13 +78,7 @@ def measure_read_bandwidth(nbytes: int, seconds: float = 1.0, min_reps: int = 3)
     the way `measure_matmul_flops` is: compile, repeat, keep the best.
     """
     x = jnp.ones((max(1, nbytes // 4),), jnp.float32)
-    total = jax.jit(jnp.sum)
-    jax.block_until_ready(total(x))
-    times, start = [], time.perf_counter()
-    while len(times) < min_reps or time.perf_counter() - start < seconds:
-        t0 = time.perf_counter()
-        jax.block_until_ready(total(x))
-        times.append(time.perf_counter() - t0)
+    times = _repeat_timed(jax.jit(jnp.sum), x, seconds, min_reps)
     best = min(times)
     del x
     return {"bytes": nbytes, "reps": len(times), "best_s": best, "bytes_per_s": nbytes / best}

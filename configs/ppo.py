@@ -22,7 +22,8 @@ Variants:
     model (configs/reward_model.py:smollm2_hh writes one to
     <workdir>/reward_model; pass it as reward.reward_model_dir), which also
     initializes the value model. Top 4 blocks of the policy and of the value
-    model train.
+    model train. 24 steps take ~23 minutes on 2 CPU cores; the held-out
+    RM reward rises from 0.05 to 0.32 (README, "What the runs show").
 """
 import ml_collections
 from ml_collections.config_dict import placeholder
@@ -43,6 +44,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         pretrained="",                         # HF dir, .gguf file, or a known name ("" = random `arch`)
         dtype="float32",                       # compute dtype of policy, reference and value model
         remat=False,                           # rematerialize blocks in backward (saves memory)
+        prefix_sharing=True,                   # encode each group's prompt once (reference, values, updates)
         arch=ml_collections.ConfigDict(dict(   # random decoder when pretrained == "" (sizes in units)
             vocab_size=64, hidden_size=64, intermediate_size=256, num_layers=2,
             num_heads=4, num_kv_heads=2, rope_theta=10000.0)),
@@ -139,12 +141,12 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         c.value.update(init="reward_model", trainable_blocks=4)
         c.reference.batch_size = 16
         c.data.update(source="pairs", prompts_path=HH_FILE, chat_template=True, max_prompt_length=128,
-                      num_eval_prompts=16)
+                      num_eval_prompts=32)
         c.reward.update(kind="reward_model", truncated="score")
         c.rollout.update(prompts_per_step=8, group_size=2, max_new_tokens=48, temperature=1.0)
         c.kl.update(beta=0.05)
-        c.optimizer = defaults.optimizer(learning_rate=1e-5, warmup_steps=2)
+        c.optimizer = defaults.optimizer(learning_rate=5e-5, warmup_steps=2)
         c.value_optimizer = defaults.optimizer(learning_rate=5e-5, warmup_steps=2)
-        c.train.update(num_steps=30, log_every=1, eval_every=10, checkpoint_every=10)
+        c.train.update(num_steps=24, log_every=1, eval_every=8, checkpoint_every=8)
         c.eval.update(samples_per_prompt=2, best_of_n_max_n=0)
     return c

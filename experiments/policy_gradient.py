@@ -380,9 +380,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         rng = np.random.default_rng([config.seed, step])
         mb_metrics = []
         for epoch in range(a.num_epochs):
-            groups = rng.permutation(B) if a.num_minibatches > 1 else np.arange(B)
-            for j, part in enumerate(np.split(groups, a.num_minibatches)):
-                rows = (part[:, None] * G + np.arange(G)[None]).reshape(-1)
+            for j, rows in enumerate(rollout.group_minibatches(rng, B, G, a.num_minibatches)):
                 mb = {key: v[rows] for key, v in batch.items()}
                 mb["on_policy"] = np.full(len(rows), epoch == 0 and j == 0)
                 state, met = update(state, parallel.shard_batch(mb, mesh))

@@ -28,12 +28,18 @@ is a block of `run` below):
    `token_advantage` "gae") gives advantages and value targets (returns);
    the advantages are whitened over the valid tokens (`algorithm.whiten_advantages`).
 5. **Update.** `num_epochs` passes over `num_minibatches` shuffled
-   minibatches of rows; each minibatch is one policy step (registry
+   minibatches of whole groups; each minibatch is one policy step (registry
    `policy_loss`, PPO clip) and one value step (`value_loss`, clipped by
    `algorithm.value_clip` around the rollout's values). The first minibatch
    of the first epoch is on-policy (old log-probs = the current ones under
    stop_gradient); later ones use the behaviour log-probs, recomputed with
    the training forward when `recompute_old_logps` asks for it.
+
+With `model.prefix_sharing` (the default) every forward over the rollout
+(reference, values, recomputed log-probs, both updates) packs each group of
+G completions into one row `[prompt | completion 1 | ... | completion G]`,
+so the prompt is encoded once per group (`scoring.group_token_logps`,
+`heads.group_values`); the numbers are those of one row per completion.
 
 Eval points (start, every `train.eval_every`, end) as in policy_gradient.py:
 reward and KL(π‖π_ref) of policy samples on held-out prompts, plotted against
@@ -64,7 +70,8 @@ from jaxreward import parallel
 from jaxreward.data.prompts import PromptSampler
 from jaxreward.errors import UserError
 from jaxreward.models.llama import Decoder
-from jaxreward.models.scoring import shift_mask, token_logps
+from jaxreward.models.heads import group_values
+from jaxreward.models.scoring import group_token_logps, shift_mask, token_logps
 from jaxreward.objectives import registry
 from jaxreward.objectives.kl import adaptive_kl_coef
 from jaxreward.objectives.masking import masked_whiten
@@ -109,11 +116,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for name in ("num_epochs", "num_minibatches"):
         defaults.check_int(config, f"algorithm.{name}", 1)
     defaults.check_choice(config, "algorithm.recompute_old_logps", ("auto", "always", "never"))
-    R = ro.prompts_per_step * ro.group_size
-    if R % a.num_minibatches:
+    if ro.prompts_per_step % a.num_minibatches:
         raise defaults.ConfigError(f"config field algorithm.num_minibatches: {a.num_minibatches} does not "
-                                   f"divide the R = rollout.prompts_per_step × rollout.group_size = {R} "
-                                   "rows of a rollout")
+                                   f"divide rollout.prompts_per_step={ro.prompts_per_step} (minibatches "
+                                   "hold whole groups)")
+    defaults.check_choice(config, "model.prefix_sharing", (True, False))
+    if config.model.prefix_sharing and config.reference.batch_size % ro.group_size:
+        raise defaults.ConfigError(f"config field reference.batch_size: {config.reference.batch_size} is not a "
+                                   f"multiple of rollout.group_size={ro.group_size} (with model.prefix_sharing "
+                                   "a reference / value forward packs whole groups)")
     rollout.check_value_config(config)
     vo = "value_optimizer"
     defaults.check_float(config, f"{vo}.learning_rate", 0.0, low_open=True)
@@ -249,17 +260,17 @@ def _gae(rewards_RL, values_RL, mask_RL, *, gamma: float, lam: float, whiten: bo
 
 
 def update(policy_step, value_step, state, value_state, batch: dict, config, step: int, mesh):
-    """`num_epochs` passes over `num_minibatches` shuffled minibatches of rows,
-    each one policy step and one value step on the same rows. The first
-    minibatch of the first epoch is on-policy. Returns both states and each
-    step's metrics (the value step's prefixed `value/`)."""
-    a = config.algorithm
+    """`num_epochs` passes over `num_minibatches` shuffled minibatches of
+    whole groups (`rollout.group_size` contiguous rows), each one policy step
+    and one value step on the same rows. The first minibatch of the first
+    epoch is on-policy. Returns both states and each step's metrics (the
+    value step's prefixed `value/`)."""
+    a, G = config.algorithm, config.rollout.group_size
     R = len(batch["mask"])
     rng = np.random.default_rng([config.seed, step])
     out = []
     for epoch in range(a.num_epochs):
-        order = rng.permutation(R) if a.num_minibatches > 1 else np.arange(R)
-        for j, rows in enumerate(np.split(order, a.num_minibatches)):
+        for j, rows in enumerate(rollout.group_minibatches(rng, R // G, G, a.num_minibatches)):
             mb = {key: v[rows] for key, v in batch.items()}
             mb["on_policy"] = np.full(len(rows), epoch == 0 and j == 0)
             mb = parallel.shard_batch(mb, mesh)
@@ -335,11 +346,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     shardings = PPOState(step_lib.state_shardings(mesh, boxed, tx), step_lib.state_shardings(mesh, vboxed, vtx),
                          updates_per_step)
 
+    # With prefix sharing every forward over rollout rows packs whole groups (prompt once).
+    packing = (G if m.prefix_sharing else 1, ro.max_new_tokens)
+    P = lambda mb: mb["tokens"].shape[1] - ro.max_new_tokens
+
     def policy_logps(params, mb):
-        return token_logps(policy, params, mb["tokens"], mb["attention_mask"], mb["positions"],
-                           temperature=ro.temperature, top_k=ro.top_k, top_p=ro.top_p)
+        kw = dict(temperature=ro.temperature, top_k=ro.top_k, top_p=ro.top_p)
+        if packing[0] > 1:
+            return group_token_logps(policy, params, mb["tokens"], mb["attention_mask"], mb["positions"],
+                                     P(mb), G, **kw)
+        return token_logps(policy, params, mb["tokens"], mb["attention_mask"], mb["positions"], **kw)
 
     def values(params, mb):
+        if packing[0] > 1:
+            return group_values(value_model, params, mb["tokens"], mb["attention_mask"], mb["positions"],
+                                P(mb), G)
         return value_model.apply({"params": params}, mb["tokens"], mb["attention_mask"], mb["positions"])
 
     ploss, pmetrics, ptotals = make_policy_loss_fns(config, ro.max_new_tokens, policy_logps)
@@ -348,7 +369,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     vloss, vmetrics, vtotals = make_value_loss_fns(config, ro.max_new_tokens, values)
     value_step = step_lib.make_train_step(vloss, vmetrics, vtx, vschedule, mesh, shardings.value,
                                           micro_batches=t.micro_batches, totals_fn=vtotals)
-    policy_logps_fn = rollout.logps_fn(policy, *process)
+    policy_logps_fn = rollout.logps_fn(policy, *process)   # eval points: not groups of G
+    group_policy_fn = rollout.logps_fn(policy, *process, *packing)
+    group_ref_fn = rollout.logps_fn(ref_model, *process, *packing)
     values_fn = jax.jit(values)
     run_state = rollout.RunState(PromptSampler(len(train_p["tokens"]), B, config.seed), k.beta)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -411,11 +434,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         mask = np.asarray(shift_mask(samples.loss_mask_RL)) & valid[:, None]
         old_logps = np.asarray(samples.sample_logps_RL)
         if recompute:
-            old_logps = evaluate_lib.score_all_rows(policy_logps_fn, state.params, arrays, ref_bs, mesh)
-        ref_logps = (evaluate_lib.score_all_rows(ref_logps_fn, ref_params, arrays, ref_bs, mesh) if needs_ref
+            old_logps = evaluate_lib.score_all_rows(group_policy_fn, state.params, arrays, ref_bs, mesh,
+                                                    multiple_of=packing[0])
+        ref_logps = (evaluate_lib.score_all_rows(group_ref_fn, ref_params, arrays, ref_bs, mesh,
+                                                 multiple_of=packing[0]) if needs_ref
                      else np.zeros_like(old_logps))
         # values[r, t] = V(tokens[:t+1]), the state before token t+1, whose log-prob is logps[r, t].
-        old_values = np.where(mask, evaluate_lib.score_all_rows(values_fn, value_state.params, arrays, ref_bs, mesh), 0.0)
+        old_values = np.where(mask, evaluate_lib.score_all_rows(values_fn, value_state.params, arrays, ref_bs,
+                                                                mesh, multiple_of=packing[0]), 0.0)
         ref_s = time.perf_counter() - t0
         # 4. Per-token rewards (KL in the reward), GAE advantages and returns.
         beta = run_state.beta

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxreward.models.llama import Decoder, LlamaConfig, last_token_index
+from jaxreward.models.scoring import pack_groups, unpack_groups
 
 
 class RewardModel(nn.Module):
@@ -125,12 +126,13 @@ class ValueModel(nn.Module):
             kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "objectives")))
 
     def features(self, tokens_BT: jax.Array, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> jax.Array:
-        """Final hidden states float32 `[B, T, E]`: the head's input at every position."""
+                 positions: jax.Array | None = None, branch_ids: jax.Array | None = None) -> jax.Array:
+        """Final hidden states float32 `[B, T, E]`: the head's input at every
+        position (`branch_ids`: packed rows, see `Decoder.hidden_states`)."""
         if attention_mask is None:
             attention_mask = jnp.ones(tokens_BT.shape, bool)
-        return self.backbone.hidden_states(tokens_BT, attention_mask.astype(bool),
-                                           positions).astype(jnp.float32)
+        return self.backbone.hidden_states(tokens_BT, attention_mask.astype(bool), positions,
+                                           branch_ids=branch_ids).astype(jnp.float32)
 
     def score_features(self, features_BTE: jax.Array, attention_mask: jax.Array | None = None
                        ) -> jax.Array:
@@ -144,18 +146,49 @@ class ValueModel(nn.Module):
         return jnp.where(attention_mask.astype(bool), values_BT, 0.0)
 
     def __call__(self, tokens_BT: jax.Array, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> jax.Array:
+                 positions: jax.Array | None = None, branch_ids: jax.Array | None = None) -> jax.Array:
         """Values float32 `[B, T]`: `values[b, t]` is the value of tokens[b, :t+1];
         0 at masked slots.
 
         Args:
-          tokens_BT, attention_mask, positions: as `Decoder.hidden_states`
-            (positions default to counting attended tokens, so left and right
-            padding give a real token the same value).
+          tokens_BT, attention_mask, positions, branch_ids: as
+            `Decoder.hidden_states` (positions default to counting attended
+            tokens, so left and right padding give a real token the same
+            value; with `branch_ids` a packed row's continuation sees only
+            the prefix and itself).
         """
         if attention_mask is None:
             attention_mask = jnp.ones(tokens_BT.shape, bool)
-        return self.score_features(self.features(tokens_BT, attention_mask, positions), attention_mask)
+        return self.score_features(self.features(tokens_BT, attention_mask, positions, branch_ids),
+                                   attention_mask)
+
+
+def group_values(value_model: ValueModel, params, tokens_RL: jax.Array, attention_mask_RL: jax.Array,
+                 positions_RL: jax.Array, prompt_length: int, group_size: int) -> jax.Array:
+    """`ValueModel` values of groups of rows that share a prompt, with the prompt encoded once.
+
+    Rows `g·G .. g·G + G − 1` hold one prompt in columns `[:P]` and their own
+    response in `[P:]` (the layout of `generate(num_samples=G)`). Each group
+    is one packed row `[prompt | response 1 | ... | response G]`
+    (`scoring.pack_groups`), so the backbone runs over P + G·M tokens per
+    group instead of G·(P + M) ("Accelerating Direct Preference
+    Optimization with Prefix Sharing", 2024, applied to a group of samples).
+
+    Args:
+      value_model, params: a `ValueModel` and its parameters.
+      tokens_RL, attention_mask_RL, positions_RL: `[R, L]`, L = P + M, R a
+        multiple of G.
+      prompt_length: P (static), >= 1; group_size: G (static).
+
+    Returns:
+      float32 `[R, L]`, equal to `value_model.apply(..., tokens_RL,
+      attention_mask_RL, positions_RL)` up to round-off: `[r, t]` is the
+      value of row r's tokens[:t+1], 0 at masked slots.
+    """
+    packed = pack_groups(tokens_RL, attention_mask_RL, positions_RL, prompt_length, group_size)
+    v_nS = value_model.apply({"params": params}, packed["tokens"], packed["attention_mask"],
+                             packed["positions"], packed["branch_ids"])
+    return unpack_groups(v_nS, prompt_length, group_size)
 
 
 def value_params_from_reward_model(rm_params, objective: int | None = None) -> dict:

@@ -249,23 +249,59 @@ def group_token_logps(model, params, tokens_RL: Array, attention_mask_RL: Array,
       prompt's own tokens are not scored) and where token t + 1 is padding.
     """
     R, L = tokens_RL.shape
+    P, M = prompt_length, L - prompt_length
+    mask_RL = jnp.asarray(attention_mask_RL).astype(bool)
+    packed = pack_groups(tokens_RL, mask_RL, positions_RL, P, group_size)
+    lp = branch_logps(model, params, packed["tokens"], packed["attention_mask"], packed["positions"],
+                      packed["branch_ids"], packed["prefix_last"], **kwargs)
+    grid = jnp.concatenate([jnp.zeros((R, P - 1), jnp.float32), lp[:, P:].reshape(R, M),
+                            jnp.zeros((R, 1), jnp.float32)], axis=1)
+    return jnp.where(shift_mask(mask_RL), grid, 0.0)
+
+
+def pack_groups(tokens_RL: Array, attention_mask_RL: Array, positions_RL: Array,
+                prompt_length: int, group_size: int) -> dict[str, Array]:
+    """Packs groups of G rows that share a prompt into one row each (prefix sharing).
+
+    Rows `g·G .. g·G + G − 1` hold the same prompt in columns `[:P]` and
+    their own response in `[P:]` (L = P + M). Group g becomes the row
+    `[prompt | response 1 | ... | response G]` of S = P + G·M columns.
+
+    Args:
+      tokens_RL, attention_mask_RL, positions_RL: `[R, L]`, R a multiple of G
+        (masked tokens are replaced by 0).
+      prompt_length: P (static), >= 1; group_size: G (static).
+
+    Returns:
+      `tokens`, `attention_mask`, `positions`, `branch_ids` (0 on the prompt,
+      i on response i) `[R/G, S]`, and `prefix_last` int32 `[R/G]`, the
+      column of each group's last attended prompt token.
+    """
+    R, L = tokens_RL.shape
     P, G = prompt_length, group_size
     M = L - P
     n = R // G
     mask_RL = jnp.asarray(attention_mask_RL).astype(bool)
     tokens_RL = jnp.where(mask_RL, tokens_RL, 0)
     group = lambda x: x.reshape(n, G, L)
-    flat = lambda x_nGM: x_nGM.reshape(n, G * M)
-    tok, msk, pos = group(tokens_RL), group(mask_RL), group(positions_RL)
-    packed = lambda x: jnp.concatenate([x[:, 0, :P], flat(x[:, :, P:])], axis=1)
+    packed = lambda x: jnp.concatenate([x[:, 0, :P], x[:, :, P:].reshape(n, G * M)], axis=1)
+    msk = group(mask_RL)
     branch = jnp.concatenate([jnp.zeros((P,), jnp.int32),
                               jnp.repeat(jnp.arange(1, G + 1, dtype=jnp.int32), M)])
-    last = jnp.max(jnp.where(msk[:, 0, :P], jnp.arange(P)[None], 0), axis=1)
-    lp = branch_logps(model, params, packed(tok), packed(msk), packed(pos),
-                      jnp.broadcast_to(branch, (n, P + G * M)), last, **kwargs)
-    grid = jnp.concatenate([jnp.zeros((R, P - 1), jnp.float32), lp[:, P:].reshape(R, M),
-                            jnp.zeros((R, 1), jnp.float32)], axis=1)
-    return jnp.where(shift_mask(mask_RL), grid, 0.0)
+    return {"tokens": packed(group(tokens_RL)), "attention_mask": packed(msk),
+            "positions": packed(group(positions_RL)), "branch_ids": jnp.broadcast_to(branch, (n, P + G * M)),
+            "prefix_last": jnp.max(jnp.where(msk[:, 0, :P], jnp.arange(P)[None], 0), axis=1)}
+
+
+def unpack_groups(x_nS: Array, prompt_length: int, group_size: int) -> Array:
+    """The inverse of `pack_groups` for a per-column quantity: `[R/G, S]` →
+    `[R, L]`, row g·G + i reading the prompt columns `[:P]` of packed row g
+    and response i's columns after them."""
+    n, S = x_nS.shape
+    P, G = prompt_length, group_size
+    M = (S - P) // G
+    prompt = jnp.repeat(x_nS[:, :P], G, axis=0)
+    return jnp.concatenate([prompt, x_nS[:, P:].reshape(n * G, M)], axis=1)
 
 
 def scored_mask(loss_mask_BT: Array, attention_mask_BT: Array | None = None) -> Array:

@@ -266,6 +266,22 @@ def logps_fn(model: Decoder, temperature: float, top_k: int, top_p: float, group
     return jax.jit(lambda p, b: token_logps(model, p, b["tokens"], b["attention_mask"], b["positions"], **kw))
 
 
+def group_minibatches(rng: np.random.Generator, num_groups: int, group_size: int,
+                      num_minibatches: int) -> list[np.ndarray]:
+    """Row indices of `num_minibatches` minibatches of whole groups (rows
+    g·G .. g·G + G − 1 stay together and in order), the groups shuffled by
+    `rng` when there is more than one minibatch.
+
+    Raises:
+      ValueError: `num_minibatches` does not divide `num_groups`.
+    """
+    if num_groups % num_minibatches:
+        raise ValueError(f"{num_minibatches} minibatches do not divide {num_groups} groups")
+    groups = rng.permutation(num_groups) if num_minibatches > 1 else np.arange(num_groups)
+    return [(part[:, None] * group_size + np.arange(group_size)[None]).reshape(-1)
+            for part in np.split(groups, num_minibatches)]
+
+
 def rollout_arrays(samples: SampleBatch) -> dict[str, np.ndarray]:
     """`tokens`, `attention_mask`, `positions` `[R, L]` of a rollout as numpy."""
     return {"tokens": np.asarray(samples.tokens_RL), "attention_mask": np.asarray(samples.attention_mask_RL),

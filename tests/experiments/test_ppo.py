@@ -264,3 +264,71 @@ def test_hh_pairs_give_prompts_that_read_prompts_cannot(hh_file):
     assert len({p.prompt for p in prompts}) == len(prompts)  # distinct, in file order
     assert all(p.prompt.startswith("\n\nHuman:") and p.prompt.endswith("\n\nAssistant:") for p in prompts)
     assert all(p.answer is None for p in prompts)
+
+
+# ---------------------------------------------------------------------------
+# Mesh shape and prefix sharing do not change the update
+
+
+def _mesh_run(workdir, mesh, prefix_sharing, proxy_from=None):
+    """One PPO step of `tiny` with 16 prompts × G = 2 (two minibatches of 8
+    groups, so each of 8 shards holds one whole group) and reference
+    forwards of 6 rows (whole groups, not a multiple of 8 shards)."""
+    c = _tiny(stop_after_steps=1)
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+    c.model.prefix_sharing = prefix_sharing
+    c.rollout.update(prompts_per_step=16, group_size=2)
+    c.reference.batch_size = 6
+    workdir.mkdir()
+    if proxy_from is not None:   # the same proxy reward model (and value init) for every run
+        shutil.copytree(proxy_from / "proxy_reward_model", workdir / "proxy_reward_model")
+    real = parallel.make_mesh    # the first d·f·t devices (module fixtures miss the autouse patch)
+    parallel.make_mesh = lambda d, f, t, devices=None: real(d, f, t, devices=jax.devices()[:d * f * t])
+    try:
+        return driver.run(c, str(workdir))
+    finally:
+        parallel.make_mesh = real
+
+
+@pytest.fixture(scope="module")
+def one_device_shared(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("ppo_mesh") / "base"
+    return workdir, _mesh_run(workdir, (1, 1, 1), True)
+
+
+@pytest.mark.parametrize("mesh,prefix_sharing", [((1, 1, 1), False), ((8, 1, 1), True), ((2, 2, 2), True)])
+def test_mesh_shape_and_prefix_sharing_do_not_change_the_update(tmp_path, one_device_shared, mesh,
+                                                               prefix_sharing):
+    """The baseline packs each group's prompt once in every forward over the
+    rollout (reference, values, both updates) on one device. One row per
+    completion on one device, and packed groups on 8 devices (8×1×1,
+    2×2×2), give the same policy and value model after the step's 2 epochs
+    × 2 minibatches, and the same metrics."""
+    base_dir, base = one_device_shared
+    out = _mesh_run(tmp_path / "run", mesh, prefix_sharing, proxy_from=base_dir)
+    assert out["stopped_at"] == base["stopped_at"] == 1
+    assert len(out["mesh"].devices.ravel()) == mesh[0] * mesh[1] * mesh[2]
+    assert int(out["state"].step) == int(base["state"].step) == 4
+    for key in ("state", "value_state"):
+        a, b = _leaves(out[key].params), _leaves(base[key].params)
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=key)
+    for k, v in base["history"][0].items():
+        if "time/" not in k and "tokens/s" not in k:
+            np.testing.assert_allclose(out["history"][0][k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+    assert base["history"][0]["value/loss"] > 0
+
+
+def test_minibatches_keep_groups_whole():
+    rng = np.random.default_rng(0)
+    parts = rollout.group_minibatches(rng, 6, 3, 2)
+    assert [len(p) for p in parts] == [9, 9]
+    rows = np.concatenate(parts)
+    assert sorted(rows.tolist()) == list(range(18))
+    for p in parts:   # each group's rows contiguous and in order
+        np.testing.assert_array_equal(p.reshape(-1, 3) % 3, np.tile(np.arange(3), (3, 1)))
+        assert np.all(p.reshape(-1, 3)[:, 0] % 3 == 0)
+    np.testing.assert_array_equal(rollout.group_minibatches(rng, 2, 2, 1)[0], [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="do not divide"):
+        rollout.group_minibatches(rng, 5, 2, 2)

@@ -7,7 +7,8 @@ import pytest
 
 from jaxreward.errors import UserError
 from jaxreward.models.llama import Decoder, LlamaConfig
-from jaxreward.models.scoring import branch_logps, group_token_logps, token_logps
+from jaxreward.models.heads import ValueModel, group_values
+from jaxreward.models.scoring import branch_logps, group_token_logps, pack_groups, token_logps, unpack_groups
 from jaxreward.sampling.sampler import generate
 from jaxreward.train import preference as pref
 from jaxreward.train.step import unbox
@@ -167,6 +168,66 @@ def test_group_logps_equal_one_row_per_sample(model_and_params, kw):
     assert np.all(grouped[:, :P - 1] == 0.0)
     # And they are the sampler's own log-probs of the drawn tokens.
     np.testing.assert_allclose(grouped, np.asarray(s.sample_logps_RL), rtol=1e-4, atol=1e-4)
+
+
+def _sampled_groups(model, params, G=4):
+    """Rollout rows of 3 prompts × G samples: left-padded prompts (one of them
+    right-padded on input, which the sampler left-aligns) and stop tokens, so
+    some responses end early and are padded."""
+    rng = np.random.default_rng(3)
+    prompts = rng.integers(1, 50, (3, 7)).astype(np.int32)
+    mask = np.ones_like(prompts, bool)
+    mask[0, :3] = False
+    mask[1, 5:] = False
+    out = generate(model, params, prompts, mask, rng=jax.random.PRNGKey(1), max_new_tokens=9,
+                   num_samples=G, stop_ids=(5, 7, 9))
+    assert np.asarray(out.lengths_R).min() < 9
+    return out.sequences()
+
+
+def test_pack_groups_by_hand_and_unpack_inverts_it():
+    # 2 groups of G = 2 rows, P = 2, M = 2: row r = [prompt of its group | 100·(r+1)+1, 100·(r+1)+2].
+    tokens = np.array([[1, 2, 101, 102], [1, 2, 201, 202], [11, 12, 301, 302], [11, 12, 401, 402]], np.int32)
+    mask = np.ones((4, 4), bool)
+    mask[0, 0] = False                                   # group 0's prompt is left-padded by one
+    mask[1, 0] = False
+    mask[3, 3] = False                                   # row 3's response stopped after one token
+    positions = np.where(mask, np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    packed = pack_groups(tokens, mask, positions, 2, 2)
+    # Masked slots hold 0; positions restart after the prompt for each response.
+    np.testing.assert_array_equal(packed["tokens"], [[0, 2, 101, 102, 201, 202], [11, 12, 301, 302, 401, 0]])
+    np.testing.assert_array_equal(packed["attention_mask"], [[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
+    np.testing.assert_array_equal(packed["positions"], [[0, 0, 1, 2, 1, 2], [0, 1, 2, 3, 2, 0]])
+    np.testing.assert_array_equal(packed["branch_ids"], [[0, 0, 1, 1, 2, 2]] * 2)
+    np.testing.assert_array_equal(packed["prefix_last"], [1, 1])
+    x = np.arange(4 * 4).reshape(4, 4)
+    x[1, :2] = x[0, :2]                                  # rows of a group share their prompt columns
+    x[3, :2] = x[2, :2]
+    np.testing.assert_array_equal(unpack_groups(pack_groups(x, np.ones((4, 4), bool), x, 2, 2)["tokens"], 2, 2), x)
+
+
+def test_group_values_equal_one_row_per_sample(model_and_params):
+    """The critic on packed groups gives each row's own values (and their
+    gradients) wherever the row is attended; 0 at padding, as unpacked."""
+    model, params = model_and_params
+    s = _sampled_groups(model, params)
+    value_model = ValueModel(CFG)
+    vparams = unbox(value_model.init(jax.random.PRNGKey(2), jnp.zeros((1, 2), jnp.int32))["params"])
+    vparams["head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(3), (CFG.hidden_size, 1))  # not 0
+    vparams = {"backbone": params, "head": vparams["head"]}
+    P = s.prompt_length
+    plain_fn = lambda p: value_model.apply({"params": p}, s.tokens_RL, s.attention_mask_RL, s.positions_RL)
+    group_fn = lambda p: group_values(value_model, p, s.tokens_RL, s.attention_mask_RL, s.positions_RL, P, 4)
+    plain, grouped = np.asarray(plain_fn(vparams)), np.asarray(group_fn(vparams))
+    attended = np.asarray(s.attention_mask_RL)
+    assert np.abs(plain[attended]).min() > 0 and np.all(plain[~attended] == 0)
+    np.testing.assert_allclose(grouped, plain, rtol=1e-5, atol=1e-6)
+    # Gradients of a loss over the response states (the PPO value loss reads columns >= P − 1).
+    w = np.where(attended & (np.arange(attended.shape[1]) >= P - 1), 1.0, 0.0).astype(np.float32)
+    g_plain = jax.grad(lambda p: jnp.sum(jnp.square(plain_fn(p)) * w))(vparams)
+    g_group = jax.grad(lambda p: jnp.sum(jnp.square(group_fn(p)) * w))(vparams)
+    for a, b in zip(jax.tree.leaves(g_group), jax.tree.leaves(g_plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
 
 
 def test_branch_ids_need_a_cache_free_forward(model_and_params):

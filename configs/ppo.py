@@ -103,7 +103,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         lam=0.95,                              # GAE λ
         whiten_advantages=True,                # whiten advantages over the rollout's valid tokens
         num_epochs=2,                          # passes over each rollout
-        num_minibatches=2,                     # policy + value steps per pass (minibatches of rows)
+        num_minibatches=2,                     # policy + value steps per pass (whole groups; divides prompts_per_step)
         recompute_old_logps="auto",            # auto | always | never (auto: when the rollout is reused)
     ))
     c.kl = ml_collections.ConfigDict(dict(     # KL(π‖π_ref) in the reward: −β·k1 per token

@@ -158,7 +158,8 @@ def make_policy_loss_fns(config: ml_collections.ConfigDict, max_len: int, logps_
     """`(loss_fn, metrics_fn, totals_fn)` of the policy step for `step.make_train_step`.
 
     `logps_fn(params, mb) -> float32 [R, L]` gives the policy's log-probs on
-    the log-prob grid (the driver's: `token_logps` of the Decoder; a test's:
+    the log-prob grid (the driver's: `token_logps` of the Decoder, or
+    `group_token_logps` with `model.prefix_sharing`; a test's:
     a table). The minibatch holds `tokens`, `attention_mask`, `positions`
     `[R, L]`, `mask` bool `[R, L]` (response tokens on the log-prob grid,
     minus masked rows), `advantages`, `old_logps`, `ref_logps` float32
@@ -196,7 +197,8 @@ def make_value_loss_fns(config: ml_collections.ConfigDict, max_len: int, values_
 
     `values_fn(params, mb) -> float32 [R, L]` gives the value of the state
     before each token of the log-prob grid (the driver's: the `ValueModel`
-    forward; a test's: a table). The loss is `value_loss` (½·max((V − R)²,
+    forward, or `heads.group_values` with `model.prefix_sharing`; a test's:
+    a table). The loss is `value_loss` (½·max((V − R)²,
     (V_clip − R)²), V_clip within `algorithm.value_clip` of the rollout's
     values; unclipped when it is 0), aggregated like the policy loss over the
     minibatch's `mask`, with `returns` and `old_values` float32 `[R, L]`.
@@ -448,7 +450,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         k1_RL = np.where(mask, old_logps - ref_logps, 0.0).astype(np.float32)
         rewards_RL = token_rewards(rewards_R, k1_RL, mask, beta)
         advantages, returns = advantages_and_returns(config, rewards_RL, old_values, mask)
-        # 5. Update: epochs × minibatches of rows, each a policy step and a value step.
+        # 5. Update: epochs × minibatches of whole groups, each a policy step and a value step.
         t0 = time.perf_counter()
         batch = {**arrays, "mask": mask, "advantages": advantages, "old_logps": old_logps.astype(np.float32),
                  "ref_logps": ref_logps.astype(np.float32), "returns": returns,

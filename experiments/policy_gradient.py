@@ -74,7 +74,7 @@ from jaxreward import parallel
 from jaxreward.data.prompts import PromptSampler, filter_degenerate_groups
 from jaxreward.errors import UserError
 from jaxreward.models.llama import Decoder
-from jaxreward.models.scoring import group_token_logps, shift_mask, token_logps
+from jaxreward.models.scoring import shift_mask
 from jaxreward.objectives import registry
 from jaxreward.objectives.kl import adaptive_kl_coef, kl_loss
 from jaxreward.objectives.masking import masked_whiten
@@ -162,13 +162,12 @@ def decoder_logps_fn(policy: Decoder, config: ml_collections.ConfigDict):
     never reads them).
     """
     ro = config.rollout
-    kw = dict(temperature=ro.temperature, top_k=ro.top_k, top_p=ro.top_p)
+    G = ro.group_size if config.model.prefix_sharing else 1
 
     def logps_fn(params, tokens, attention_mask, positions):
-        if config.model.prefix_sharing and ro.group_size > 1:
-            return group_token_logps(policy, params, tokens, attention_mask, positions,
-                                     tokens.shape[1] - ro.max_new_tokens, ro.group_size, **kw)
-        return token_logps(policy, params, tokens, attention_mask, positions, **kw)
+        batch = {"tokens": tokens, "attention_mask": attention_mask, "positions": positions}
+        return rollout.rollout_logps(policy, params, batch, temperature=ro.temperature, top_k=ro.top_k,
+                                     top_p=ro.top_p, group_size=G, max_new_tokens=ro.max_new_tokens)
     return logps_fn
 
 

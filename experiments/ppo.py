@@ -71,7 +71,7 @@ from jaxreward.data.prompts import PromptSampler
 from jaxreward.errors import UserError
 from jaxreward.models.llama import Decoder
 from jaxreward.models.heads import group_values
-from jaxreward.models.scoring import group_token_logps, shift_mask, token_logps
+from jaxreward.models.scoring import shift_mask
 from jaxreward.objectives import registry
 from jaxreward.objectives.kl import adaptive_kl_coef
 from jaxreward.objectives.masking import masked_whiten
@@ -158,9 +158,8 @@ def make_policy_loss_fns(config: ml_collections.ConfigDict, max_len: int, logps_
     """`(loss_fn, metrics_fn, totals_fn)` of the policy step for `step.make_train_step`.
 
     `logps_fn(params, mb) -> float32 [R, L]` gives the policy's log-probs on
-    the log-prob grid (the driver's: `token_logps` of the Decoder, or
-    `group_token_logps` with `model.prefix_sharing`; a test's:
-    a table). The minibatch holds `tokens`, `attention_mask`, `positions`
+    the log-prob grid (the driver's: `rollout.rollout_logps` of the Decoder,
+    on packed groups with `model.prefix_sharing`; a test's: a table). The minibatch holds `tokens`, `attention_mask`, `positions`
     `[R, L]`, `mask` bool `[R, L]` (response tokens on the log-prob grid,
     minus masked rows), `advantages`, `old_logps`, `ref_logps` float32
     `[R, L]` and `on_policy` bool `[R]`.
@@ -352,12 +351,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     packing = (G if m.prefix_sharing else 1, ro.max_new_tokens)
     P = lambda mb: mb["tokens"].shape[1] - ro.max_new_tokens
 
-    def policy_logps(params, mb):
-        kw = dict(temperature=ro.temperature, top_k=ro.top_k, top_p=ro.top_p)
-        if packing[0] > 1:
-            return group_token_logps(policy, params, mb["tokens"], mb["attention_mask"], mb["positions"],
-                                     P(mb), G, **kw)
-        return token_logps(policy, params, mb["tokens"], mb["attention_mask"], mb["positions"], **kw)
+    policy_logps = functools.partial(rollout.rollout_logps, policy, temperature=ro.temperature, top_k=ro.top_k,
+                                     top_p=ro.top_p, group_size=packing[0], max_new_tokens=packing[1])
 
     def values(params, mb):
         if packing[0] > 1:

@@ -153,7 +153,6 @@ def prompt_set(config: ml_collections.ConfigDict, tokenizer, task) -> dict:
         if cut:
             print(f"{cut} of {len(texts)} prompts were longer than data.max_prompt_length="
                   f"{d.max_prompt_length} tokens and keep their last tokens")
-    split = lambda x, lo, hi: None if x is None else x[lo:hi]
     out = {}
     for name, lo, hi in (("train", 0, n_train), ("eval", n_train, n_train + n_eval)):
         out[name] = {"tokens": tokens[lo:hi], "mask": mask[lo:hi], "texts": texts[lo:hi],
@@ -247,23 +246,34 @@ def truncated_rows(samples: SampleBatch, stop_ids) -> np.ndarray:
     return (lengths == M) & ~np.isin(last, list(stop_ids))
 
 
-@functools.lru_cache(maxsize=8)
-def logps_fn(model: Decoder, temperature: float, top_k: int, top_p: float, group_size: int = 1,
-             max_new_tokens: int = 0):
-    """Jitted training-path log-probs `[R, L]` of `model` under the sampling
-    processing (temperature, top-k, top-p), so they match the sampler's.
+def rollout_logps(model: Decoder, params, batch: dict, *, temperature: float, top_k: int, top_p: float,
+                  group_size: int = 1, max_new_tokens: int = 0) -> jax.Array:
+    """Training-path log-probs `[R, L]` float32 of `model` on rollout rows
+    under the sampling processing (temperature, top-k, top-p), so they match
+    the sampler's. `batch` holds `tokens`, `attention_mask`, `positions`
+    `[R, L]`.
 
     With `group_size` G > 1 the rows are rollout groups (G samples of one
     prompt, contiguous, L = P + max_new_tokens) and each group's prompt is
-    encoded once (`scoring.group_token_logps`); the response log-probs are
-    the same, the prompt columns are 0.
+    encoded once (`scoring.group_token_logps`, "Accelerating Direct
+    Preference Optimization with Prefix Sharing", 2024); the response
+    log-probs are the same, the prompt columns are 0. Every forward the RL
+    drivers run over rollout rows (reference, behaviour, update) goes
+    through here.
     """
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     if group_size > 1:
-        return jax.jit(lambda p, b: group_token_logps(
-            model, p, b["tokens"], b["attention_mask"], b["positions"],
-            b["tokens"].shape[1] - max_new_tokens, group_size, **kw))
-    return jax.jit(lambda p, b: token_logps(model, p, b["tokens"], b["attention_mask"], b["positions"], **kw))
+        return group_token_logps(model, params, batch["tokens"], batch["attention_mask"], batch["positions"],
+                                 batch["tokens"].shape[1] - max_new_tokens, group_size, **kw)
+    return token_logps(model, params, batch["tokens"], batch["attention_mask"], batch["positions"], **kw)
+
+
+@functools.lru_cache(maxsize=8)
+def logps_fn(model: Decoder, temperature: float, top_k: int, top_p: float, group_size: int = 1,
+             max_new_tokens: int = 0):
+    """`rollout_logps` of `model`, jitted: `fn(params, batch) -> [R, L]`."""
+    return jax.jit(functools.partial(rollout_logps, model, temperature=temperature, top_k=top_k, top_p=top_p,
+                                     group_size=group_size, max_new_tokens=max_new_tokens))
 
 
 def group_minibatches(rng: np.random.Generator, num_groups: int, group_size: int,

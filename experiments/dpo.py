@@ -5,8 +5,10 @@
 The policy starts as a copy of the base model; the reference is the frozen
 initial policy (or `reference.path`). Any registered "preference" loss
 (`loss.name`: DPO, IPO, cDPO, SimPO, ORPO, ...) is trained on preference
-pairs with one forward per pair batch: chosen and rejected as one `[2B, T]`
-batch, per-token log-probs summed over response tokens only.
+pairs with one forward per pair batch: each pair packed as one row
+`[prompt | chosen | rejected]` (`model.prefix_sharing`, the default), or
+chosen and rejected as one `[2B, T]` batch when it is off; per-token
+log-probs summed over response tokens only.
 
 Reference log-probs are computed once for every train and eval pair (one
 jitted pass, `reference.batch_size` pairs per forward) and cached in

@@ -327,7 +327,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     needs_ref = k.beta > 0 or k.measure
 
     # --- The value model (critic): from the reward model, the policy, or value.path.
-    value_model, value_params = rollout.value_model_init(config, workdir, cfg, base_params)
+    value_model, value_params = rollout.value_model_init(config, workdir, cfg, base_params, tokenizer)
     print(f"value model ({config.value.init}{': ' + config.value.path if config.value.init == 'path' else ''}): "
           f"{value_model.config.num_params():,} params")
 

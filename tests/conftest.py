@@ -7,8 +7,13 @@ mesh from `jax.devices()[:1]` and an 8-device mesh from all of them.
 import os
 import pathlib
 
+# --xla_backend_optimization_level=0: the tests check what our programs
+# compute, not how well LLVM compiles them, and about 70% of the suite's time
+# is compiling. Level 0 cut the suite's time by ~14% (796 tests passed with
+# it). Benchmarks and real runs keep XLA's default.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

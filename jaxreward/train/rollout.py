@@ -557,8 +557,8 @@ def value_model_init(config, workdir: str, policy_cfg, base_params, policy_token
     Raises:
       UserError: the source's vocabulary size differs from the policy's, its
         tokenizer differs from `policy_tokenizer` (when both have one), or a
-        reward-model source has more than one objective.
-      FileNotFoundError: a missing `value.path` (named).
+        reward-model source has more than one objective, or the source is
+        missing or not a model (naming the config field).
     """
     from jaxreward.data.pipeline import tokenizer_fingerprint
     v, m = config.value, config.model

@@ -28,10 +28,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.reward_model_dir = ""                     # <workdir>/reward_model of a reward_model run
     c.objective = 0                             # which head output ranks samples
     c.text_reward = "distinct_words"            # jaxreward.rewards name, used without reward_model_dir
-    c.ensemble = ml_collections.ConfigDict(dict(  # when reward_model_dir holds an ensemble export
-        aggregate="mean",                       # how members combine: mean | min | mean_minus_std
-        std_coef=1.0,                           # λ of mean_minus_std (reward units per member std)
-    ))
+    c.ensemble = defaults.ensemble()           # reward_model_dir an ensemble export: how members combine
     c.prompts_path = ""                         # .txt / .jsonl prompts; "" = built-in list
     c.prompt_batch_size = 4                     # prompts per sampling call
     c.n = 8                                     # samples per prompt (N)

@@ -108,10 +108,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         generate=True,                         # sample policy and reference at every eval point
         num_prompts=128,                       # held-out prompts
         samples_per_prompt=4,                  # samples per prompt from each of policy and reference
-        reward_model_dir="",                   # exported reward model ("" = gold reward if synthetic, else none)
+        reward_model_dir="",                   # exported reward model or ensemble ("" = gold reward if synthetic, else none)
         best_of_n_max_n=64,                    # best-of-N of the reference, N = 1, 2, 4, ..., max (0 = off)
         plot=True,                             # write reward_vs_kl.png (matplotlib)
     ))
+    c.ensemble = defaults.ensemble()          # eval.reward_model_dir an ensemble export: how members combine
     c.sampling = ml_collections.ConfigDict(dict(  # generation eval and best-of-N
         max_new_tokens=16,                     # response tokens per sample
         temperature=1.0,                       # > 0; KL is between the processed distributions

@@ -77,13 +77,14 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     ))
     c.reward = ml_collections.ConfigDict(dict(
         kind="proxy",                          # proxy | gold (synthetic) | reward_model | text
-        reward_model_dir="",                   # kind=reward_model: an exported reward model
+        reward_model_dir="",                   # kind=reward_model: an exported reward model or ensemble
         functions=(("exact_match", 1.0),),     # kind=text: (name, weight[, kwargs]) from jaxreward.rewards
         transform="none",                      # none | whiten | clip (objectives.transforms, on the batch)
         clip=5.0,                              # transform=clip: rewards clipped to [−clip, clip]
         truncated="score",                     # no EOS within max_new_tokens: score | penalty | mask
         truncated_penalty=-1.0,                # truncated=penalty: the reward such a completion gets
     ))
+    c.ensemble = defaults.ensemble()          # reward.reward_model_dir an ensemble export: how members combine
     c.rollout = ml_collections.ConfigDict(dict(
         prompts_per_step=16,                   # B prompts per step
         group_size=8,                          # G completions per prompt (R = B·G rows)

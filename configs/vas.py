@@ -79,9 +79,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     ))
     c.reward = ml_collections.ConfigDict(dict(
         kind="gold",                           # gold | proxy (synthetic) | reward_model | text
-        reward_model_dir="",                   # kind=reward_model: an exported reward model
+        reward_model_dir="",                   # kind=reward_model: an exported reward model or ensemble
         functions=(("exact_match", 1.0),),     # kind=text: (name, weight[, kwargs]) from jaxreward.rewards
     ))
+    c.ensemble = defaults.ensemble()          # reward.reward_model_dir an ensemble export: how members combine
     c.rollout = ml_collections.ConfigDict(dict(  # the frozen policy's samples (the value model's data)
         samples_per_prompt=4,                  # completions per train prompt
         max_new_tokens=16,                     # M response tokens

@@ -26,10 +26,9 @@ import numpy as np
 
 import jaxreward
 from jaxreward.sampling.best_of_n import best_of_n, text_reward_fn
-from jaxreward.models.ensemble import check_aggregate, load_reward_model_or_ensemble
+from jaxreward.models import ensemble as ensemble_lib
 from jaxreward.data.records import read_prompts as read_prompts_file
 from jaxreward import rewards
-from jaxreward.errors import UserError
 from jaxreward.train import defaults
 
 BUILTIN_PROMPTS = (
@@ -48,17 +47,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     defaults.check_int(config, "objective", 0)
     defaults.check_choice(config, "text_reward", rewards.names())
     defaults.check_path(config, "reward_model_dir")
-    defaults.check_choice(config, "ensemble.aggregate", ("mean", "min", "mean_minus_std"))
-    defaults.check_float(config, "ensemble.std_coef", 0.0)
-
-
-def ensemble_options(config: ml_collections.ConfigDict) -> tuple[str, float]:
-    """`(ensemble.aggregate, ensemble.std_coef)`, ("mean", 1.0) when the
-    config has no `ensemble` block."""
-    block = config.get("ensemble") or {}
-    aggregate, std_coef = block.get("aggregate", "mean"), float(block.get("std_coef", 1.0))
-    check_aggregate(aggregate, std_coef)
-    return aggregate, std_coef
+    ensemble_lib.check_config_block(config)
 
 
 def read_prompts(path: str) -> list[str]:
@@ -96,16 +85,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                                                           dtype=config.model.dtype)
     prompts = read_prompts(config.prompts_path)
     if config.reward_model_dir:
-        aggregate, std_coef = ensemble_options(config)
-        reward_fn, rm, meta = load_reward_model_or_ensemble(
-            config.reward_model_dir, aggregate=aggregate, std_coef=std_coef, objective=config.objective)
-        if rm.config.vocab_size != policy.config.vocab_size:
-            raise UserError(f"reward model vocabulary ({rm.config.vocab_size}) differs from the "
-                             f"policy's ({policy.config.vocab_size}); use the same tokenizer")
-        reward_name = f"reward model {config.reward_model_dir}"
-        if meta["members"] > 1:
-            how = f"mean - {std_coef:g}*std" if aggregate == "mean_minus_std" else aggregate
-            reward_name = f"reward-model ensemble {config.reward_model_dir} ({meta['members']} members, {how})"
+        reward_fn, reward_name = ensemble_lib.reward_fn_for(
+            config, config.reward_model_dir, policy.config.vocab_size, objective=config.objective)
     else:
         # Without a trained RM, a registered Python text reward ranks the samples.
         text_fn = rewards.get(config.text_reward)

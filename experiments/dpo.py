@@ -48,8 +48,8 @@ from jaxreward.errors import UserError
 from jaxreward.data.preference import read_preference_pairs
 from jaxreward.models import pretrained
 from jaxreward.models.llama import Decoder
-from jaxreward.models.reward_io import load_reward_model
-from jaxreward.sampling.best_of_n import best_of_n, reward_model_fn
+from jaxreward.models import ensemble as ensemble_lib
+from jaxreward.sampling.best_of_n import best_of_n
 from jaxreward.train import checkpoint as ckpt_lib
 from jaxreward.train import defaults, loop
 from jaxreward.train import metrics as metrics_lib
@@ -94,13 +94,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     defaults.check_float(config, "sampling.temperature", 0.0, low_open=True)
     if config.eval.generate:
         defaults.check_int(config, "sampling.max_new_tokens", 1)
-    rm_dir = config.eval.reward_model_dir
-    if rm_dir:
+    if config.eval.reward_model_dir:
         defaults.check_path(config, "eval.reward_model_dir")
-        if not os.path.exists(os.path.join(rm_dir, "reward_model.json")):
-            raise defaults.ConfigError(f"config field eval.reward_model_dir: {rm_dir!r} has no "
-                                       "reward_model.json (point it at the reward_model/ folder a "
-                                       "reward_model run wrote)")
+        ensemble_lib.check_export_dir(config, "eval.reward_model_dir")
+    ensemble_lib.check_config_block(config)
 
 
 def load_model(path: str, config: ml_collections.ConfigDict, seed: int):
@@ -262,9 +259,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # --- Generation eval: policy vs reference samples on held-out prompts.
     reward_fn, reward_name = None, None
-    if e.reward_model_dir:
-        rm, rm_params, _ = load_reward_model(e.reward_model_dir)
-        reward_fn, reward_name = reward_model_fn(rm, rm_params), "reward-model reward"
+    if e.reward_model_dir:  # a reward model, or an ensemble combined by config.ensemble
+        reward_fn, reward_name = ensemble_lib.reward_fn_for(config, e.reward_model_dir, cfg.vocab_size)
     elif task is not None:
         reward_fn = lambda b: task.gold_reward(np.asarray(b.response_tokens_RM),
                                                np.asarray(b.response_mask_RM))

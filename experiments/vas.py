@@ -69,6 +69,7 @@ import tqdm
 from jaxreward import parallel, rewards
 from jaxreward.data.pipeline import tokenizer_fingerprint
 from jaxreward.errors import UserError
+from jaxreward.models import ensemble as ensemble_lib
 from jaxreward.models.scoring import shift_mask
 from jaxreward.objectives import registry
 from jaxreward.objectives.policy_gradient import aggregation_normalizers, value_loss
@@ -567,9 +568,10 @@ def _samples_key(config, params, tokenizer, prompts: dict, sampling: dict) -> tu
     import hashlib
     r = config.reward
     rm_meta = ""
-    if r.kind == "reward_model":
-        with open(os.path.join(r.reward_model_dir, "reward_model.json"), encoding="utf-8") as f:
-            rm_meta = hashlib.sha256(f.read().encode()).hexdigest()[:16]
+    if r.kind == "reward_model":  # the export's JSON digests (and how an ensemble's members combine)
+        rm_meta = ensemble_lib.export_digest(r.reward_model_dir)
+        if ensemble_lib.is_ensemble_dir(r.reward_model_dir):
+            rm_meta += " %s %g" % ensemble_lib.config_options(config)
     digest = hashlib.sha256()
     for name in sorted(prompts):
         for k in ("tokens", "mask"):

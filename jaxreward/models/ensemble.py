@@ -223,6 +223,97 @@ def load_ensemble(directory: str) -> tuple[RewardModel, Any, dict]:
     return rms[0], stack(params), meta
 
 
+def config_options(config) -> tuple[str, float]:
+    """`(ensemble.aggregate, ensemble.std_coef)` of a job config: how the
+    members of an ensemble export combine wherever the job takes a
+    reward-model directory; ("mean", 1.0) when the config has no `ensemble`
+    block.
+
+    Raises:
+      UserError: a bad aggregate or std_coef.
+    """
+    block = config.get("ensemble") or {}
+    aggregate, std_coef = block.get("aggregate", "mean"), block.get("std_coef", 1.0)
+    check_aggregate(aggregate, std_coef)
+    return aggregate, float(std_coef)
+
+
+def check_config_block(config) -> None:
+    """Checks the config's `ensemble` block, if it has one.
+
+    Raises:
+      ConfigError: naming `ensemble.aggregate` or `ensemble.std_coef`.
+    """
+    from jaxreward.train import defaults
+    if config.get("ensemble") is not None:
+        defaults.check_choice(config, "ensemble.aggregate", ENSEMBLE_MODES)
+        defaults.check_float(config, "ensemble.std_coef", 0.0)
+
+
+def check_export_dir(config, field: str) -> None:
+    """Config field `field` must name a reward-model export (`reward_model.json`)
+    or an ensemble export (`ensemble.json`).
+
+    Raises:
+      ConfigError: naming the field, when the folder holds neither file.
+    """
+    from jaxreward.train import defaults
+    directory = defaults.get_field(config, field)
+    if not (is_ensemble_dir(directory) or os.path.isfile(os.path.join(directory, "reward_model.json"))):
+        raise defaults.ConfigError(
+            f"config field {field}: {directory!r} has neither reward_model.json nor {ENSEMBLE_FILE} "
+            "(point it at the reward_model/ or reward_ensemble/ folder a run wrote)")
+
+
+def reward_fn_for(config, directory: str, vocab_size: int, objective: int = 0) -> tuple[RewardFn, str]:
+    """`(reward_fn: SampleBatch -> float32 [R], name)` of the reward model or
+    ensemble exported in `directory`, for a job whose policy has `vocab_size`
+    tokens. An ensemble's members combine by the config's
+    `ensemble.aggregate` / `ensemble.std_coef` (`config_options`): mean, min,
+    or mean − λ·std ("Reward Model Ensembles Help Mitigate Overoptimization",
+    Coste et al., 2023). `name` is one line for logs and plots.
+
+    Raises:
+      UserError: the export's vocabulary is not `vocab_size`, or a bad
+        aggregate / std_coef.
+      FileNotFoundError, CorruptFileError: a missing or damaged export.
+    """
+    aggregate, std_coef = config_options(config)
+    fn, rm, meta = load_reward_model_or_ensemble(directory, aggregate=aggregate, std_coef=std_coef,
+                                                 objective=objective)
+    if rm.config.vocab_size != vocab_size:
+        raise UserError(f"reward model {directory} has vocabulary {rm.config.vocab_size}, the "
+                        f"policy {vocab_size}: they must share one tokenizer")
+    if meta.get("members", 1) == 1:
+        return fn, f"reward model {directory}"
+    how = f"mean - {std_coef:g}*std" if aggregate == "mean_minus_std" else aggregate
+    return fn, f"reward-model ensemble {directory} ({meta['members']} members, {how})"
+
+
+def export_digest(directory: str) -> str:
+    """sha256 (16 hex digits) of an export's JSON files: `reward_model.json`,
+    or `ensemble.json` and every member's `reward_model.json` (they hold the
+    weights' digests), so a cache keyed on it notices a re-export."""
+    import hashlib
+    digest = hashlib.sha256()
+    if is_ensemble_dir(directory):
+        with open(os.path.join(directory, ENSEMBLE_FILE), encoding="utf-8") as f:
+            text = f.read()
+        digest.update(text.encode())
+        try:
+            members = json.loads(text).get("member_dirs", [])
+        except (json.JSONDecodeError, AttributeError):
+            members = []
+        paths = [os.path.join(directory, m, "reward_model.json") for m in members]
+    else:
+        paths = [os.path.join(directory, "reward_model.json")]
+    for path in paths:
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
 def load_reward_model_or_ensemble(directory: str, *, aggregate: str = "mean", std_coef: float = 1.0,
                                   objective: int = 0, chunk_size: int | None = None
                                   ) -> tuple[RewardFn, RewardModel, dict]:

@@ -33,6 +33,16 @@ def mesh() -> ml_collections.ConfigDict:
     ))
 
 
+def ensemble() -> ml_collections.ConfigDict:
+    """How the members of a reward-model ensemble export (`ensemble.json`)
+    combine wherever a job takes a reward-model directory; ignored for a
+    single reward model."""
+    return ml_collections.ConfigDict(dict(
+        aggregate="mean",    # mean | min | mean_minus_std (objectives.reward.ensemble_reward)
+        std_coef=1.0,        # λ of mean_minus_std: reward units subtracted per member std
+    ))
+
+
 def optimizer(learning_rate: float = 1e-4, warmup_steps: int = 10) -> ml_collections.ConfigDict:
     """AdamW with linear warmup and cosine decay."""
     return ml_collections.ConfigDict(dict(

@@ -27,6 +27,7 @@ from jaxreward.errors import UserError
 from jaxreward.models.heads import ValueModel, value_params_from_policy, value_params_from_reward_model
 from jaxreward.models import pretrained
 from jaxreward.models.llama import Decoder
+from jaxreward.models import ensemble as ensemble_lib
 from jaxreward.models.reward_io import load_reward_model
 from jaxreward.models.scoring import group_token_logps, token_logps
 from jaxreward.sampling.best_of_n import best_of_n_kl_bound, reward_model_fn
@@ -87,10 +88,8 @@ def check_prompts_and_reward(config: ml_collections.ConfigDict) -> None:
     defaults.check_float(config, "synthetic.label_beta", 0.0)
     if r.kind == "reward_model":
         defaults.check_path(config, "reward.reward_model_dir", required=True)
-        if not os.path.exists(os.path.join(r.reward_model_dir, "reward_model.json")):
-            raise defaults.ConfigError(f"config field reward.reward_model_dir: {r.reward_model_dir!r} has "
-                                       "no reward_model.json (point it at the reward_model/ folder a "
-                                       "reward_model run wrote)")
+        ensemble_lib.check_export_dir(config, "reward.reward_model_dir")
+    ensemble_lib.check_config_block(config)
     if r.kind == "text":
         try:
             rewards.combine(r.functions)
@@ -197,17 +196,14 @@ def make_reward_fn(config, workdir, task, tokenizer, policy, base_params):
                                               seed=config.seed)
             print(f"proxy reward model: {s.proxy_pairs} noisy pairs, held-out accuracy "
                   f"{info['accuracy']:.3f} (label ceiling {info['ceiling']:.3f})")
+            fn = reward_model_fn(rm, rm_params)
         else:
-            rm, rm_params, _ = load_reward_model(r.reward_model_dir)
-        fn = reward_model_fn(rm, rm_params)
+            fn, name = ensemble_lib.reward_fn_for(config, r.reward_model_dir, policy.config.vocab_size)
+            print(f"proxy reward: {name}")
         return (lambda s, ids, split: _with_gold(np.asarray(fn(s)), gold(s))), "proxy reward"
     if r.kind == "reward_model":
-        rm, rm_params, _ = load_reward_model(r.reward_model_dir)
-        if rm.config.vocab_size != policy.config.vocab_size:
-            raise UserError(f"reward model {r.reward_model_dir} has vocabulary {rm.config.vocab_size}, the "
-                            f"policy {policy.config.vocab_size}: they must share one tokenizer")
-        fn = reward_model_fn(rm, rm_params)
-        return (lambda s, ids, split: (np.asarray(fn(s)), {})), f"reward model {r.reward_model_dir}"
+        fn, name = ensemble_lib.reward_fn_for(config, r.reward_model_dir, policy.config.vocab_size)
+        return (lambda s, ids, split: (np.asarray(fn(s)), {})), name
     return text_reward_fn(r.functions, tokenizer), " + ".join(f"{w:g}·{name}" for name, w, *_ in r.functions)
 
 
@@ -538,6 +534,12 @@ def check_value_config(config: ml_collections.ConfigDict) -> None:
         raise defaults.ConfigError(f"config field value.init: 'reward_model' needs a reward model "
                                    f"(reward.kind proxy or reward_model), got reward.kind={r.kind!r}; "
                                    "use value.init='policy' or 'path'")
+    if (v.init == "reward_model" and r.kind == "reward_model" and r.reward_model_dir
+            and ensemble_lib.is_ensemble_dir(r.reward_model_dir)):
+        raise defaults.ConfigError(
+            f"config field value.init: reward.reward_model_dir {r.reward_model_dir!r} is an ensemble "
+            "export and the value model starts from one reward model; set value.init='path' with "
+            f"value.path={os.path.join(r.reward_model_dir, 'member_0')!r}, or value.init='policy'")
     if v.init == "path":
         defaults.check_path(config, "value.path", required=True)
         if not os.path.exists(os.path.join(v.path, "reward_model.json")):

@@ -491,7 +491,8 @@ def test_sequence_kl_by_hand():
     ("loss.beta", -1.0, "config.loss ('dpo'): beta"),
     ("data.source", "tfds", "config field data.source must be one of synthetic, jsonl"),
     ("reference.path", "/no/such/model", "config field reference.path: '/no/such/model' is neither an existing path"),
-    ("eval.reward_model_dir", "/tmp", "has no reward_model.json"),
+    ("eval.reward_model_dir", "/tmp", "has neither reward_model.json nor ensemble.json"),
+    ("ensemble.aggregate", "median", "config field ensemble.aggregate must be one of mean, min, mean_minus_std"),
 ])
 def test_bad_config_values_are_refused_by_name(field, value, message):
     config = _config(mesh=(-1, 1, 1))

@@ -628,6 +628,35 @@ def test_tiny_variant_end_to_end(tiny_runs):
         np.testing.assert_array_equal(a, b)
 
 
+def test_an_ensemble_export_scores_the_rollouts_by_its_aggregate(tmp_path):
+    """reward.kind=reward_model on an ensemble export (3 random reward models).
+    Step 1 samples the same rollouts whatever the aggregate (same seed, same
+    initial policy), so `min` scores them below `mean` (min ≤ mean on every
+    row, < where members differ) and the gold reward is the same."""
+    from jaxreward.models import ensemble
+    from jaxreward.models.heads import RewardModel
+    from jaxreward.train.step import unbox
+    base = _tiny(num_steps=1)
+    policy, _, _ = rollout.load_policy(base, "")
+    rm = RewardModel(policy.config)
+    members = [unbox(rm.init(jax.random.PRNGKey(7 + e), jnp.zeros((1, 4), jnp.int32))["params"])
+               for e in range(3)]
+    ens_dir = str(tmp_path / "reward_ensemble")
+    ensemble.export_ensemble(ens_dir, rm, ensemble.stack(members), "random")
+    first = {}
+    for aggregate in ("mean", "min"):
+        c = _tiny(num_steps=1)
+        c.reward.update(kind="reward_model", reward_model_dir=ens_dir)
+        c.ensemble.aggregate = aggregate
+        c.eval.best_of_n_max_n = 0
+        c.export = False
+        driver.check_config(c)
+        with _first_devices():
+            first[aggregate] = _run(tmp_path / aggregate, c)["history"][0]
+    assert first["min"]["reward/mean"] < first["mean"]["reward/mean"]
+    assert first["min"]["reward/gold"] == first["mean"]["reward/gold"]
+
+
 def test_resume_is_exact(tiny_runs):
     half, resumed, straight = tiny_runs["half"], tiny_runs["resumed"], tiny_runs["straight"]
     assert half["stopped_at"] == 2 and int(resumed["state"].step) == 4

@@ -224,6 +224,7 @@ def test_tiny_runs_end_to_end_and_resumes_bit_for_bit(tmp_path):
     ("eval.best_of_n_max_n", -1, "eval.best_of_n_max_n"),
     ("kl.beta", -1.0, "kl.beta"),
     ("data.source", "hh", "data.source"),
+    ("ensemble.std_coef", -1.0, "ensemble.std_coef"),
 ])
 def test_check_config_names_the_field(field, value, names):
     c = _tiny()
@@ -254,6 +255,16 @@ def test_check_config_cross_field_errors(tmp_path):
         driver.check_config(c)
     for variant in ppo_config.VARIANTS[:2]:
         driver.check_config(ppo_config.get_config(variant))
+    # An ensemble scores the rollouts, but the critic starts from one reward model.
+    (tmp_path / "reward_ensemble").mkdir()
+    (tmp_path / "reward_ensemble" / "ensemble.json").write_text("{}")
+    c = _tiny()
+    c.reward.update(kind="reward_model", reward_model_dir=str(tmp_path / "reward_ensemble"))
+    with pytest.raises(defaults.ConfigError, match=r"value\.init: .* is an ensemble export .* value\.path="
+                                                   r"'.*member_0', or value\.init='policy'"):
+        driver.check_config(c)
+    c.value.init = "policy"
+    driver.check_config(c)
 
 
 def test_hh_pairs_give_prompts_that_read_prompts_cannot(hh_file):

@@ -252,3 +252,72 @@ def test_best_of_n_job_takes_an_ensemble_dir_like_a_single_model(tmp_path):
         want = np.asarray(ensemble_reward(jnp.asarray(r_ER), "mean_minus_std", std_coef=0.5))
         np.testing.assert_allclose(row["rewards"], want, rtol=1e-5, atol=1e-6)
         assert row["best_index"] == int(np.argmax(want))
+
+
+# ---------------------------------------------------------------------------
+# Jobs that take a reward-model directory: the config's `ensemble` block
+
+
+def test_reward_fn_for_combines_members_by_the_config_and_checks_the_vocabulary(exported):
+    import ml_collections
+    rm, members, directory = exported
+    batch = _sample_batch(seed=3)
+    alone_ER = np.stack([np.asarray(rm.apply({"params": p}, batch.tokens_RL, batch.attention_mask_RL,
+                                             batch.positions_RL))[:, 0] for p in members])
+    config = ml_collections.ConfigDict(dict(ensemble=defaults.ensemble()))
+    config.ensemble.update(aggregate="mean_minus_std", std_coef=0.5)
+    fn, name = ensemble.reward_fn_for(config, directory, CFG.vocab_size)
+    # mean − 0.5·std over the 3 members (population std), row by row.
+    np.testing.assert_allclose(np.asarray(fn(batch)), alone_ER.mean(0) - 0.5 * alone_ER.std(0),
+                               rtol=1e-5, atol=1e-6)
+    assert name == f"reward-model ensemble {directory} (3 members, mean - 0.5*std)"
+    config.ensemble.aggregate = "min"
+    fn, name = ensemble.reward_fn_for(config, directory, CFG.vocab_size)
+    np.testing.assert_allclose(np.asarray(fn(batch)), alone_ER.min(0), rtol=1e-5, atol=1e-6)
+    assert name.endswith("(3 members, min)")
+    # A config without the block averages; a single export is named as one model.
+    fn, _ = ensemble.reward_fn_for(ml_collections.ConfigDict(), directory, CFG.vocab_size)
+    np.testing.assert_allclose(np.asarray(fn(batch)), alone_ER.mean(0), rtol=1e-5, atol=1e-6)
+    member = os.path.join(directory, "member_1")
+    fn, name = ensemble.reward_fn_for(config, member, CFG.vocab_size, objective=1)
+    assert name == f"reward model {member}"
+    with pytest.raises(UserError, match=f"has vocabulary {CFG.vocab_size}, the policy 64: they must share"):
+        ensemble.reward_fn_for(config, directory, 64)
+    config.ensemble.std_coef = -1.0
+    with pytest.raises(UserError, match="std_coef must be a finite number >= 0"):
+        ensemble.reward_fn_for(config, directory, CFG.vocab_size)
+
+
+def test_config_checks_name_the_field(exported, tmp_path):
+    import ml_collections
+    _, _, directory = exported
+    c = ml_collections.ConfigDict(dict(reward=dict(reward_model_dir=str(tmp_path)), ensemble=defaults.ensemble()))
+    with pytest.raises(defaults.ConfigError, match=r"config field reward\.reward_model_dir: .* has neither "
+                                                    r"reward_model\.json nor ensemble\.json"):
+        ensemble.check_export_dir(c, "reward.reward_model_dir")
+    for ok in (directory, os.path.join(directory, "member_0")):
+        c.reward.reward_model_dir = ok
+        ensemble.check_export_dir(c, "reward.reward_model_dir")
+    ensemble.check_config_block(c)
+    c.ensemble.aggregate = "median"
+    with pytest.raises(defaults.ConfigError, match=r"ensemble\.aggregate"):
+        ensemble.check_config_block(c)
+    c.ensemble.update(aggregate="min", std_coef=float("nan"))
+    with pytest.raises(defaults.ConfigError, match=r"ensemble\.std_coef"):
+        ensemble.check_config_block(c)
+
+
+def test_export_digest_changes_with_a_member(exported, tmp_path):
+    _, _, directory = exported
+    copy = str(tmp_path / "copy")
+    shutil.copytree(directory, copy)
+    assert ensemble.export_digest(copy) == ensemble.export_digest(directory)
+    path = os.path.join(copy, "member_2", "reward_model.json")
+    meta = json.load(open(path))
+    meta["params_sha256"] = "of other weights"   # as if that member were re-trained
+    json.dump(meta, open(path, "w"))
+    assert ensemble.export_digest(copy) != ensemble.export_digest(directory)
+    single = os.path.join(directory, "member_0")
+    import hashlib
+    with open(os.path.join(single, "reward_model.json"), "rb") as f:   # a single export: its JSON's sha256
+        assert ensemble.export_digest(single) == hashlib.sha256(f.read()).hexdigest()[:16]

@@ -120,7 +120,6 @@ class SampleOutput:
 @jax.jit
 def _sequences(out: SampleOutput) -> SampleBatch:
     R, T = out.prompt_tokens_RP.shape
-    M = out.tokens_RM.shape[1]
     tokens = jnp.concatenate([out.prompt_tokens_RP, out.tokens_RM], axis=1)
     mask = jnp.concatenate([out.prompt_mask_RP, out.mask_RM], axis=1)
     loss_mask = jnp.concatenate([jnp.zeros((R, T), bool), out.mask_RM], axis=1)

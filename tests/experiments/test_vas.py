@@ -132,7 +132,6 @@ def test_td_lambda_on_a_tree_learns_q_and_guidance_improves_the_policy(lam, epoc
         rows += [(seq, r)] * count
     assert len(rows) == 1000
     seqs = np.array([s for s, _ in rows])
-    tokens = np.concatenate([np.zeros((len(rows), 1), np.int32), seqs], axis=1)
     loss_mask = np.concatenate([np.zeros((len(rows), 1), bool), np.ones((len(rows), DEPTH), bool)], axis=1)
     grid = driver.value_grid(loss_mask)
     states = np.array([[_state_id(tuple(s[:t])) for t in range(DEPTH + 1)] for s in seqs])

@@ -29,6 +29,7 @@ from jaxreward.sampling.best_of_n import best_of_n, text_reward_fn
 from jaxreward.models import ensemble as ensemble_lib
 from jaxreward.data.records import read_prompts as read_prompts_file
 from jaxreward import rewards
+from jaxreward.errors import UserError
 from jaxreward.train import defaults
 
 BUILTIN_PROMPTS = (
@@ -83,6 +84,9 @@ def encode_prompts(tokenizer, prompts: list[str]) -> tuple[np.ndarray, np.ndarra
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     policy, params, tokenizer = jaxreward.load_pretrained(config.model.pretrained,
                                                           dtype=config.model.dtype)
+    if tokenizer is None:
+        raise UserError(f"model.pretrained={config.model.pretrained!r} has no tokenizer; best-of-N "
+                        "renders text prompts with its chat template")
     prompts = read_prompts(config.prompts_path)
     if config.reward_model_dir:
         reward_fn, reward_name = ensemble_lib.reward_fn_for(

@@ -114,6 +114,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                                    f"room for a response in data.max_length={d.max_length}")
     if s.kind == "exported":
         defaults.check_path(config, "scorer.reward_model_dir", required=True)
+        rm_dir = config.scorer.reward_model_dir
+        if os.path.isfile(os.path.join(rm_dir, "ensemble.json")):
+            raise defaults.ConfigError(
+                f"config field scorer.reward_model_dir: {rm_dir!r} is an ensemble export and this job scores "
+                f"one reward model: point it at one member, e.g. {os.path.join(rm_dir, 'member_0')!r}")
         defaults.check_int(config, "scorer.objective", 0)
     elif s.kind == "implicit":
         _check_model(config, "scorer.policy")

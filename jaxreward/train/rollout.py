@@ -542,6 +542,10 @@ def check_value_config(config: ml_collections.ConfigDict) -> None:
             f"value.path={os.path.join(r.reward_model_dir, 'member_0')!r}, or value.init='policy'")
     if v.init == "path":
         defaults.check_path(config, "value.path", required=True)
+        if ensemble_lib.is_ensemble_dir(v.path):
+            raise defaults.ConfigError(
+                f"config field value.path: {v.path!r} is an ensemble export and a value model starts "
+                f"from one reward model: point it at one member, e.g. {os.path.join(v.path, 'member_0')!r}")
         if not os.path.exists(os.path.join(v.path, "reward_model.json")):
             defaults.check_pretrained(config, "value.path")
     defaults.check_int(config, "value.trainable_blocks", -1)

@@ -199,7 +199,12 @@ def test_cli_bad_input_says_what_and_where(tmp_path):
 
 def test_config_checks_name_the_field(tmp_path):
     path = _write(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
+    (tmp_path / "ens").mkdir()
+    (tmp_path / "ens" / "ensemble.json").write_text("{}")
     cases = [("exported", {}, "scorer.reward_model_dir is empty"),
+             ("exported", {"scorer.reward_model_dir": str(tmp_path / "ens")},
+              f"scorer.reward_model_dir: '{tmp_path / 'ens'}' is an ensemble export and this job scores one "
+              f"reward model: point it at one member, e.g. '{tmp_path / 'ens' / 'member_0'}'"),
              ("text", {"scorer.text_reward": "nope"}, "scorer.text_reward: no text reward named 'nope'"),
              ("implicit", {"scorer.policy": str(tmp_path / "x")}, "scorer.policy: "),
              ("text", {"scorer.kind": "oracle"}, "scorer.kind must be one of exported, implicit, text"),

@@ -371,6 +371,13 @@ def test_value_model_with_another_vocabulary_or_a_missing_path(tmp_path):
     c.value.path = str(tmp_path / "run")
     with pytest.raises(UserError, match="config field value.path: .* is neither an exported reward model"):
         rollout.value_model_init(c, str(tmp_path), policy.config, params)
+    # An ensemble export: the value model starts from one member, and the message names one.
+    (tmp_path / "ens").mkdir()
+    (tmp_path / "ens" / "ensemble.json").write_text("{}")
+    c.value.path = str(tmp_path / "ens")
+    with pytest.raises(defaults.ConfigError, match=r"config field value\.path: .* is an ensemble export .*"
+                                                   r"member_0"):
+        rollout.check_value_config(c)
 
 
 def test_value_model_with_another_tokenizer_is_refused(tmp_path):

@@ -253,6 +253,15 @@ def test_best_of_n_job_takes_an_ensemble_dir_like_a_single_model(tmp_path):
         np.testing.assert_allclose(row["rewards"], want, rtol=1e-5, atol=1e-6)
         assert row["best_index"] == int(np.argmax(want))
 
+    # A policy checkpoint without a tokenizer cannot render the chat prompts: one line, not a traceback.
+    import shutil
+    from jaxreward.errors import UserError
+    shutil.copytree(ckpt, tmp_path / "no_tok")
+    os.remove(tmp_path / "no_tok" / "tokenizer.json")
+    ckpt = str(tmp_path / "no_tok")
+    with pytest.raises(UserError, match="model.pretrained=.*no_tok' has no tokenizer; best-of-N renders"):
+        run(ens_dir, "wd_no_tok")
+
 
 # ---------------------------------------------------------------------------
 # Jobs that take a reward-model directory: the config's `ensemble` block

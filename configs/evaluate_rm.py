@@ -29,7 +29,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.task = "evaluate_rm"
     c.scorer = ml_collections.ConfigDict(dict(
         kind="exported",                       # exported | implicit | text
-        reward_model_dir="",                   # exported: the reward_model/ folder of a reward_model run
+        reward_model_dir="",                   # exported: a reward_model/ (or reward_ensemble/) folder a run wrote
         objective=0,                           # exported: head output ranked (index in [0, K))
         policy="",                             # implicit: trained policy (HF dir, .gguf, or known name)
         reference="smollm2-135m-instruct",     # implicit: reference policy (HF dir, .gguf, or known name)
@@ -38,6 +38,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         text_reward="length",                  # text: jaxreward.rewards registry name
         tokenizer="",                          # chat template + tokens ("" = the RM's backbone's / the policy's / none)
     ))
+    c.ensemble = defaults.ensemble()          # scorer.reward_model_dir an ensemble export: how members combine
     c.model = ml_collections.ConfigDict(dict(
         dtype="float32",                       # compute dtype of the scorer (bfloat16 on accelerators)
     ))

@@ -5,7 +5,10 @@
 
 Scorers (`scorer.kind`), each mapping (prompt, response) to one number:
   exported: a reward model exported by the reward_model job
-    (`models/reward_io.load_reward_model`), objective `scorer.objective`.
+    (`models/reward_io.load_reward_model`), objective `scorer.objective`;
+    or an ensemble export (`reward_ensemble/`), its members combined per
+    sequence by `ensemble.aggregate` (mean | min | mean_minus_std, λ =
+    `ensemble.std_coef`).
   implicit: the DPO implicit reward β·(log π(y|x) − log π_ref(y|x)) of a
     policy and its reference (summed over response tokens + EOS, or
     averaged with `scorer.length_normalize`).
@@ -51,11 +54,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxreward import parallel, rewards
 from jaxreward.data.batching import tokenize_pairs
 from jaxreward.data.preference import DataError, PreferencePair, ReadReport, read_preference_pairs
 from jaxreward.errors import UserError
+from jaxreward.models import ensemble as ensemble_lib
+from jaxreward.objectives.reward import ensemble_reward
 from jaxreward.train import defaults, evaluate, rewardbench
 from jaxreward.train import metrics as metrics_lib
 
@@ -114,11 +120,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                                    f"room for a response in data.max_length={d.max_length}")
     if s.kind == "exported":
         defaults.check_path(config, "scorer.reward_model_dir", required=True)
-        rm_dir = config.scorer.reward_model_dir
-        if os.path.isfile(os.path.join(rm_dir, "ensemble.json")):
-            raise defaults.ConfigError(
-                f"config field scorer.reward_model_dir: {rm_dir!r} is an ensemble export and this job scores "
-                f"one reward model: point it at one member, e.g. {os.path.join(rm_dir, 'member_0')!r}")
+        ensemble_lib.check_export_dir(config, "scorer.reward_model_dir")
+        ensemble_lib.check_config_block(config)
         defaults.check_int(config, "scorer.objective", 0)
     elif s.kind == "implicit":
         _check_model(config, "scorer.policy")
@@ -166,7 +169,9 @@ def load_tokenizer(name_or_path: str):
 
 
 def _export_meta(directory: str) -> dict:
-    path = os.path.join(directory, "reward_model.json")
+    path = os.path.join(directory, ensemble_lib.ENSEMBLE_FILE)
+    if not os.path.exists(path):
+        path = os.path.join(directory, "reward_model.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: point scorer.reward_model_dir at the "
                                 "`reward_model/` folder a reward_model run wrote into its workdir")
@@ -354,10 +359,14 @@ def display_names(paths) -> dict[str, str]:
 # --------------------------------------------------------------- scoring
 
 
-def _shard_params(model, params, mesh):
-    """`params` placed on the mesh by the model's logical-axis shardings."""
+def _shard_params(model, params, mesh, stacked: bool = False):
+    """`params` placed on the mesh by the model's logical-axis shardings;
+    `stacked`: an ensemble's params, whose leading member axis stays whole."""
     boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))
-    return jax.device_put(params, parallel.param_shardings(mesh, boxed["params"]))
+    shardings = parallel.param_shardings(mesh, boxed["params"])
+    if stacked:
+        shardings = jax.tree.map(lambda sh: NamedSharding(sh.mesh, P(None, *sh.spec)), shardings)
+    return jax.device_put(params, shardings)
 
 
 def tokenize_responses(rows: list[Row], tokenizer, max_length: int, max_prompt_length: int) -> dict:
@@ -419,20 +428,35 @@ def make_scorer(config, tokenizer, mesh):
     if s.kind == "exported":
         from jaxreward.models.heads import RewardModel
         from jaxreward.models.reward_io import load_reward_model
-        rm, params, meta = load_reward_model(s.reward_model_dir)
+        members = ensemble_lib.is_ensemble_dir(s.reward_model_dir)
+        if members:  # params with a leading member axis [E, ...]
+            rm, params, meta = ensemble_lib.load_ensemble(s.reward_model_dir)
+            aggregate, std_coef = ensemble_lib.config_options(config)
+        else:
+            rm, params, meta = load_reward_model(s.reward_model_dir)
         if s.objective >= rm.num_objectives:
             raise defaults.ConfigError(f"config field scorer.objective={s.objective}: the reward model "
                                        f"has {rm.num_objectives} objective(s)")
         vocab = [rm.config.vocab_size]
         rm = RewardModel(dataclasses.replace(rm.config, dtype=config.model.dtype),
                          num_objectives=rm.num_objectives, pooling=rm.pooling)
-        params = _shard_params(rm, params, mesh)
+        params = _shard_params(rm, params, mesh, stacked=members)
         k = s.objective
 
-        def score_fn(p, b):
+        def one_score(p, b):
             return rm.apply({"params": p}, b["tokens"], b["attention_mask"], b["positions"],
                             b.get("loss_mask"))[:, k]
-        description = f"exported reward model {s.reward_model_dir} (objective {k}, backbone {meta['pretrained']})"
+        if members:
+            def score_fn(p, b):  # member rewards [E, X] -> one reward per sequence [X]
+                r_EX = jax.vmap(one_score, in_axes=(0, None))(p, b)
+                return ensemble_reward(r_EX.astype(jnp.float32), aggregate, std_coef=std_coef)
+            how = f"mean - {std_coef:g}*std" if aggregate == "mean_minus_std" else aggregate
+            description = (f"reward-model ensemble {s.reward_model_dir} ({meta['members']} members, {how}; "
+                           f"objective {k}, backbone {meta['pretrained']})")
+        else:
+            score_fn = one_score
+            description = (f"exported reward model {s.reward_model_dir} (objective {k}, "
+                           f"backbone {meta['pretrained']})")
     else:
         import jaxreward
         from jaxreward.models.scoring import sequence_logps, token_logps

@@ -201,10 +201,12 @@ def test_config_checks_name_the_field(tmp_path):
     path = _write(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
     (tmp_path / "ens").mkdir()
     (tmp_path / "ens" / "ensemble.json").write_text("{}")
+    (tmp_path / "neither").mkdir()
     cases = [("exported", {}, "scorer.reward_model_dir is empty"),
-             ("exported", {"scorer.reward_model_dir": str(tmp_path / "ens")},
-              f"scorer.reward_model_dir: '{tmp_path / 'ens'}' is an ensemble export and this job scores one "
-              f"reward model: point it at one member, e.g. '{tmp_path / 'ens' / 'member_0'}'"),
+             ("exported", {"scorer.reward_model_dir": str(tmp_path / "neither")},
+              f"scorer.reward_model_dir: '{tmp_path / 'neither'}' has neither reward_model.json nor ensemble.json"),
+             ("exported", {"scorer.reward_model_dir": str(tmp_path / "ens"), "ensemble.aggregate": "median"},
+              "ensemble.aggregate must be one of mean, min, mean_minus_std; got 'median'"),
              ("text", {"scorer.text_reward": "nope"}, "scorer.text_reward: no text reward named 'nope'"),
              ("implicit", {"scorer.policy": str(tmp_path / "x")}, "scorer.policy: "),
              ("text", {"scorer.kind": "oracle"}, "scorer.kind must be one of exported, implicit, text"),
@@ -336,6 +338,44 @@ def test_exported_scorer_matches_the_training_path(tmp_path):
         top = max(want)
         assert g["correct"] == (1.0 / want.count(top) if want[0] == top else 0.0)
     assert report["subsets"]["math"]["kind"] == "best_of_4"
+
+
+def test_an_ensemble_export_scores_by_its_aggregate_of_the_members(tmp_path):
+    """scorer.reward_model_dir = an ensemble folder: every response's score is
+    ensemble_reward(aggregate) of the scores each member folder gives alone;
+    correctness is ranked by that score."""
+    from jaxreward.models import ensemble
+    from jaxreward.objectives.reward import ensemble_reward
+    tok = _tiny_tokenizer()
+    hf_io.save_tokenizer(tmp_path / "tok", tok)
+    rm = RewardModel(_tiny_arch(tok.vocab_size), num_objectives=2)
+    members = [unbox(jax.jit(rm.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 2), jnp.int32))["params"])
+               for seed in (0, 1, 2)]
+    ensemble.export_ensemble(str(tmp_path / "ens"), rm, ensemble.stack(members), str(tmp_path / "tok"))
+    pairs_path, best_of_path = _model_files(tmp_path)
+
+    def run(reward_dir, name, mesh=(-1, 1, 1), **ens):
+        c = eval_config.get_config("exported")
+        c.scorer.update(reward_model_dir=reward_dir, objective=1)
+        c.ensemble.update(ens)
+        c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+        c.data.update(paths=(pairs_path, best_of_path), max_length=24, batch_size=8)
+        c.report.plot = False
+        driver.check_config(c)
+        return driver.run(c, str(tmp_path / name)), _scores(tmp_path / name)
+
+    alone = [run(str(tmp_path / "ens" / f"member_{e}"), f"m{e}")[1] for e in range(3)]
+    # min on a 2x2x2 mesh: members' params sharded over fsdp and tensor, the member axis whole.
+    for aggregate, mesh in (("mean_minus_std", (-1, 1, 1)), ("min", (2, 2, 2))):
+        report, got = run(str(tmp_path / "ens"), aggregate, mesh, aggregate=aggregate, std_coef=0.5)
+        assert report["scorer"]["description"].startswith(f"reward-model ensemble {tmp_path / 'ens'} (3 members, ")
+        for i, row in enumerate(got):
+            r_E = np.asarray([[m[i]["chosen"], *np.atleast_1d(m[i]["rejected"])] for m in alone])
+            want = np.asarray(ensemble_reward(jnp.asarray(r_E), aggregate, std_coef=0.5))
+            np.testing.assert_allclose([row["chosen"], *np.atleast_1d(row["rejected"])], want,
+                                       rtol=1e-5, atol=1e-6)
+            top = want.max()
+            assert row["correct"] == (1.0 / (want == top).sum() if want[0] == top else 0.0)
 
 
 def test_implicit_scorer_is_beta_times_log_ratio(tmp_path):

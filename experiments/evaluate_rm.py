@@ -450,7 +450,7 @@ def make_scorer(config, tokenizer, mesh):
             def score_fn(p, b):  # member rewards [E, X] -> one reward per sequence [X]
                 r_EX = jax.vmap(one_score, in_axes=(0, None))(p, b)
                 return ensemble_reward(r_EX.astype(jnp.float32), aggregate, std_coef=std_coef)
-            how = f"mean - {std_coef:g}*std" if aggregate == "mean_minus_std" else aggregate
+            how = ensemble_lib.aggregate_label(aggregate, std_coef)
             description = (f"reward-model ensemble {s.reward_model_dir} ({meta['members']} members, {how}; "
                            f"objective {k}, backbone {meta['pretrained']})")
         else:

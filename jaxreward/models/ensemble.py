@@ -286,8 +286,13 @@ def reward_fn_for(config, directory: str, vocab_size: int, objective: int = 0) -
                         f"policy {vocab_size}: they must share one tokenizer")
     if meta.get("members", 1) == 1:
         return fn, f"reward model {directory}"
-    how = f"mean - {std_coef:g}*std" if aggregate == "mean_minus_std" else aggregate
+    how = aggregate_label(aggregate, std_coef)
     return fn, f"reward-model ensemble {directory} ({meta['members']} members, {how})"
+
+
+def aggregate_label(aggregate: str, std_coef: float) -> str:
+    """How members combine, for logs: "mean", "min" or "mean - λ*std"."""
+    return f"mean - {std_coef:g}*std" if aggregate == "mean_minus_std" else aggregate
 
 
 def export_digest(directory: str) -> str:

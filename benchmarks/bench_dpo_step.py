@@ -19,7 +19,9 @@ FLOPs per step = 3 × policy forward (+ 1 × reference forward in-step),
 forward = 2 × (non-embedding params) × forward tokens + attention 4 × layers × T ×
 heads × head_dim per token (the 6N + 12·L·T·d accounting of "Scaling Laws
 for Neural Language Models", 2020). The output layer is counted (it is a
-real GEMM here, vocab × hidden per token, forward 2× that).
+real GEMM here, vocab × hidden per token, forward 2× that), over the
+columns it runs on: with prefix sharing, only the responses' window of
+each packed row (`scored_tokens`), the prompt's columns are not scored.
 
     python benchmarks/bench_dpo_step.py [--models llama4.5m,smollm2] [--out benchmarks/results]
 """
@@ -55,11 +57,13 @@ MODELS = {
 PAIRS, PROMPT, RESPONSE = 8, 32, 32
 
 
-def forward_flops(cfg: LlamaConfig, tokens: int, seq_len: int) -> float:
+def forward_flops(cfg: LlamaConfig, tokens: int, seq_len: int, scored: int | None = None) -> float:
+    """Forward FLOPs over `tokens`; the output layer over `scored` of them (default all)."""
     non_embedding = cfg.num_params() - cfg.vocab_size * cfg.hidden_size
     output_layer = cfg.vocab_size * cfg.hidden_size  # tied or not, the logits GEMM runs
     attn = 4 * cfg.num_layers * seq_len * cfg.num_heads * cfg.dim_per_head
-    return tokens * (2.0 * (non_embedding + output_layer) + attn)
+    scored = tokens if scored is None else scored
+    return tokens * (2.0 * non_embedding + attn) + scored * 2.0 * output_layer
 
 
 def make_batch(cfg: LlamaConfig, with_reference: bool) -> dict:
@@ -96,7 +100,8 @@ def bench(name: str, dtype: str, precompute: bool, prefix_sharing: bool) -> dict
     batch = make_batch(cfg, precompute)
     T = PROMPT + RESPONSE
     S = pref.shared_prefix_length({"bench": batch}) if prefix_sharing else 0
-    logps_fn = pref.decoder_logps_fn(model, S)
+    W = pref.shared_response_length({"bench": batch}) if S else 0
+    logps_fn = pref.decoder_logps_fn(model, S, W)
     loss_fn, metrics_fn, _ = driver.make_loss_fns(config, logps_fn, logps_fn)
     train_step = step_lib.make_train_step(loss_fn, metrics_fn, tx, schedule, mesh, shardings)
     state = [jax.jit(lambda p: state_lib.init_state(p, tx, 0), out_shardings=shardings)(tree)]
@@ -109,11 +114,12 @@ def bench(name: str, dtype: str, precompute: bool, prefix_sharing: bool) -> dict
     first, sec = common.time_fn(run, warmup=2, iters=5)
     tokens = 2 * PAIRS * T                              # the pairs' tokens (what peers count)
     model_tokens, seq = (PAIRS * S, S) if S else (tokens, T)  # what the forward runs over
-    flops = (3.0 + (0.0 if precompute else 1.0)) * forward_flops(cfg, model_tokens, seq)
+    scored = PAIRS * min(W, S) if S else tokens                 # what the output layer runs over
+    flops = (3.0 + (0.0 if precompute else 1.0)) * forward_flops(cfg, model_tokens, seq, scored)
     mem, mem_src = common.peak_memory_bytes()
     return {"model": name, "reference": "precomputed" if precompute else "in-step",
             "prefix_sharing": bool(S), "dtype": dtype, "params_M": cfg.num_params() / 1e6,
-            "tokens_per_step": tokens, "forward_tokens": model_tokens,
+            "tokens_per_step": tokens, "forward_tokens": model_tokens, "scored_tokens": scored,
             "compile_s": first, "step_s": sec, "tokens_per_s": tokens / sec,
             **common.mfu_fields(flops / sec, dtype), "peak_mem_GiB": mem / 2**30,
             "mem_source": mem_src}

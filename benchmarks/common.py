@@ -23,10 +23,18 @@ import json
 import os
 import platform
 import resource
+import sys
 import time
 from typing import Callable
 
-import jax
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jaxreward import hostmem  # noqa: E402
+
+# JAXREWARD_MALLOC=heap runs a benchmark under the allocator settings of
+# jaxreward/hostmem.py, as it does `python -m jaxreward.main`.
+hostmem.reexec_with_tunables()
+
+import jax  # noqa: E402
 import jax.numpy as jnp
 
 # Stated dense (no sparsity) peaks in FLOP/s, SXM parts unless named, by a
@@ -162,7 +170,8 @@ def peak_memory_bytes() -> tuple[int, str]:
 def machine() -> dict:
     return {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
             "num_devices": jax.device_count(), "cpu_count": os.cpu_count(),
-            "platform": platform.platform(), "jax": jax.__version__}
+            "platform": platform.platform(), "jax": jax.__version__,
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
 
 
 def _cell(v):
@@ -185,6 +194,8 @@ def report(name: str, rows: list[dict], out_dir: str, extra: dict | None = None)
     for d, p in peaks.items():
         print(f"MFU peak ({d}): {p['peak_flops'] / 1e9:,.0f} GFLOP/s, {p['peak_source']}: "
               f"{p['peak_method']}")
+    print("host allocator: " + (f"GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']}"
+                                if "GLIBC_TUNABLES" in os.environ else "glibc defaults"))
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.json")
     with open(path, "w", encoding="utf-8") as f:

@@ -209,11 +209,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                       jnp.zeros((1, 2), jnp.int32)))["params"]
     ref_params = jax.device_put(ref_params, parallel.param_shardings(mesh, ref_boxed))
     # Prefix sharing: every pair forward packs [prompt | chosen | rejected] into one row.
+    # The output layer scores only the responses' columns of the packed row.
     packed = pref.shared_prefix_length({"train": train, "eval": evals}) if m.prefix_sharing else 0
+    window = pref.shared_response_length({"train": train, "eval": evals}) if packed else 0
     if packed:
         T = train["chosen_tokens"].shape[1]
-        print(f"prefix sharing: one row of {packed} tokens per pair instead of two of {T}")
-    ref_fn = pref.decoder_logps_fn(ref_model, packed)
+        print(f"prefix sharing: one row of {packed} tokens per pair instead of two of {T}, "
+              f"{min(window, packed)} of them scored")
+    ref_fn = pref.decoder_logps_fn(ref_model, packed, window)
     in_step_reference = loss.uses_reference and not r.precompute
     if loss.uses_reference and r.precompute:
         splits = {"train": train, "eval": evals}
@@ -242,7 +245,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     trainable = pref.policy_trainable(cfg.num_layers, tb)
     tx, schedule = state_lib.make_optimizer(config.optimizer, loop.schedule_steps(t), trainable)
     shardings = step_lib.state_shardings(mesh, boxed, tx)
-    policy_fn = pref.decoder_logps_fn(policy, packed)
+    policy_fn = pref.decoder_logps_fn(policy, packed, window)
     loss_fn, metrics_fn, _ = make_loss_fns(config, policy_fn, ref_fn)
     train_step = step_lib.make_train_step(loss_fn, metrics_fn, tx, schedule, mesh, shardings,
                                           micro_batches=t.micro_batches)

@@ -35,7 +35,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxreward import errors
+from jaxreward import errors, hostmem
 
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent
 _DEFAULT_CONFIG = str(PACKAGE_ROOT / "configs" / "quickstart.py")
@@ -257,6 +257,9 @@ def main(argv):
 
 
 def run():
+    # JAXREWARD_MALLOC=heap: re-run this command once with glibc settings that
+    # stop XLA on CPU re-faulting its temp buffers every step (hostmem).
+    hostmem.reexec_with_tunables()
     # Multi-host runs (pods) must call jax.distributed.initialize() first;
     # set JAXREWARD_DISTRIBUTED=1 to do so from the launcher's environment.
     if os.environ.get("JAXREWARD_DISTRIBUTED") == "1":

@@ -58,15 +58,18 @@ FORWARDS: collections.Counter = collections.Counter()
 # ----------------------------------------------------------------------------
 
 
-def decoder_logps_fn(model, packed_length: int = 0, **kwargs) -> LogpsFn:
+def decoder_logps_fn(model, packed_length: int = 0, response_length: int = 0, **kwargs) -> LogpsFn:
     """`logps_fn` of a `Decoder` (`scoring.token_logps`; kwargs: temperature, chunk_size, ...).
 
     With `packed_length` S > 0 the result is a `SharedPrefixLogps`: its pair
     forward packs each pair into one row of S tokens (see `pack_pairs`)
-    instead of running the prompt twice.
+    instead of running the prompt twice. With `response_length` W > 0
+    (`shared_response_length`) the output layer scores only the W columns
+    from the chosen response's first token on, not the prompt's.
     """
     if packed_length:
-        return SharedPrefixLogps(model, int(packed_length), tuple(sorted(kwargs.items())))
+        return SharedPrefixLogps(model, int(packed_length), tuple(sorted(kwargs.items())),
+                                 int(response_length))
 
     def fn(params, tokens_BT, attention_mask_BT, positions_BT):
         return token_logps(model, params, tokens_BT, attention_mask_BT, positions_BT, **kwargs)
@@ -141,7 +144,10 @@ def pack_pairs(batch: Mapping[str, Array], packed_length: int) -> dict[str, Arra
       `branch_ids`, `chosen` and `rejected` (bool: a scored token of that
       side; with an empty prompt a response's first token is not scored, as
       on the `[B, T]` grid), `prefix_last` int32 `[B]` (the prompt's last
-      column, which scores both responses' first tokens) and `fits` bool
+      column, which scores both responses' first tokens), `response_start`
+      and `response_tokens` int32 `[B]` (the chosen response's first column
+      and the two responses' token count: every scored column is in
+      `[response_start, response_start + response_tokens)`) and `fits` bool
       `[B]` (the pair's tokens fit in S).
     """
     S = packed_length
@@ -167,6 +173,8 @@ def pack_pairs(batch: Mapping[str, Array], packed_length: int) -> dict[str, Arra
         "positions": pick(pos_c, pos_r).astype(jnp.int32),
         "branch_ids": jnp.where(j < p_B[:, None], 0, jnp.where(in_c, 1, 2)).astype(jnp.int32),
         "prefix_last": jnp.maximum(p_B - 1, 0).astype(jnp.int32),
+        "response_start": p_B.astype(jnp.int32),
+        "response_tokens": (end_B - p_B).astype(jnp.int32),
         # A response token with no earlier prompt token (empty prompt) has no
         # predictor at all: it is not scored, as on the [B, T] grid.
         "chosen": in_c & (j >= p_B[:, None]) & (j > 0),
@@ -222,6 +230,22 @@ def shared_prefix_length(splits: Mapping[str, Mapping[str, np.ndarray]], multipl
     return -(-longest // multiple) * multiple
 
 
+def shared_response_length(splits: Mapping[str, Mapping[str, np.ndarray]], multiple: int = 8) -> int:
+    """The static scored window for `SharedPrefixLogps.response_length`.
+
+    Returns the largest chosen + rejected response token count over every
+    pair of every split (`loss_mask` & `attention_mask`), rounded up to
+    `multiple`.
+    """
+    longest = 1
+    for a in splits.values():
+        resp = sum((np.asarray(a[f"{side}_loss_mask"], bool)
+                    & np.asarray(a[f"{side}_attention_mask"], bool)).sum(axis=1) for side in SIDES)
+        if np.size(resp):
+            longest = max(longest, int(np.max(resp)))
+    return -(-longest // multiple) * multiple
+
+
 @dataclasses.dataclass(frozen=True)
 class SharedPrefixLogps:
     """A `Decoder`'s log-prob function whose pair forward shares the prompt.
@@ -230,11 +254,14 @@ class SharedPrefixLogps:
     `scoring.token_logps`; `pair_logps` (used by the module's `pair_logps`)
     runs one packed `[B, packed_length]` forward per pair batch instead of
     `[2B, T]`: for a prompt of P tokens and responses of R, 2(P + R) tokens
-    become P + 2R.
+    become P + 2R. With `response_length` W > 0, the output layer runs over
+    the W columns that hold the two responses (`scoring.branch_logps`'
+    window), not over the prompt: for 2R <= W, P + 2R columns become W.
     """
     model: Any
     packed_length: int
     kwargs: tuple = ()
+    response_length: int = 0
 
     def __call__(self, params, tokens_BT, attention_mask_BT, positions_BT):
         return token_logps(self.model, params, tokens_BT, attention_mask_BT, positions_BT,
@@ -242,8 +269,11 @@ class SharedPrefixLogps:
 
     def pair_logps(self, params, batch: Mapping[str, Array]):
         p = pack_pairs(batch, self.packed_length)
+        W = self.response_length if 0 < self.response_length < self.packed_length else 0
         lp = branch_logps(self.model, params, p["tokens"], p["attention_mask"], p["positions"],
-                          p["branch_ids"], p["prefix_last"], **dict(self.kwargs))
+                          p["branch_ids"], p["prefix_last"],
+                          window_start_B=p["response_start"] if W else None, window=W,
+                          **dict(self.kwargs))
         side = lambda m: (jnp.sum(jnp.where(m, lp, 0.0), axis=1), jnp.sum(m, axis=1).astype(jnp.float32))
         (c, lc), (r, lr) = side(p["chosen"]), side(p["rejected"])
         # The two responses sit at different columns of the packed row, where
@@ -253,8 +283,10 @@ class SharedPrefixLogps:
         # and gradient), as the unpacked [2B, T] forward gives them.
         same = identical_sides(batch)
         r, lr = jnp.where(same, c, r), jnp.where(same, lc, lr)
-        # A pair longer than packed_length was cut: NaN, never a wrong number.
-        cut = lambda x: jnp.where(p["fits"], x, jnp.nan)
+        # A pair longer than packed_length was cut, or whose responses
+        # overrun the scored window: NaN, never a wrong number.
+        fits = p["fits"] & ((p["response_tokens"] <= W) if W else True)
+        cut = lambda x: jnp.where(fits, x, jnp.nan)
         return cut(c), cut(r), lc, lr
 
 

@@ -49,15 +49,20 @@ def _random_pairs(seed, n=6):
     return draw(1, 9), draw(1, 11), draw(1, 11)
 
 
+@pytest.mark.parametrize("windowed", [False, True])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_packed_pair_logps_equal_two_rows_per_pair(model_and_params, side):
+def test_packed_pair_logps_equal_two_rows_per_pair(model_and_params, side, windowed):
+    """Also with the output layer run over the responses' window only
+    (`response_length`): the prompt columns it skips are never read."""
     model, params = model_and_params
     prompts, chosen, rejected = _random_pairs(0)
     prompts[0] = []  # no prompt: each response's first token has no predictor
     batch = _pairs(prompts, chosen, rejected, 24, side)
     S = pref.shared_prefix_length({"train": batch})
+    W = pref.shared_response_length({"train": batch}, multiple=1) if windowed else 0
+    assert W == 0 or W < S   # a real window: some columns are not scored
     plain = pref.pair_logps(pref.decoder_logps_fn(model), params, batch)
-    packed = pref.pair_logps(pref.decoder_logps_fn(model, S), params, batch)
+    packed = pref.pair_logps(pref.decoder_logps_fn(model, S, W), params, batch)
     for a, b in zip(plain, packed):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
     # Lengths count each response's tokens (but the first token of a row is never scored).
@@ -65,21 +70,23 @@ def test_packed_pair_logps_equal_two_rows_per_pair(model_and_params, side):
     np.testing.assert_array_equal(np.asarray(packed[3]), [len(r) - (i == 0) for i, r in enumerate(rejected)])
     # Padding side and amount, and a longer packed row, change nothing.
     wider = _pairs(prompts, chosen, rejected, 31, "left" if side == "right" else "right")
-    again = pref.pair_logps(pref.decoder_logps_fn(model, S + 16), params, wider)
+    again = pref.pair_logps(pref.decoder_logps_fn(model, S + 16, W), params, wider)
     for a, b in zip(packed, again):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
 
 
-def test_packed_gradients_equal_two_rows_per_pair(model_and_params):
+@pytest.mark.parametrize("windowed", [False, True])
+def test_packed_gradients_equal_two_rows_per_pair(model_and_params, windowed):
     model, params = model_and_params
     batch = _pairs(*_random_pairs(1, n=4), 24, "right")
     S = pref.shared_prefix_length({"train": batch})
+    W = pref.shared_response_length({"train": batch}, multiple=1) if windowed else 0
 
     def objective(fn, p):  # a DPO-like mix of both sides, so both gradients count
         c, r, _, _ = pref.pair_logps(fn, p, batch)
         return jnp.sum(c - 0.5 * r)
     plain, packed = (jax.tree.leaves(jax.grad(lambda p: objective(fn, p))(params))
-                     for fn in (pref.decoder_logps_fn(model), pref.decoder_logps_fn(model, S)))
+                     for fn in (pref.decoder_logps_fn(model), pref.decoder_logps_fn(model, S, W)))
     for a, b in zip(plain, packed):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
 
@@ -109,6 +116,24 @@ def test_packed_row_layout_by_hand():
     assert int(p["prefix_last"][0]) == 1
     np.testing.assert_array_equal(p["chosen"][0], [0, 0, 1, 1, 1, 0, 0, 0])
     np.testing.assert_array_equal(p["rejected"][0], [0, 0, 0, 0, 0, 1, 0, 0])
+
+
+def test_a_pair_whose_responses_overrun_the_window_gives_nan(model_and_params):
+    """Responses of 3 + 1 = 4 tokens (pair 0) and 1 + 2 = 3 (pair 1), so
+    `shared_response_length` is 4 (8 rounded). A window of 3 cannot hold
+    pair 0's: NaN, never a sum that silently lost a token; pair 1 keeps the
+    unwindowed value."""
+    model, params = model_and_params
+    batch = _pairs([[11, 12], [5]], [[21, 22, 23], [6]], [[31], [7, 8]], 6, "right")
+    assert pref.shared_response_length({"train": batch}, multiple=1) == 4
+    assert pref.shared_response_length({"train": batch}) == 8
+    p = jax.tree.map(np.asarray, pref.pack_pairs(batch, 8))
+    np.testing.assert_array_equal(p["response_start"], [2, 1])
+    np.testing.assert_array_equal(p["response_tokens"], [4, 3])
+    c, r, _, _ = map(np.asarray, pref.pair_logps(pref.decoder_logps_fn(model, 8, 3), params, batch))
+    assert np.isnan(c[0]) and np.isnan(r[0])
+    full = np.asarray(pref.pair_logps(pref.decoder_logps_fn(model, 8), params, batch))
+    np.testing.assert_allclose([c[1], r[1]], full[:2, 1], rtol=1e-6)
 
 
 def test_shared_prefix_length_and_refusals():

@@ -121,6 +121,31 @@ def test_chunked_logps_gradient_matches_unchunked():
     np.testing.assert_allclose(jax.grad(chunked)(w), jax.grad(plain)(w), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1e-30])
+def test_untruncated_logps_equal_process_logits_in_value_and_gradient(temperature):
+    """Without top-k/top-p, `target_logps` takes z_y - logsumexp(z) instead of
+    the whole log-softmax: same value and gradient as picking the target from
+    `process_logits`, also for a tiny temperature (finite, greedy-like)."""
+    h = jax.random.normal(jax.random.PRNGKey(5), (2, 6, 8)) * 4.0   # logits of size ~±40
+    w = jax.random.normal(jax.random.PRNGKey(6), (8, 13))
+    tgt = jax.random.randint(jax.random.PRNGKey(7), (2, 6), 0, 13)
+    cot = jax.random.normal(jax.random.PRNGKey(8), (2, 6))
+
+    def picked(w):
+        lp = process_logits(h @ w, temperature)
+        return jnp.take_along_axis(lp, tgt[..., None], axis=-1)[..., 0]
+
+    fast = lambda w: target_logps(lambda x: x @ w, h, tgt, temperature=temperature, chunk_size=4)
+    got, want = fast(w), picked(w)
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 if temperature < 1e-3 else 1e-5)
+    g_fast = jax.grad(lambda w: jnp.sum(cot * fast(w)))(w)
+    g_full = jax.grad(lambda w: jnp.sum(cot * picked(w)))(w)
+    np.testing.assert_allclose(g_fast, g_full, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="temperature"):
+        target_logps(lambda x: x @ w, h, tgt, temperature=0.0)
+
+
 def test_any_id_in_masked_slots_changes_nothing(rm_and_params):
     """pad_id = vocab_size (or -1) at masked slots must not reach real positions."""
     rm, params = rm_and_params

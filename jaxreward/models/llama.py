@@ -185,41 +185,6 @@ def grouped_attention(q_BTHD: Array, k_BKSD: Array, v_BKSD: Array, mask_BTS: Arr
     return rearrange(out, "b k (g t) d -> b t (k g) d", g=G).astype(q_BTHD.dtype)
 
 
-CAUSAL_QUERY_CHUNKS = 4
-
-
-def causal_grouped_attention(q_BTHD: Array, k_BKTD: Array, v_BKTD: Array, mask_BTT: Array,
-                             chunks: int = CAUSAL_QUERY_CHUNKS) -> Array:
-    """`grouped_attention` of T queries over the same T keys under a causal mask, in query chunks.
-
-    Query chunk [lo, hi) reads keys [0, hi) only: under a causal mask (query
-    t never sees a key after t) the keys past hi are masked for every query
-    of the chunk, so the result is exactly `grouped_attention`'s (each
-    softmax row covers the same visible keys), while the scores computed
-    shrink from T² to about (n + 1) / 2n of it. No online softmax is
-    needed: a chunk holds whole rows. On XLA CPU with SmolLM2's heads, 4
-    chunks ran forward + backward 1.3-2.9x faster than one at T = 96..512
-    (8 rows); see benchmarks/README.md.
-
-    Args:
-      q_BTHD: `[B, T, H, D]`; k_BKTD, v_BKTD: `[B, K, T, D]` (the same T
-        positions); mask_BTT: bool `[B, T, T]`, causal (False above the
-        diagonal; other entries free) with every row non-empty.
-      chunks: number of query chunks (1 = `grouped_attention`).
-
-    Returns:
-      `[B, T, H, D]` in the queries' dtype.
-    """
-    T = q_BTHD.shape[1]
-    n = max(1, min(chunks, T // 8))
-    if n == 1:
-        return grouped_attention(q_BTHD, k_BKTD, v_BKTD, mask_BTT)
-    bounds = [round(T * i / n) for i in range(n + 1)]
-    return jnp.concatenate([
-        grouped_attention(q_BTHD[:, lo:hi], k_BKTD[:, :, :hi], v_BKTD[:, :, :hi], mask_BTT[:, lo:hi, :hi])
-        for lo, hi in zip(bounds[:-1], bounds[1:])], axis=1)
-
-
 class Attention(nn.Module):
     config: LlamaConfig
 
@@ -249,10 +214,7 @@ class Attention(nn.Module):
             new_kv = (k, v)
         # GQA: query head i reads kv head i // (h // kv), as HF's repeat_kv.
         # o_proj contracts (heads, D).
-        if cfg.attention_impl is None and cache_kv is None:
-            # No cache: a causal self-attention over the same T positions.
-            out = causal_grouped_attention(q, k, v, mask_BTS, CAUSAL_QUERY_CHUNKS)
-        elif cfg.attention_impl is None:
+        if cfg.attention_impl is None:
             out = grouped_attention(q, k, v, mask_BTS)
         else:
             k, v = (rearrange(a, "b k s d -> b s k d") for a in (k, v))

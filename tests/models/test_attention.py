@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxreward.models import llama
-from jaxreward.models.llama import Decoder, LlamaConfig, causal_grouped_attention, grouped_attention
+from jaxreward.models.llama import Decoder, LlamaConfig, grouped_attention
 
 hm = lambda x_BSKD: jnp.swapaxes(x_BSKD, 1, 2)  # head-major [B, K, S, D], the cache layout
 
@@ -94,42 +93,3 @@ def test_heads_must_be_a_multiple_of_kv_heads():
     with pytest.raises(ValueError, match="num_heads=6 must be a multiple of num_kv_heads=4"):
         LlamaConfig(vocab_size=8, hidden_size=24, intermediate_size=8, num_layers=1, num_heads=6,
                     num_kv_heads=4)
-
-
-@pytest.mark.parametrize("T", [16, 37, 64])
-@pytest.mark.parametrize("chunks", [2, 3, 4, 5])
-def test_causal_query_chunks_equal_one_chunk_in_value_and_gradient(T, chunks):
-    """Chunk [lo, hi) reads keys [0, hi) only; under a causal mask that drops
-    only masked keys, so value and gradients equal the unchunked ones. The
-    mask is causal with random holes below the diagonal (padding, branches
-    of a packed row), the diagonal always visible."""
-    ks = jax.random.split(jax.random.PRNGKey(T * 10 + chunks), 4)
-    q = jax.random.normal(ks[0], (2, T, 6, 8))
-    k, v = (jax.random.normal(kk, (2, 2, T, 8)) for kk in ks[1:3])
-    causal = jnp.tril(jnp.ones((T, T), bool))
-    mask = (jax.random.bernoulli(ks[3], 0.7, (2, T, T)) & causal) | jnp.eye(T, dtype=bool)
-    loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
-    one = lambda q, k, v: grouped_attention(q, k, v, mask)
-    many = lambda q, k, v: causal_grouped_attention(q, k, v, mask, chunks)
-    np.testing.assert_allclose(many(q, k, v), one(q, k, v), rtol=1e-5, atol=1e-6)
-    for a, b in zip(jax.grad(loss(many), (0, 1, 2))(q, k, v), jax.grad(loss(one), (0, 1, 2))(q, k, v)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-
-
-def test_decoder_logits_do_not_depend_on_the_query_chunks(monkeypatch):
-    """A whole forward (padding and the prefix-sharing branch mask) with 1 and
-    4 query chunks."""
-    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_layers=2,
-                      num_heads=4, num_kv_heads=2, max_position_embeddings=64)
-    model = Decoder(cfg)
-    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 40), 0, 40)
-    mask = jnp.ones((2, 40), bool).at[0, :7].set(False)
-    branch = jnp.concatenate([jnp.zeros((2, 16), jnp.int32), jnp.ones((2, 12), jnp.int32),
-                              jnp.full((2, 12), 2, jnp.int32)], axis=1)
-    params = model.init(jax.random.PRNGKey(1), tokens)["params"]
-    run = lambda: model.apply({"params": params}, tokens, mask, None, None, branch,
-                              method=model.hidden_states)
-    monkeypatch.setattr(llama, "CAUSAL_QUERY_CHUNKS", 1)
-    one = run()
-    monkeypatch.setattr(llama, "CAUSAL_QUERY_CHUNKS", 4)
-    np.testing.assert_allclose(run(), one, rtol=1e-5, atol=1e-5)

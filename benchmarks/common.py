@@ -32,7 +32,7 @@ from jaxreward import hostmem  # noqa: E402
 
 # JAXREWARD_MALLOC=heap runs a benchmark under the allocator settings of
 # jaxreward/hostmem.py, as it does `python -m jaxreward.main`.
-hostmem.reexec_with_tunables()
+hostmem.from_environment()
 
 import jax  # noqa: E402
 import jax.numpy as jnp
@@ -171,7 +171,7 @@ def machine() -> dict:
     return {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
             "num_devices": jax.device_count(), "cpu_count": os.cpu_count(),
             "platform": platform.platform(), "jax": jax.__version__,
-            "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
+            "host_allocator": hostmem.describe()}
 
 
 def _cell(v):
@@ -194,8 +194,7 @@ def report(name: str, rows: list[dict], out_dir: str, extra: dict | None = None)
     for d, p in peaks.items():
         print(f"MFU peak ({d}): {p['peak_flops'] / 1e9:,.0f} GFLOP/s, {p['peak_source']}: "
               f"{p['peak_method']}")
-    print("host allocator: " + (f"GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']}"
-                                if "GLIBC_TUNABLES" in os.environ else "glibc defaults"))
+    print("host allocator: " + hostmem.describe())
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.json")
     with open(path, "w", encoding="utf-8") as f:

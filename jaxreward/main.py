@@ -257,9 +257,10 @@ def main(argv):
 
 
 def run():
-    # JAXREWARD_MALLOC=heap: re-run this command once with glibc settings that
-    # stop XLA on CPU re-faulting its temp buffers every step (hostmem).
-    hostmem.reexec_with_tunables()
+    # JAXREWARD_MALLOC=heap: glibc malloc settings that stop XLA on CPU
+    # re-faulting its temp buffers every step (hostmem); before any JAX work.
+    if hostmem.from_environment():
+        print(f"jaxreward: host allocator: {hostmem.describe()}", file=sys.stderr)
     # Multi-host runs (pods) must call jax.distributed.initialize() first;
     # set JAXREWARD_DISTRIBUTED=1 to do so from the launcher's environment.
     if os.environ.get("JAXREWARD_DISTRIBUTED") == "1":

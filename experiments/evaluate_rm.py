@@ -115,9 +115,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if len(set(map(os.path.abspath, paths))) != len(paths):
         raise defaults.ConfigError(f"config field data.paths lists a file twice: {paths}")
     defaults.check_int(config, "data.max_rows", 0)
-    if d.max_prompt_length >= d.max_length:
-        raise defaults.ConfigError(f"config field data.max_prompt_length={d.max_prompt_length} leaves no "
-                                   f"room for a response in data.max_length={d.max_length}")
+    # data.max_prompt_length < data.max_length: defaults.check_common.
     if s.kind == "exported":
         defaults.check_path(config, "scorer.reward_model_dir", required=True)
         ensemble_lib.check_export_dir(config, "scorer.reward_model_dir")

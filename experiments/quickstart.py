@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from jaxreward import parallel
+from jaxreward import errors, parallel
 from jaxreward.data import synthetic
 from jaxreward.data.pipeline import GrainLoader
 from jaxreward.models import ensemble
@@ -218,7 +218,7 @@ def train_ensemble(config, workdir, rm, rm_params, train, evals, mesh, tx, sched
         if loop.due(done, t.log_every, stop):
             per_member = jax.device_get(metrics)
             if not np.all(np.isfinite(per_member["loss"])):
-                raise FloatingPointError(f"non-finite ensemble loss {per_member['loss']} at step {done}")
+                raise errors.diverged("ensemble loss", per_member["loss"], done)
             mets = {k: float(np.mean(v)) for k, v in per_member.items()}  # mean over members
             for e in range(E):
                 mets[f"loss_e{e}"] = float(per_member["loss"][e])

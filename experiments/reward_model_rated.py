@@ -42,6 +42,7 @@ from jaxreward import parallel
 from jaxreward.data import records
 from jaxreward.data.batching import tokenize_pairs
 from jaxreward.data.pipeline import GrainLoader
+from jaxreward import errors
 from jaxreward.errors import UserError
 from jaxreward.models.heads import RewardModel
 from jaxreward.models import pretrained
@@ -384,7 +385,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if loop.due(done, t.log_every, stop):
             mets = metrics_lib.to_floats(metrics)
             if not np.isfinite(mets["loss"]):
-                raise FloatingPointError(f"non-finite loss {mets['loss']} at step {done}")
+                raise errors.diverged("loss", mets["loss"], done)
             writer.write(done, mets)
             history.append({"step": done, **mets})
             bar.set_postfix(loss=f"{mets['loss']:.4f}")

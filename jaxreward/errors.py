@@ -4,8 +4,10 @@ A `UserError` is bad input: a config value, a data file, a chat template, a
 checkpoint or export on disk. Its message names what is wrong (field,
 file:line, path) and is complete on its own, so the command line prints it
 as one line, `error: <message>`, and exits with status 2 instead of showing
-a traceback (`JAXREWARD_TRACEBACK=1` shows it). Everything else (a bug, an
-out-of-memory, a NaN loss) keeps its traceback.
+a traceback (`JAXREWARD_TRACEBACK=1` shows it). A run whose loss became NaN
+or infinite (`DivergedError`) is reported the same way: its usual causes
+are the config's (learning rate, data), and its traceback only points at
+the loop. Everything else (a bug, an out-of-memory) keeps its traceback.
 
 The subclasses live next to the code that raises them and keep their
 `ValueError` ancestry, so `except ValueError` in user code still works:
@@ -31,6 +33,18 @@ class UserError(ValueError):
 class CorruptFileError(UserError):
     """Files on disk (a checkpoint, an exported model) are missing or damaged;
     the message names them and says what to do."""
+
+
+class DivergedError(UserError, FloatingPointError):
+    """The training loss became NaN or infinite; the message names the step
+    and the loss, and says what to try. Also a `FloatingPointError`, so
+    `except FloatingPointError` keeps working."""
+
+
+def diverged(what: str, value, step: int) -> DivergedError:
+    """The one-line `DivergedError` for `what` (e.g. "loss") = `value` at `step`."""
+    return DivergedError(f"non-finite {what} {value} at step {step}: the run diverged; try a lower "
+                         "optimizer.learning_rate, or check the data")
 
 
 # What the command line reports as one line (exit status 2) instead of a traceback.

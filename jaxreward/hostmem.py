@@ -55,6 +55,17 @@ def _glibc() -> bool:
     return sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
 
 
+# The tunables that set what `use_heap()` sets: a user's own value of one wins.
+_TUNABLE_NAMES = ("glibc.malloc.arena_max", "glibc.malloc.mmap_max", "glibc.malloc.trim_threshold",
+                  "glibc.malloc.mmap_threshold")
+
+
+def _own_tunables() -> list[str]:
+    """The malloc parameters that this process's `GLIBC_TUNABLES` sets and `use_heap()` would."""
+    given = [t.split("=", 1)[0].strip() for t in os.environ.get("GLIBC_TUNABLES", "").split(":")]
+    return [name for name in _TUNABLE_NAMES if name in given]
+
+
 def _jax_backends_started() -> bool:
     if "jax" not in sys.modules:
         return False
@@ -71,8 +82,9 @@ def use_heap() -> bool:
     Call it before the first JAX computation in the process (importing jax
     is fine). Returns True when the settings are in force, False (with a
     one-line note on stderr) where they cannot apply: not Linux with glibc,
-    or a `GLIBC_TUNABLES` of the user's own that sets malloc parameters
-    (theirs win). Calling it again is a no-op.
+    or a `GLIBC_TUNABLES` of the user's own that sets the arena count, mmap
+    count or threshold, or the trim threshold (theirs win; other tunables
+    do not matter). Calling it again is a no-op.
 
     Raises:
       RuntimeError: when a JAX backend has already started, because its
@@ -86,8 +98,9 @@ def use_heap() -> bool:
         print(f"jaxreward: {OPT_IN}=heap needs Linux with glibc; using the platform's allocator",
               file=sys.stderr)
         return False
-    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
-        print(f"jaxreward: GLIBC_TUNABLES sets malloc parameters; keeping them, not {OPT_IN}=heap",
+    own = _own_tunables()
+    if own:
+        print(f"jaxreward: GLIBC_TUNABLES sets {', '.join(own)}; keeping them, not {OPT_IN}=heap",
               file=sys.stderr)
         return False
     if _jax_backends_started():
@@ -112,12 +125,12 @@ def applied() -> bool:
 def from_environment(environ=None) -> bool:
     """Applies `JAXREWARD_MALLOC`: "heap" calls `use_heap()`; "default" or unset leaves glibc's defaults.
 
-    Any other value is a typo: one line on stderr names it and the
-    allowed values, and the defaults stay. Returns whether the heap
+    Any other value (also "HEAP" or " heap") is a typo: one line on stderr
+    names it and the allowed values, and the defaults stay. Returns whether the heap
     settings are in force.
     """
     env = os.environ if environ is None else environ
-    mode = env.get(OPT_IN, "").strip()
+    mode = env.get(OPT_IN, "")
     if mode in ("", "default"):
         return False
     if mode != "heap":
@@ -131,6 +144,6 @@ def describe() -> str:
     """One line for logs and benchmark tables: which allocator settings this process runs."""
     if _applied:
         return "mallopt " + " ".join(f"{k}={v}" for k, v in SETTINGS.items())
-    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+    if _own_tunables():
         return f"GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']}"
     return "glibc defaults" if _glibc() else "platform defaults"

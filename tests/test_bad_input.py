@@ -37,8 +37,9 @@ def _config(file: str, variant: str, **overrides):
 
 def test_user_errors_share_one_base_and_stay_value_errors():
     for cls in (DataError, defaults.ConfigError, ChatTemplateError, main.UnknownTask,
-                errors.CorruptFileError):
+                errors.CorruptFileError, errors.DivergedError):
         assert issubclass(cls, errors.UserError) and issubclass(cls, ValueError)
+    assert issubclass(errors.DivergedError, FloatingPointError)   # `except FloatingPointError` still works
     assert FileNotFoundError in errors.USER_ERRORS
 
 
@@ -49,6 +50,8 @@ def test_user_errors_share_one_base_and_stay_value_errors():
     ("model.dtype", "float8", "model.dtype must be one of float32, bfloat16, float16; got 'float8'"),
     ("data.train_path", "/no/such/pairs.jsonl", "config field data.train_path: '/no/such/pairs.jsonl' does not exist"),
     ("model.pretrained", "/no/such/model", "config field model.pretrained: '/no/such/model' is neither an existing path"),
+    ("data.max_prompt_length", 500, "config field data.max_prompt_length=500 leaves no room for a response in "
+                                    "data.max_length="),
 ])
 def test_impossible_config_values_are_refused_naming_the_field(field, value, message):
     config = _config("reward_model", "smollm2_hh", **{field: value})
@@ -139,6 +142,9 @@ def run(config, workdir):
         raise UserError("3 usable train pairs is fewer than one batch (data.batch_size=8)")
     if kind == "corrupt":
         raise CorruptFileError("checkpoint ck/2 cannot be restored: missing state/d/abc")
+    if kind == "diverged":   # the loop's check of a NaN loss
+        from jaxreward.train import loop
+        loop.log_train(None, 3, {"loss": float("nan")})
     if kind == "bug":
         raise RuntimeError("a bug, not bad input")
     print("ok")
@@ -167,7 +173,9 @@ def test_user_errors_in_a_driver_run_are_one_line_with_exit_2(tmp_path):
             ("template", "error: chat template raised: roles must alternate"),
             ("missing", "error: no such file or directory: '"),
             ("batch", "error: 3 usable train pairs is fewer than one batch (data.batch_size=8)"),
-            ("corrupt", "error: checkpoint ck/2 cannot be restored: missing state/d/abc")]:
+            ("corrupt", "error: checkpoint ck/2 cannot be restored: missing state/d/abc"),
+            ("diverged", "error: non-finite loss nan at step 3: the run diverged; try a lower "
+                         "optimizer.learning_rate, or check the data")]:
         line = _one_error_line(run(f"--config.fail={kind}"))
         assert line.startswith(expected), (kind, line)
     assert _one_error_line(run("--config.rate=-1")).startswith(

@@ -69,7 +69,12 @@ def test_the_users_own_malloc_tunables_win():
     r = _run(_PROBE, JAXREWARD_MALLOC="heap", GLIBC_TUNABLES="glibc.malloc.arena_max=2")
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split()[0] == "False"
-    assert "GLIBC_TUNABLES sets malloc parameters; keeping them" in r.stderr
+    assert ("jaxreward: GLIBC_TUNABLES sets glibc.malloc.arena_max; keeping them, not "
+            "JAXREWARD_MALLOC=heap") in r.stderr
+    # A tunable that use_heap() does not set is no conflict.
+    r = _run(_PROBE, JAXREWARD_MALLOC="heap", GLIBC_TUNABLES="glibc.malloc.tcache_count=0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[0] == "True" and "keeping them" not in r.stderr
 
 
 @needs_glibc
@@ -81,6 +86,14 @@ def test_after_the_first_jax_computation_it_refuses_with_the_reason():
     assert r.returncode == 0, r.stderr[-2000:]
     assert "refused: hostmem.use_heap() must run before the first JAX computation" in r.stdout
     assert r.stdout.split()[-1] == "False"
+
+
+def test_values_are_read_exactly(capsys):
+    for typo in ("HEAP", " heap", "heap ", " "):
+        assert not hostmem.from_environment({"JAXREWARD_MALLOC": typo})
+        assert capsys.readouterr().err == (f"jaxreward: JAXREWARD_MALLOC={typo!r} is not one of heap, "
+                                           "default; using glibc's default allocator\n")
+    assert not hostmem.applied()
 
 
 def test_default_and_unset_leave_the_allocator_alone():

@@ -12,6 +12,7 @@ sampling log-prob and its recomputed training log-prob agree.
 from __future__ import annotations
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -234,7 +235,13 @@ def branch_logps(model, params, tokens_BS: Array, attention_mask_BS: Array, posi
       branch's earlier tokens and the prefix). Column 0, padded columns and
       columns outside the window are 0; without a window, prefix columns
       hold the prefix's own log-probs.
+
+    Raises:
+      ValueError: a `window_start_B` without a positive static int `window`.
     """
+    if window_start_B is not None and not (isinstance(window, numbers.Integral) and window > 0):
+        raise ValueError(f"branch_logps: window_start_B needs window, the static number of columns "
+                         f"to score (a positive int), got window={window!r}")
     variables = {"params": params}
     mask = jnp.asarray(attention_mask_BS).astype(bool)
     tokens_BS = jnp.where(mask, tokens_BS, 0)

@@ -226,6 +226,10 @@ def check_common(config) -> None:
                  "sampling.max_new_tokens", "sampling.top_k"):
         check_int(config, name, 0)
     check_int(config, "data.max_length", 2)
+    prompt_cap, length = get_field(config, "data.max_prompt_length"), get_field(config, "data.max_length")
+    if prompt_cap not in (_MISSING, 0) and length is not _MISSING and prompt_cap >= length:
+        raise ConfigError(f"config field data.max_prompt_length={prompt_cap} leaves no room for a "
+                          f"response in data.max_length={length}")
     check_int(config, "seed", 0)
     check_float(config, "sampling.temperature", 0.0)
     check_float(config, "sampling.top_p", 0.0, 1.0, low_open=True)

@@ -77,12 +77,14 @@ def log_train(writer, step: int, metrics, bar=None, show=("loss", "accuracy")) -
       bar: a tqdm bar whose postfix shows the `show` metrics, or None.
 
     Raises:
-      FloatingPointError: the loss is NaN or infinite (names the step).
+      errors.DivergedError: the loss is NaN or infinite (names the step;
+        a `FloatingPointError` and a `UserError`: one line on the command line).
     """
     from jaxreward.train import metrics as metrics_lib
     values = metrics_lib.to_floats(metrics)
     if not math.isfinite(values["loss"]):
-        raise FloatingPointError(f"non-finite loss {values['loss']} at step {step}")
+        from jaxreward import errors
+        raise errors.diverged("loss", values["loss"], step)
     writer.write(step, values)
     if bar is not None:
         bar.set_postfix({k: f"{values[k]:.4f}" for k in show if k in values})

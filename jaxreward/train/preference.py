@@ -136,8 +136,8 @@ def pack_pairs(batch: Mapping[str, Array], packed_length: int) -> dict[str, Arra
         `shared_prefix_length`, which checks it and gives `packed_length`).
       packed_length: S >= prompt + chosen + rejected tokens of every row
         (static). A longer row does not fit: its `fits` entry is False and
-        `SharedPrefixLogps.pair_logps` gives it NaN rather than the
-        log-probs of a cut pair.
+        `SharedPrefixLogps.pair_logps` gives it NaN, in value and gradient,
+        rather than the log-probs of a cut pair.
 
     Returns:
       dict of `[B, S]` arrays: `tokens`, `attention_mask`, `positions`,
@@ -284,9 +284,13 @@ class SharedPrefixLogps:
         same = identical_sides(batch)
         r, lr = jnp.where(same, c, r), jnp.where(same, lc, lr)
         # A pair longer than packed_length was cut, or whose responses
-        # overrun the scored window: NaN, never a wrong number.
+        # overrun the scored window: NaN, never a wrong number. Multiplied,
+        # not selected, so the gradient is NaN too, even under a loss that
+        # masks the pair: a step on such a batch cannot quietly train on
+        # the other pairs (its loss and grad_norm are NaN, which the train
+        # loop's finite check stops).
         fits = p["fits"] & ((p["response_tokens"] <= W) if W else True)
-        cut = lambda x: jnp.where(fits, x, jnp.nan)
+        cut = lambda x: x * jnp.where(fits, 1.0, jnp.nan)
         return cut(c), cut(r), lc, lr
 
 

@@ -220,8 +220,8 @@ def test_config_checks_name_the_field(tmp_path):
             node, _, key = name.rpartition(".")
             c[node][key] = value
         with pytest.raises(ValueError, match=re.escape(message)):
-            driver.check_config(c)
-    driver.check_config(_text_config([path]))  # the text variant on a file is fine
+            jaxreward.main.check_config(c)   # the shared checks (data.max_prompt_length), then the driver's
+    jaxreward.main.check_config(_text_config([path]))  # the text variant on a file is fine
 
 
 def _text_config(paths, **data):

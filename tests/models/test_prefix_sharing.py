@@ -134,6 +134,24 @@ def test_a_pair_whose_responses_overrun_the_window_gives_nan(model_and_params):
     assert np.isnan(c[0]) and np.isnan(r[0])
     full = np.asarray(pref.pair_logps(pref.decoder_logps_fn(model, 8), params, batch))
     np.testing.assert_allclose([c[1], r[1]], full[:2, 1], rtol=1e-6)
+    # The gradient is NaN too, even where the loss masks pair 0 out: a step
+    # cannot quietly train on pair 1 alone.
+    grads = jax.grad(lambda q: sum(jnp.where(jnp.array([False, True]), x, 0.0).sum() for x in pref.pair_logps(
+        pref.decoder_logps_fn(model, 8, 3), q, batch)[:2]))(params)
+    assert all(np.isnan(np.asarray(g)).any() for g in jax.tree.leaves(grads))
+
+
+def test_branch_logps_refuses_a_window_start_without_a_window(model_and_params):
+    model, params = model_and_params
+    batch = _pairs([[11, 12]], [[21, 22, 23]], [[31]], 6, "right")
+    p = pref.pack_pairs(batch, 8)
+    args = (model, params, p["tokens"], p["attention_mask"], p["positions"], p["branch_ids"], p["prefix_last"])
+    for window in (0, -3, 2.5):
+        with pytest.raises(ValueError, match=r"window_start_B needs window, the static number of columns"):
+            branch_logps(*args, window_start_B=p["response_start"], window=window)
+    ok = branch_logps(*args, window_start_B=p["response_start"], window=np.int64(4))
+    np.testing.assert_allclose(np.asarray(ok)[0, 2:6], np.asarray(branch_logps(*args))[0, 2:6],
+                               rtol=1e-6)
 
 
 def test_shared_prefix_length_and_refusals():

@@ -319,7 +319,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rollout.check_minibatch_split(config, mesh)
     ref_model, ref_params = rollout.load_reference(config, cfg.vocab_size, base_model, base_params)
-    score, reward_name = rollout.make_reward_fn(config, workdir, task, tokenizer, base_model, base_params)
+    score, reward_name = rollout.make_reward_fn(config, workdir, task, tokenizer, base_model, base_params,
+                                                     prompts)
     sampling = rollout.sampling_kwargs(config, tokenizer)
     stop_ids = sampling["stop_ids"]
     process = (ro.temperature, ro.top_k, ro.top_p)
@@ -484,11 +485,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 met[f"reward/{name}"] = float(np.mean(v))
             if needs_ref:
                 x = k1_RL
-                k3 = np.where(mask, np.exp(-x) - 1 + x, 0.0)
+                k3 = np.where(mask, rollout.k3_terms(x), 0.0)
                 met.update({"kl/k1": float(seq_kl.mean()), "kl/k2": float((0.5 * x * x).sum(1).mean()),
                             "kl/k3": float(k3.sum(1).mean())})
-            history.append({"step": done, **loop.log_train(writer, done, met, bar,
-                                                           show=("reward/mean", "kl/k1", "value/loss"))})
+            history.append({"step": done, **loop.log_train(
+                writer, done, met, bar, show=("reward/mean", "kl/k1", "value/loss"),
+                # A diverged value model makes the advantages, then the policy, NaN: name it first.
+                finite=(("value/loss", "value_optimizer.learning_rate"), ("loss", "optimizer.learning_rate")))})
         if t.eval_every and done % t.eval_every == 0 and done != t.num_steps:
             writer.write(done, evaluate(state.params), prefix="eval")
         if loop.due(done, t.checkpoint_every, stop):

@@ -41,10 +41,12 @@ class DivergedError(UserError, FloatingPointError):
     `except FloatingPointError` keeps working."""
 
 
-def diverged(what: str, value, step: int) -> DivergedError:
-    """The one-line `DivergedError` for `what` (e.g. "loss") = `value` at `step`."""
+def diverged(what: str, value, step: int, field: str = "optimizer.learning_rate") -> DivergedError:
+    """The one-line `DivergedError` for `what` (e.g. "loss") = `value` at
+    `step`; `field` is the learning rate to lower. A new workdir is named
+    because a workdir refuses to resume under a changed config."""
     return DivergedError(f"non-finite {what} {value} at step {step}: the run diverged; try a lower "
-                         "optimizer.learning_rate, or check the data")
+                         f"{field} in a new --workdir, or check the data")
 
 
 # What the command line reports as one line (exit status 2) instead of a traceback.

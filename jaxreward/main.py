@@ -253,7 +253,17 @@ def main(argv):
     try:
         driver.run(config, workdir)
     except errors.USER_ERRORS as e:
+        _finish_checkpoints()
         fail(errors.message(e), e)
+    except BaseException:
+        _finish_checkpoints()
+        raise
+
+
+def _finish_checkpoints():
+    """A run that ends by an error still completes its in-flight checkpoint save."""
+    from jaxreward.train import checkpoint as ckpt_lib
+    ckpt_lib.close_open()
 
 
 def run():

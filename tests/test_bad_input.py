@@ -145,6 +145,16 @@ def run(config, workdir):
     if kind == "diverged":   # the loop's check of a NaN loss
         from jaxreward.train import loop
         loop.log_train(None, 3, {"loss": float("nan")})
+    if kind == "value_diverged":   # PPO's order: the value model's loss is checked first
+        from jaxreward.train import loop
+        loop.log_train(None, 3, {"loss": float("nan"), "value/loss": float("inf")},
+                       finite=(("value/loss", "value_optimizer.learning_rate"), ("loss", "optimizer.learning_rate")))
+    if kind == "after_save":   # an error while an async checkpoint save is in flight
+        import numpy as np
+        from jaxreward.train import checkpoint
+        ck = checkpoint.Checkpointer(os.path.join(workdir, "ck"))   # not "checkpoints": no resume check
+        ck.save(1, {"w": np.ones((256, 256), np.float32)}, {"epoch": 0})
+        raise UserError("3 usable train pairs is fewer than one batch (data.batch_size=8)")
     if kind == "bug":
         raise RuntimeError("a bug, not bad input")
     print("ok")
@@ -175,11 +185,18 @@ def test_user_errors_in_a_driver_run_are_one_line_with_exit_2(tmp_path):
             ("batch", "error: 3 usable train pairs is fewer than one batch (data.batch_size=8)"),
             ("corrupt", "error: checkpoint ck/2 cannot be restored: missing state/d/abc"),
             ("diverged", "error: non-finite loss nan at step 3: the run diverged; try a lower "
-                         "optimizer.learning_rate, or check the data")]:
+                         "optimizer.learning_rate in a new --workdir, or check the data"),
+            ("value_diverged", "error: non-finite value/loss inf at step 3: the run diverged; try a lower "
+                               "value_optimizer.learning_rate in a new --workdir, or check the data"),
+            ("after_save", "error: 3 usable train pairs is fewer than one batch")]:
         line = _one_error_line(run(f"--config.fail={kind}"))
         assert line.startswith(expected), (kind, line)
     assert _one_error_line(run("--config.rate=-1")).startswith(
         "error: config field rate must be a finite number in (0.0, inf), got -1.0")
+    # The save in flight when "after_save" failed was finished, sealed and
+    # closed before the error line (no tmp folder, no orbax traceback).
+    assert sorted(os.listdir(tmp_path / "wd" / "ck")) == ["1"]
+    assert os.path.isfile(tmp_path / "wd" / "ck" / "1" / "sha256.json")
     bug = run("--config.fail=bug")
     assert bug.returncode == 1 and "Traceback" in bug.stderr and "RuntimeError: a bug" in bug.stderr
     traced = run("--config.fail=data", env={"JAXREWARD_TRACEBACK": "1"})

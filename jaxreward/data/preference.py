@@ -128,7 +128,8 @@ class ReadReport:
             examples.append(source)
 
     def summary(self) -> str:
-        """One line, e.g. "read 10 lines (hh): kept 8, skipped 2 (prompt mismatch: 2 [f:3, f:7])"."""
+        """One line, e.g. "read 10 lines (hh): kept 8, skipped 2 (prompt mismatch: 2 [f:3, f:7]);
+        1 blank line ignored"."""
         text = f"{self.path}: read {self.lines} lines ({self.fmt or 'format unknown'}): kept {self.kept}"
         text += f", skipped {self.num_skipped}"
         if self.skipped:
@@ -138,6 +139,8 @@ class ReadReport:
                 more = ", ..." if count > len(shown) else ""
                 parts.append(f"{label}: {count} [{', '.join(shown)}{more}]")
             text += " (" + "; ".join(parts) + ")"
+        if self.blank:
+            text += f"; {self.blank} blank line{'s' if self.blank > 1 else ''} ignored"
         return text
 
 

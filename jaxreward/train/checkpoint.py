@@ -20,6 +20,7 @@ import json
 import os
 import re
 import sys
+import weakref
 from typing import Any
 
 import jax
@@ -110,6 +111,8 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        self._closed = False
+        _OPEN.add(self)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -222,9 +225,36 @@ class Checkpointer:
         self._seal()
 
     def close(self) -> None:
+        """Finishes the pending save, writes its digests and closes; a second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        _OPEN.discard(self)
         self._manager.wait_until_finished()
         self._seal()
         self._manager.close()
+
+
+# Checkpointers not closed yet: `close_open` finishes them when a run ends by an error.
+_OPEN: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
+
+
+def close_open() -> None:
+    """Finishes and closes every `Checkpointer` still open in this process.
+
+    `jaxreward.main` calls it when a driver raises, before it prints the
+    error: a save still running in the background then completes (and is
+    sealed) instead of being cut off at exit, which left a
+    `<step>.orbax-checkpoint-tmp` folder and orbax tracebacks after the
+    one-line error. A checkpointer that fails to close is named in one
+    line on stderr; the others still close.
+    """
+    for checkpointer in list(_OPEN):
+        try:
+            checkpointer.close()
+        except Exception as e:  # noqa: BLE001 - the run's own error is the one to report
+            print(f"warning: could not finish the checkpoint save in {checkpointer.directory}: "
+                  f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

@@ -67,7 +67,8 @@ def restore_or_init(checkpointer: ckpt_lib.Checkpointer, make_state: Callable[..
     return state, True
 
 
-def log_train(writer, step: int, metrics, bar=None, show=("loss", "accuracy")) -> dict[str, float]:
+def log_train(writer, step: int, metrics, bar=None, show=("loss", "accuracy"),
+              finite=(("loss", "optimizer.learning_rate"),)) -> dict[str, float]:
     """Writes one step's train metrics and returns them as floats.
 
     Args:
@@ -75,16 +76,21 @@ def log_train(writer, step: int, metrics, bar=None, show=("loss", "accuracy")) -
       step: finished optimizer steps.
       metrics: the step's metric dict (device scalars).
       bar: a tqdm bar whose postfix shows the `show` metrics, or None.
+      finite: (metric, learning-rate config field) pairs that must be
+        finite, checked in order; the first that is not names its field
+        (PPO checks the value model's loss first, against
+        `value_optimizer.learning_rate`). Absent metrics are skipped.
 
     Raises:
-      errors.DivergedError: the loss is NaN or infinite (names the step;
+      errors.DivergedError: a `finite` metric is NaN or infinite (names it, the step and the field;
         a `FloatingPointError` and a `UserError`: one line on the command line).
     """
     from jaxreward.train import metrics as metrics_lib
     values = metrics_lib.to_floats(metrics)
-    if not math.isfinite(values["loss"]):
-        from jaxreward import errors
-        raise errors.diverged("loss", values["loss"], step)
+    for name, field in finite:
+        if name in values and not math.isfinite(values[name]):
+            from jaxreward import errors
+            raise errors.diverged(name, values[name], step, field)
     writer.write(step, values)
     if bar is not None:
         bar.set_postfix({k: f"{values[k]:.4f}" for k in show if k in values})

@@ -128,7 +128,7 @@ def prompt_set(config: ml_collections.ConfigDict, tokenizer, task) -> dict:
     if d.source == "synthetic":
         tokens = task.prompts(n_train + n_eval, seed=5)
         mask = np.ones_like(tokens, bool)
-        texts, answers = [None] * len(tokens), None
+        texts, answers, sources = [None] * len(tokens), None, [None] * len(tokens)
     else:
         if d.source == "arithmetic":
             records = arithmetic_prompts(n_train + n_eval, seed=config.seed, low=d.get("operand_low", 10),
@@ -147,6 +147,7 @@ def prompt_set(config: ml_collections.ConfigDict, tokenizer, task) -> dict:
                                 "(train and eval)")
         texts = [r.prompt for r in records]
         answers = [r.answer for r in records]
+        sources = [r.source for r in records]
         chat = d.chat_template and d.source != "pairs"  # pair prompts come rendered
         tokens, mask, cut = encode_prompts(tokenizer, texts, d.max_prompt_length, chat)
         if cut:
@@ -155,6 +156,7 @@ def prompt_set(config: ml_collections.ConfigDict, tokenizer, task) -> dict:
     out = {}
     for name, lo, hi in (("train", 0, n_train), ("eval", n_train, n_train + n_eval)):
         out[name] = {"tokens": tokens[lo:hi], "mask": mask[lo:hi], "texts": texts[lo:hi],
+                     "sources": sources[lo:hi],
                      "columns": {} if answers is None else {"answer": answers[lo:hi]}}
     return out
 
@@ -181,9 +183,15 @@ def pair_prompts(path, tokenizer, *, on_error: str = "skip", chat: bool = True):
     return records, report
 
 
-def make_reward_fn(config, workdir, task, tokenizer, policy, base_params):
+def make_reward_fn(config, workdir, task, tokenizer, policy, base_params, prompts=None):
     """`score(samples, prompt_ids_R, split) -> (rewards_R, extra)`, its name, and
-    `extra` metrics of each call (e.g. the gold reward next to the proxy)."""
+    `extra` metrics of each call (e.g. the gold reward next to the proxy).
+
+    With `prompts` (`prompt_set`'s splits), text rewards are first tried on
+    every prompt with an empty completion (`check_text_rewards`), so a
+    prompt the reward cannot score (e.g. `exact_match` without an answer)
+    is refused before training, naming its file and line.
+    """
     r = config.reward
     if r.kind in ("proxy", "gold", "reward_model") and task is not None:
         gold = lambda s: task.gold_reward(np.asarray(s.response_tokens_RM), np.asarray(s.response_mask_RM))
@@ -204,7 +212,40 @@ def make_reward_fn(config, workdir, task, tokenizer, policy, base_params):
     if r.kind == "reward_model":
         fn, name = ensemble_lib.reward_fn_for(config, r.reward_model_dir, policy.config.vocab_size)
         return (lambda s, ids, split: (np.asarray(fn(s)), {})), name
+    if prompts is not None:
+        check_text_rewards(r.functions, prompts)
     return text_reward_fn(r.functions, tokenizer), " + ".join(f"{w:g}·{name}" for name, w, *_ in r.functions)
+
+
+def check_text_rewards(functions, splits) -> None:
+    """Scores an empty completion of every prompt of `splits` with each text
+    reward of `functions` (`rewards.combine`'s specs).
+
+    Raises:
+      UserError: a reward raised on a prompt: names the prompt's source
+        (file:line), the reward and its message, and `reward.functions`.
+    """
+    for spec in functions:
+        name = spec[0]
+        one = rewards.combine([(name, 1.0, dict(spec[2]) if len(spec) == 3 else {})])
+        for split_name, split in splits.items():
+            if any(t is None for t in split["texts"]):   # token prompts (synthetic): no text to score
+                continue
+            n = len(split["texts"])
+            try:
+                one(split["texts"], [""] * n, split["columns"])
+                continue
+            except Exception:  # noqa: BLE001 - find the row, then report it as the user's
+                pass
+            for i in range(n):
+                try:
+                    one([split["texts"][i]], [""], {k: [v[i]] for k, v in split["columns"].items()})
+                except Exception as e:  # noqa: BLE001
+                    where = (split.get("sources") or [None] * n)[i] or f"{split_name} prompt {i}"
+                    detail = str(e) if isinstance(e, rewards.RewardFunctionError) else (
+                        f"text reward {name!r} raised {type(e).__name__}: {e}")
+                    raise UserError(f"{where}: {detail} (reward.functions, tried on an empty completion "
+                                    "of this prompt before training)") from e
 
 
 def text_reward_fn(functions, tokenizer):
@@ -494,7 +535,7 @@ def eval_point(policy, params, split: dict, score, sampling: dict, policy_logps,
     lp = evaluate.score_all_rows(policy_logps, params, arrays, batch_size, mesh)
     ref = evaluate.score_all_rows(ref_logps, ref_params, arrays, batch_size, mesh)
     x = np.where(mask, lp - ref, 0.0)
-    k3 = np.where(mask, np.exp(-x) - 1 + x, 0.0)
+    k3 = np.where(mask, k3_terms(x), 0.0)
     res = {"reward": float(np.mean(rew)), "reward_se": standard_error(rew),
            "kl_k1": float(x.sum(1).mean()), "kl_k1_se": standard_error(x.sum(1)),
            "kl_k3": float(k3.sum(1).mean()), "kl_k3_se": standard_error(k3.sum(1)),
@@ -599,3 +640,14 @@ def value_model_init(config, workdir: str, policy_cfg, base_params, policy_token
     cfg = dataclasses.replace(cfg, dtype=m.dtype, remat=m.remat)
     tb = v.trainable_blocks
     return ValueModel(cfg, frozen_blocks=state_lib.frozen_blocks(cfg.num_layers, tb)), params
+
+
+def k3_terms(x: np.ndarray) -> np.ndarray:
+    """k3 = e^{−x} − 1 + x per token, x = log π − log π_ref, for metrics (host, numpy).
+
+    k3 is never negative; as `expm1(−x) + x` in float32, x near 0 can round
+    to about −1e-8, which a metric would show as a negative KL. Clamped at 0
+    ("Approximating KL Divergence", Schulman, 2020).
+    """
+    x = np.asarray(x)
+    return np.maximum(np.expm1(-x) + x, 0.0).astype(x.dtype, copy=False)

@@ -139,6 +139,7 @@ def test_skip_keeps_every_valid_pair_and_counts_reasons(tmp_path):
     summary = report.summary()
     assert f"read {report.lines} lines (hh): kept {n_good}, skipped {len(BAD_HH)}" in summary
     assert f"prompt mismatch: 1 [mixed.jsonl:{bad_lines[-1]}]" in summary
+    assert summary.endswith("; 1 blank line ignored")   # counted, and said
 
 
 @pytest.mark.parametrize("k", range(len(BAD_HH)))

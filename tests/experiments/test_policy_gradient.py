@@ -25,6 +25,7 @@ import pytest
 
 from configs import rl as rl_config
 from experiments import policy_gradient as driver
+from jaxreward.errors import UserError
 from jaxreward import main as cli
 from jaxreward import parallel, rewards
 from jaxreward.data import synthetic
@@ -450,7 +451,7 @@ def test_group_size_one_is_refused(advantage):
 # The real driver, one step: first minibatch under left padding, DAPO's filter, mesh shape
 
 
-def _flat_or_distinct_reward(config, workdir, task, tokenizer, policy, base_params):
+def _flat_or_distinct_reward(config, workdir, task, tokenizer, policy, base_params, prompts=None):
     """Stands in for `rollout.make_reward_fn`: 0.5 for every completion of a prompt
     with an even index (a flat group), a distinct number per completion otherwise."""
     def score(samples, prompt_ids_R, split):
@@ -790,8 +791,10 @@ def _tiny_text_model(directory):
 
 def test_a_reward_returning_nan_stops_the_run_with_one_line(tmp_path):
     """A text task on a tiny local model: a reward registered in the config
-    file returns NaN on row 1; the run ends at the first scoring (the eval at
-    step 0) with one line naming the reward and the row."""
+    file returns NaN on row 1 of sampled completions (not on the empty ones
+    that `check_text_rewards` tries before training); the run ends at the
+    first scoring (the eval at step 0) with one line naming the reward and
+    the row."""
     _tiny_text_model(tmp_path / "model")
     (tmp_path / "prompts.txt").write_text("say a\nsay b\nsay c\nsay d\n")
     (tmp_path / "nan_reward.py").write_text(
@@ -800,7 +803,8 @@ def test_a_reward_returning_nan_stops_the_run_with_one_line(tmp_path):
         "from jaxreward import rewards\n\n"
         "def nan_on_row_1(prompts, completions, columns):\n"
         "    out = np.zeros(len(completions), np.float32)\n"
-        "    out[1] = np.nan\n"
+        "    if len(out) > 1 and any(completions):\n"
+        "        out[1] = np.nan\n"
         "    return out\n\n"
         "if 'nan_on_row_1' not in rewards.names():\n"
         "    rewards.register('nan_on_row_1')(nan_on_row_1)\n\n"
@@ -815,3 +819,35 @@ def test_a_reward_returning_nan_stops_the_run_with_one_line(tmp_path):
         "    return c\n")
     proc = _cli(f"--config={tmp_path / 'nan_reward.py'}", f"--workdir={tmp_path / 'wd'}", check=False)
     _assert_user_error(proc, "text reward 'nan_on_row_1' returned NaN/inf for 1 of 4 rows: row 1 ")
+
+
+def test_a_prompt_a_text_reward_cannot_score_is_refused_before_training_naming_its_line():
+    """`exact_match` needs each prompt's answer: the prompt of line 2 has
+    none. `make_reward_fn` with the prompts tries every prompt first (an
+    empty completion) and names the line, not a batch row mid-run."""
+    splits = {"train": {"texts": ["p0", "p1"], "sources": ["q.jsonl:1", "q.jsonl:2"],
+                        "columns": {"answer": ["1", None]}},
+              "eval": {"texts": ["p2"], "sources": ["q.jsonl:3"], "columns": {"answer": ["3"]}}}
+    config = rl_config.get_config("smollm2_arith")
+    config.reward.functions = (("exact_match", 1.0),)
+    with pytest.raises(UserError) as e:
+        rollout.make_reward_fn(config, "", None, _Chars(), None, None, splits)
+    assert str(e.value).startswith("q.jsonl:2: text reward 'exact_match' raised ValueError: "), str(e.value)
+    assert "no reference answer" in str(e.value) and str(e.value).endswith(
+        "(reward.functions, tried on an empty completion of this prompt before training)")
+    splits["train"]["columns"]["answer"][1] = "2"
+    score, _ = rollout.make_reward_fn(config, "", None, _Chars(), None, None, splits)   # all fine now
+    assert callable(score)
+
+
+def test_k3_metric_terms_by_hand_and_never_negative():
+    # k3(x) = e^{-x} - 1 + x: k3(0) = 0; k3(1) = e^{-1} = 0.36787944; k3(-1) = e - 2 = 0.71828183.
+    np.testing.assert_allclose(rollout.k3_terms(np.array([0.0, 1.0, -1.0], np.float32)),
+                               [0.0, 0.36787944, 0.71828183], rtol=1e-6)
+    # Near 0, float32 `exp(-x) - 1 + x` is negative for about a third of these
+    # draws; the metric's terms are >= 0 and close to x^2 / 2.
+    x = (np.random.default_rng(0).normal(size=10_000) * 1e-4).astype(np.float32)
+    assert (np.exp(-x) - 1 + x < 0).sum() > 1000
+    k3 = rollout.k3_terms(x)
+    assert k3.dtype == np.float32 and (k3 >= 0).all()
+    np.testing.assert_allclose(k3, x.astype(np.float64) ** 2 / 2, atol=1e-10)   # float32 round-off

@@ -495,7 +495,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if t.eval_every and done % t.eval_every == 0 and done != t.num_steps:
             writer.write(done, evaluate(state.params), prefix="eval")
         if loop.due(done, t.checkpoint_every, stop):
-            checkpointer.save(done, PPOState(state, value_state, updates_per_step), run_state.state())
+            checkpointer.save(done, PPOState(state, value_state, updates_per_step), run_state.state(),
+                              lr_fields=(("value", "value_optimizer.learning_rate"),
+                                         ("", "optimizer.learning_rate")))
     checkpointer.close()
     if loop.stopped_early(int(state.step) // updates_per_step, t.num_steps):
         writer.close()

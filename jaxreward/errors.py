@@ -43,9 +43,10 @@ class DivergedError(UserError, FloatingPointError):
 
 def diverged(what: str, value, step: int, field: str = "optimizer.learning_rate") -> DivergedError:
     """The one-line `DivergedError` for `what` (e.g. "loss") = `value` at
-    `step`; `field` is the learning rate to lower. A new workdir is named
+    `step` (`value` None: not shown); `field` is the learning rate to lower. A new workdir is named
     because a workdir refuses to resume under a changed config."""
-    return DivergedError(f"non-finite {what} {value} at step {step}: the run diverged; try a lower "
+    shown = f"non-finite {what}" if value is None else f"non-finite {what} {value}"
+    return DivergedError(f"{shown} at step {step}: the run diverged; try a lower "
                          f"{field} in a new --workdir, or check the data")
 
 

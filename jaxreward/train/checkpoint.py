@@ -120,7 +120,30 @@ class Checkpointer:
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
-    def save(self, step: int, state: Any, data_state: dict) -> None:
+    def save(self, step: int, state: Any, data_state: dict,
+             lr_fields: tuple[tuple[str, str], ...] = (("", "optimizer.learning_rate"),)) -> None:
+        """Saves `(state, data_state)` as `step` (asynchronously).
+
+        A state that holds a NaN or infinite value is refused and nothing is
+        written: a run diverges between two log steps too, and a checkpoint
+        of NaN weights would be resumed from or exported.
+
+        Args:
+          step: finished optimizer steps.
+          state: the train state pytree.
+          data_state: the data iterator's position (JSON).
+          lr_fields: (path prefix, learning-rate config field) pairs; the
+            first leaf that is not finite names the field of the first
+            prefix its path starts with (PPO: `("value", "value_optimizer.learning_rate")`).
+
+        Raises:
+          errors.DivergedError: a floating leaf holds NaN or inf (names its path and the step).
+        """
+        bad = first_nonfinite(state)
+        if bad is not None:
+            from jaxreward import errors
+            field = next((f for prefix, f in lr_fields if bad.startswith(prefix)), lr_fields[-1][1])
+            raise errors.diverged(f"value in {bad} (checkpoint not written)", None, step, field)
         self._seal()  # orbax waits for the previous save here anyway
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
@@ -237,6 +260,33 @@ class Checkpointer:
 
 # Checkpointers not closed yet: `close_open` finishes them when a run ends by an error.
 _OPEN: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
+
+
+@jax.jit
+def _leaves_finite(leaves: list) -> jax.Array:
+    return jax.numpy.stack([jax.numpy.isfinite(x).all() for x in leaves])
+
+
+def first_nonfinite(tree: Any) -> str | None:
+    """The `/`-joined path of the first floating leaf of `tree` holding a NaN
+    or an inf, or None when every one is finite (one jitted reduction)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    floating = [(path, x) for path, x in flat
+                if hasattr(x, "dtype") and jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
+    if not floating:
+        return None
+    ok = jax.device_get(_leaves_finite([x for _, x in floating]))
+    for (path, _), fine in zip(floating, ok):
+        if not fine:
+            return "/".join(_key_name(k) for k in path)
+    return None
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
 
 
 def close_open() -> None:

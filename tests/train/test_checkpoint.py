@@ -182,3 +182,31 @@ def test_damaged_export_metadata_is_refused_naming_it(tmp_path):
     os.remove(path)
     with pytest.raises(FileNotFoundError, match=r"reward_model\.json not found"):
         load_reward_model(directory)
+
+
+def test_a_state_with_nan_or_inf_is_refused_naming_the_leaf_and_nothing_is_written(tmp_path):
+    # A run can diverge between two log steps; its checkpoint must not hold NaN weights.
+    from jaxreward.errors import DivergedError
+    checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "ck"))
+    checkpointer.save(1, _state(1), {"epoch": 0, "index": 1})
+    bad = _state(2)
+    bad["opt"]["mu"] = bad["opt"]["mu"].at[3, 7].set(jnp.inf)
+    with pytest.raises(DivergedError) as caught:
+        checkpointer.save(2, bad, {"epoch": 0, "index": 2})
+    assert str(caught.value) == (
+        "non-finite value in opt/mu (checkpoint not written) at step 2: the run diverged; try a lower "
+        "optimizer.learning_rate in a new --workdir, or check the data")
+    # PPO's two models: the prefix of the first bad leaf picks the learning rate to name.
+    two = {"policy": _state(3), "value": _state(3)}
+    two["value"]["params"]["b"] = two["value"]["params"]["b"].at[0].set(jnp.nan)
+    fields = (("value", "value_optimizer.learning_rate"), ("", "optimizer.learning_rate"))
+    with pytest.raises(DivergedError, match=r"in value/params/b .* value_optimizer\.learning_rate"):
+        checkpointer.save(3, two, {}, lr_fields=fields)
+    two["policy"]["params"]["w"] = two["policy"]["params"]["w"] * jnp.nan
+    with pytest.raises(DivergedError, match=r"in policy/params/w .* lower optimizer\.learning_rate"):
+        checkpointer.save(3, two, {}, lr_fields=fields)
+    checkpointer.close()
+    assert checkpointer.latest_step() == 1 and sorted(os.listdir(tmp_path / "ck")) == ["1"]
+    # Integer leaves and finite floats pass; the helper reports None.
+    assert ckpt_lib.first_nonfinite(_state(4)) is None
+    assert ckpt_lib.first_nonfinite({"n": jnp.int32(7)}) is None

@@ -128,20 +128,21 @@ def bench(name: str, dtype: str, precompute: bool, prefix_sharing: bool) -> dict
 def main():
     global PROMPT, RESPONSE
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="llama4.5m,smollm2")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--models", default="llama4.5m,smollm2", type=common.csv_choices(tuple(MODELS)))
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--seq-len", type=int, default=PROMPT + RESPONSE,
                     help="tokens per sequence, half prompt and half response (the issue's SmolLM2 check: 256)")
-    ap.add_argument("--reference", default="precomputed,in-step", help="which variants to run")
-    ap.add_argument("--prefix-sharing", default="on,off",
+    ap.add_argument("--reference", default="precomputed,in-step", help="which variants to run",
+                    type=common.csv_choices(("precomputed", "in-step")))
+    ap.add_argument("--prefix-sharing", default="on,off", type=common.csv_choices(("on", "off")),
                     help="on: one [prompt | chosen | rejected] row per pair (the driver's default); "
                          "off: two rows per pair")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     PROMPT, RESPONSE = args.seq_len // 2, args.seq_len - args.seq_len // 2
-    variants = [v == "precomputed" for v in args.reference.split(",")]
-    sharing = [v == "on" for v in args.prefix_sharing.split(",")]
-    rows = [bench(m, args.dtype, precompute, share) for m in args.models.split(",")
+    variants = [v == "precomputed" for v in args.reference]
+    sharing = [v == "on" for v in args.prefix_sharing]
+    rows = [bench(m, args.dtype, precompute, share) for m in args.models
             for precompute in variants for share in sharing]
     common.report(f"dpo_step_{jax.default_backend()}_{args.dtype}_T{args.seq_len}", rows, args.out,
                   {"batch": f"{PAIRS} pairs x ({PROMPT} prompt + {RESPONSE} response) tokens"})

@@ -88,12 +88,12 @@ def bench(name: str, dtype: str) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="llama4.5m,smollm2")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--models", default="llama4.5m,smollm2", type=common.csv_choices(tuple(MODELS)))
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     common.peak_flops(args.dtype)  # measured (CPU) before any model is built
-    rows = [bench(m, args.dtype) for m in args.models.split(",")]
+    rows = [bench(m, args.dtype) for m in args.models]
     common.report(f"reward_step_{jax.default_backend()}_{args.dtype}", rows, args.out,
                   {"batch": f"{PAIRS} pairs x {T} tokens"})
 

@@ -149,12 +149,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--smollm2-rollout", action="store_true")
-    ap.add_argument("--prefix-sharing", default="on,off",
+    ap.add_argument("--prefix-sharing", default="on,off", type=common.csv_choices(("on", "off")),
                     help="on: the update and reference forwards encode each group's prompt once "
                          "(the driver's default); off: one row per sample")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
-    rows = [bench_grpo(args.steps, v == "on") for v in args.prefix_sharing.split(",")]
+    rows = [bench_grpo(args.steps, v == "on") for v in args.prefix_sharing]
     if args.smollm2_rollout:
         rows.append(bench_smollm2_rollout())
     common.report(f"rl_step_{jax.default_backend()}_float32", rows, args.out,

@@ -19,6 +19,7 @@ the benchmark, both numbers see the same machine and the same load.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -141,6 +142,20 @@ def mfu_fields(flops_per_s: float, dtype: str = "float32") -> dict:
     p = peak_flops(dtype)
     return {"gflops_per_s": flops_per_s / 1e9, "mfu": flops_per_s / p["peak_flops"],
             "peak_gflops_per_s": p["peak_flops"] / 1e9, "peak_source": p["peak_source"]}
+
+
+def csv_choices(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """An argparse `type` for a comma-separated list drawn from `allowed`:
+    `--reference precomputed,in_step` is refused naming the bad item and
+    the choices (one line, exit 2), instead of running something else."""
+    def parse(text: str) -> list[str]:
+        items = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in items if v not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"{', '.join(map(repr, bad)) or 'nothing'} not among {', '.join(allowed)} (comma-separated)")
+        return items
+    return parse
 
 
 def time_fn(fn: Callable[[], object], warmup: int = 1, iters: int = 3) -> tuple[float, float]:

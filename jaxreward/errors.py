@@ -41,12 +41,14 @@ class DivergedError(UserError, FloatingPointError):
     `except FloatingPointError` keeps working."""
 
 
-def diverged(what: str, value, step: int, field: str = "optimizer.learning_rate") -> DivergedError:
+def diverged(what: str, value, step: int | None, field: str = "optimizer.learning_rate") -> DivergedError:
     """The one-line `DivergedError` for `what` (e.g. "loss") = `value` at
-    `step` (`value` None: not shown); `field` is the learning rate to lower. A new workdir is named
+    `step` (`value` or `step` None: not shown); `field` is the learning rate to lower. A new workdir is named
     because a workdir refuses to resume under a changed config."""
     shown = f"non-finite {what}" if value is None else f"non-finite {what} {value}"
-    return DivergedError(f"{shown} at step {step}: the run diverged; try a lower "
+    if step is not None:
+        shown += f" at step {step}"
+    return DivergedError(f"{shown}: the run diverged; try a lower "
                          f"{field} in a new --workdir, or check the data")
 
 

@@ -134,6 +134,12 @@ def _init_fn(decoder: Decoder):
 
 def save_pretrained(path: str | pathlib.Path, model_or_config: Decoder | LlamaConfig, params,
                     tokenizer=None, *, dtype: Any = None) -> pathlib.Path:
-    """Exports to an HF checkpoint directory (see `hf_io.save_hf_dir`)."""
+    """Exports to an HF checkpoint directory (see `hf_io.save_hf_dir`).
+
+    Raises:
+      errors.DivergedError: a parameter holds NaN or inf (nothing is written).
+    """
+    from jaxreward.train import checkpoint as ckpt_lib
+    ckpt_lib.refuse_nonfinite(params, "export")
     cfg = model_or_config.config if isinstance(model_or_config, Decoder) else model_or_config
     return hf_io.save_hf_dir(path, cfg, params, tokenizer, dtype=dtype)

@@ -139,11 +139,7 @@ class Checkpointer:
         Raises:
           errors.DivergedError: a floating leaf holds NaN or inf (names its path and the step).
         """
-        bad = first_nonfinite(state)
-        if bad is not None:
-            from jaxreward import errors
-            field = next((f for prefix, f in lr_fields if bad.startswith(prefix)), lr_fields[-1][1])
-            raise errors.diverged(f"value in {bad} (checkpoint not written)", None, step, field)
+        refuse_nonfinite(state, "checkpoint", step, lr_fields)
         self._seal()  # orbax waits for the previous save here anyway
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
@@ -267,6 +263,24 @@ def _leaves_finite(leaves: list) -> jax.Array:
     return jax.numpy.stack([jax.numpy.isfinite(x).all() for x in leaves])
 
 
+def refuse_nonfinite(tree: Any, what: str, step: int | None = None,
+                     lr_fields: tuple[tuple[str, str], ...] = (("", "optimizer.learning_rate"),)) -> None:
+    """Raises before a `what` ("checkpoint", "export") of `tree` is written
+    when a floating leaf holds NaN or inf.
+
+    Raises:
+      errors.DivergedError: one line naming the first bad leaf's path, the
+        step (if given) and the learning-rate field of the first `lr_fields`
+        prefix the path starts with.
+    """
+    bad = first_nonfinite(tree)
+    if bad is None:
+        return
+    from jaxreward import errors
+    field = next((f for prefix, f in lr_fields if bad.startswith(prefix)), lr_fields[-1][1])
+    raise errors.diverged(f"value in {bad} ({what} not written)", None, step, field)
+
+
 def first_nonfinite(tree: Any) -> str | None:
     """The `/`-joined path of the first floating leaf of `tree` holding a NaN
     or an inf, or None when every one is finite (one jitted reduction)."""
@@ -315,7 +329,12 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
 
 def save_params(directory: str, params: Any) -> dict[str, str]:
     """Saves a param pytree alone (e.g. an exported reward model); returns
-    `file_digests` of what it wrote (on process 0; {} elsewhere)."""
+    `file_digests` of what it wrote (on process 0; {} elsewhere).
+
+    Raises:
+      errors.DivergedError: a leaf holds NaN or inf (nothing is written).
+    """
+    refuse_nonfinite(params, "export")
     checkpointer = ocp.StandardCheckpointer()
     directory = os.path.abspath(directory)
     checkpointer.save(directory, params, force=True)

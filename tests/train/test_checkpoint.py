@@ -210,3 +210,21 @@ def test_a_state_with_nan_or_inf_is_refused_naming_the_leaf_and_nothing_is_writt
     # Integer leaves and finite floats pass; the helper reports None.
     assert ckpt_lib.first_nonfinite(_state(4)) is None
     assert ckpt_lib.first_nonfinite({"n": jnp.int32(7)}) is None
+
+
+def test_exports_of_nan_params_are_refused_and_write_nothing(tmp_path):
+    from jaxreward import save_pretrained
+    from jaxreward.errors import DivergedError
+    params = _state(1)["params"]
+    params["w"] = params["w"].at[0, 0].set(jnp.nan)
+    with pytest.raises(DivergedError, match=r"^non-finite value in w \(export not written\): the run diverged"):
+        ckpt_lib.save_params(str(tmp_path / "p"), params)
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
+                      num_heads=2, num_kv_heads=1, max_position_embeddings=16)
+    from jaxreward.models.llama import Decoder
+    model = Decoder(cfg)
+    policy = unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"])
+    policy = jax.tree.map(lambda x: x * jnp.inf, policy)   # inf * 0 = nan, inf elsewhere
+    with pytest.raises(DivergedError, match=r"\(export not written\)"):
+        save_pretrained(tmp_path / "hf", model, policy)
+    assert not os.path.exists(tmp_path / "p") and not os.path.exists(tmp_path / "hf")

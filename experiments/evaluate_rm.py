@@ -49,6 +49,7 @@ import gzip
 import json
 import os
 import pathlib
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -58,8 +59,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxreward import parallel, rewards
 from jaxreward.data.batching import tokenize_pairs
-from jaxreward.data.preference import DataError, PreferencePair, ReadReport, read_preference_pairs
-from jaxreward.errors import UserError
+from jaxreward.data.preference import (DataError, PreferencePair, ReadReport, check_messages, numbered_lines,
+                                       parse_record, read_preference_pairs)
+from jaxreward.errors import CorruptFileError, UserError
 from jaxreward.models import ensemble as ensemble_lib
 from jaxreward.objectives.reward import ensemble_reward
 from jaxreward.train import defaults, evaluate, rewardbench
@@ -173,8 +175,15 @@ def _export_meta(directory: str) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: point scorer.reward_model_dir at the "
                                 "`reward_model/` folder a reward_model run wrote into its workdir")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+        if not isinstance(meta, dict):
+            raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+        return meta
+    except ValueError as e:  # bad JSON or bad UTF-8 (both ValueErrors)
+        raise CorruptFileError(f"{path} is damaged or not a reward-model export "
+                               f"({type(e).__name__}: {e}); export the reward model again") from None
 
 
 def scorer_tokenizer(config):
@@ -202,18 +211,31 @@ def _open(path):
 
 
 def file_kind(path: str) -> str:
-    """"best_of" when the first JSON-object line has a string `chosen` and a
-    list `rejected`, else "pairs" (the pair reader reports any bad line)."""
-    with _open(path) as f:
-        for raw in f:
-            try:
-                obj = json.loads(raw.decode("utf-8-sig"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                continue
-            if isinstance(obj, dict):
-                best = isinstance(obj.get("chosen"), str) and isinstance(obj.get("rejected"), list)
-                return "best_of" if best else "pairs"
-    return "pairs"
+    """"best_of" when most JSON-object lines have a list `rejected` (best-of
+    rows), else "pairs". A majority, not the first line, decides, so one
+    odd line does not turn the file's valid rows into skipped ones; the
+    lines of the other kind are skipped and counted by the reader (and a
+    mixed file is said in one line here)."""
+    best = pairs = 0
+    try:
+        with _open(path) as f:
+            for raw in f:
+                try:
+                    obj = json.loads(raw.decode("utf-8-sig"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    continue
+                if isinstance(obj, dict):
+                    if isinstance(obj.get("rejected"), list) and not isinstance(obj.get("chosen"), list):
+                        best += 1
+                    else:
+                        pairs += 1
+    except (OSError, EOFError, zlib.error):
+        pass  # a damaged stream: the reader names the file and the line it broke at
+    kind = "best_of" if best > pairs else "pairs"
+    if best and pairs:
+        print(f"{os.path.basename(path)}: {best} best-of lines (a `rejected` list) and {pairs} pair lines: "
+              f"read as {'best-of rows' if kind == 'best_of' else 'pairs'}; the other lines are skipped")
+    return kind
 
 
 def read_best_of(path: str, *, on_error: str = "skip", render_chat=None) -> tuple[list[Row], ReadReport]:
@@ -227,7 +249,7 @@ def read_best_of(path: str, *, on_error: str = "skip", render_chat=None) -> tupl
     report = ReadReport(path=pathlib.Path(path).name, fmt="best_of")
     rows = []
     with _open(path) as f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in numbered_lines(f, pathlib.Path(path), on_error, report):
             if not raw.strip():
                 report.blank += 1
                 continue
@@ -244,21 +266,17 @@ def read_best_of(path: str, *, on_error: str = "skip", render_chat=None) -> tupl
 
 
 def _best_of_row(raw: bytes, path: str, lineno: int, render_chat) -> Row:
+    """One best-of line, checked as the pair reader checks its lines (valid
+    UTF-8 JSON object, no lone surrogate or NUL in any text, chat roles from
+    `preference.ROLES`), then for the best-of shape."""
     bad = lambda field, reason, detail="": DataError(path, lineno, field, reason, detail)
-    try:
-        obj = json.loads(raw.decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad(None, "malformed JSON", str(e)) from None
-    if not isinstance(obj, dict):
-        raise bad(None, "not a JSON object", f"got {type(obj).__name__}")
+    obj = parse_record(raw.removeprefix(b"\xef\xbb\xbf"), path, lineno)
     for key in ("prompt", "chosen", "rejected"):
         if key not in obj:
             raise bad(key, "missing field")
     prompt = obj["prompt"]
     if isinstance(prompt, list):
-        if not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                   and isinstance(m.get("content"), str) for m in prompt):
-            raise bad("prompt", "bad message", "expected {'role': str, 'content': str} messages")
+        check_messages(prompt, "prompt", path, lineno)
         if render_chat is None:
             raise bad("prompt", "chat template error", "chat messages need a tokenizer with a chat "
                       "template: set scorer.tokenizer")
@@ -569,8 +587,8 @@ def plot_subsets(report: dict, path: str) -> None:
     names = list(report["subsets"])
     stats = [report["subsets"][n] for n in names]
     acc = np.asarray([s["accuracy"] for s in stats])
-    err = np.asarray([[a - s["ci_low"] for a, s in zip(acc, stats)],
-                      [s["ci_high"] - a for a, s in zip(acc, stats)]])
+    err = np.maximum(0.0, [[a - s["ci_low"] for a, s in zip(acc, stats)],   # matplotlib refuses
+                           [s["ci_high"] - a for a, s in zip(acc, stats)]])  # any negative bar
     fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(names) + 1.5), 3.8))
     x = np.arange(len(names))
     ax.bar(x, acc, yerr=err, capsize=3, color="tab:blue", ecolor="k", label="accuracy, 95% Wilson CI")

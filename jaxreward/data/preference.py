@@ -156,7 +156,8 @@ def read_preference_pairs(
 
     Args:
       path: the file; `.gz` files are decompressed.
-      fmt: "auto" (detect from the first JSON object with `prompt` or `chosen`),
+      fmt: "auto" (detect from the first line that is a valid record of the
+        format its fields suggest: a bad first line does not decide it),
         or one of "hh", "trl", "trl_chat", "trl_implicit" (see module doc).
       on_error: "skip" drops bad lines and counts them in the report;
         "raise" raises on the first bad line.
@@ -189,7 +190,7 @@ def read_preference_pairs(
     pairs = []
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
-        for lineno, raw in _lines(f, path, on_error, report):
+        for lineno, raw in numbered_lines(f, path, on_error, report):
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # UTF-8 byte-order mark
             if not raw.strip():
@@ -197,16 +198,19 @@ def read_preference_pairs(
                 continue
             report.lines += 1
             source = f"{name}:{lineno}"
+            detected_here = False
             try:
                 obj = _parse_json(raw)
                 if report.fmt is None:
-                    report.fmt = _detect(obj)
+                    report.fmt, detected_here = _detect(obj), True
                     if report.fmt is None:
                         raise _Bad("chosen", "missing field", "cannot detect the format without it")
                 _check_render(report.fmt, hh_as_chat, render_chat, path)
                 prompt, chosen, rejected = _PARSERS[report.fmt](obj, render_chat, hh_as_chat)
                 subset = _field(obj, "subset", str) if "subset" in obj else None
             except _Bad as bad:
+                if detected_here:  # a bad line does not decide the format of the lines after it
+                    report.fmt = None
                 error = DataError(str(path), lineno, bad.field, bad.reason, bad.detail)
                 if on_error == "raise":
                     raise error from None
@@ -222,7 +226,7 @@ def read_preference_pairs(
     return pairs, report
 
 
-def _lines(f, path: pathlib.Path, on_error: str, report: "ReadReport"):
+def numbered_lines(f, path: pathlib.Path, on_error: str, report: "ReadReport"):
     """(line number, bytes) of a file. A corrupt or truncated (gzip) stream is
     a `DataError` naming the file and the line it broke at: raised with
     on_error="raise", else counted in the report, keeping every pair before it.
@@ -238,6 +242,32 @@ def _lines(f, path: pathlib.Path, on_error: str, report: "ReadReport"):
         if on_error == "raise":
             raise error from e
         report.add_error(error, f"{path.name}:{lineno + 1}")
+
+
+def parse_record(raw: bytes, path: str, lineno: int) -> dict:
+    """One JSON-object line with valid text, as every reader here checks it:
+    UTF-8 JSON, an object, and no lone surrogate or NUL character in any
+    text field (`TEXT_FIELDS`, also inside message lists).
+
+    Raises:
+      DataError: "malformed JSON", "not a JSON object" or "bad text", naming `path:lineno` and the field.
+    """
+    try:
+        return _parse_json(raw)
+    except _Bad as bad:
+        raise DataError(path, lineno, bad.field, bad.reason, bad.detail) from None
+
+
+def check_messages(value: list, key: str, path: str, lineno: int) -> list[dict]:
+    """Chat messages `[{"role", "content"}, ...]` with roles from `ROLES`.
+
+    Raises:
+      DataError: "bad message" or "bad role", naming `path:lineno`, `key` and the message index.
+    """
+    try:
+        return _messages(value, key)
+    except _Bad as bad:
+        raise DataError(path, lineno, bad.field, bad.reason, bad.detail) from None
 
 
 def _parse_json(raw: bytes):

@@ -24,7 +24,7 @@ import pathlib
 from typing import Callable, Sequence
 
 from jaxreward.data.preference import (
-    DataError, ReadReport, RenderChat, _assistant_reply, _Bad, _field, _lines, _messages, _parse_json,
+    DataError, ReadReport, RenderChat, _assistant_reply, _Bad, _field, _messages, numbered_lines, _parse_json,
     _render)
 
 
@@ -224,16 +224,18 @@ def _read(path, parse: Callable, on_error: str, json_lines: bool = True):
     records = []
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
-        for lineno, raw in _lines(f, path, on_error, report):
+        for lineno, raw in numbered_lines(f, path, on_error, report):
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             if not raw.strip():
                 report.blank += 1
                 continue
             report.lines += 1
+            fmt = report.fmt
             try:
                 make = parse(_parse_json(raw) if json_lines else raw, report)
             except _Bad as bad:
+                report.fmt = fmt  # a bad line does not decide the format of the lines after it
                 error = DataError(str(path), lineno, bad.field, bad.reason, bad.detail)
                 if on_error == "raise":
                     raise error from None

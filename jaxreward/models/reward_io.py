@@ -4,7 +4,8 @@ An exported folder holds `reward_model.json` (architecture, head size, the
 pretrained source and the SHA-256 of every file under `params/`) and
 `params/` (an orbax checkpoint of the param pytree). Loading checks the
 digests first, so a truncated, deleted or altered file is refused by name
-instead of loading wrong weights.
+instead of loading wrong weights; the param tree is then checked against the
+architecture `reward_model.json` describes (shapes and names).
 Best-of-N, the evaluation job and the RL trainers read it back with
 `load_reward_model`.
 """
@@ -15,11 +16,13 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 
 from jaxreward.errors import CorruptFileError
 from jaxreward.models.heads import RewardModel
 from jaxreward.models.llama import LlamaConfig
 from jaxreward.train import checkpoint as ckpt_lib
+from jaxreward.train.step import unbox
 
 EXPORT_DIR = "reward_model"  # the folder name a reward-model run writes in its workdir
 
@@ -50,7 +53,8 @@ def load_reward_model(directory: str) -> tuple[RewardModel, dict, dict]:
       CorruptFileError: `reward_model.json` does not parse or lacks a field,
         or a file under `params/` is missing or differs from the export
         (named; exports without `params_sha256`, from older versions, are
-        loaded unchecked).
+        loaded unchecked), or the params do not fit the architecture that
+        `reward_model.json` describes (the first differing parameter named).
     """
     path = os.path.join(directory, "reward_model.json")
     if not os.path.exists(path):
@@ -69,4 +73,31 @@ def load_reward_model(directory: str) -> tuple[RewardModel, dict, dict]:
                                       digests=meta.get("params_sha256"))
     except CorruptFileError as e:
         raise CorruptFileError(f"reward model {directory}: {e}; export it again") from e
+    mismatch = params_mismatch(rm, params)
+    if mismatch:
+        raise CorruptFileError(f"{path} does not describe the parameters in {directory}/params "
+                               f"({mismatch}); export the reward model again")
     return rm, params, meta
+
+
+def params_mismatch(model, params) -> str | None:
+    """Where `params` differ from the tree `model.init` makes (a leaf missing,
+    extra, or of another shape: the first one, by path), or None when they
+    match. The digests cover the params files only, so this is what catches
+    a `reward_model.json` edited to another architecture."""
+    expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))
+    expected = {_path(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(
+        unbox(expected["params"]))[0]}
+    got = {_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for name in sorted(expected.keys() | got.keys()):
+        if name not in got:
+            return f"parameter {name} is missing"
+        if name not in expected:
+            return f"parameter {name} is not in this architecture"
+        if tuple(expected[name]) != got[name]:
+            return f"parameter {name} has shape {list(got[name])}, expected {list(expected[name])}"
+    return None
+
+
+def _path(keys) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)

@@ -61,7 +61,7 @@ def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[floa
         half   = z·sqrt(p(1−p)/n + z²/4n²) / (1 + z²/n)
 
     `successes` may be fractional (ties credited 0.5 or 1/k). Returns
-    `(low, high)`; `(0.0, 1.0)` when n = 0.
+    `(low, high)`, with low <= p <= high always; `(0.0, 1.0)` when n = 0.
     """
     if n <= 0:
         return 0.0, 1.0
@@ -70,4 +70,6 @@ def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[floa
     denom = 1.0 + z2 / n
     center = (p + z2 / (2 * n)) / denom
     half = z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return float(max(center - half, 0.0)), float(min(center + half, 1.0))
+    # The interval always holds p; at p = 0 or 1 its end is p exactly, which
+    # float rounding misses (n = 4, p = 1 gave a high of 0.9999999999999999).
+    return float(min(max(center - half, 0.0), p)), float(max(min(center + half, 1.0), p))

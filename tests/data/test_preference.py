@@ -278,3 +278,19 @@ def test_corrupt_and_truncated_gzip_name_the_file(tmp_path):
     assert f"corrupt or truncated file: 1 [trunc.jsonl.gz:{len(pairs) + 1}]" in report.summary()
     with pytest.raises(DataError, match=r"trunc\.jsonl\.gz:\d+: corrupt or truncated file"):
         read_preference_pairs(trunc, on_error="raise")
+
+
+def test_a_bad_first_line_does_not_decide_the_format(tmp_path):
+    # Line 1 looks like trl_chat (a message-list prompt) but has no chosen; the valid
+    # TRL string pairs after it must all be kept, read as trl.
+    path = _write(tmp_path / "first_bad.jsonl", [
+        {"prompt": [{"role": "user", "content": "q"}]},
+        {"prompt": "q1", "chosen": "a", "rejected": "b"},
+        {"prompt": "q2", "chosen": "c", "rejected": "d"}])
+    pairs, report = read_preference_pairs(path, render_chat=render)
+    assert [p.prompt for p in pairs] == ["q1", "q2"] and report.fmt == "trl"
+    assert report.skipped == {"missing field 'chosen'": 1} and report.examples["missing field 'chosen'"] == [
+        "first_bad.jsonl:1"]
+    # An explicit format stays fixed whatever the first line holds.
+    pairs, report = read_preference_pairs(path, fmt="trl", render_chat=render)
+    assert len(pairs) == 2 and report.fmt == "trl" and report.skipped == {"wrong type of 'prompt'": 1}

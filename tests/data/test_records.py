@@ -166,3 +166,15 @@ def test_preference_subset_passes_through(tmp_path):
     pairs, report = read_preference_pairs(path)
     assert [p.subset for p in pairs] == ["math-prm", None]
     assert report.skipped == {"wrong type of 'subset'": 1}
+
+
+def test_a_bad_first_line_does_not_decide_the_feedback_format(tmp_path):
+    # Line 1 has a message-list prompt but a string completion (bad); the TRL string
+    # lines after it are read as trl, not rejected as "wrong type" under trl_chat.
+    path = write(tmp_path / "fb.jsonl", [
+        {"prompt": USER, "completion": "a", "label": True},
+        {"prompt": "q1", "completion": "a1", "label": True},
+        {"prompt": "q2", "completion": "a2", "label": False}])
+    records, report = read_feedback(path, render_chat=render)
+    assert [(r.prompt, r.label) for r in records] == [("q1", True), ("q2", False)]
+    assert report.fmt == "trl" and report.kept == 2 and report.num_skipped == 1

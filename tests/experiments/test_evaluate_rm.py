@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import jaxreward
+import jaxreward.main  # noqa: F401 - the lazy package does not import it by itself
 from configs import evaluate_rm as eval_config
 from experiments import evaluate_rm as driver
 from jaxreward import rewards
@@ -410,3 +411,43 @@ def test_implicit_scorer_is_beta_times_log_ratio(tmp_path):
     report = driver.run(config("policy", False), str(tmp_path / "self"))
     assert all(g["chosen"] == 0.0 for g in _scores(tmp_path / "self"))
     assert report["subsets"]["chat"]["accuracy"] == 0.0 and report["subsets"]["math"]["accuracy"] == 0.25
+
+
+def test_best_of_reader_checks_text_and_roles_as_the_pair_reader_does(tmp_path):
+    good = {"prompt": "q", "chosen": "a", "rejected": ["b", "c"]}
+    path = _write(tmp_path / "bo.jsonl", [
+        good,
+        '{"prompt": "q", "chosen": "a\\ud800", "rejected": ["b"]}',      # lone surrogate
+        {"prompt": "q", "chosen": "a", "rejected": ["b\x00"]},             # NUL
+        {"prompt": [{"role": "wizard", "content": "q"}], "chosen": "a", "rejected": ["b"]},
+        good])
+    rows, report = driver.read_best_of(path, on_error="skip", render_chat=lambda m, **kw: "x")
+    assert [r.line for r in rows] == [1, 5]   # every valid row kept
+    assert report.skipped == {"bad text in 'chosen'": 1, "bad text in 'rejected'": 1, "bad role in 'prompt'": 1}
+    with pytest.raises(DataError, match=r"bo\.jsonl:2: field 'chosen': bad text \(lone surrogate U\+D800"):
+        driver.read_best_of(path, on_error="raise")
+
+
+def test_file_kind_is_decided_by_most_lines_not_the_first(tmp_path, capsys):
+    # One pair-shaped line first, then four best-of rows: read as best-of, and
+    # the odd line is the one skipped (it used to turn the four into skips).
+    row = {"prompt": "q", "chosen": "a", "rejected": ["b", "c", "d"]}
+    path = _write(tmp_path / "mixed.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "rock"}] + [row] * 4)
+    assert driver.file_kind(path) == "best_of"
+    assert "mixed.jsonl: 4 best-of lines (a `rejected` list) and 1 pair lines: read as best-of rows" in (
+        capsys.readouterr().out)
+    rows, report = driver.read_best_of(path)
+    assert [r.line for r in rows] == [2, 3, 4, 5] and report.skipped == {"wrong type of 'rejected'": 1}
+    pairs = _write(tmp_path / "pairs.jsonl", [row] + [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 2)
+    assert driver.file_kind(pairs) == "pairs"
+
+
+def test_damaged_export_metadata_is_one_line(tmp_path):
+    folder = tmp_path / "rm"
+    folder.mkdir()
+    (folder / "reward_model.json").write_text('{"llama_config": {"vocab')
+    proc = _cli("--config=configs/evaluate_rm.py:exported", f"--workdir={tmp_path / 'w'}",
+                f"--config.scorer.reward_model_dir={folder}", f"--config.data.paths={_toy_files(tmp_path)[0]}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert _last_line(proc).startswith(f"error: {folder / 'reward_model.json'} is damaged or not a "
+                                       "reward-model export (JSONDecodeError")

@@ -228,3 +228,21 @@ def test_exports_of_nan_params_are_refused_and_write_nothing(tmp_path):
     with pytest.raises(DivergedError, match=r"\(export not written\)"):
         save_pretrained(tmp_path / "hf", model, policy)
     assert not os.path.exists(tmp_path / "p") and not os.path.exists(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("num_layers", 2, r"parameter backbone/layers_1/input_layernorm/scale is missing"),
+    ("hidden_size", 32, r"parameter .* has shape \[.*\], expected \[.*\]"),
+])
+def test_export_metadata_that_does_not_fit_its_params_is_refused(tmp_path, field, value, expected):
+    # The digests cover params/ only: an edited architecture in reward_model.json
+    # used to reach device_put and end in a pytree-prefix traceback.
+    directory = str(tmp_path / "rm")
+    _export(directory)
+    path = os.path.join(directory, "reward_model.json")
+    meta = json.load(open(path))
+    meta["llama_config"][field] = meta["llama_config"][field] * value
+    json.dump(meta, open(path, "w"))
+    with pytest.raises(CorruptFileError, match=r"reward_model\.json does not describe the parameters in "
+                                               rf".*params \({expected}\); export the reward model again"):
+        load_reward_model(directory)

@@ -20,6 +20,17 @@ def test_wilson_interval_hand_values():
     assert abs(high - 1.0) < 1e-9 and abs(low - 0.72247) < 1e-4
 
 
+def test_wilson_interval_always_holds_its_own_proportion():
+    # At p = 1 the upper end is exactly 1 in exact arithmetic; float rounding
+    # gave 0.9999999999999999 for n = 4, 10, 14, ... (a negative error bar that
+    # crashed the evaluate_rm plot). Same at p = 0 for the lower end.
+    for n in range(1, 120):
+        for k in (0, n // 3, n / 2, n - 0.5, n):
+            low, high = evaluate.wilson_interval(k, n)
+            assert 0.0 <= low <= k / n <= high <= 1.0, (k, n, low, high)
+        assert evaluate.wilson_interval(n, n)[1] == 1.0 and evaluate.wilson_interval(0, n)[0] == 0.0
+
+
 def test_score_all_rows_counts_every_row_once():
     mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     arrays = {"x": np.arange(10, dtype=np.float32)}

@@ -78,7 +78,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         proxy_steps=100,                       # proxy training steps (batch 32, lr 1e-3)
     ))
     c.reward = ml_collections.ConfigDict(dict(
-        kind="gold",                           # gold | proxy (synthetic) | reward_model | text
+        kind="gold",                           # synthetic data: gold | proxy | reward_model; text prompts
+                                               # (arithmetic, jsonl, pairs): reward_model | text
         reward_model_dir="",                   # kind=reward_model: an exported reward model or ensemble
         functions=(("exact_match", 1.0),),     # kind=text: (name, weight[, kwargs]) from jaxreward.rewards
     ))
@@ -98,7 +99,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         samples_per_prompt=4,                  # guided samples per eval prompt
     ))
     c.compose = ml_collections.ConfigDict(dict(  # a second value model for a second reward
-        kind="",                               # "" (off) | second_gold (synthetic) | text
+        kind="",                               # "" (off) | second_gold (synthetic data) | text (text prompts)
         functions=(("length_target", 1.0, {"target": 64}),),  # kind=text: as reward.functions
         betas=(0.0, 4.0, 8.0),                 # the (β₁, β₂) grid is betas × betas
     ))
@@ -107,7 +108,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.train.eval_every = 0                     # steps between held-out value diagnostics (0: at the end)
     c.train.checkpoint_every = 64
     c.eval = ml_collections.ConfigDict(dict(
-        best_of_n_max_n=64,                    # best-of-N of the policy on the eval prompts, N = 1, 2, 4, ...
+        best_of_n_max_n=64,                    # best-of-N of the policy on the eval prompts, N = 1, 2, 4, ...,
+                                               # this (a power of two; 0 = off)
         plot=True,                             # reward_vs_kl.png (and compose.png)
         show=3,                                # text tasks: prompts with base and guided completions
     ))

@@ -10,6 +10,10 @@ demo reward); prints each prompt, the chosen completion and all rewards,
 and writes `<workdir>/best_of_n.jsonl`: per prompt, all N completions
 with their rewards, the chosen index and the KL bound.
 
+Bad prompt lines are skipped and counted (`on_error`); prompts longer than
+`max_prompt_length` tokens (0: what fits beside `sampling.max_new_tokens` in
+the policy's context) keep their last tokens, counted.
+
 `reward_model_dir` may also be an ensemble export (`ensemble.json` + member
 folders, e.g. `<quickstart workdir>/reward_ensemble`): its members' rewards
 combine by `ensemble.aggregate` (mean | min | mean_minus_std, the last with
@@ -30,7 +34,7 @@ from jaxreward.models import ensemble as ensemble_lib
 from jaxreward.data.records import read_prompts as read_prompts_file
 from jaxreward import rewards
 from jaxreward.errors import UserError
-from jaxreward.train import defaults
+from jaxreward.train import defaults, rollout
 
 BUILTIN_PROMPTS = (
     "What is the capital of France?",
@@ -43,51 +47,100 @@ BUILTIN_PROMPTS = (
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Checks this job's own fields (the shared blocks are checked by main)."""
     defaults.check_path(config, "prompts_path")
+    defaults.check_choice(config, "on_error", ("skip", "raise"))
+    defaults.check_int(config, "max_prompt_length", 0)
     defaults.check_int(config, "n", 1)
     defaults.check_int(config, "prompt_batch_size", 1)
+    # Greedy decoding would draw N identical samples; an empty completion has nothing to rank.
+    defaults.check_float(config, "sampling.temperature", 0.0, low_open=True)
+    defaults.check_int(config, "sampling.max_new_tokens", 1)
     defaults.check_int(config, "objective", 0)
     defaults.check_choice(config, "text_reward", rewards.names())
     defaults.check_path(config, "reward_model_dir")
     ensemble_lib.check_config_block(config)
+    if not config.reward_model_dir:
+        if config.objective:
+            raise defaults.ConfigError(f"config field objective={config.objective}: without reward_model_dir "
+                                       f"the text reward {config.text_reward!r} ranks, and it has 1 objective")
+        return
+    ensemble_lib.check_export_dir(config, "reward_model_dir")
+    k = export_objectives(config.reward_model_dir)
+    if k is not None and config.objective >= k:
+        raise defaults.ConfigError(f"config field objective={config.objective}: the reward model has {k} "
+                                   "objective(s)")
 
 
-def read_prompts(path: str) -> list[str]:
+def export_objectives(directory: str) -> int | None:
+    """K, the head outputs of the reward-model or ensemble export in
+    `directory`, read from its JSON before any weights load; None when the
+    JSON cannot tell (loading the export then names the damage)."""
+    name = ensemble_lib.ENSEMBLE_FILE if ensemble_lib.is_ensemble_dir(directory) else "reward_model.json"
+    try:
+        with open(os.path.join(directory, name), encoding="utf-8") as f:
+            k = json.load(f).get("num_objectives")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return k if isinstance(k, int) and not isinstance(k, bool) else None
+
+
+def read_prompts(path: str, on_error: str = "skip") -> list[str]:
     """Prompts from a .txt (one per line) or .jsonl (field `prompt`) file,
-    read and validated by `data.records.read_prompts`; the built-in list
-    when `path` is empty.
+    read and validated by `data.records.read_prompts` (bad lines skipped and
+    counted in the printed summary, or with on_error="raise" the first one
+    raised); the built-in list when `path` is empty.
 
     Raises:
-      DataError: the first bad line, naming file, line and field.
+      DataError: on_error="raise": the first bad line, naming file, line and field.
+      UserError: no usable prompt in the file.
     """
     if not path:
         return list(BUILTIN_PROMPTS)
-    records, _ = read_prompts_file(path, on_error="raise")
+    records, report = read_prompts_file(path, on_error=on_error)
+    if not records:
+        raise UserError(f"config field prompts_path: no prompt left to sample from; {report.summary()}")
+    print(report.summary())
     return [r.prompt for r in records]
 
 
-def encode_prompts(tokenizer, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Chat-rendered, left-padded prompt arrays `[B, T]`."""
-    ids = []
-    for p in prompts:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": p}],
-                                             add_generation_prompt=True)
-        ids.append(tokenizer.encode(text, add_bos=tokenizer.add_bos))
-    T = max(map(len, ids))
-    tokens = np.full((len(ids), T), tokenizer.pad_id, np.int32)
-    mask = np.zeros((len(ids), T), bool)
-    for i, row in enumerate(ids):
-        tokens[i, T - len(row):] = row
-        mask[i, T - len(row):] = True
-    return tokens, mask
+def prompt_length_cap(config: ml_collections.ConfigDict, max_positions: int) -> int:
+    """Prompt tokens kept (the last ones): `max_prompt_length`, or with 0
+    all that fit beside `sampling.max_new_tokens` in the policy's
+    `max_positions`.
+
+    Raises:
+      UserError: naming the field, when prompt + max_new_tokens cannot fit.
+    """
+    M, cap = config.sampling.max_new_tokens, config.max_prompt_length
+    room = max_positions - M
+    if room < 1:
+        raise UserError(f"config field sampling.max_new_tokens={M}: leaves no room for a prompt in the "
+                        f"policy's max_position_embeddings {max_positions}")
+    if cap > room:
+        raise UserError(f"config field max_prompt_length={cap}: with sampling.max_new_tokens={M} it exceeds "
+                        f"the policy's max_position_embeddings {max_positions}; use at most {room} "
+                        "(0: as many as fit)")
+    return cap or room
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+    prompts = read_prompts(config.prompts_path, config.on_error)  # a bad file fails before the model loads
     policy, params, tokenizer = jaxreward.load_pretrained(config.model.pretrained,
                                                           dtype=config.model.dtype)
     if tokenizer is None:
         raise UserError(f"model.pretrained={config.model.pretrained!r} has no tokenizer; best-of-N "
                         "renders text prompts with its chat template")
-    prompts = read_prompts(config.prompts_path)
+    # Left-padded `[B, P]` per sampling call, chat-rendered when the tokenizer has a template;
+    # a longer prompt keeps its last `cap` tokens (VAS and the RL drivers encode theirs alike).
+    cap = prompt_length_cap(config, policy.config.max_position_embeddings)
+    bs = config.prompt_batch_size
+    starts = range(0, len(prompts), bs)
+    encoded = [rollout.encode_prompts(tokenizer, prompts[lo:lo + bs], cap, chat=True) for lo in starts]
+    cut = sum(c for _, _, c in encoded)
+    if cut:
+        why = ("max_prompt_length" if config.max_prompt_length else
+               f"max_prompt_length=0: what fits beside sampling.max_new_tokens={config.sampling.max_new_tokens} "
+               f"in max_position_embeddings {policy.config.max_position_embeddings}")
+        print(f"{cut} of {len(prompts)} prompts were longer than {cap} tokens ({why}) and keep their last tokens")
     if config.reward_model_dir:
         reward_fn, reward_name = ensemble_lib.reward_fn_for(
             config, config.reward_model_dir, policy.config.vocab_size, objective=config.objective)
@@ -101,11 +154,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 
     s = config.sampling
     rows = []
-    for start in range(0, len(prompts), config.prompt_batch_size):
-        batch = prompts[start:start + config.prompt_batch_size]
-        tokens, mask = encode_prompts(tokenizer, batch)
+    for lo, (tokens, mask, _) in zip(starts, encoded):
+        batch = prompts[lo:lo + bs]
         out = best_of_n(policy, params, tokens, mask, reward_fn, n=config.n,
-                        rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), start),
+                        rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), lo),
                         max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                         top_k=s.top_k, top_p=s.top_p, stop_ids=tokenizer.stop_ids,
                         pad_id=tokenizer.pad_id)

@@ -90,7 +90,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     defaults.check_choice(config, "eval.generate", (True, False))
     defaults.check_int(config, "eval.num_prompts", 1)
     defaults.check_int(config, "eval.samples_per_prompt", 1)
-    defaults.check_int(config, "eval.best_of_n_max_n", 0)
+    defaults.check_best_of_n_max_n(config)
     defaults.check_float(config, "sampling.temperature", 0.0, low_open=True)
     if config.eval.generate:
         defaults.check_int(config, "sampling.max_new_tokens", 1)

@@ -146,7 +146,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         defaults.check_float(config, "kl.target", 0.0, low_open=True)
         defaults.check_float(config, "kl.horizon", 0.0, low_open=True)
     defaults.check_int(config, "eval.samples_per_prompt", 1)
-    defaults.check_int(config, "eval.best_of_n_max_n", 0)
+    defaults.check_best_of_n_max_n(config)
 
 
 # ----------------------------------------------------------------------------- the update

@@ -39,9 +39,10 @@ the order of `run` below:
    explained variance of the Monte-Carlo returns.
 4. **Value-guided decoding** (`sampling.value_guided`) on the eval prompts
    for each β of `guide.betas`: mean reward (and gold reward), the exact
-   KL(guided ‖ base) per sequence, decode seconds and the value-model tokens
+   KL(guided ‖ base) per sequence (standard errors over prompts,
+   `prompt_standard_error`), decode seconds and the value-model tokens
    spent; beside best-of-N of the frozen policy picked by the same reward
-   (N = 1, 2, 4, …, `eval.best_of_n_max_n`), with its reward-model tokens
+   (N = 1, 2, 4, …, `eval.best_of_n_max_n`, a power of two), with its reward-model tokens
    and seconds, and the plot `reward_vs_kl.png` (reward against √KL).
 5. **Composition** (`compose.kind`): the second value model's β₂ beside the
    first's β₁ on a grid, Σ_i β_i·(V_i − mean V_i), no retraining; both
@@ -116,7 +117,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if (not isinstance(betas, (tuple, list)) or not betas
                 or not all(isinstance(b, (int, float)) and math.isfinite(b) and b >= 0 for b in betas)):
             raise defaults.ConfigError(f"config field {field}: a non-empty tuple of finite β >= 0, got {betas!r}")
-    defaults.check_int(config, "eval.best_of_n_max_n", 0)
+    defaults.check_best_of_n_max_n(config)
     defaults.check_choice(config, "eval.plot", (True, False))
     defaults.check_int(config, "eval.show", 0)
 
@@ -358,9 +359,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         steps = int(np.asarray(out.lengths_R).max())
         # Forward tokens: each model prefills the B prompts once, then scores k candidates per row and step.
         value_tokens = len(guide.models) * (B * P + B * n * k * steps)
-        row = {"reward": float(np.mean(rew)), "reward_se": rollout.standard_error(rew),
+        row = {"reward": float(np.mean(rew)), "reward_se": prompt_standard_error(rew, n),
                **{f"reward/{x}": float(np.mean(y)) for x, y in extra.items()},
-               "kl": float(kl.mean()), "kl_se": rollout.standard_error(kl), "sqrt_kl": math.sqrt(max(kl.mean(), 0)),
+               "kl": float(kl.mean()), "kl_se": prompt_standard_error(kl, n), "sqrt_kl": math.sqrt(max(kl.mean(), 0)),
                "scorer_tokens/output": value_tokens / (B * n), "policy_tokens/output": (B * P + B * n * steps) / (B * n),
                "seconds/output": seconds / (B * n), "decode_s": seconds, "value_tokens": value_tokens}
         return row, out
@@ -501,6 +502,15 @@ def train_value_model(config, workdir: str, name: str, value_model, init_params,
     writer.write(int(state.step), final, prefix="eval")
     writer.close()
     return {"params": state.params, "step": int(state.step)}, final
+
+
+def prompt_standard_error(x_R, n: int) -> float:
+    """Standard error of the mean of `x_R` (`[B·n]`; row b·n + j is sample j
+    of prompt b) over prompts: the mean of each prompt's n samples, then the
+    standard error of those B means (ddof 1). The n samples of a prompt share
+    it, so they are not B·n independent draws; counting them as such
+    understates the SE when prompts differ more than their samples do."""
+    return rollout.standard_error(np.asarray(x_R, np.float64).reshape(-1, n).mean(axis=1))
 
 
 def best_of_n_rows(policy, params, split, score, sampling, max_n: int, seed: int) -> list[dict]:

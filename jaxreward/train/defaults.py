@@ -110,6 +110,16 @@ def check_int(config, name: str, low: int = 0, high: int | None = None) -> None:
         raise ConfigError(f"config field {name} must be an integer {rng}, got {v!r}")
 
 
+def check_best_of_n_max_n(config, name: str = "eval.best_of_n_max_n") -> None:
+    """`name`, if present, is 0 (off) or a power of two: the best-of-N curves
+    double N from 1, so another maximum would be silently cut down."""
+    check_int(config, name, 0)
+    v = get_field(config, name)
+    if v is not _MISSING and v & (v - 1):
+        raise ConfigError(f"config field {name}={v}: best-of-N runs N = 1, 2, 4, …; use 0 (off) or a "
+                          f"power of two (e.g. {1 << (v.bit_length() - 1)})")
+
+
 def check_float(config, name: str, low: float | None = None, high: float | None = None,
                 low_open: bool = False, high_open: bool = False) -> None:
     """`name`, if present, is a finite number in the given (half-)open range."""

@@ -493,6 +493,9 @@ def test_sequence_kl_by_hand():
     ("reference.path", "/no/such/model", "config field reference.path: '/no/such/model' is neither an existing path"),
     ("eval.reward_model_dir", "/tmp", "has neither reward_model.json nor ensemble.json"),
     ("ensemble.aggregate", "median", "config field ensemble.aggregate must be one of mean, min, mean_minus_std"),
+    # The best-of-N curve doubles N from 1: 12 would be silently cut to 8.
+    ("eval.best_of_n_max_n", 12, "config field eval.best_of_n_max_n=12: best-of-N runs N = 1, 2, 4, …; use 0 "
+                                 "(off) or a power of two (e.g. 8)"),
 ])
 def test_bad_config_values_are_refused_by_name(field, value, message):
     config = _config(mesh=(-1, 1, 1))

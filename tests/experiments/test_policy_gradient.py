@@ -31,7 +31,7 @@ from jaxreward import parallel, rewards
 from jaxreward.data import synthetic
 from jaxreward.data.prompts import PromptSampler
 from jaxreward.models.scoring import shift_mask
-from jaxreward.train import rollout
+from jaxreward.train import defaults, rollout
 from jaxreward.train import step as step_lib
 from jaxreward.train.state import TrainState
 from tests.experiments.test_cli import _cli
@@ -851,3 +851,15 @@ def test_k3_metric_terms_by_hand_and_never_negative():
     k3 = rollout.k3_terms(x)
     assert k3.dtype == np.float32 and (k3 >= 0).all()
     np.testing.assert_allclose(k3, x.astype(np.float64) ** 2 / 2, atol=1e-10)   # float32 round-off
+
+
+@pytest.mark.parametrize("max_n,ok", [(0, True), (1, True), (8, True), (3, False), (12, False)])
+def test_best_of_n_max_n_is_off_or_a_power_of_two(max_n, ok):
+    # The curve doubles N from 1, so any other maximum would be cut down unsaid.
+    c = _tiny()
+    c.eval.best_of_n_max_n = max_n
+    if ok:
+        driver.check_config(c)
+    else:
+        with pytest.raises(defaults.ConfigError, match=rf"eval\.best_of_n_max_n={max_n}: best-of-N runs N = 1, 2, 4"):
+            driver.check_config(c)

@@ -222,6 +222,7 @@ def test_tiny_runs_end_to_end_and_resumes_bit_for_bit(tmp_path):
     ("algorithm.num_minibatches", 3, "algorithm.num_minibatches"),
     ("reward.truncated", "drop", "reward.truncated"),
     ("eval.best_of_n_max_n", -1, "eval.best_of_n_max_n"),
+    ("eval.best_of_n_max_n", 6, "eval.best_of_n_max_n=6: best-of-N runs N = 1, 2, 4"),
     ("kl.beta", -1.0, "kl.beta"),
     ("data.source", "hh", "data.source"),
     ("ensemble.std_coef", -1.0, "ensemble.std_coef"),

@@ -345,6 +345,9 @@ def test_mesh_shape_and_micro_batches_do_not_change_the_value_step(straight, one
     ("guide.k", 0, "guide.k"),
     ("compose.kind", "text", "compose.kind"),           # the synthetic task has no text
     ("value.init", "reward_model", "value.init"),       # gold is not a reward model
+    ("reward.kind", "text", "reward.kind must be one of proxy, gold, reward_model"),  # text needs text prompts
+    ("eval.best_of_n_max_n", 3, r"eval.best_of_n_max_n=3: best-of-N runs N = 1, 2, 4, …; use 0 \(off\) or a "
+                                r"power of two \(e.g. 2\)"),   # was silently cut to N = 2
 ])
 def test_check_config_names_the_field(field, value, names):
     c = _tiny()
@@ -352,6 +355,23 @@ def test_check_config_names_the_field(field, value, names):
     c[section][key] = value
     with pytest.raises(defaults.ConfigError, match=names.replace(".", r"\.")):
         driver.check_config(c)
+
+
+def test_best_of_n_max_n_may_be_off_or_a_power_of_two():
+    for max_n in (0, 1, 2, 64):
+        c = _tiny()
+        c.eval.best_of_n_max_n = max_n
+        driver.check_config(c)
+
+
+def test_standard_errors_are_over_prompts_not_samples():
+    """Two prompts × two samples, rewards [0, 0 | 1, 1]: the prompt means are
+    0 and 1, SE = std([0, 1], ddof 1) / √2 = 0.5; counting the 4 samples as
+    independent would give std([0, 0, 1, 1], ddof 1) / √4 = 0.2887."""
+    assert driver.prompt_standard_error([0.0, 0.0, 1.0, 1.0], 2) == pytest.approx(0.5)
+    # n = 1: the plain standard error; one prompt: 0 (no spread to measure).
+    assert driver.prompt_standard_error([0.0, 0.0, 1.0, 1.0], 1) == pytest.approx(math.sqrt(1 / 3) / 2)
+    assert driver.prompt_standard_error([3.0, 5.0], 2) == 0.0
 
 
 def test_value_model_with_another_vocabulary_or_a_missing_path(tmp_path):

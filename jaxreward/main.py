@@ -138,17 +138,30 @@ def check_resume_config(config, workdir: str, resumable: tuple[str, ...] = ()) -
     """
     stored_path = os.path.join(workdir, "config.json")
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not (os.path.exists(stored_path) and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir)):
+    if not (os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir)):
         return
-    with open(stored_path, encoding="utf-8") as f:
-        stored = _flat(json.load(f))
+    from jaxreward.train import defaults
+    if not os.path.isfile(stored_path):  # without it a changed config would resume unnoticed
+        raise defaults.ConfigError(
+            f"--workdir={workdir} holds checkpoints but no config.json, so the config that wrote them "
+            "is unknown; put its config.json back, or use a new --workdir")
+    try:
+        with open(stored_path, encoding="utf-8") as f:
+            stored = _flat(json.load(f))
+    except (ValueError, AttributeError) as e:  # bad JSON / UTF-8, or not an object
+        raise errors.CorruptFileError(f"{stored_path} is damaged ({type(e).__name__}: {e}); it records "
+                                      "the config of the checkpoints beside it: put it back, or use a "
+                                      "new --workdir") from None
     current = _flat(json.loads(config.to_json_best_effort()))
     old_steps, new_steps = stored.get("train.num_steps"), current.get("train.num_steps")
-    if isinstance(old_steps, int) and isinstance(new_steps, int) and new_steps > old_steps:
-        config.train.schedule_steps = stored.get("train.schedule_steps") or old_steps
-        print(f"extending the run from {old_steps} to {new_steps} steps; the learning-rate "
-              f"schedule keeps its {config.train.schedule_steps} steps and the added steps run "
-              "at its final value")
+    old_schedule = stored.get("train.schedule_steps")
+    extending = isinstance(old_steps, int) and isinstance(new_steps, int) and new_steps > old_steps
+    # A run extended before keeps its schedule when it is re-run (resumed) as
+    # it was written: the stored schedule_steps then carries over unasked.
+    carried = (not extending and new_steps == old_steps and old_schedule
+               and not current.get("train.schedule_steps"))
+    if extending or carried:
+        config.train.schedule_steps = old_schedule or old_steps
         current = _flat(json.loads(config.to_json_best_effort()))
         for key in ("train.num_steps", "train.schedule_steps"):
             stored[key] = current[key]
@@ -157,10 +170,36 @@ def check_resume_config(config, workdir: str, resumable: tuple[str, ...] = ()) -
                if stored.get(k) != current.get(k) and k not in RESUMABLE_CHANGES
                and not any(k == p or k.startswith(p + ".") for p in resumable)]
     if changed:
-        from jaxreward.train import defaults
         raise defaults.ConfigError(
             f"--workdir={workdir} holds checkpoints of a different config; changed fields:\n  "
             + "\n  ".join(changed) + "\nUse a new --workdir (or restore those values) to resume.")
+    if extending:
+        print(f"extending the run from {old_steps} to {new_steps} steps; the learning-rate "
+              f"schedule keeps its {config.train.schedule_steps} steps and the added steps run "
+              "at its final value")
+
+
+def lock_workdir(workdir: str):
+    """Holds an exclusive lock on `workdir` for this process's lifetime (an
+    `flock` on the folder itself: no lock file, released by the kernel when
+    the process ends, even by SIGKILL), so two runs cannot interleave their
+    checkpoints and metrics. Skipped for multi-host runs
+    (`JAXREWARD_DISTRIBUTED=1`), whose processes share the workdir.
+
+    Raises:
+      errors.UserError: another process holds it.
+    """
+    if os.environ.get("JAXREWARD_DISTRIBUTED") == "1":
+        return None
+    import fcntl
+    fd = os.open(workdir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise errors.UserError(f"--workdir={workdir} is in use by another run; wait for it to finish, "
+                               "or use another --workdir") from None
+    return fd
 
 
 def fail(message: str, error: BaseException | None = None):
@@ -247,8 +286,14 @@ def main(argv):
     except (ValueError, *errors.USER_ERRORS) as e:  # a check_config raises ValueError naming the field
         fail(errors.message(e), e)
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    try:
+        _lock = lock_workdir(workdir)  # noqa: F841 - held until the process ends
+    except errors.UserError as e:
+        fail(errors.message(e), e)
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:  # atomic: a kill never leaves half a file
         f.write(config.to_json_best_effort(indent=2))
+    os.replace(path + ".tmp", path)
     logging.info("config:\n%s", config)
     try:
         driver.run(config, workdir)

@@ -62,7 +62,15 @@ def restore_or_init(checkpointer: ckpt_lib.Checkpointer, make_state: Callable[..
     abstract = ckpt_lib.abstract_like(jax.eval_shape(make_state, *init_args), shardings)
     state, data_state = checkpointer.restore(abstract)
     if data_iter is not None:
-        data_iter.restore(data_state)
+        try:
+            data_iter.restore(data_state)
+        except (KeyError, ValueError, TypeError) as e:  # a data position edited or from another loader
+            from jaxreward import errors
+            step = int(state.step)
+            raise errors.CorruptFileError(
+                f"checkpoint {checkpointer.step_dir(step)}: its data position {data_state!r} does not fit "
+                f"this run's data ({type(e).__name__}: {e}); move that step aside to resume from an "
+                "older one, or use a new --workdir") from None
     print(f"Resuming from checkpoint at step {int(state.step)} ({checkpointer.directory})")
     return state, True
 

@@ -24,6 +24,7 @@ class MetricWriter:
     Each (step, prefix) is written once: on a resumed run, pass the restored
     step as `resume_step` and records after it (written after the last
     checkpoint, before a crash) are dropped, since the run writes them again;
+    `resume_step=0` (a fresh start) drops every old record (`None` keeps all);
     a write whose (step, prefix) is already in the file is skipped, so
     re-running a finished workdir adds no duplicate rows.
     """
@@ -44,7 +45,9 @@ class MetricWriter:
                         record = json.loads(line)
                     except json.JSONDecodeError:
                         continue  # a line cut short by a crash
-                    if resume_step is None or record.get("step", 0) <= resume_step:
+                    # Step 0 has no checkpoint: a fresh start (resume_step 0) keeps nothing,
+                    # e.g. not the step-0 eval of a killed run under another config.
+                    if resume_step is None or (resume_step > 0 and record.get("step", 0) <= resume_step):
                         kept.append(record)
                         self._seen.add((record.get("step"), _prefix_of(record)))
         self._jsonl = open(path, "w", encoding="utf-8")

@@ -13,6 +13,8 @@ when its settings match, so a resumed RL run scores with the same proxy.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 
@@ -68,15 +70,22 @@ def train_proxy(directory: str, task: synthetic.CountingTask, policy, params, *,
       `(reward_model, params, info)`; info has the held-out pairwise
       `accuracy`, the label `ceiling`, and the settings.
     """
+    # The key covers everything the proxy depends on: the task (its seed sets the
+    # gold weights), the training settings, the base policy's architecture and weights.
     settings = {"num_pairs": num_pairs, "num_steps": num_steps, "seed": seed,
                 "batch_size": batch_size, "learning_rate": learning_rate,
-                "vocab_size": task.vocab_size, "response_length": task.response_length,
-                "label_beta": task.label_beta}
+                "num_eval_pairs": num_eval_pairs, "task": dataclasses.asdict(task),
+                "policy_config": json.loads(json.dumps(dataclasses.asdict(policy.config), default=str)),
+                "policy_sha256": params_digest(params)}
     info_path = os.path.join(directory, "proxy.json")
     if os.path.exists(info_path):
-        with open(info_path, encoding="utf-8") as f:
-            info = json.load(f)
-        if info.get("settings") == settings:
+        try:
+            with open(info_path, encoding="utf-8") as f:
+                info = json.load(f)
+        except ValueError:  # damaged (bad JSON or UTF-8): a cache, so train it again
+            print(f"{info_path} is damaged; training the proxy reward model again")
+            info = {}
+        if isinstance(info, dict) and info.get("settings") == settings:
             rm, rm_params, _ = load_reward_model(directory)
             return rm, rm_params, info
     train, _ = sample_pairs(task, policy, params, num_pairs, seed=seed * 7 + 1)
@@ -102,6 +111,17 @@ def train_proxy(directory: str, task: synthetic.CountingTask, policy, params, *,
     rm_params = jax.device_get(state.params)
     export_reward_model(directory, rm, rm_params, pretrained="")
     info = {"settings": settings, "accuracy": final["accuracy"], "ceiling": float(ceiling.mean())}
-    with open(info_path, "w", encoding="utf-8") as f:
+    with open(info_path + ".tmp", "w", encoding="utf-8") as f:  # atomic: a kill leaves no half file
         json.dump(info, f, indent=2)
+    os.replace(info_path + ".tmp", info_path)
     return rm, rm_params, info
+
+
+def params_digest(params) -> str:
+    """SHA-256 over a param pytree's leaf paths, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for path, x in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
+        x = np.asarray(x)
+        h.update(f"{jax.tree_util.keystr(path)}|{x.dtype}|{x.shape}".encode())
+        h.update(np.ascontiguousarray(x).tobytes())
+    return h.hexdigest()

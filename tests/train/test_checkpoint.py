@@ -7,6 +7,7 @@ digests of its files; the tests damage one file at a time.
 import json
 import os
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -246,3 +247,33 @@ def test_export_metadata_that_does_not_fit_its_params_is_refused(tmp_path, field
     with pytest.raises(CorruptFileError, match=r"reward_model\.json does not describe the parameters in "
                                                rf".*params \({expected}\); export the reward model again"):
         load_reward_model(directory)
+
+
+@flax.struct.dataclass
+class _TrainState:
+    params: dict
+    step: jax.Array
+
+
+def test_an_unsealed_step_restores_with_a_warning_and_a_bad_data_position_is_one_line(tmp_path, capfd):
+    from jaxreward.data.pipeline import GrainLoader
+    from jaxreward.train import loop
+    directory = str(tmp_path / "ck")
+    make = lambda step=0: _TrainState({"w": jnp.full((3,), float(step))}, jnp.int32(step))
+    checkpointer = ckpt_lib.Checkpointer(directory)
+    for step in (1, 2):
+        checkpointer.save(step, make(step), {"epoch": 0, "index": step})
+    checkpointer.close()
+    os.remove(os.path.join(directory, "2", ckpt_lib.MANIFEST))   # as a run killed before sealing step 2
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: sharding, make())
+    loader = GrainLoader({"x": np.arange(40, dtype=np.float32)}, 4, seed=0)
+    state, resumed = loop.restore_or_init(ckpt_lib.Checkpointer(directory), make, (), shardings, loader)
+    assert resumed and int(state.step) == 2 and loader.state() == {"epoch": 0, "index": 2}
+    assert (f"warning: checkpoint {directory}/2 has no sha256.json (the run ended before it was sealed): "
+            "restoring it without checking its bytes") in capfd.readouterr().err
+    # A data position that does not fit the loader is named, not a KeyError/ValueError traceback.
+    small = GrainLoader({"x": np.arange(4, dtype=np.float32)}, 4, seed=0)   # 1 batch per epoch: index 2 is past it
+    with pytest.raises(CorruptFileError, match=rf"checkpoint {directory}/2: its data position .* does not fit this "
+                                               r"run's data \(ValueError: bad loader state"):
+        loop.restore_or_init(ckpt_lib.Checkpointer(directory), make, (), shardings, small)

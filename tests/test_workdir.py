@@ -1,0 +1,74 @@
+"""One workdir, one config, one run at a time (jaxreward.main): the resume
+check, the extension rule on re-runs, and the workdir lock."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import quickstart as qs_config
+from jaxreward import errors, main
+from jaxreward.train import defaults
+from tests.conftest import ROOT
+
+
+def _workdir(tmp_path, config):
+    (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    return str(tmp_path)
+
+
+def _config(num_steps=20, schedule_steps=0):
+    c = qs_config.get_config("tiny")
+    c.train.num_steps, c.train.schedule_steps = num_steps, schedule_steps
+    return c
+
+
+def test_an_extended_run_resumes_under_the_same_command(tmp_path, capsys):
+    wd = _workdir(tmp_path, _config(num_steps=24, schedule_steps=16))   # extended from 16 before
+    again = _config(num_steps=24)   # the same command as the extension: schedule_steps not given
+    main.check_resume_config(again, wd)
+    assert again.train.schedule_steps == 16 and "extending" not in capsys.readouterr().out
+    further = _config(num_steps=32)   # extending once more keeps the first schedule
+    main.check_resume_config(further, wd)
+    assert further.train.schedule_steps == 16
+    assert "extending the run from 24 to 32 steps; the learning-rate schedule keeps its 16 steps" in (
+        capsys.readouterr().out)
+
+
+def test_a_refused_extension_does_not_say_it_extends(tmp_path, capsys):
+    wd = _workdir(tmp_path, _config(num_steps=16))
+    changed = _config(num_steps=32)
+    changed.optimizer.learning_rate *= 2
+    with pytest.raises(defaults.ConfigError, match="optimizer.learning_rate"):
+        main.check_resume_config(changed, wd)
+    assert "extending" not in capsys.readouterr().out
+
+
+def test_checkpoints_without_a_readable_config_json_are_refused(tmp_path):
+    wd = _workdir(tmp_path, _config())
+    (tmp_path / "config.json").write_text('{"train": {"num_st')
+    with pytest.raises(errors.CorruptFileError, match=rf"{tmp_path / 'config.json'} is damaged \(JSONDecodeError"):
+        main.check_resume_config(_config(), wd)
+    os.remove(tmp_path / "config.json")   # deleting it must not turn the check off
+    with pytest.raises(defaults.ConfigError, match="holds checkpoints but no config.json"):
+        main.check_resume_config(_config(), wd)
+    os.rmdir(tmp_path / "checkpoints" / "4")   # no checkpoints: nothing to check
+    main.check_resume_config(_config(), wd)
+
+
+def test_a_second_run_in_a_workdir_in_use_is_refused_in_one_line(tmp_path):
+    fd = main.lock_workdir(str(tmp_path))   # this process holds it, as a running job would
+    try:
+        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        proc = subprocess.run([sys.executable, "-m", "jaxreward.main", "--config=configs/quickstart.py:tiny",
+                               f"--workdir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+    finally:
+        os.close(fd)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: --workdir={tmp_path} is in use by another run; wait for it to finish, or use another --workdir"]
+    assert not (tmp_path / "config.json").exists()   # the running job's record is untouched
+    fd = main.lock_workdir(str(tmp_path))   # released: it can be taken again
+    os.close(fd)

@@ -44,6 +44,10 @@ BUILTIN_PROMPTS = (
 )
 
 
+# Checked here with narrower ranges than the shared checks (defaults.check_common skips them).
+STRICT_FIELDS = ("sampling.temperature", "sampling.max_new_tokens")
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Checks this job's own fields (the shared blocks are checked by main)."""
     defaults.check_path(config, "prompts_path")

@@ -63,6 +63,10 @@ EXPORT_DIR = "policy"
 SPLITS = ("train", "eval")
 
 
+# Checked in check_config with narrower ranges than the shared checks (which skip them).
+STRICT_FIELDS = ("sampling.temperature", "sampling.max_new_tokens")
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Checks this job's own fields (the shared blocks are checked by main)."""
     try:
@@ -92,8 +96,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     defaults.check_int(config, "eval.samples_per_prompt", 1)
     defaults.check_best_of_n_max_n(config)
     defaults.check_float(config, "sampling.temperature", 0.0, low_open=True)
-    if config.eval.generate:
-        defaults.check_int(config, "sampling.max_new_tokens", 1)
+    defaults.check_int(config, "sampling.max_new_tokens", 1 if config.eval.generate else 0)
     if config.eval.reward_model_dir:
         defaults.check_path(config, "eval.reward_model_dir")
         ensemble_lib.check_export_dir(config, "eval.reward_model_dir")

@@ -109,7 +109,7 @@ def check_config(config) -> object:
     """
     from jaxreward.train import defaults
     driver = load_driver(config.get("task"))
-    defaults.check_common(config)
+    defaults.check_common(config, skip=getattr(driver, "STRICT_FIELDS", ()))
     if hasattr(driver, "check_config"):
         driver.check_config(config)
     return driver
@@ -282,13 +282,15 @@ def main(argv):
     try:
         driver = check_config(config)
         workdir = flags.FLAGS.workdir or os.path.join("runs", config.task)
+        try:
+            os.makedirs(workdir, exist_ok=True)
+        except OSError as e:  # a file in the way, no permission, ...
+            raise errors.UserError(f"--workdir={workdir}: cannot create the folder "
+                                   f"({type(e).__name__}: {e.strerror or e})") from None
+        # The lock first: a run in progress owns the workdir, its checkpoints and config.
+        _lock = lock_workdir(workdir)  # noqa: F841 - held until the process ends
         check_resume_config(config, workdir, getattr(driver, "RESUMABLE_CHANGES", ()))
     except (ValueError, *errors.USER_ERRORS) as e:  # a check_config raises ValueError naming the field
-        fail(errors.message(e), e)
-    os.makedirs(workdir, exist_ok=True)
-    try:
-        _lock = lock_workdir(workdir)  # noqa: F841 - held until the process ends
-    except errors.UserError as e:
         fail(errors.message(e), e)
     path = os.path.join(workdir, "config.json")
     with open(path + ".tmp", "w", encoding="utf-8") as f:  # atomic: a kill never leaves half a file

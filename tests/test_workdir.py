@@ -1,6 +1,7 @@
 """One workdir, one config, one run at a time (jaxreward.main): the resume
 check, the extension rule on re-runs, and the workdir lock."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -72,3 +73,44 @@ def test_a_second_run_in_a_workdir_in_use_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "config.json").exists()   # the running job's record is untouched
     fd = main.lock_workdir(str(tmp_path))   # released: it can be taken again
     os.close(fd)
+
+
+def _cli(*args):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "jaxreward.main", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_locked_workdir_is_refused_before_its_config_is_compared(tmp_path):
+    # A live run owns the workdir: another config (or an extension) is refused as "in use",
+    # not compared against the live run's config or announced as an extension.
+    wd = _workdir(tmp_path, _config())
+    fd = main.lock_workdir(wd)
+    try:
+        proc = _cli("--config=configs/quickstart.py:tiny", f"--workdir={wd}", "--config.train.num_steps=40")
+    finally:
+        os.close(fd)
+    assert proc.returncode == 2 and "extending" not in proc.stdout
+    assert proc.stderr.strip().splitlines() == [f"error: --workdir={wd} is in use by another run; wait for it "
+                                                "to finish, or use another --workdir"]
+
+
+def test_a_workdir_that_cannot_be_a_folder_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for wd, why in [(tmp_path / "afile", "FileExistsError"), (tmp_path / "afile" / "sub", "NotADirectoryError")]:
+        proc = _cli("--config=configs/quickstart.py:tiny", f"--workdir={wd}")
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+            f"error: --workdir={wd}: cannot create the folder ({why}: {os.strerror(17 if why[0] == 'F' else 20)})"]
+
+
+def test_a_driver_with_a_narrower_range_is_the_one_message(tmp_path):
+    # best-of-N needs temperature > 0 and at least one new token; the shared check's wider
+    # range ([0, inf), >= 0) must not be what a user reads first.
+    from configs import best_of_n as bon_config
+    for field, value, message in [
+            ("temperature", -1.0, "config field sampling.temperature must be a finite number in (0.0, inf)"),
+            ("max_new_tokens", -3, "config field sampling.max_new_tokens must be an integer >= 1")]:
+        c = bon_config.get_config("smollm2")
+        c.sampling[field] = value
+        with pytest.raises(defaults.ConfigError, match=re.escape(message)):
+            main.check_config(c)

@@ -212,10 +212,13 @@ def check_pretrained(config, name: str = "model.pretrained") -> None:
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def check_common(config) -> None:
+def check_common(config, skip: tuple[str, ...] = ()) -> None:
     """Checks the shared blocks (optimizer, train, mesh, data, sampling,
     model.dtype, model.pretrained) wherever a config has them; a data or
-    prompts file must not be empty.
+    prompts file must not be empty. Fields in `skip` are left to the
+    driver's own, narrower check (its `STRICT_FIELDS`), so a user never
+    reads one range here and another there (best-of-N needs temperature > 0
+    where the shared range allows greedy 0).
 
     Raises:
       ConfigError: naming the first field with an impossible value.
@@ -234,14 +237,16 @@ def check_common(config) -> None:
     for name in ("train.eval_every", "train.stop_after_steps", "train.schedule_steps", "data.num_eval_pairs",
                  "data.max_train_pairs", "data.max_eval_pairs", "data.max_prompt_length",
                  "sampling.max_new_tokens", "sampling.top_k"):
-        check_int(config, name, 0)
+        if name not in skip:
+            check_int(config, name, 0)
     check_int(config, "data.max_length", 2)
     prompt_cap, length = get_field(config, "data.max_prompt_length"), get_field(config, "data.max_length")
     if prompt_cap not in (_MISSING, 0) and length is not _MISSING and prompt_cap >= length:
         raise ConfigError(f"config field data.max_prompt_length={prompt_cap} leaves no room for a "
                           f"response in data.max_length={length}")
     check_int(config, "seed", 0)
-    check_float(config, "sampling.temperature", 0.0)
+    if "sampling.temperature" not in skip:
+        check_float(config, "sampling.temperature", 0.0)
     check_float(config, "sampling.top_p", 0.0, 1.0, low_open=True)
     check_choice(config, "model.dtype", DTYPES)
     check_choice(config, "data.on_error", ("skip", "raise"))

@@ -198,19 +198,18 @@ def read_preference_pairs(
                 continue
             report.lines += 1
             source = f"{name}:{lineno}"
-            detected_here = False
+            fmt = report.fmt
             try:
                 obj = _parse_json(raw)
                 if report.fmt is None:
-                    report.fmt, detected_here = _detect(obj), True
+                    report.fmt = _detect(obj)
                     if report.fmt is None:
                         raise _Bad("chosen", "missing field", "cannot detect the format without it")
                 _check_render(report.fmt, hh_as_chat, render_chat, path)
                 prompt, chosen, rejected = _PARSERS[report.fmt](obj, render_chat, hh_as_chat)
                 subset = _field(obj, "subset", str) if "subset" in obj else None
             except _Bad as bad:
-                if detected_here:  # a bad line does not decide the format of the lines after it
-                    report.fmt = None
+                report.fmt = fmt  # a bad line does not decide the format of the lines after it
                 error = DataError(str(path), lineno, bad.field, bad.reason, bad.detail)
                 if on_error == "raise":
                     raise error from None

@@ -86,18 +86,15 @@ def params_mismatch(model, params) -> str | None:
     match. The digests cover the params files only, so this is what catches
     a `reward_model.json` edited to another architecture."""
     expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32)))
-    expected = {_path(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(
-        unbox(expected["params"]))[0]}
-    got = {_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    leaves = lambda tree: jax.tree_util.tree_flatten_with_path(tree)[0]
+    expected = {ckpt_lib.leaf_path(p): tuple(x.shape) for p, x in leaves(unbox(expected["params"]))}
+    got = {ckpt_lib.leaf_path(p): tuple(x.shape) for p, x in leaves(params)}
     for name in sorted(expected.keys() | got.keys()):
         if name not in got:
             return f"parameter {name} is missing"
         if name not in expected:
             return f"parameter {name} is not in this architecture"
-        if tuple(expected[name]) != got[name]:
+        if expected[name] != got[name]:
             return f"parameter {name} has shape {list(got[name])}, expected {list(expected[name])}"
     return None
 
-
-def _path(keys) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)

@@ -297,15 +297,18 @@ def first_nonfinite(tree: Any) -> str | None:
     ok = jax.device_get(_leaves_finite([x for _, x in floating]))
     for (path, _), fine in zip(floating, ok):
         if not fine:
-            return "/".join(_key_name(k) for k in path)
+            return leaf_path(path)
     return None
 
 
-def _key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
+def leaf_path(keys) -> str:
+    """A pytree leaf's key path (from `tree_flatten_with_path`) as `a/b/0`."""
+    def name(key: Any) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+    return "/".join(name(k) for k in keys)
 
 
 def close_open() -> None:

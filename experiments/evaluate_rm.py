@@ -215,7 +215,11 @@ def file_kind(path: str) -> str:
     rows), else "pairs". A majority, not the first line, decides, so one
     odd line does not turn the file's valid rows into skipped ones; the
     lines of the other kind are skipped and counted by the reader (and a
-    mixed file is said in one line here)."""
+    mixed file is said in one line here).
+
+    Raises:
+      UserError: as many lines of one kind as of the other.
+    """
     best = pairs = 0
     try:
         with _open(path) as f:
@@ -231,6 +235,9 @@ def file_kind(path: str) -> str:
                         pairs += 1
     except (OSError, EOFError, zlib.error):
         pass  # a damaged stream: the reader names the file and the line it broke at
+    if best and best == pairs:  # no majority: either reading would skip half the file
+        raise UserError(f"{path}: as many best-of lines (a `rejected` list) as pair lines ({best} "
+                        "each), so it is neither kind; put them in two files")
     kind = "best_of" if best > pairs else "pairs"
     if best and pairs:
         print(f"{os.path.basename(path)}: {best} best-of lines (a `rejected` list) and {pairs} pair lines: "

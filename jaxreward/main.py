@@ -48,6 +48,8 @@ flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics). Defa
 # Fields a resumed run may change: they do not change what is trained.
 # model.prefix_sharing changes how a forward is laid out, not what it computes
 # (up to float rounding), so a run may switch it when it resumes.
+# A refused resume lists at most this many changed fields (then "... and N more").
+MAX_LISTED_CHANGES = 12
 RESUMABLE_CHANGES = ("train.stop_after_steps", "train.progress_bar", "train.log_every",
                      "train.eval_every", "train.checkpoint_every", "data.eval_batch_size",
                      "model.prefix_sharing")
@@ -153,6 +155,14 @@ def check_resume_config(config, workdir: str, resumable: tuple[str, ...] = ()) -
                                       "the config of the checkpoints beside it: put it back, or use a "
                                       "new --workdir") from None
     current = _flat(json.loads(config.to_json_best_effort()))
+    if stored.get("task") != current.get("task"):
+        # Another job's config, or JSON that is no config at all: one line, not
+        # a listing of every field.
+        what = (f"task {stored['task']!r}" if isinstance(stored.get("task"), str)
+                else "no task field, so it is not a jaxreward config")
+        raise defaults.ConfigError(
+            f"--workdir={workdir} holds checkpoints whose {stored_path} names {what}, not "
+            f"{current.get('task')!r}; use a new --workdir")
     old_steps, new_steps = stored.get("train.num_steps"), current.get("train.num_steps")
     old_schedule = stored.get("train.schedule_steps")
     extending = isinstance(old_steps, int) and isinstance(new_steps, int) and new_steps > old_steps
@@ -170,9 +180,12 @@ def check_resume_config(config, workdir: str, resumable: tuple[str, ...] = ()) -
                if stored.get(k) != current.get(k) and k not in RESUMABLE_CHANGES
                and not any(k == p or k.startswith(p + ".") for p in resumable)]
     if changed:
+        shown = changed[:MAX_LISTED_CHANGES]
+        if len(changed) > len(shown):
+            shown.append(f"... and {len(changed) - len(shown)} more")
         raise defaults.ConfigError(
             f"--workdir={workdir} holds checkpoints of a different config; changed fields:\n  "
-            + "\n  ".join(changed) + "\nUse a new --workdir (or restore those values) to resume.")
+            + "\n  ".join(shown) + "\nUse a new --workdir (or restore those values) to resume.")
     if extending:
         print(f"extending the run from {old_steps} to {new_steps} steps; the learning-rate "
               f"schedule keeps its {config.train.schedule_steps} steps and the added steps run "

@@ -59,6 +59,42 @@ def test_checkpoints_without_a_readable_config_json_are_refused(tmp_path):
     main.check_resume_config(_config(), wd)
 
 
+@pytest.mark.parametrize("stored, named", [
+    ('{"a": 1, "b": {"c": 2}}', "no task field, so it is not a jaxreward config"),
+    ('{"task": "dpo", "loss": {"beta": 0.1}}', "task 'dpo'"),
+])
+def test_another_jobs_or_a_foreign_config_json_is_one_line(tmp_path, stored, named):
+    # Valid JSON of the wrong shape used to list every field of both configs.
+    wd = _workdir(tmp_path, _config())
+    (tmp_path / "config.json").write_text(stored)
+    with pytest.raises(defaults.ConfigError) as caught:
+        main.check_resume_config(_config(), wd)
+    assert str(caught.value) == (
+        f"--workdir={wd} holds checkpoints whose {tmp_path / 'config.json'} names {named}, not "
+        "'quickstart'; use a new --workdir")
+
+
+def test_a_long_listing_of_changed_fields_is_cut(tmp_path):
+    wd = _workdir(tmp_path, _config())
+    stored = json.loads((tmp_path / "config.json").read_text())
+    changed = _config()
+    n = 0
+    for section, fields in stored.items():   # change every number the resume check compares
+        for key, value in (fields.items() if isinstance(fields, dict) else ()):
+            name = f"{section}.{key}"
+            if (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and name not in main.RESUMABLE_CHANGES
+                    and name not in ("train.num_steps", "train.schedule_steps")):
+                changed[section][key] = value + 1
+                n += 1
+    assert n > main.MAX_LISTED_CHANGES
+    with pytest.raises(defaults.ConfigError) as caught:
+        main.check_resume_config(changed, wd)
+    lines = str(caught.value).splitlines()
+    assert len(lines) == 1 + main.MAX_LISTED_CHANGES + 2
+    assert lines[-2] == f"  ... and {n - main.MAX_LISTED_CHANGES} more"
+
+
 def test_a_second_run_in_a_workdir_in_use_is_refused_in_one_line(tmp_path):
     fd = main.lock_workdir(str(tmp_path))   # this process holds it, as a running job would
     try:

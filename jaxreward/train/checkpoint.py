@@ -15,6 +15,7 @@ the next older step, and moves the bad one aside to `<step>.unreadable`
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -91,7 +92,36 @@ def _describe(error: BaseException, step_dir: str) -> str:
     if files:
         return (f"{code.group(1) + ' ' if code else ''}reading {', '.join(files)} "
                 f"({type(error).__name__})")
+    # A data file cut short or damaged inside orbax's OCDBT store: the message
+    # is a TensorStore spec; its relative kvstore path is the array's key.
+    arrays = [p.rstrip("/").replace("/", ".") for p in re.findall(r"'path': '([^'/][^']*)'", text)]
+    if "error while reading array" in first and arrays:
+        return (f"array {arrays[0]} cannot be read: a data file under {os.path.basename(step_dir)} "
+                "is truncated or damaged")
     return f"{type(error).__name__}: {first[:200]}"
+
+
+class _QuietOrphanReads:
+    """While orbax reads, drops the 'Exception ignored in: <coroutine ...>'
+    reports of its other array reads left pending when one read fails (one
+    ~70-line TensorStore spec each, printed when they are collected); the
+    failure itself is raised as usual."""
+
+    def __enter__(self):
+        self._hook = sys.unraisablehook
+
+        def hook(unraisable):
+            where = getattr(getattr(unraisable.object, "cr_code", None), "co_filename", "")
+            if "orbax" not in where:
+                self._hook(unraisable)
+        sys.unraisablehook = hook
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is not None:
+            gc.collect()  # collect the orphaned reads while the filter is in place
+        sys.unraisablehook = self._hook
+        return False
 
 
 class Checkpointer:
@@ -222,8 +252,9 @@ class Checkpointer:
             if problems:
                 raise _Unreadable("; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
         try:
-            out = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+            with _QuietOrphanReads():
+                out = self._manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001  (orbax/tensorstore raise many kinds)
             raise _Unreadable(_describe(e, folder)) from e
         return out.state, dict(out.data)
@@ -366,10 +397,11 @@ def load_params(directory: str, shardings: Any = None, digests: dict[str, str] |
             raise CorruptFileError(f"{directory} is damaged: " + "; ".join(problems[:5])
                                    + (" ..." if len(problems) > 5 else ""))
     try:
-        if shardings is None:
-            return checkpointer.restore(directory)
-        meta = checkpointer.metadata(directory)
-        tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
-        return checkpointer.restore(directory, abstract_like(tree, shardings))
+        with _QuietOrphanReads():
+            if shardings is None:
+                return checkpointer.restore(directory)
+            meta = checkpointer.metadata(directory)
+            tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
+            return checkpointer.restore(directory, abstract_like(tree, shardings))
     except Exception as e:  # noqa: BLE001  (orbax/tensorstore raise many kinds)
         raise CorruptFileError(f"{directory} cannot be read: {_describe(e, directory)}") from e

@@ -18,6 +18,7 @@ import jaxreward.main  # noqa: F401 - the lazy package does not import it by its
 from configs import evaluate_rm as eval_config
 from experiments import evaluate_rm as driver
 from jaxreward import rewards
+from jaxreward.errors import UserError
 from jaxreward.data.batching import tokenize_pairs
 from jaxreward.data.preference import DataError, read_preference_pairs
 from jaxreward.data.tokenizer import Tokenizer
@@ -440,6 +441,11 @@ def test_file_kind_is_decided_by_most_lines_not_the_first(tmp_path, capsys):
     assert [r.line for r in rows] == [2, 3, 4, 5] and report.skipped == {"wrong type of 'rejected'": 1}
     pairs = _write(tmp_path / "pairs.jsonl", [row] + [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 2)
     assert driver.file_kind(pairs) == "pairs"
+    # No majority: refused in one line rather than half of it skipped.
+    tie = _write(tmp_path / "tie.jsonl", [row, {"prompt": "q", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(UserError, match=r"tie\.jsonl: as many best-of lines \(a `rejected` list\) as "
+                                        r"pair lines \(1 each\), so it is neither kind"):
+        driver.file_kind(tie)
 
 
 def test_damaged_export_metadata_is_one_line(tmp_path):

@@ -4,10 +4,12 @@ Re-running with the same workdir restores the latest checkpoint, so a run
 interrupted after step k and restarted continues exactly as if it had not
 stopped (the data iterator resumes at the same batch).
 
-Damaged checkpoints are found, named and skipped. Each finished step gets a
+Damaged checkpoints are found, named and skipped. Each step gets a
 `sha256.json` listing the SHA-256 of its files (orbax itself checks the
 structure it reads but not array bytes: a flipped byte in a data file
-restores silently). `Checkpointer.restore` verifies it, then tries orbax; if
+restores silently). It is written by orbax's save thread before the step's
+folder is renamed into place, so a run killed at any moment leaves no
+committed step without it. `Checkpointer.restore` verifies it, then tries orbax; if
 the latest step fails either way it says which file and why, falls back to
 the next older step, and moves the bad one aside to `<step>.unreadable`
 (kept, not deleted) so the run can write that step again. Exports
@@ -31,7 +33,10 @@ from jaxreward.errors import CorruptFileError
 
 MANIFEST = "sha256.json"  # in each step folder: {"sha256": {relative path: hex digest}}
 # Written by orbax's step bookkeeping, possibly after the step is final: not digested.
-_UNDIGESTED = (MANIFEST, MANIFEST + ".tmp", "_CHECKPOINT_METADATA")
+# commit_success.txt: orbax's commit marker on storage without atomic renames.
+_UNDIGESTED = (MANIFEST, MANIFEST + ".tmp", "_CHECKPOINT_METADATA", "commit_success.txt")
+# orbax writes a step into `<step>` + this, then renames it to `<step>`.
+_ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 def file_digests(directory: str, skip: tuple[str, ...] = ()) -> dict[str, str]:
@@ -137,10 +142,17 @@ class Checkpointer:
     def __init__(self, directory: str, max_to_keep: int = 2, checksums: bool = True):
         self.directory = os.path.abspath(directory)
         self.checksums = checksums
-        self._unsealed: list[int] = []  # steps saved here whose digests are not written yet
+        self._saving: int | None = None  # the step of the save in flight
+        # Digests are written by orbax's background save thread once the
+        # step's files are final and before its folder is renamed into
+        # place, so every committed step carries its sha256.json: a run
+        # killed at any moment leaves no unchecked step behind.
+        async_options = ocp.AsyncOptions(
+            post_finalization_callback=self._write_digests if checksums else None)
         self._manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                 async_options=async_options))
         self._closed = False
         _OPEN.add(self)
 
@@ -170,27 +182,23 @@ class Checkpointer:
           errors.DivergedError: a floating leaf holds NaN or inf (names its path and the step).
         """
         refuse_nonfinite(state, "checkpoint", step, lr_fields)
-        self._seal()  # orbax waits for the previous save here anyway
+        self._manager.wait_until_finished()  # orbax waits here anyway; _saving then names this save
+        self._saving = step
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
-        self._unsealed.append(step)
 
-    def _seal(self) -> None:
-        """After the pending saves finish, writes their digests (process 0)."""
-        if not self._unsealed:
+    def _write_digests(self) -> None:
+        """orbax's post-finalization callback (its save thread): the step's
+        files are complete in `<step>.orbax-checkpoint-tmp`, which orbax
+        renames to `<step>` next; writes their digests there (process 0)."""
+        if jax.process_index() != 0 or self._saving is None:
             return
-        self._manager.wait_until_finished()
-        if self.checksums and jax.process_index() == 0:
-            for step in self._unsealed:
-                folder = self.step_dir(step)
-                if not os.path.isdir(folder):  # already rotated out by max_to_keep
-                    continue
-                digests = file_digests(folder, skip=_UNDIGESTED)
-                tmp = os.path.join(folder, MANIFEST + ".tmp")
-                with open(tmp, "w", encoding="utf-8") as f:
-                    json.dump({"sha256": digests}, f, indent=0)
-                os.replace(tmp, os.path.join(folder, MANIFEST))
-        self._unsealed = []
+        folder = self.step_dir(self._saving) + _ORBAX_TMP_SUFFIX
+        if not os.path.isdir(folder):  # a storage layout without a tmp folder: the step is final
+            folder = self.step_dir(self._saving)
+        digests = file_digests(folder, skip=_UNDIGESTED)
+        with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
+            json.dump({"sha256": digests}, f, indent=0)
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs
@@ -209,6 +217,7 @@ class Checkpointer:
             or `step` was given and it does not, or (several processes) the
             latest does not but an older one does.
         """
+        self._manager.wait_until_finished()  # a save of this process in flight commits first
         steps = sorted(self._manager.all_steps(), reverse=True)
         if not steps:
             raise FileNotFoundError(f"no checkpoint under {self.directory}")
@@ -237,11 +246,12 @@ class Checkpointer:
     def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         folder = self.step_dir(step)
         manifest = os.path.join(folder, MANIFEST)
-        if self.checksums and not os.path.exists(manifest) and step not in self._unsealed:
-            # Digests are written once the async save is done (at the next save or
-            # at close): a run killed in between leaves its newest step without them.
-            print(f"warning: checkpoint {folder} has no {MANIFEST} (the run ended before it was "
-                  "sealed): restoring it without checking its bytes", file=sys.stderr, flush=True)
+        if self.checksums and not os.path.exists(manifest):
+            # Written with the step since this version; older runs sealed a step
+            # at the next save, so a kill in between left it without one.
+            print(f"warning: checkpoint {folder} has no {MANIFEST} (written by an older version, "
+                  "or the file was removed): restoring it without checking its bytes",
+                  file=sys.stderr, flush=True)
         if self.checksums and os.path.exists(manifest):
             try:
                 with open(manifest, encoding="utf-8") as f:
@@ -277,16 +287,14 @@ class Checkpointer:
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
-        self._seal()
 
     def close(self) -> None:
-        """Finishes the pending save, writes its digests and closes; a second call does nothing."""
+        """Finishes the pending save and closes; a second call does nothing."""
         if self._closed:
             return
         self._closed = True
         _OPEN.discard(self)
         self._manager.wait_until_finished()
-        self._seal()
         self._manager.close()
 
 

@@ -289,6 +289,32 @@ class _TrainState:
     step: jax.Array
 
 
+def test_a_step_is_committed_with_its_digests_even_when_the_run_is_killed_right_after(tmp_path):
+    # The digests used to be written at the next save or at close, so a run
+    # killed in between left its newest step unchecked. Now they are inside
+    # the step before orbax renames it into place: a process that dies by
+    # SIGKILL as soon as the save is committed leaves them behind.
+    import subprocess
+    import sys
+    directory = str(tmp_path / "ck")
+    script = (
+        "import os, signal, jax.numpy as jnp\n"
+        "from jaxreward.train import checkpoint as c\n"
+        f"k = c.Checkpointer({directory!r})\n"
+        "k.save(1, {'w': jnp.arange(1000.0)}, {'index': 1})\n"
+        "k.save(2, {'w': jnp.arange(1000.0) + 1}, {'index': 2})\n"
+        "k._manager.wait_until_finished()\n"   # committed; no close, no later save
+        "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert sorted(os.listdir(directory)) == ["1", "2"]   # no orbax tmp folder left
+    for step in ("1", "2"):
+        folder = os.path.join(directory, step)
+        listed = json.loads(open(os.path.join(folder, ckpt_lib.MANIFEST)).read())["sha256"]
+        assert listed == ckpt_lib.file_digests(folder, skip=ckpt_lib._UNDIGESTED)
+        assert any(name.startswith("state/") for name in listed)
+
+
 def test_an_unsealed_step_restores_with_a_warning_and_a_bad_data_position_is_one_line(tmp_path, capfd):
     from jaxreward.data.pipeline import GrainLoader
     from jaxreward.train import loop
@@ -298,14 +324,14 @@ def test_an_unsealed_step_restores_with_a_warning_and_a_bad_data_position_is_one
     for step in (1, 2):
         checkpointer.save(step, make(step), {"epoch": 0, "index": step})
     checkpointer.close()
-    os.remove(os.path.join(directory, "2", ckpt_lib.MANIFEST))   # as a run killed before sealing step 2
+    os.remove(os.path.join(directory, "2", ckpt_lib.MANIFEST))   # as an older version's killed run left it
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: sharding, make())
     loader = GrainLoader({"x": np.arange(40, dtype=np.float32)}, 4, seed=0)
     state, resumed = loop.restore_or_init(ckpt_lib.Checkpointer(directory), make, (), shardings, loader)
     assert resumed and int(state.step) == 2 and loader.state() == {"epoch": 0, "index": 2}
-    assert (f"warning: checkpoint {directory}/2 has no sha256.json (the run ended before it was sealed): "
-            "restoring it without checking its bytes") in capfd.readouterr().err
+    assert (f"warning: checkpoint {directory}/2 has no sha256.json (written by an older version, or the "
+            "file was removed): restoring it without checking its bytes") in capfd.readouterr().err
     # A data position that does not fit the loader is named, not a KeyError/ValueError traceback.
     small = GrainLoader({"x": np.arange(4, dtype=np.float32)}, 4, seed=0)   # 1 batch per epoch: index 2 is past it
     with pytest.raises(CorruptFileError, match=rf"checkpoint {directory}/2: its data position .* does not fit this "

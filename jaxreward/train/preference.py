@@ -268,6 +268,21 @@ class SharedPrefixLogps:
                            **dict(self.kwargs))
 
     def pair_logps(self, params, batch: Mapping[str, Array]):
+        """Summed response log-probs of both sides from one packed forward.
+
+        Args:
+          params: the policy's (or reference's) params.
+          batch: a pair batch (`chosen_tokens`, `chosen_mask`, ... as
+            `batching.tokenize_pairs` makes them; any padding side).
+
+        Returns:
+          `(logps_chosen_B, logps_rejected_B, tokens_chosen_B,
+          tokens_rejected_B)`, float32 `[B]` each: the sums over response
+          tokens in nats, and the response token counts (for
+          length-normalized losses). A pair that does not fit
+          `packed_length` (or the response window) gives NaN log-probs, never
+          a wrong number.
+        """
         p = pack_pairs(batch, self.packed_length)
         W = self.response_length if 0 < self.response_length < self.packed_length else 0
         lp = branch_logps(self.model, params, p["tokens"], p["attention_mask"], p["positions"],

@@ -112,5 +112,6 @@ def frozen_blocks(num_layers: int, trainable_blocks: int) -> int:
 
 
 def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """Step 0: `params`, `tx`'s fresh optimizer state, and the PRNG key of `seed`."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), rng=jax.random.PRNGKey(seed))

@@ -17,14 +17,13 @@ the next older step, and moves the bad one aside to `<step>.unreadable`
 """
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
 import re
 import sys
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -106,27 +105,36 @@ def _describe(error: BaseException, step_dir: str) -> str:
     return f"{type(error).__name__}: {first[:200]}"
 
 
-class _QuietOrphanReads:
-    """While orbax reads, drops the 'Exception ignored in: <coroutine ...>'
-    reports of its other array reads left pending when one read fails (one
-    ~70-line TensorStore spec each, printed when they are collected); the
-    failure itself is raised as usual."""
+def _orbax_read(read: Callable[[], Any], folder: str) -> Any:
+    """`read()` (an orbax restore of `folder`); any failure becomes
+    `_Unreadable` with `_describe`'s short reason."""
+    _drop_orbax_orphan_reports()
+    try:
+        return read()
+    except Exception as e:  # noqa: BLE001  (orbax/tensorstore raise many kinds)
+        raise _Unreadable(_describe(e, folder)) from e
 
-    def __enter__(self):
-        self._hook = sys.unraisablehook
 
-        def hook(unraisable):
-            where = getattr(getattr(unraisable.object, "cr_code", None), "co_filename", "")
-            if "orbax" not in where:
-                self._hook(unraisable)
-        sys.unraisablehook = hook
-        return self
+def _drop_orbax_orphan_reports() -> None:
+    """Installs (once) a `sys.unraisablehook` filter for orbax's orphaned reads.
 
-    def __exit__(self, *exc):
-        if exc[0] is not None:
-            gc.collect()  # collect the orphaned reads while the filter is in place
-        sys.unraisablehook = self._hook
-        return False
+    When one array read fails, orbax leaves its other reads pending, and
+    each is reported whenever it is collected (later, from orbax's own
+    threads) as "Exception ignored in: <coroutine ...>" with a ~70-line
+    TensorStore spec. The failure itself is raised and named; these copies
+    of it are dropped. Every other report goes to the hook that was there.
+    """
+    current = sys.unraisablehook
+    if getattr(current, "drops_orbax_orphans", False):
+        return
+
+    def hook(unraisable):
+        where = getattr(getattr(unraisable.object, "cr_code", None), "co_filename", "")
+        if "orbax" not in where:
+            current(unraisable)
+
+    hook.drops_orbax_orphans = True
+    sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -261,12 +269,8 @@ class Checkpointer:
             problems = check_digests(folder, expected)
             if problems:
                 raise _Unreadable("; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
-        try:
-            with _QuietOrphanReads():
-                out = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        except Exception as e:  # noqa: BLE001  (orbax/tensorstore raise many kinds)
-            raise _Unreadable(_describe(e, folder)) from e
+        out = _orbax_read(lambda: self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())), folder)
         return out.state, dict(out.data)
 
     def _set_aside(self, steps: list[int], good: int) -> None:
@@ -404,12 +408,13 @@ def load_params(directory: str, shardings: Any = None, digests: dict[str, str] |
         if problems:
             raise CorruptFileError(f"{directory} is damaged: " + "; ".join(problems[:5])
                                    + (" ..." if len(problems) > 5 else ""))
+    def read():
+        if shardings is None:
+            return checkpointer.restore(directory)
+        meta = checkpointer.metadata(directory)
+        tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
+        return checkpointer.restore(directory, abstract_like(tree, shardings))
     try:
-        with _QuietOrphanReads():
-            if shardings is None:
-                return checkpointer.restore(directory)
-            meta = checkpointer.metadata(directory)
-            tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
-            return checkpointer.restore(directory, abstract_like(tree, shardings))
-    except Exception as e:  # noqa: BLE001  (orbax/tensorstore raise many kinds)
-        raise CorruptFileError(f"{directory} cannot be read: {_describe(e, directory)}") from e
+        return _orbax_read(read, directory)
+    except _Unreadable as e:
+        raise CorruptFileError(f"{directory} cannot be read: {e}") from None

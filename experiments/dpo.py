@@ -77,11 +77,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.data.source == "jsonl":
         defaults.check_path(config, "data.train_path", required=True)
         defaults.check_path(config, "data.eval_path")
+        if not config.data.eval_path and config.data.num_eval_pairs == 0:
+            raise defaults.ConfigError("config field data.num_eval_pairs=0 holds out no pairs and "
+                                       "data.eval_path is empty: the run needs held-out pairs")
     if not config.model.pretrained:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                      "num_heads", "num_kv_heads"):
             defaults.check_int(config, f"model.arch.{name}", 1)
         defaults.check_float(config, "model.arch.rope_theta", 0.0, low_open=True)
+        if config.data.source != "synthetic":
+            raise defaults.ConfigError(f"config field model.pretrained is empty, but data.source="
+                                       f"{config.data.source} needs the checkpoint's tokenizer")
     defaults.check_choice(config, "model.prefix_sharing", (True, False))
     defaults.check_pretrained(config, "reference.path")
     defaults.check_choice(config, "reference.precompute", (True, False))
@@ -197,7 +203,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise UserError(f"{num_train} usable train pairs is fewer than one batch "
                         f"(data.batch_size={d.batch_size})")
     if num_eval == 0:
-        raise UserError("no usable eval pairs: set data.eval_path or data.num_eval_pairs")
+        raise UserError(f"data.eval_path={d.eval_path!r} gave no usable eval pairs (see its report above)"
+                        if d.source == "jsonl" and d.eval_path else
+                        "no usable eval pairs: set data.eval_path or data.num_eval_pairs")
 
     # --- The reference: the initial policy, or `reference.path`.
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)

@@ -161,10 +161,11 @@ def load_tokenizer(name_or_path: str):
     without reading its weights."""
     from jaxreward.models import gguf_io, hf_io, pretrained
     path = pretrained.resolve(name_or_path)
-    if path.is_dir():
-        return hf_io.load_tokenizer(path)
-    if path.suffix == ".gguf":
-        return gguf_io.tokenizer_from_gguf(gguf_io.open_gguf(path), source=str(path))
+    with pretrained.checkpoint_errors(path):
+        if path.is_dir():
+            return hf_io.load_tokenizer(path)
+        if path.suffix == ".gguf":
+            return gguf_io.tokenizer_from_gguf(gguf_io.open_gguf(path), source=str(path))
     raise UserError(f"{path}: expected an HF checkpoint directory or a .gguf file")
 
 

@@ -121,6 +121,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if a.advantage in ("grpo", "rloo") and ro.group_size < 2:
         raise defaults.ConfigError(f"config field rollout.group_size: {a.advantage} needs groups of >= 2 "
                                    f"completions per prompt, got {ro.group_size}")
+    if a.dynamic_sampling and ro.group_size < 2:
+        raise defaults.ConfigError("config field algorithm.dynamic_sampling: drops groups whose G rewards are "
+                                   "all equal, which is every group of rollout.group_size=1 (nothing would "
+                                   "train); use groups of >= 2 or dynamic_sampling=False")
     defaults.check_choice(config, "model.prefix_sharing", (True, False))
     if config.model.prefix_sharing and config.reference.batch_size % ro.group_size:
         raise defaults.ConfigError(f"config field reference.batch_size: {config.reference.batch_size} is not a "
@@ -264,6 +268,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rollout.check_minibatch_split(config, mesh)
     ref_model, ref_params = rollout.load_reference(config, cfg.vocab_size, base_model, base_params)
+    rollout.check_prompts_fit(config, prompts, base_model, ref_model)  # both sample (eval, best-of-N)
     score, reward_name = rollout.make_reward_fn(config, workdir, task, tokenizer, base_model, base_params,
                                                      prompts)
     sampling = rollout.sampling_kwargs(config, tokenizer)
@@ -348,7 +353,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         score_s = time.perf_counter() - t0
         # 3. Reference log-probs (and the behaviour log-probs on the training grid).
         t0 = time.perf_counter()
-        mask = np.asarray(shift_mask(samples.loss_mask_RL)) & valid[:, None]
+        resp_RL = np.asarray(shift_mask(samples.loss_mask_RL))   # every sampled response token
+        mask = resp_RL & valid[:, None]
         old_logps = np.asarray(samples.sample_logps_RL)
         if recompute:
             old_logps = evaluate_lib.score_all_rows(group_policy_fn, state.params, arrays, ref_bs, mesh,
@@ -360,6 +366,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # 4. Advantages (KL in the reward first).
         beta = run_state.beta
         k1_RL = np.where(mask, old_logps - ref_logps, 0.0).astype(np.float32)
+        # KL of the policy's samples (metrics, adaptive β): all of them, also those out of the loss.
+        kl_RL = np.where(resp_RL, old_logps - ref_logps, 0.0).astype(np.float32)
         token_rewards = np.zeros_like(k1_RL)
         ends = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)  # last response token
         token_rewards[np.arange(R), ends] = np.where(mask.any(1), rewards_R, 0.0)  # none if empty
@@ -390,7 +398,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # KL controller and metrics.
         resp_mask = np.asarray(samples.response_mask_RM)
         lengths = resp_mask.sum(1)
-        seq_kl = k1_RL.sum(1)
+        seq_kl = kl_RL.sum(1)
         if k.adaptive and needs_ref:
             run_state.beta = float(adaptive_kl_coef(beta, float(seq_kl.mean()), R, target=k.target,
                                                      horizon=k.horizon))
@@ -413,8 +421,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             for name, v in extra.items():
                 met[f"reward/{name}"] = float(np.mean(v))
             if needs_ref:
-                x = k1_RL
-                k3 = np.where(mask, rollout.k3_terms(x), 0.0)
+                x = kl_RL
+                k3 = np.where(resp_RL, rollout.k3_terms(x), 0.0)
                 met.update({"kl/k1": float(seq_kl.mean()), "kl/k2": float((0.5 * x * x).sum(1).mean()),
                             "kl/k3": float(k3.sum(1).mean())})
             history.append({"step": done, **loop.log_train(writer, done, met, bar, show=("reward/mean", "kl/k1"))})

@@ -319,6 +319,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rollout.check_minibatch_split(config, mesh)
     ref_model, ref_params = rollout.load_reference(config, cfg.vocab_size, base_model, base_params)
+    rollout.check_prompts_fit(config, prompts, base_model, ref_model)  # both sample (eval, best-of-N)
     score, reward_name = rollout.make_reward_fn(config, workdir, task, tokenizer, base_model, base_params,
                                                      prompts)
     sampling = rollout.sampling_kwargs(config, tokenizer)
@@ -429,7 +430,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         score_s = time.perf_counter() - t0
         # 3. Reference log-probs, behaviour log-probs on the training grid, values (one forward).
         t0 = time.perf_counter()
-        mask = np.asarray(shift_mask(samples.loss_mask_RL)) & valid[:, None]
+        resp_RL = np.asarray(shift_mask(samples.loss_mask_RL))   # every sampled response token
+        mask = resp_RL & valid[:, None]
         old_logps = np.asarray(samples.sample_logps_RL)
         if recompute:
             old_logps = evaluate_lib.score_all_rows(group_policy_fn, state.params, arrays, ref_bs, mesh,
@@ -444,6 +446,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # 4. Per-token rewards (KL in the reward), GAE advantages and returns.
         beta = run_state.beta
         k1_RL = np.where(mask, old_logps - ref_logps, 0.0).astype(np.float32)
+        # KL of the policy's samples (metrics, adaptive β): all of them, also those out of the loss.
+        kl_RL = np.where(resp_RL, old_logps - ref_logps, 0.0).astype(np.float32)
         rewards_RL = token_rewards(rewards_R, k1_RL, mask, beta)
         advantages, returns = advantages_and_returns(config, rewards_RL, old_values, mask)
         # 5. Update: epochs × minibatches of whole groups, each a policy step and a value step.
@@ -458,7 +462,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # KL controller and metrics.
         resp_mask = np.asarray(samples.response_mask_RM)
         lengths = resp_mask.sum(1)
-        seq_kl = k1_RL.sum(1)
+        seq_kl = kl_RL.sum(1)
         if k.adaptive and needs_ref:
             run_state.beta = float(adaptive_kl_coef(beta, float(seq_kl.mean()), R, target=k.target,
                                                      horizon=k.horizon))
@@ -484,8 +488,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             for name, v in extra.items():
                 met[f"reward/{name}"] = float(np.mean(v))
             if needs_ref:
-                x = k1_RL
-                k3 = np.where(mask, rollout.k3_terms(x), 0.0)
+                x = kl_RL
+                k3 = np.where(resp_RL, rollout.k3_terms(x), 0.0)
                 met.update({"kl/k1": float(seq_kl.mean()), "kl/k2": float((0.5 * x * x).sum(1).mean()),
                             "kl/k3": float(k3.sum(1).mean())})
             history.append({"step": done, **loop.log_train(

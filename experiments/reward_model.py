@@ -51,6 +51,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                      "num_heads", "num_kv_heads"):
             defaults.check_int(config, f"model.arch.{name}", 1)
+        if config.data.source != "synthetic":
+            raise defaults.ConfigError(f"config field model.pretrained is empty, but data.source="
+                                       f"{config.data.source} needs the checkpoint's tokenizer")
     defaults.check_int(config, "reward.num_objectives", 1)
     defaults.check_int(config, "reward.trainable_blocks", -1)
     defaults.check_int(config, "reward.backbone_blocks", 0)
@@ -154,6 +157,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     m, d, t, r = config.model, config.data, config.train, config.reward
     decoder, backbone_params, tokenizer = load_backbone(config)
     cfg = dataclasses.replace(decoder.config, remat=m.remat)
+    if r.backbone_blocks > cfg.num_layers:
+        raise defaults.ConfigError(
+            f"config field reward.backbone_blocks={r.backbone_blocks}: the backbone "
+            f"{m.pretrained or 'model.arch'} has {cfg.num_layers} blocks (0 = all)")
     if r.backbone_blocks:  # read the head from block `backbone_blocks` (drop the blocks above)
         cfg = dataclasses.replace(cfg, num_layers=r.backbone_blocks)
         backbone_params = {k: v for k, v in backbone_params.items()
@@ -165,6 +172,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise UserError(f"{len(train['chosen_tokens'])} usable train pairs is fewer than "
                          f"one batch (data.batch_size={d.batch_size})")
     has_eval = len(evals["chosen_tokens"]) > 0
+    if not has_eval and d.source != "synthetic" and d.eval_path:
+        raise UserError(f"data.eval_path={d.eval_path!r} gave no usable eval pairs (see its report "
+                        "above); fix the file, or leave data.eval_path empty to hold out train pairs")
     if not has_eval:
         print("warning: no usable eval pairs; the run reports no held-out accuracy")
 

@@ -275,6 +275,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         train_p = {**{x: train_p[x][:d.num_prompts] for x in ("tokens", "mask", "texts")},
                    "columns": {x: y[:d.num_prompts] for x, y in train_p["columns"].items()}}
         prompts = {"train": train_p, "eval": eval_p}
+    rollout.check_prompts_fit(config, prompts, policy)
     score, reward_name = rollout.make_reward_fn(config, workdir, task, tokenizer, policy, params, prompts)
     if config.reward.kind == "gold":  # the reward is the gold reward: no second `reward/gold` column
         score = functools.partial(lambda fn, *a: (fn(*a)[0], {}), score)

@@ -224,6 +224,16 @@ def fail(message: str, error: BaseException | None = None):
     sys.exit(2)
 
 
+def interrupted(workdir: str, error: BaseException | None = None):
+    """Ends a run stopped by Ctrl-C: one line on stderr, exit status 130 (the
+    shell's for SIGINT); with `JAXREWARD_TRACEBACK=1`, re-raises `error`."""
+    if error is not None and os.environ.get("JAXREWARD_TRACEBACK") == "1":
+        raise error
+    sys.stderr.write(f"error: interrupted (Ctrl-C); re-run the same command to resume --workdir={workdir} "
+                     "from its last checkpoint\n")
+    sys.exit(130)
+
+
 def _unknown_field_message(error: BaseException, argv: list[str]) -> str | None:
     """For ml_collections' AttributeError/KeyError on `--config.a.b=...` with a
     field that does not exist: "unknown config field a.b (did you mean a.c?)
@@ -315,6 +325,9 @@ def main(argv):
     except errors.USER_ERRORS as e:
         _finish_checkpoints()
         fail(errors.message(e), e)
+    except KeyboardInterrupt as e:  # Ctrl-C: the saves already made stay, and the run resumes
+        _finish_checkpoints()
+        interrupted(workdir, e)
     except BaseException:
         _finish_checkpoints()
         raise

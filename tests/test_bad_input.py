@@ -74,6 +74,53 @@ def test_empty_data_files_are_refused_before_any_model_loads(tmp_path):
         main.check_config(config)
 
 
+@pytest.mark.parametrize("file, variant", [("dpo", "smollm2_hh"), ("reward_model", "smollm2_hh"),
+                                           ("reward_model_rated", "smollm2_helpsteer")])
+def test_an_eval_file_that_is_the_train_file_is_refused(tmp_path, file, variant):
+    # "Held-out" accuracy on the training records is no held-out accuracy: the same file
+    # (also under another spelling of its path) is refused; another file is fine.
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b", "response": "a", "ratings": [1]}\n')
+    other = tmp_path / "other.jsonl"
+    other.write_text(data.read_text())
+    for spelling in (str(data), str(tmp_path / "." / "pairs.jsonl")):
+        config = _config(file, variant, **{"data.train_path": str(data), "data.eval_path": spelling})
+        with pytest.raises(defaults.ConfigError, match=r"config field data.eval_path=.* is the file "
+                                                       r"data.train_path trains on"):
+            main.check_config(config)
+    main.check_config(_config(file, variant, **{"data.train_path": str(data), "data.eval_path": str(other)}))
+
+
+@pytest.mark.parametrize("file, source", [("dpo", "jsonl"), ("reward_model", "jsonl"), ("reward_model", "tfds")])
+def test_text_data_without_a_pretrained_tokenizer_is_refused(tmp_path, file, source):
+    # A random `model.arch` decoder has no tokenizer: text pairs were an AttributeError traceback.
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    config = _config(file, "synthetic", **{"data.source": source, "data.train_path": str(data)})
+    with pytest.raises(defaults.ConfigError, match=f"config field model.pretrained is empty, but "
+                                                   f"data.source={source} needs the checkpoint's tokenizer"):
+        main.check_config(config)
+
+
+def test_a_path_that_is_no_checkpoint_is_a_user_error(tmp_path):
+    # A run's workdir, an export folder or a data file named as a model was a ValueError
+    # traceback (exit 1); it is a UserError naming the path, one line on the command line.
+    from experiments import evaluate_rm
+    from jaxreward.models import pretrained
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text('{"task": "dpo"}')
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("{}\n")
+    for path, message in [(run_dir, f"{run_dir}/config.json: model_type None is not supported"),
+                          (data, f"{data}: expected an HF checkpoint directory or a .gguf file")]:
+        with pytest.raises(errors.UserError) as info:
+            pretrained.load_pretrained(str(path))
+        assert str(info.value).startswith(message), info.value
+    with pytest.raises(errors.UserError, match=f"^{run_dir}/tokenizer.json: cannot load the tokenizer"):
+        evaluate_rm.load_tokenizer(str(run_dir))
+
+
 # ---------------------------------------------------------------- the CLI
 
 
@@ -201,3 +248,39 @@ def test_user_errors_in_a_driver_run_are_one_line_with_exit_2(tmp_path):
     assert bug.returncode == 1 and "Traceback" in bug.stderr and "RuntimeError: a bug" in bug.stderr
     traced = run("--config.fail=data", env={"JAXREWARD_TRACEBACK": "1"})
     assert traced.returncode == 1 and "Traceback" in traced.stderr and "DataError" in traced.stderr
+
+
+def test_dpo_without_held_out_pairs_is_refused_before_any_model_loads():
+    # Was found only after the model loaded and the pairs were tokenized.
+    config = _config("dpo", "smollm2_hh", **{"data.num_eval_pairs": 0})
+    with pytest.raises(defaults.ConfigError, match=r"config field data.num_eval_pairs=0 holds out no pairs"):
+        main.check_config(config)
+    main.check_config(_config("dpo", "smollm2_hh", **{"data.num_eval_pairs": 1}))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("loss.beta", float("inf"), "config.loss ('dpo'): beta must be in (0, inf), got inf"),
+    ("loss.beta", float("-inf"), "config.loss ('dpo'): beta must be in (0, inf), got -inf"),
+])
+def test_an_infinite_loss_hyper_parameter_is_refused(field, value, message):
+    # "(0, inf)" excludes inf: β = inf passed the check and the run diverged at step 2, after
+    # the model load and the reference pass, with a message blaming the learning rate.
+    with pytest.raises(ValueError) as info:
+        main.check_config(_config("dpo", "smollm2_hh", **{field: value}))
+    assert message in str(info.value)
+
+
+def test_a_one_sided_reward_clip_still_takes_infinite_bounds():
+    import numpy as np
+    from jaxreward.objectives import transforms
+    np.testing.assert_array_equal(transforms.clip_rewards(np.array([-5.0, 5.0]), low=-float("inf"), high=1.0),
+                                  [-5.0, 1.0])
+
+
+@pytest.mark.parametrize("file, variant, field", [("dpo", "smollm2_hh", "data.eval_path"),
+                                                  ("reward_model", "smollm2_hh", "data.train_path"),
+                                                  ("best_of_n", "smollm2", "prompts_path")])
+def test_a_folder_as_a_data_file_is_refused_before_any_model_loads(tmp_path, file, variant, field):
+    # Was refused only when the reader opened it, after the model had loaded.
+    with pytest.raises(defaults.ConfigError, match=f"config field {field}: '{tmp_path}' is a folder, not a data file"):
+        main.check_config(_config(file, variant, **{field: str(tmp_path)}))

@@ -150,3 +150,20 @@ def test_a_driver_with_a_narrower_range_is_the_one_message(tmp_path):
         c.sampling[field] = value
         with pytest.raises(defaults.ConfigError, match=re.escape(message)):
             main.check_config(c)
+
+
+def test_ctrl_c_is_one_line_and_says_how_to_resume(tmp_path):
+    # A KeyboardInterrupt inside the driver (Ctrl-C mid-run) ends with one line and the shell's
+    # status for SIGINT, not a traceback through the train loop.
+    script = ("import sys; from experiments import quickstart; from jaxreward import main\n"
+              "def run(config, workdir): raise KeyboardInterrupt\n"
+              "quickstart.run = run\n"
+              f"sys.argv = ['jaxreward.main', '--config=configs/quickstart.py:tiny', '--workdir={tmp_path}']\n"
+              "main.run()\n")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: interrupted (Ctrl-C); re-run the same command to resume --workdir={tmp_path} from its "
+        "last checkpoint"]

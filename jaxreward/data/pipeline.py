@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from jaxreward.data.batching import TruncationReport, tokenize_pairs
+from jaxreward.errors import UserError
 
 
 class GrainLoader:
@@ -41,8 +42,9 @@ class GrainLoader:
         `jax.process_index()`, `jax.process_count()`.
 
     Raises:
-      ValueError: arrays of different lengths, a bad shard, or fewer rows per
-        shard than one batch.
+      ValueError: arrays of different lengths or a bad shard.
+      UserError (a ValueError): fewer rows per shard than one batch (as
+        `PairBatcher`: the data is too small for the configured batch).
     """
 
     def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int, *,
@@ -59,8 +61,8 @@ class GrainLoader:
         self.rows_per_shard = self.num_rows // self.shard_count
         self.batches_per_epoch = self.rows_per_shard // batch_size
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{self.rows_per_shard} rows per shard ({self.num_rows} rows, "
-                             f"{self.shard_count} shards) make no batch of {batch_size}")
+            raise UserError(f"{self.rows_per_shard} rows per shard ({self.num_rows} rows, "
+                            f"{self.shard_count} shards) make no batch of {batch_size}")
         start = self.shard_index * self.rows_per_shard
         self._shard = grain.MapDataset.range(start, start + self.rows_per_shard)  # row indices
         self._epoch, self._index, self._dataset = 0, 0, None

@@ -177,7 +177,8 @@ def read_preference_pairs(
         transcript, empty prompt, empty response, prompt mismatch, chat
         template error, empty file (no records; with on_error="skip" it is
         counted in the report).
-      UserError (a ValueError): chat content without `render_chat`.
+      UserError (a ValueError): chat content without `render_chat`, or a
+        `path` that is a folder.
       ValueError: bad `fmt`/`on_error`.
     """
     if fmt != "auto" and fmt not in FORMATS:
@@ -185,6 +186,7 @@ def read_preference_pairs(
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
     path = pathlib.Path(path)
+    check_not_a_folder(path)
     name = path.name
     report = ReadReport(path=name, fmt=None if fmt == "auto" else fmt)
     pairs = []
@@ -223,6 +225,13 @@ def read_preference_pairs(
             raise error
         report.add_error(error, f"{name}:1")
     return pairs, report
+
+
+def check_not_a_folder(path) -> None:
+    """A data path that is a folder is a `UserError` naming it (opening it would
+    raise IsADirectoryError, a traceback rather than one line)."""
+    if pathlib.Path(path).is_dir():
+        raise UserError(f"{path}: is a folder, not a data file (give the .jsonl / .jsonl.gz file in it)")
 
 
 def numbered_lines(f, path: pathlib.Path, on_error: str, report: "ReadReport"):

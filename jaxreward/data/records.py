@@ -24,8 +24,8 @@ import pathlib
 from typing import Callable, Sequence
 
 from jaxreward.data.preference import (
-    DataError, ReadReport, RenderChat, _assistant_reply, _Bad, _field, _messages, numbered_lines, _parse_json,
-    _render)
+    DataError, ReadReport, RenderChat, _assistant_reply, _Bad, _check_text, _field, _messages, check_not_a_folder,
+    numbered_lines, _parse_json, _render)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +89,8 @@ def read_prompts(path, *, on_error: str = "skip", render_chat: RenderChat | None
     """Reads prompts -> (list[PromptRecord], ReadReport); fmt "jsonl" or "txt".
 
     A `.txt[.gz]` file holds one prompt per line (line ending removed, other
-    whitespace kept, no answer). In `.jsonl`, `prompt` is a string or a
+    whitespace kept, no answer; a line with a NUL character is "bad text",
+    as in `.jsonl`). In `.jsonl`, `prompt` is a string or a
     message list (rendered with a generation prompt); `answer`, when
     present, must be a non-empty string.
 
@@ -106,6 +107,7 @@ def read_prompts(path, *, on_error: str = "skip", render_chat: RenderChat | None
                 text = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
                 raise _Bad(None, "not UTF-8", str(e)) from None
+            _check_text(text, "prompt")  # a NUL, as in .jsonl prompts
             return lambda source: PromptRecord(text, None, source)
 
         return _read(path, parse_txt, on_error, json_lines=False)
@@ -220,6 +222,7 @@ def _read(path, parse: Callable, on_error: str, json_lines: bool = True):
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
     path = pathlib.Path(path)
+    check_not_a_folder(path)
     report = ReadReport(path=path.name)
     records = []
     opener = gzip.open if path.suffix == ".gz" else open

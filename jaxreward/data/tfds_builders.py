@@ -23,13 +23,16 @@ what the readers return; `source` is "file:line". A dataset lives in
 import dataclasses
 import hashlib
 import json
+import os
 import pathlib
+import re
 from typing import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxreward.data import records as records_lib
+from jaxreward.errors import UserError
 from jaxreward.data.preference import PreferencePair, ReadReport, read_preference_pairs
 from jaxreward.data.records import FeedbackRecord, PromptRecord, RatedRecord
 
@@ -143,7 +146,7 @@ class _JsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         del dl_manager
         config = self.builder_config
         if not config.paths:
-            raise ValueError(f"builder {self.name}/{config.name} has no source paths")
+            raise UserError(f"builder {self.name}/{config.name} has no source paths")
         on_error = config.reader_kwargs.get("on_error", "skip")
         records, reports = [], []
         for path in config.paths:
@@ -154,7 +157,7 @@ class _JsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         report = BuildReport(self.KIND, config.name, reports, self.sources_sha256(), _records_sha256(records))
         print(report.summary())
         if not records:
-            raise ValueError(f"no valid records to build {self.name}/{config.name}:\n{report.summary()}")
+            raise UserError(f"no valid records to build {self.name}/{config.name}:\n{report.summary()}")
         self.info.metadata[REPORT_KEY] = report.to_json()
         return {"train": self._generate_examples(records)}
 
@@ -219,7 +222,7 @@ class RatedBuilder(_JsonlBuilder):
         kwargs = self.builder_config.reader_kwargs
         k = len(kwargs["attributes"]) if kwargs.get("attributes") else kwargs.get("num_ratings")
         if not k:
-            raise ValueError("the rated builder needs attributes=(...) or num_ratings=K")
+            raise UserError("the rated builder needs attributes=(...) or num_ratings=K")
         features = {key: tfds.features.Text() for key in ("prompt", "response", "source")}
         features["ratings"] = tfds.features.Tensor(shape=(k,), dtype=np.float32)
         return features
@@ -230,6 +233,7 @@ class RatedBuilder(_JsonlBuilder):
 
 
 BUILDERS = {b.KIND: b for b in (PairsBuilder, FeedbackBuilder, PromptsBuilder, RatedBuilder)}
+_NAME = re.compile(r"[\w+\-.]+")  # a tfds config name (tensorflow_datasets.core.naming)
 
 
 def build(kind: str, paths, data_dir, *, name: str = "default", overwrite: bool = False, **reader_kwargs):
@@ -250,21 +254,27 @@ def build(kind: str, paths, data_dir, *, name: str = "default", overwrite: bool 
 
     Raises:
       DataError: a bad line with on_error="raise" (nothing is written).
-      ValueError: unknown kind, no valid record, or an existing dataset of
-        this name built from other files/options (pass overwrite=True or
-        another name).
+      UserError (a ValueError): unknown kind, no valid record, or an existing
+        dataset of this name built from other files/options (pass
+        overwrite=True or another name).
     """
     if kind not in BUILDERS:
-        raise ValueError(f"kind must be one of {sorted(BUILDERS)}, got {kind!r}")
-    builder = BUILDERS[kind](paths=paths, name=name, reader_kwargs=reader_kwargs, data_dir=str(data_dir))
+        raise UserError(f"kind must be one of {sorted(BUILDERS)}, got {kind!r}")
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or not name.strip("."):
+        # tfds would write "a/b" to a subfolder and "" beside the configs, and load() neither
+        raise UserError(f"dataset name {name!r} (data.tfds_name on the command line): use letters, "
+                        "digits and _ + - . only")
+    builder = BUILDERS[kind](paths=paths, name=name, reader_kwargs=reader_kwargs,
+                             data_dir=os.path.expanduser(str(data_dir)))
     mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
     if builder.is_prepared():
         stored = BuildReport.from_json(builder.info.metadata[REPORT_KEY])
         if overwrite:
             mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
         elif stored.sources_sha256 != builder.sources_sha256():
-            raise ValueError(f"{builder.data_path} was built from other files or options; "
-                             "pass overwrite=True or another name")
+            raise UserError(f"{builder.data_path} was built from other files or options; pass "
+                            "overwrite=True or another name (from the command line: another "
+                            "data.tfds_name, or delete that folder)")
         else:
             print(f"reusing {builder.data_path}:\n{stored.summary()}")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
@@ -276,8 +286,9 @@ def load(dataset: str, data_dir, split: str = "train"):
     bytes / numpy values (see module doc); `decode` turns a record into ours."""
     kind, _, name = dataset.partition("/")
     if kind not in BUILDERS or not name:
-        raise ValueError(f"dataset must be 'kind/name' with kind in {sorted(BUILDERS)}, got {dataset!r}")
-    return tfds.data_source(f"{BUILDERS[kind].name}/{name}", data_dir=str(data_dir), split=split)
+        raise UserError(f"dataset must be 'kind/name' with kind in {sorted(BUILDERS)}, got {dataset!r}")
+    return tfds.data_source(f"{BUILDERS[kind].name}/{name}", data_dir=os.path.expanduser(str(data_dir)),
+                            split=split)
 
 
 def stored_report(source) -> BuildReport:

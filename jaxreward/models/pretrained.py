@@ -8,6 +8,7 @@ tokenizer files) that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import pathlib
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import meta
 
+from jaxreward.errors import UserError
 from jaxreward.models import gguf_io, hf_io
 from jaxreward.models.llama import Decoder, LlamaConfig
 
@@ -86,13 +88,31 @@ def load_pretrained(path: str | pathlib.Path, *, dtype: Any = "float32"):
     """
     hf_io.float_dtype_name(dtype)
     resolved = resolve(path)
-    if resolved.is_dir():
-        cfg, params, tokenizer = hf_io.load_hf_dir(resolved, dtype=dtype)
-    elif resolved.suffix == ".gguf":
-        cfg, params, tokenizer = gguf_io.load_gguf(resolved, dtype=dtype)
-    else:
-        raise ValueError(f"{resolved}: expected an HF checkpoint directory or a .gguf file")
+    with checkpoint_errors(resolved):
+        if resolved.is_dir():
+            cfg, params, tokenizer = hf_io.load_hf_dir(resolved, dtype=dtype)
+        elif resolved.suffix == ".gguf":
+            cfg, params, tokenizer = gguf_io.load_gguf(resolved, dtype=dtype)
+        else:
+            raise ValueError(f"{resolved}: expected an HF checkpoint directory or a .gguf file")
     return Decoder(cfg), params, tokenizer
+
+
+@contextlib.contextmanager
+def checkpoint_errors(path):
+    """A `ValueError` raised while reading the checkpoint at `path` (a folder
+    that is no HF checkpoint, an unsupported architecture, a damaged file or
+    tokenizer) becomes a `UserError`: the path is the user's input, so the
+    command line says it in one line instead of a traceback."""
+    try:
+        yield
+    except UserError:
+        raise
+    except ValueError as e:
+        message = str(e)
+        # Chained as the loader chained its error (to the JSON or safetensors error, or none).
+        raise UserError(message if message.startswith(str(path)) else f"{path}: {message}") \
+            from e.__cause__
 
 
 def load_or_init(path: str, arch: Mapping[str, Any], *, dtype: str, max_positions: int, seed: int):

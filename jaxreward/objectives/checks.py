@@ -139,6 +139,7 @@ def check_range(
     high: Optional[float] = None,
     low_open: bool = False,
     high_open: bool = False,
+    allow_inf: bool = False,
 ) -> None:
     """Checks that the hyper-parameter `value` lies in the interval given.
 
@@ -148,6 +149,8 @@ def check_range(
         checked (its value is unknown at trace time).
       low, high: bounds (None: unbounded on that side).
       low_open, high_open: exclude the bound itself.
+      allow_inf: an unbounded side includes ±inf (e.g. a one-sided clip);
+        by default it is open, as the message prints it: "(0, inf)" refuses inf.
 
     Raises:
       ValueError: "{name} must be in {interval}, got {value}" (also for NaN
@@ -156,7 +159,7 @@ def check_range(
     v = _concrete_number(name, value)
     if v is None:
         return
-    ok = not math.isnan(v)
+    ok = not math.isnan(v) and (allow_inf or not math.isinf(v))
     if low is not None:
         ok = ok and (v > low if low_open else v >= low)
     if high is not None:

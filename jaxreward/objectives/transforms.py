@@ -51,8 +51,8 @@ def clip_rewards(rewards, *, low: float, high: float) -> jnp.ndarray:
     Raises:
       ValueError: if low > high.
     """
-    check_range("low", low)
-    check_range("high", high, low=low)
+    check_range("low", low, allow_inf=True)
+    check_range("high", high, low=low, allow_inf=True)
     return jnp.clip(jnp.asarray(rewards, jnp.float32), low, high)
 
 

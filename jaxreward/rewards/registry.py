@@ -78,9 +78,13 @@ def register(name: str, *, check: Callable[..., None] | None = None) -> Callable
                              f"({_REGISTRY[name].__module__}.{_REGISTRY[name].__qualname__})")
         try:
             inspect.signature(fn).bind([], [], {})
+            problem = None
         except TypeError as e:
+            problem = str(e)
+        if problem is not None:  # raised outside the handler: no exception chain behind it (whose first
+            # link, a StopIteration inside `bind`, is what a chain-walking report would show)
             raise ValueError(f"reward {name!r} must accept (prompts, completions, columns) and take its "
-                             f"hyper-parameters as keywords with defaults; {e}") from None
+                             f"hyper-parameters as keywords with defaults; {problem}")
         _REGISTRY[name] = fn
         if check is not None:
             _CHECKS[name] = check
@@ -168,6 +172,17 @@ def _shorten(text: str) -> str:
     return repr(text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "...")
 
 
+def _first_raising_row(fn, prompts, completions, columns) -> int | None:
+    """The first row r on which `fn` raises when called on row r alone, or
+    None when every row alone scores (the failure needs the whole batch)."""
+    for r in range(len(completions)):
+        try:
+            fn(prompts[r:r + 1], completions[r:r + 1], {k: v[r:r + 1] for k, v in columns.items()})
+        except Exception:  # noqa: BLE001 - only locating the row of a failure already reported
+            return r
+    return None
+
+
 def call(fn: RewardFn, prompts: Sequence[str], completions: Sequence[str],
          columns: Mapping[str, Sequence] | None = None) -> np.ndarray:
     """`fn(prompts, completions, columns)` as checked float32 `[R]` or `[R, K]`.
@@ -186,7 +201,8 @@ def call(fn: RewardFn, prompts: Sequence[str], completions: Sequence[str],
       ValueError: prompts and completions differ in length, or a column does
         not hold R values.
       RewardFunctionError (a `UserError`, so a `ValueError`): `fn` raised
-        (the message names the function and the exception), returned something
+        (the message names the function and the exception, and the first row
+        it raises on when called on that row alone), returned something
         that is not R numbers or R rows of K numbers, or returned NaN/inf for
         some rows (the message gives how many and the first few rows with
         their completions).
@@ -204,7 +220,9 @@ def call(fn: RewardFn, prompts: Sequence[str], completions: Sequence[str],
         result = fn(prompts, completions, columns)
     except Exception as e:  # the user's function: any failure is reported as its own
         detail = " ".join(str(e).split()) or "(no message)"
-        raise RewardFunctionError(f"text reward {name!r} raised {type(e).__name__}: {detail}") from e
+        row = _first_raising_row(fn, prompts, completions, columns) if R > 1 else None
+        where = "" if row is None else f" (it raises on row {row} {_shorten(completions[row])})"
+        raise RewardFunctionError(f"text reward {name!r} raised {type(e).__name__}: {detail}{where}") from e
     try:
         with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused below
             out = np.asarray(result, np.float32)

@@ -110,14 +110,23 @@ def check_int(config, name: str, low: int = 0, high: int | None = None) -> None:
         raise ConfigError(f"config field {name} must be an integer {rng}, got {v!r}")
 
 
-def check_best_of_n_max_n(config, name: str = "eval.best_of_n_max_n") -> None:
-    """`name`, if present, is 0 (off) or a power of two: the best-of-N curves
-    double N from 1, so another maximum would be silently cut down."""
-    check_int(config, name, 0)
+def check_best_of_n_max_n(config, name: str = "eval.best_of_n_max_n", off: bool = True) -> None:
+    """`name`, if present, is a power of two (or 0, off, where `off`): the
+    best-of-N curves double N from 1, so another maximum would be silently
+    cut down."""
+    check_int(config, name, 0 if off else 1)
     v = get_field(config, name)
     if v is not _MISSING and v & (v - 1):
-        raise ConfigError(f"config field {name}={v}: best-of-N runs N = 1, 2, 4, …; use 0 (off) or a "
-                          f"power of two (e.g. {1 << (v.bit_length() - 1)})")
+        raise ConfigError(f"config field {name}={v}: best-of-N runs N = 1, 2, 4, …; use "
+                          f"{'0 (off) or ' if off else ''}a power of two (e.g. {1 << (v.bit_length() - 1)})")
+
+
+def check_at_least_one_batch(config, rows: str, batch: str) -> None:
+    """The count `rows` (e.g. `synthetic.num_train_pairs`) is at least the
+    batch size `batch`, so the loader can make one batch."""
+    n, b = get_field(config, rows), get_field(config, batch)
+    if isinstance(n, int) and isinstance(b, int) and n < b:
+        raise ConfigError(f"config field {rows}={n} is fewer than one batch ({batch}={b})")
 
 
 def check_float(config, name: str, low: float | None = None, high: float | None = None,
@@ -184,6 +193,8 @@ def check_not_empty(config, name: str) -> None:
     at least one non-blank line: an empty data file is refused here, before
     any model loads, whatever `data.on_error` says."""
     v = get_field(config, name)
+    if v is not _MISSING and isinstance(v, str) and v and os.path.isdir(v):
+        raise ConfigError(f"config field {name}: {v!r} is a folder, not a data file (give the file in it)")
     if v is _MISSING or not v or not isinstance(v, str) or not os.path.isfile(v):
         return
     import gzip  # local: only when a file is checked
@@ -194,6 +205,22 @@ def check_not_empty(config, name: str) -> None:
     except (OSError, EOFError):
         return  # a corrupt file: the reader reports it with the line it broke at
     raise ConfigError(f"config field {name}: {v!r} is empty (no records)")
+
+
+def check_distinct_files(config, train: str, held_out: str) -> None:
+    """`held_out`, if set, is not the very file `train` names: an eval on the
+    training records would report training accuracy as held-out."""
+    a, b = get_field(config, train), get_field(config, held_out)
+    if _MISSING in (a, b) or not a or not b or not isinstance(a, str) or not isinstance(b, str):
+        return
+    try:
+        same = os.path.samefile(a, b)
+    except OSError:
+        return  # a missing path: check_path names it
+    if same:
+        raise ConfigError(f"config field {held_out}={b!r} is the file {train} trains on, so its "
+                          f"accuracy would not be held out; leave {held_out} empty to hold out "
+                          f"records of {train}, or give another file")
 
 
 def check_pretrained(config, name: str = "model.pretrained") -> None:
@@ -254,6 +281,7 @@ def check_common(config, skip: tuple[str, ...] = ()) -> None:
     if get_field(config, "data.source") in (_MISSING, "jsonl"):
         for name in ("data.train_path", "data.eval_path"):
             check_not_empty(config, name)
+    check_distinct_files(config, "data.train_path", "data.eval_path")
     check_not_empty(config, "prompts_path")
     check_pretrained(config)
     check_mesh(config)

@@ -52,8 +52,11 @@ def sample_pairs(task: synthetic.CountingTask, policy, params, n: int, seed: int
     return arrays, agree
 
 
+BATCH_SIZE = 32  # pairs per proxy training step (so at least this many pairs)
+
+
 def train_proxy(directory: str, task: synthetic.CountingTask, policy, params, *, num_pairs: int,
-                num_steps: int, seed: int, batch_size: int = 32, learning_rate: float = 1e-3,
+                num_steps: int, seed: int, batch_size: int = BATCH_SIZE, learning_rate: float = 1e-3,
                 num_eval_pairs: int = 256) -> tuple[RewardModel, dict, dict]:
     """Trains (or reloads from `directory`) a proxy reward model.
 

@@ -33,6 +33,7 @@ from jaxreward.models.scoring import group_token_logps, token_logps
 from jaxreward.sampling.best_of_n import best_of_n_kl_bound, reward_model_fn
 from jaxreward.sampling.sampler import SampleBatch, generate
 from jaxreward.train import evaluate, state as state_lib
+from jaxreward.train import proxy as proxy_lib
 from jaxreward.train.proxy import train_proxy
 
 def load_policy(config: ml_collections.ConfigDict, path: str):
@@ -83,8 +84,9 @@ def check_prompts_and_reward(config: ml_collections.ConfigDict) -> None:
     defaults.check_int(config, "data.operand_low", 0)
     if "operand_low" in d:
         defaults.check_int(config, "data.operand_high", d.operand_low)
-    for name in ("prompt_length", "proxy_pairs", "proxy_steps"):
+    for name in ("prompt_length", "proxy_steps"):
         defaults.check_int(config, f"synthetic.{name}", 1)
+    defaults.check_int(config, "synthetic.proxy_pairs", proxy_lib.BATCH_SIZE)  # one proxy batch
     defaults.check_float(config, "synthetic.label_beta", 0.0)
     if r.kind == "reward_model":
         defaults.check_path(config, "reward.reward_model_dir", required=True)
@@ -161,6 +163,27 @@ def prompt_set(config: ml_collections.ConfigDict, tokenizer, task) -> dict:
     return out
 
 
+def check_prompts_fit(config: ml_collections.ConfigDict, prompts: dict, *models) -> None:
+    """Refuses prompts the sampler cannot extend: the widest prompt of
+    `prompts` (`prompt_set`'s splits) plus `rollout.max_new_tokens` must fit
+    the `max_position_embeddings` of every model that samples (`models`).
+
+    Raises:
+      UserError: naming `rollout.max_new_tokens` (no room for any prompt) or
+        `data.max_prompt_length` and the largest value that fits.
+    """
+    M = config.rollout.max_new_tokens
+    limit = min(model.config.max_position_embeddings for model in models)
+    P = max(split["tokens"].shape[1] for split in prompts.values())
+    if limit - M < 1:
+        raise UserError(f"config field rollout.max_new_tokens={M}: leaves no room for a prompt in the "
+                        f"model's max_position_embeddings {limit}")
+    if P + M > limit:
+        raise UserError(f"config field data.max_prompt_length={config.data.max_prompt_length}: prompts of up "
+                        f"to {P} tokens + rollout.max_new_tokens={M} exceed the model's "
+                        f"max_position_embeddings {limit}; use data.max_prompt_length <= {limit - M}")
+
+
 def pair_prompts(path, tokenizer, *, on_error: str = "skip", chat: bool = True):
     """The distinct prompts of a preference-pair file (`data.preference`
     formats: HH-RLHF transcripts, TRL), in file order, as `PromptRecord`s
@@ -223,7 +246,9 @@ def check_text_rewards(functions, splits) -> None:
 
     Raises:
       UserError: a reward raised on a prompt: names the prompt's source
-        (file:line), the reward and its message, and `reward.functions`.
+        (file:line), the reward and its message, and `reward.functions`;
+        without a line when it fails on every prompt alone (the reward's
+        fault, e.g. a wrong shape) or only on all of them at once.
     """
     for spec in functions:
         name = spec[0]
@@ -235,17 +260,32 @@ def check_text_rewards(functions, splits) -> None:
             try:
                 one(split["texts"], [""] * n, split["columns"])
                 continue
-            except Exception:  # noqa: BLE001 - find the row, then report it as the user's
-                pass
-            for i in range(n):
+            except Exception as e:  # noqa: BLE001 - find the row, then report it as the user's
+                batch_error = e
+            def alone(i):
                 try:
                     one([split["texts"][i]], [""], {k: [v[i]] for k, v in split["columns"].items()})
                 except Exception as e:  # noqa: BLE001
-                    where = (split.get("sources") or [None] * n)[i] or f"{split_name} prompt {i}"
-                    detail = str(e) if isinstance(e, rewards.RewardFunctionError) else (
-                        f"text reward {name!r} raised {type(e).__name__}: {e}")
-                    raise UserError(f"{where}: {detail} (reward.functions, tried on an empty completion "
-                                    "of this prompt before training)") from e
+                    return e
+                return None
+            for i in range(n):
+                e = alone(i)
+                if e is None:
+                    continue
+                detail = str(e) if isinstance(e, rewards.RewardFunctionError) else (
+                    f"text reward {name!r} raised {type(e).__name__}: {e}")
+                if i == 0 and n > 1 and all(alone(j) is not None for j in range(1, n)):
+                    # Every prompt fails: the reward is at fault, not a line of the prompt file.
+                    raise UserError(f"{detail} (reward.functions: fails on every prompt, each tried on an "
+                                    "empty completion before training)") from e
+                where = (split.get("sources") or [None] * n)[i] or f"{split_name} prompt {i}"
+                raise UserError(f"{where}: {detail} (reward.functions, tried on an empty completion "
+                                "of this prompt before training)") from e
+            e = batch_error   # no prompt fails alone: the batch of all of them does
+            detail = str(e) if isinstance(e, rewards.RewardFunctionError) else (
+                f"text reward {name!r} raised {type(e).__name__}: {e}")
+            raise UserError(f"{detail} (reward.functions, tried on an empty completion of every {split_name} "
+                            "prompt at once before training)") from e
 
 
 def text_reward_fn(functions, tokenizer):

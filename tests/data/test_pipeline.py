@@ -109,3 +109,13 @@ def test_cached_tokenize_from_a_tfds_source_feeds_the_loader(tmp_path, tiny_tok,
     assert calls == [] and np.array_equal(tokens["chosen_tokens"], again["chosen_tokens"])
     batch = next(GrainLoader(again, batch_size=2, seed=0))
     assert batch["chosen_tokens"].shape == (2, 8) and batch["chosen_tokens"].dtype == np.int32
+
+
+def test_too_few_rows_for_a_batch_is_a_user_error():
+    """Like PairBatcher's, so a driver prints one `error:` line; before, a plain
+    ValueError (a traceback from the quickstart or a proxy reward model)."""
+    from jaxreward.errors import UserError
+    with pytest.raises(UserError, match="4 rows per shard .* make no batch of 32"):
+        GrainLoader({"x": np.arange(4)}, batch_size=32, seed=0)
+    with pytest.raises(UserError, match="make no batch of 2"):
+        GrainLoader({"x": np.arange(5)}, batch_size=2, seed=0, shard_index=0, shard_count=3)

@@ -55,6 +55,22 @@ def test_prompts_jsonl_chat_and_txt(tmp_path):
     assert (report.fmt, report.kept, report.blank) == ("txt", 2, 1)
 
 
+
+def test_txt_prompt_with_a_nul_is_bad_text_like_jsonl(tmp_path):
+    """A NUL in a .txt prompt line is skipped and counted ("bad text"), as the same
+    prompt in .jsonl is; before, the .txt reader kept it."""
+    txt = tmp_path / "p.txt"
+    txt.write_bytes(b"first\nwith\x00nul\nlast\n")
+    records, report = read_prompts(txt)
+    assert records == [PromptRecord("first", None, "p.txt:1"), PromptRecord("last", None, "p.txt:3")]
+    assert (report.kept, report.skipped, report.examples) == (2, {"bad text in 'prompt'": 1},
+                                                              {"bad text in 'prompt'": ["p.txt:2"]})
+    jsonl = write(tmp_path / "p.jsonl", [{"prompt": "first"}, {"prompt": "with\x00nul"}, {"prompt": "last"}])
+    assert read_prompts(jsonl)[1].skipped == report.skipped
+    with pytest.raises(DataError, match="p.txt:2: field 'prompt': bad text"):
+        read_prompts(txt, on_error="raise")
+
+
 HELPSTEER = ("helpfulness", "correctness", "coherence")
 
 
@@ -178,3 +194,20 @@ def test_a_bad_first_line_does_not_decide_the_feedback_format(tmp_path):
     records, report = read_feedback(path, render_chat=render)
     assert [(r.prompt, r.label) for r in records] == [("q1", True), ("q2", False)]
     assert report.fmt == "trl" and report.kept == 2 and report.num_skipped == 1
+
+
+def test_a_folder_given_as_a_data_file_is_one_user_error(tmp_path):
+    """Every reader (and a TFDS build through them) refuses a folder by name as a
+    UserError (one `error:` line on the command line); before, open() raised
+    IsADirectoryError, a traceback (e.g. --config.data.train_path=<a folder>)."""
+    from jaxreward.data import tfds_builders
+    from jaxreward.errors import UserError
+    folder = tmp_path / "data"
+    folder.mkdir()
+    readers = [read_preference_pairs, read_feedback, read_prompts,
+               lambda p: read_rated(p, num_ratings=2)]
+    for reader in readers:
+        with pytest.raises(UserError, match=f"{folder}: is a folder, not a data file"):
+            reader(folder)
+    with pytest.raises(UserError, match="is a folder"):
+        tfds_builders.build("pairs", folder, tmp_path / "tfds", name="folder")

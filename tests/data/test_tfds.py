@@ -116,3 +116,79 @@ def test_builder_class_directly_and_tfds_data_source(tmp_path):
     source = tfds.data_source("jaxreward_feedback/direct", data_dir=str(tmp_path), split="train")
     assert tfds_builders.decode(source[0]) == read_feedback(path)[0][0]
     assert "tensorflow" not in sys.modules
+
+
+def test_refusals_are_user_errors_one_line_on_the_command_line(tmp_path):
+    """A stale dataset, a file with no valid record and a bad kind are `UserError`s
+    (the command line prints them as `error: ...`, exit 2, not a traceback); the
+    stale refusal says what to change on the command line."""
+    from jaxreward.errors import UserError
+    path = write(tmp_path / "a.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    tfds_builders.build("pairs", path, tmp_path / "tfds", name="mine_train")
+    write(path, [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "c", "rejected": "d"}])
+    with pytest.raises(UserError, match="data.tfds_name"):
+        tfds_builders.build("pairs", path, tmp_path / "tfds", name="mine_train")
+    bad = write(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "a"}, "{not json"])
+    with pytest.raises(UserError, match=r"no valid records(.|\n)*missing field 'rejected': 1 \[bad.jsonl:1\]"):
+        tfds_builders.build("pairs", bad, tmp_path / "tfds", name="bad")
+    with pytest.raises(UserError, match="kind"):
+        tfds_builders.build("pears", path, tmp_path / "tfds")
+    with pytest.raises(UserError, match="kind/name"):
+        tfds_builders.load("pairs", tmp_path / "tfds")
+    # Names tfds cannot load back: refused before anything is written (were built
+    # into jaxreward_pairs/my data, jaxreward_pairs/a/b, jaxreward_pairs/1.0.0).
+    for name in ("my data", "a/b", "", ".."):
+        with pytest.raises(UserError, match=r"dataset name .*data.tfds_name"):
+            tfds_builders.build("pairs", path, tmp_path / "names", name=name)
+    assert not (tmp_path / "names").exists()
+    for name in ("my-data", "x.y_2"):
+        tfds_builders.build("pairs", path, tmp_path / "names", name=name)
+        assert len(tfds_builders.load(f"pairs/{name}", tmp_path / "names")) == 2
+
+
+def test_data_dir_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
+    """The README's example passes "~/tensorflow_datasets": build and load must both
+    read it as the home folder (tfds does not expand it; build wrote to ./~/...)."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    path = write(tmp_path / "mine.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"},
+                                           {"prompt": "q", "chosen": "c", "rejected": "d"}])
+    builder, report = tfds_builders.build("pairs", [path], "~/tensorflow_datasets", name="mine_train", fmt="trl")
+    assert report.kept == 2
+    assert builder.data_path == home / "tensorflow_datasets" / "jaxreward_pairs" / "mine_train" / "1.0.0"
+    assert not (cwd / "~").exists()
+    source = tfds_builders.load("pairs/mine_train", "~/tensorflow_datasets")
+    assert len(source) == 2
+    assert by_source(tfds_builders.decode_all(source)) == read_preference_pairs(path)[0]
+
+
+def test_readme_worked_example_python_build_then_the_driver(tmp_path):
+    """The README's example: a dataset built from Python ("mine", fmt="trl"), then
+    `--config.data.source=tfds --config.data.tfds_name=mine` on the same file. The
+    driver builds its own "mine_train" with its reader options and trains on the
+    same pairs; a Python build under "mine_train" itself (other options) is refused
+    in one line that names data.tfds_name (was a ValueError traceback)."""
+    from configs import reward_model as rm_config
+    from experiments import reward_model as driver
+    from jaxreward.errors import UserError
+    from jaxreward.models import gguf_io, pretrained
+    tokenizer = gguf_io.tokenizer_from_gguf(gguf_io.open_gguf(pretrained.resolve("smollm2-135m-instruct")))
+    rows = [{"prompt": f"q{i}", "chosen": f" yes {i}", "rejected": f" no {i}"} for i in range(12)]
+    path = write(tmp_path / "my_pairs.jsonl", rows)
+    data_dir = tmp_path / "tfds"
+    _, report = tfds_builders.build("pairs", [path], data_dir, name="mine", fmt="trl")
+    mine = sorted(tfds_builders.decode_all(tfds_builders.load("pairs/mine", data_dir)),
+                  key=lambda p: int(p.source.rpartition(":")[2]))
+    config = rm_config.get_config("smollm2_hh")
+    config.data.update(source="tfds", train_path=str(path), tfds_name="mine", tfds_data_dir=str(data_dir),
+                       num_eval_pairs=4, max_train_pairs=0, max_eval_pairs=0)
+    train, evals = driver.read_pairs(config, tokenizer)
+    assert sorted(train + evals, key=lambda p: int(p.source.rpartition(":")[2])) == mine
+    assert report.kept == 12 and len(train) == 8 and len(evals) == 4
+    tfds_builders.build("pairs", [path], tmp_path / "other", name="mine_train", fmt="trl")
+    config.data.tfds_data_dir = str(tmp_path / "other")
+    with pytest.raises(UserError, match="built from other files or options.*data.tfds_name"):
+        driver.read_pairs(config, tokenizer)

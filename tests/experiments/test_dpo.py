@@ -545,3 +545,18 @@ def test_smollm2_dpo_on_real_hh_small(tmp_path, hh_file):
     train = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train][-1] == 2
     assert all(np.isfinite(r["train/loss"]) for r in train)
+
+
+def test_an_eval_file_without_usable_pairs_names_the_file(tmp_path, monkeypatch):
+    # The message said "set data.eval_path" to a user who had set it (every line was skipped).
+    from jaxreward.data import pipeline, synthetic
+    from jaxreward.errors import UserError
+    c = _config()
+    task = synthetic.CountingTask(32, 4, 6, seed=0)
+    train, _ = synthetic.random_pairs(task, 32, seed=1)
+    empty = {k: v[:0] for k, v in train.items()}
+    monkeypatch.setattr(driver, "read_pairs", lambda config, tokenizer, workdir: (train, empty))
+    monkeypatch.setattr(pipeline, "tokenizer_fingerprint", lambda tokenizer: "test")
+    c.data.update(source="jsonl", train_path="train.jsonl", eval_path="bad_eval.jsonl")
+    with pytest.raises(UserError, match=r"^data.eval_path='bad_eval.jsonl' gave no usable eval pairs"):
+        driver.run(c, str(tmp_path))

@@ -447,6 +447,23 @@ def test_group_size_one_is_refused(advantage):
                             "completions per prompt, got 1")
 
 
+@pytest.mark.parametrize("advantage", ["reinforce_pp", "remax"])
+def test_dynamic_sampling_with_groups_of_one_is_refused(advantage):
+    """Every group of one completion is "flat" (all its rewards equal), so
+    DAPO's filter would drop the whole rollout at every step: a run that
+    trains nothing, reported only as groups/dropped."""
+    config = rl_config.get_config("tiny")
+    config.algorithm.update(advantage=advantage, dynamic_sampling=True)
+    config.rollout.group_size = 1
+    config.reference.batch_size = 16
+    with pytest.raises(ValueError) as e:
+        cli.check_config(config)
+    assert str(e.value).startswith("config field algorithm.dynamic_sampling: drops groups whose G rewards "
+                                   "are all equal, which is every group of rollout.group_size=1")
+    config.algorithm.dynamic_sampling = False
+    cli.check_config(config)   # groups of one are fine without the filter
+
+
 # ---------------------------------------------------------------------------
 # The real driver, one step: first minibatch under left padding, DAPO's filter, mesh shape
 
@@ -762,6 +779,25 @@ def test_bad_prompt_files_and_reward_names_through_the_cli(tmp_path):
         assert not os.path.exists(tmp_path / where / "config.json")   # nothing written
 
 
+def test_a_reward_of_the_wrong_signature_registered_in_a_config_file_is_one_line(tmp_path):
+    """`rewards.register` refuses a function without a `columns` parameter
+    while the config file loads; the user reads that refusal, not the
+    `StopIteration` at the bottom of the exception chain of
+    `inspect.Signature.bind` (it printed `error: StopIteration`)."""
+    (tmp_path / "two_args.py").write_text(
+        "import numpy as np\n"
+        "from configs import rl\n"
+        "from jaxreward import rewards\n\n"
+        "@rewards.register('test_two_args')\n"
+        "def two_args(prompts, completions):\n"
+        "    return np.zeros(len(completions), np.float32)\n\n"
+        "def get_config(variant=None):\n"
+        "    return rl.get_config('tiny')\n")
+    proc = _cli(f"--config={tmp_path / 'two_args.py'}", f"--workdir={tmp_path / 'wd'}", check=False)
+    _assert_user_error(proc, "reward 'test_two_args' must accept (prompts, completions, columns) and take its "
+                             "hyper-parameters as keywords with defaults; too many positional arguments")
+
+
 def _tiny_text_model(directory):
     """A random 1-block decoder + a character BPE tokenizer with a ChatML template."""
     import tokenizers
@@ -787,6 +823,47 @@ def _tiny_text_model(directory):
     decoder = Decoder(cfg)
     params = unbox(decoder.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"])
     jaxreward.save_pretrained(directory, cfg, params, tok)
+
+
+@pytest.mark.parametrize("config_module,driver_module", [("rl", "policy_gradient"), ("ppo", "ppo")])
+def test_kl_metrics_count_every_sample_also_those_masked_out_of_the_loss(tmp_path, config_module,
+                                                                          driver_module):
+    """`reward.truncated='mask'` takes truncated completions out of the
+    loss, not out of the policy's samples: the logged KL of step 1 (the
+    same rollout either way) must not depend on it. It was the sum over
+    the kept rows divided by all rows (0 when every row is truncated), also
+    fed to the adaptive KL controller."""
+    import importlib
+    import jaxreward
+    from jaxreward.train import metrics as metrics_lib
+    _tiny_text_model(tmp_path / "model")
+    model, params, tok = jaxreward.load_pretrained(str(tmp_path / "model"))
+    moved = jax.tree_util.tree_map(lambda p: p + 0.5 * jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype),
+                                   params)
+    jaxreward.save_pretrained(tmp_path / "reference", model.config, moved, tok)   # π_ref ≠ π at step 1
+    (tmp_path / "prompts.txt").write_text("say a\nsay b\nsay c\nsay d\nsay e\nsay f\n")
+    logged = {}
+    for truncated in ("score", "mask"):
+        config = importlib.import_module(f"configs.{config_module}").get_config("tiny")
+        config.model.pretrained = str(tmp_path / "model")
+        config.reference.path = str(tmp_path / "reference")
+        config.data.update(source="jsonl", prompts_path=str(tmp_path / "prompts.txt"), num_eval_prompts=2)
+        config.reward.update(kind="text", functions=(("length", 1.0),), truncated=truncated)
+        config.rollout.update(prompts_per_step=2, group_size=2, max_new_tokens=3)
+        config.algorithm.num_minibatches = 1
+        config.train.update(num_steps=1, eval_every=0)
+        config.eval.update(best_of_n_max_n=0, plot=False, show=0)
+        config.export = False
+        config.mesh.data = 1
+        if config_module == "ppo":
+            config.value.init = "policy"
+        workdir = str(tmp_path / f"wd_{truncated}")
+        importlib.import_module(f"experiments.{driver_module}").run(config, workdir)
+        logged[truncated] = [r for r in metrics_lib.read_metrics(workdir) if "train/kl/k1" in r][0]
+    assert logged["mask"]["train/response_length/clipped_frac"] > 0   # some rows out of the loss
+    for key in ("train/kl/k1", "train/kl/k2", "train/kl/k3"):
+        assert logged["score"][key] > 0.01, key
+        np.testing.assert_allclose(logged["mask"][key], logged["score"][key], rtol=1e-6, err_msg=key)
 
 
 def test_a_reward_returning_nan_stops_the_run_with_one_line(tmp_path):
@@ -821,6 +898,40 @@ def test_a_reward_returning_nan_stops_the_run_with_one_line(tmp_path):
     _assert_user_error(proc, "text reward 'nan_on_row_1' returned NaN/inf for 1 of 4 rows: row 1 ")
 
 
+@pytest.mark.parametrize("config_module,driver_module", [("rl", "policy_gradient"), ("ppo", "ppo")])
+def test_prompts_longer_than_the_model_positions_are_refused_in_one_line(tmp_path, config_module,
+                                                                          driver_module):
+    """A prompt of 300 characters (319 tokens with the chat template of
+    `_tiny_text_model`, one token per character) + 3 new tokens cannot be
+    sampled by a model of 256 positions: the driver refuses it naming
+    data.max_prompt_length and the largest value that fits (256 − 3), not a
+    ValueError traceback from the sampler."""
+    import importlib
+    _tiny_text_model(tmp_path / "model")
+    (tmp_path / "long.txt").write_text("".join("x" * 299 + f"{i}\n" for i in range(4)))
+    config = importlib.import_module(f"configs.{config_module}").get_config("tiny")
+    config.model.pretrained = str(tmp_path / "model")
+    config.data.update(source="jsonl", prompts_path=str(tmp_path / "long.txt"), num_eval_prompts=2,
+                       max_prompt_length=400)
+    config.reward.update(kind="text", functions=(("length", 1.0),))
+    config.rollout.update(prompts_per_step=2, group_size=2, max_new_tokens=3)
+    config.algorithm.num_minibatches = 1
+    config.mesh.data = 1
+    if config_module == "ppo":
+        config.value.init = "policy"   # a text reward has no reward model to start the critic from
+    run = importlib.import_module(f"experiments.{driver_module}").run
+    with pytest.raises(UserError) as e:
+        run(config, str(tmp_path / "wd"))
+    assert str(e.value) == ("config field data.max_prompt_length=400: prompts of up to 319 tokens + "
+                            "rollout.max_new_tokens=3 exceed the model's max_position_embeddings 256; "
+                            "use data.max_prompt_length <= 253")
+    config.rollout.max_new_tokens = 256   # no room for any prompt
+    with pytest.raises(UserError) as e:
+        run(config, str(tmp_path / "wd"))
+    assert str(e.value) == ("config field rollout.max_new_tokens=256: leaves no room for a prompt in the "
+                            "model's max_position_embeddings 256")
+
+
 def test_a_prompt_a_text_reward_cannot_score_is_refused_before_training_naming_its_line():
     """`exact_match` needs each prompt's answer: the prompt of line 2 has
     none. `make_reward_fn` with the prompts tries every prompt first (an
@@ -838,6 +949,40 @@ def test_a_prompt_a_text_reward_cannot_score_is_refused_before_training_naming_i
     splits["train"]["columns"]["answer"][1] = "2"
     score, _ = rollout.make_reward_fn(config, "", None, _Chars(), None, None, splits)   # all fine now
     assert callable(score)
+
+
+def _one_too_many(prompts, completions, columns):
+    return np.zeros(len(completions) + 1, np.float32)
+
+
+def _fails_on_batches_of_three(prompts, completions, columns):
+    if len(completions) >= 3:
+        raise RuntimeError("batch too large")
+    return np.zeros(len(completions), np.float32)
+
+
+def test_a_reward_failing_on_every_prompt_is_blamed_not_the_first_line():
+    """A reward returning one value too many fails on every prompt alone:
+    the message names the reward, not line 1 of the prompt file. A reward
+    failing only on the whole batch is refused before training too (it
+    used to pass the check and stop the run at its first scoring)."""
+    _register_once("test_one_too_many", _one_too_many)
+    _register_once("test_fails_on_batches_of_three", _fails_on_batches_of_three)
+    splits = {"train": {"texts": ["p0", "p1", "p2"], "sources": ["q.jsonl:1", "q.jsonl:2", "q.jsonl:3"],
+                        "columns": {}}}
+    config = rl_config.get_config("smollm2_arith")
+    config.reward.functions = (("test_one_too_many", 1.0),)
+    with pytest.raises(UserError) as e:
+        rollout.make_reward_fn(config, "", None, _Chars(), None, None, splits)
+    assert str(e.value) == ("text reward 'test_one_too_many' returned shape (2,) for 1 completions; expected "
+                            "(1,) or (1, K) (reward.functions: fails on every prompt, each tried on an empty "
+                            "completion before training)")
+    config.reward.functions = (("test_fails_on_batches_of_three", 1.0),)
+    with pytest.raises(UserError) as e:
+        rollout.make_reward_fn(config, "", None, _Chars(), None, None, splits)
+    assert str(e.value) == ("text reward 'test_fails_on_batches_of_three' raised RuntimeError: batch too large "
+                            "(reward.functions, tried on an empty completion of every train prompt at once "
+                            "before training)")
 
 
 def test_k3_metric_terms_by_hand_and_never_negative():

@@ -211,3 +211,32 @@ def test_smollm2_reward_model_learns_on_real_hh(tmp_path, hh_file):
     assert trained["accuracy"] >= untrained["eval/accuracy"] + MARGIN, (trained, untrained)
     assert trained["accuracy"] >= 0.56
     assert os.path.exists(tmp_path / "hh" / "learning_curve.png")
+
+
+def test_backbone_blocks_above_the_backbones_depth_is_one_line(tmp_path):
+    # reward.backbone_blocks=99 on a 2-block backbone was a flax ScopeParamNotFoundError traceback.
+    c = _config()
+    c.reward.backbone_blocks = 3
+    with pytest.raises(defaults.ConfigError, match=r"config field reward.backbone_blocks=3: the backbone "
+                                                   r"model.arch has 2 blocks"):
+        _fit(tmp_path, "deep", c)
+    c.reward.backbone_blocks = 2   # every block: the same as 0
+    assert _fit(tmp_path, "all", c)["eval"]["num_pairs"] == 24
+
+
+def test_an_eval_file_without_usable_pairs_is_refused(tmp_path, monkeypatch):
+    # data.eval_path named, but every line of it skipped: the run trained and exported with
+    # a warning and no held-out accuracy at all; it is refused naming the file.
+    from jaxreward.data import synthetic
+    from jaxreward.errors import UserError
+    c = _config()
+    task = synthetic.CountingTask(c.model.arch.vocab_size, c.synthetic.prompt_length,
+                                  c.synthetic.response_length, seed=0)
+    train, _ = synthetic.random_pairs(task, 32, seed=1)
+    empty = {k: v[:0] for k, v in train.items()}
+    monkeypatch.setattr(driver, "load_pair_arrays", lambda config, tokenizer, workdir: (train, empty))
+    c.data.update(source="jsonl", eval_path="bad_eval.jsonl")
+    with pytest.raises(UserError, match=r"^data.eval_path='bad_eval.jsonl' gave no usable eval pairs"):
+        _fit(tmp_path, "eval_file", c)
+    c.data.eval_path = ""   # no file named: held-out pairs are optional, the run goes on
+    assert _fit(tmp_path, "no_eval_file", c)["eval"] is None

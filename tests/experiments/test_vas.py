@@ -426,6 +426,25 @@ def test_decode_time_settings_change_on_a_finished_workdir(tmp_path):
         main.check_resume_config(c, str(tmp_path), driver.RESUMABLE_CHANGES)
 
 
+def test_prompts_longer_than_the_model_positions_are_refused_in_one_line(tmp_path):
+    """As in the RL drivers: 319-token prompts + 3 new tokens do not fit the
+    256 positions of `_tiny_text_model`; one line naming
+    data.max_prompt_length, not the sampler's ValueError."""
+    _tiny_text_model(tmp_path / "model")
+    (tmp_path / "long.txt").write_text("".join("x" * 299 + f"{i}\n" for i in range(6)))
+    c = _tiny(num_steps=2)
+    c.model.pretrained = str(tmp_path / "model")
+    c.data.update(source="jsonl", prompts_path=str(tmp_path / "long.txt"), num_eval_prompts=2, batch_size=8,
+                  num_prompts=4, max_prompt_length=400)
+    c.reward.update(kind="text", functions=(("length", 1.0),))
+    c.rollout.max_new_tokens = 3
+    with pytest.raises(UserError) as e, _first_devices():
+        driver.run(c, str(tmp_path / "wd"))
+    assert str(e.value) == ("config field data.max_prompt_length=400: prompts of up to 319 tokens + "
+                            "rollout.max_new_tokens=3 exceed the model's max_position_embeddings 256; "
+                            "use data.max_prompt_length <= 253")
+
+
 def test_text_prompts_with_registered_rewards_and_a_composed_text_reward(tmp_path, capsys):
     """The text path on a tiny local model: prompts from a file, a registered
     Python reward, a second text reward composed at decode time, and the

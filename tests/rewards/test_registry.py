@@ -105,6 +105,29 @@ def test_a_raising_function_is_a_one_line_user_error_naming_it():
                      {"answer": ["3", None]})
 
 
+def test_a_function_raising_on_one_row_is_named_with_that_row():
+    """A batch call that raises is retried row by row only to name the
+    first row that raises alone (and its completion); a failure that needs
+    the whole batch names no row."""
+    def no_c(prompts, completions, columns):
+        for c in completions:
+            if "c" in c:
+                raise ValueError("cannot score a 'c'")
+        return np.zeros(len(completions), np.float32)
+    with pytest.raises(rewards.RewardFunctionError) as info:
+        rewards.call(no_c, ["p"] * 4, ["aa", "bb", "cc", "dc"])
+    assert str(info.value) == ("text reward 'test_a_function_raising_on_one_row_is_named_with_that_row.<locals>."
+                               "no_c' raised ValueError: cannot score a 'c' (it raises on row 2 'cc')")
+
+    def at_most_two(prompts, completions, columns):
+        if len(completions) > 2:
+            raise ValueError("too many")
+        return np.zeros(len(completions), np.float32)
+    with pytest.raises(rewards.RewardFunctionError) as info:
+        rewards.call(at_most_two, ["p"] * 3, ["a", "b", "c"])
+    assert str(info.value).endswith("raised ValueError: too many")
+
+
 def test_nan_and_inf_rows_are_refused_naming_function_count_and_rows():
     def flaky(prompts, completions, columns):
         return np.asarray([0.0 if "ok" in c else np.nan for c in completions])

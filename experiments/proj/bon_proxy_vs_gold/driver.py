@@ -57,6 +57,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                  "model.num_kv_heads"):
         defaults.check_int(config, name, 1)
     defaults.check_int(config, "reward.trainable_blocks", -1)
+    defaults.check_best_of_n_max_n(config, "best_of_n.max_n", off=False)
+    defaults.check_at_least_one_batch(config, "synthetic.num_train_pairs", "data.batch_size")
     defaults.check_float(config, "synthetic.label_beta", 0.0)
     defaults.check_float(config, "synthetic.temperature", 0.0, low_open=True)
     defaults.check_float(config, "model.rope_theta", 0.0, low_open=True)

@@ -5,8 +5,9 @@
 
 Each entry of `study.runs` is one ordinary run of a driver (its config file,
 variant and overrides), in `<workdir>/<name>`; the study driver runs the
-missing ones one after another (a finished run is reused, an interrupted
-one resumes) and draws them on one plot. The proxy reward model is the same
+missing ones one after another (a run finished with the same arguments is
+reused, an interrupted one resumes, a changed one runs again in its workdir)
+and draws them on one plot. The proxy reward model is the same
 in every run (same task, seed and proxy settings).
 """
 import ml_collections
@@ -20,7 +21,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     del variant
     c = ml_collections.ConfigDict()
     c.task = "proj.rl_overoptimization.driver"
-    c.seed = 0
+    c.seed = 0                       # passed to every run (--config.seed), unless its overrides set seed
     c.study = ml_collections.ConfigDict(dict(
         # (name, config file, variant, ((field, value), ...)): one run each, in <workdir>/<name>
         runs=(

@@ -15,26 +15,61 @@ import sys
 
 import ml_collections
 
+from jaxreward.errors import UserError
+from jaxreward.train import defaults
 from jaxreward.train import metrics as metrics_lib
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+RUN_RECORD = "study_run.json"  # the arguments a sub-run's summary was made with
 
 
-def run_one(name: str, config_file: str, variant: str, overrides, workdir: str) -> dict:
-    """Runs (or reuses) one job and returns its summary (`rl.json`, or `ppo.json`)."""
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Each run has its own name (its sub-workdir and its row) and an existing config file."""
+    names = [run[0] for run in config.study.runs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise defaults.ConfigError(f"config field study.runs names {', '.join(twice)} more than once; each run "
+                                   "needs its own name (it is the run's sub-workdir and table row)")
+    for name, config_file, _, _ in config.study.runs:
+        if not os.path.isfile(os.path.join(ROOT, config_file)):
+            raise defaults.ConfigError(f"config field study.runs: run {name!r} names {config_file}, which is "
+                                       f"not a file under {ROOT}")
+
+
+def run_one(name: str, config_file: str, variant: str, overrides, workdir: str, seed: int = 0) -> dict:
+    """Runs (or reuses) one job and returns its summary (`rl.json`, or `ppo.json`).
+
+    The study's `seed` is passed on (an override of `seed` wins). A summary is
+    reused only when it was made by the same arguments (`<workdir>/<name>/study_run.json`);
+    otherwise the job runs again in its workdir, which resumes it, extends it
+    (more steps) or refuses a changed config in one line.
+    """
     out = os.path.join(workdir, name)
     summary = os.path.join(out, "ppo.json" if "ppo" in os.path.basename(config_file) else "rl.json")
-    if not os.path.exists(summary):
-        cmd = [sys.executable, "-m", "jaxreward.main", f"--config={os.path.join(ROOT, config_file)}:{variant}",
-               f"--workdir={out}"] + [f"--config.{k}={v}" for k, v in overrides]
-        print(f"\n=== {name}: {' '.join(cmd[3:])}", flush=True)
-        subprocess.run(cmd, check=True, cwd=ROOT)
+    if not any(k == "seed" for k, _ in overrides):
+        overrides = (("seed", seed),) + tuple(overrides)
+    args = [f"--config={os.path.join(ROOT, config_file)}:{variant}", f"--workdir={out}"] + [
+        f"--config.{k}={v}" for k, v in overrides]
+    record = os.path.join(out, RUN_RECORD)
+    try:
+        with open(record, encoding="utf-8") as f:
+            reusable = os.path.exists(summary) and json.load(f) == args
+    except (OSError, ValueError):
+        reusable = False
+    if not reusable:
+        print(f"\n=== {name}: {' '.join(args)}", flush=True)
+        done = subprocess.run([sys.executable, "-m", "jaxreward.main"] + args, cwd=ROOT)
+        if done.returncode:
+            raise UserError(f"study run {name!r} failed with exit status {done.returncode} (its own "
+                            f"error is printed above): {' '.join(args)}")
+        with open(record, "w", encoding="utf-8") as f:
+            json.dump(args, f)
     with open(summary, encoding="utf-8") as f:
         return json.load(f)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    results = {name: run_one(name, cfg, variant, overrides, workdir)
+    results = {name: run_one(name, cfg, variant, overrides, workdir, seed=config.seed)
                for name, cfg, variant, overrides in config.study.runs}
     rows = []
     for name, res in results.items():

@@ -107,7 +107,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         recompute_old_logps="auto",            # auto | always | never (auto: when the rollout is reused)
     ))
     c.kl = ml_collections.ConfigDict(dict(
-        placement="loss",                      # loss | reward | none
+        placement="loss",                      # loss | reward | none (none needs beta=0: refused otherwise)
         estimator="k3",                        # loss: k1 | k2 | k3 (k2: ∇KL(π‖π_ref); k3: ∇KL(π_ref‖π)); reward: k1
         beta=0.04,                             # β (1/nats)
         adaptive=False,                        # reward placement: adaptive β (Ziegler et al., 2019)

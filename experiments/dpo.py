@@ -69,6 +69,7 @@ STRICT_FIELDS = ("sampling.temperature", "sampling.max_new_tokens")
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Checks this job's own fields (the shared blocks are checked by main)."""
+    defaults.per_process_batch(config)  # data.batch_size divides among the processes (one share each)
     try:
         pref.resolve_loss(config.loss)
     except ValueError as e:
@@ -262,7 +263,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                           micro_batches=t.micro_batches)
     score_fn = jax.jit(lambda p, b: pref.pair_outputs(policy_fn, ref_fn, loss, p, b))
     evaluate = lambda p: pref.evaluate_pairs(score_fn, p, evals, d.eval_batch_size, mesh, loss)
-    loader = pipeline.GrainLoader(train, d.batch_size // jax.process_count(), seed=config.seed)
+    loader = pipeline.GrainLoader(train, defaults.per_process_batch(config), seed=config.seed)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
     make_state = jax.jit(lambda p: state_lib.init_state(p, tx, config.seed), out_shardings=shardings)
     state, _ = loop.restore_or_init(checkpointer, make_state, (params,), shardings, loader)

@@ -611,8 +611,7 @@ def plot_subsets(report: dict, path: str) -> None:
                  f"(mean over {score['num_sections']} section(s))", fontsize=10)
     ax.legend(loc="upper center", ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    metrics_lib.save_figure(fig, path)
 
 
 # ------------------------------------------------------------------- run

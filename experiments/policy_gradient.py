@@ -77,9 +77,7 @@ from jaxreward.models.llama import Decoder
 from jaxreward.models.scoring import shift_mask
 from jaxreward.objectives import registry
 from jaxreward.objectives.kl import adaptive_kl_coef, kl_loss
-from jaxreward.objectives.masking import masked_whiten
 from jaxreward.objectives.policy_gradient import aggregation_normalizers
-from jaxreward.sampling.sampler import generate
 from jaxreward.train import checkpoint as ckpt_lib
 from jaxreward.train import defaults, loop, rollout
 from jaxreward.train import evaluate as evaluate_lib
@@ -121,6 +119,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if a.advantage in ("grpo", "rloo") and ro.group_size < 2:
         raise defaults.ConfigError(f"config field rollout.group_size: {a.advantage} needs groups of >= 2 "
                                    f"completions per prompt, got {ro.group_size}")
+    if a.advantage == "remax" and config.reward.transform == "whiten":
+        raise defaults.ConfigError("config field reward.transform: 'whiten' with algorithm.advantage='remax' would "
+                                   "subtract the greedy reward (reward units) from whitened rewards (batch "
+                                   "units); use reward.transform='none' or 'clip'")
     if a.dynamic_sampling and ro.group_size < 2:
         raise defaults.ConfigError("config field algorithm.dynamic_sampling: drops groups whose G rewards are "
                                    "all equal, which is every group of rollout.group_size=1 (nothing would "
@@ -130,6 +132,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise defaults.ConfigError(f"config field reference.batch_size: {config.reference.batch_size} is not a "
                                    f"multiple of rollout.group_size={ro.group_size} (with model.prefix_sharing "
                                    "a reference forward packs whole groups)")
+    defaults.check_enough_prompts(config)  # before the model loads: counts the prompt file's lines
     if ro.prompts_per_step % a.num_minibatches:
         raise defaults.ConfigError(f"config field algorithm.num_minibatches: {a.num_minibatches} does not "
                                    f"divide rollout.prompts_per_step={ro.prompts_per_step} (minibatches "
@@ -137,6 +140,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     defaults.check_choice(config, "kl.placement", ("loss", "reward", "none"))
     defaults.check_choice(config, "kl.estimator", ("k1", "k2", "k3"))
     defaults.check_float(config, "kl.beta", 0.0)
+    if k.placement == "none" and k.beta > 0:
+        # Refused rather than ignored: β would be logged (kl/beta) and printed as in use, and
+        # force a reference pass, while no KL term acts. KL metrics need only kl.measure.
+        raise defaults.ConfigError(f"config field kl.beta: {k.beta:g} with kl.placement='none' would not be "
+                                   "applied; set kl.beta=0 for no KL penalty, or kl.placement to 'loss' or "
+                                   "'reward'")
     if k.placement == "reward" and k.estimator != "k1":
         raise defaults.ConfigError("config field kl.estimator: KL in the reward uses k1 (its score-function "
                                    f"gradient is that of KL(π‖π_ref)), got {k.estimator!r}")
@@ -263,8 +272,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_p, eval_p = prompts["train"], prompts["eval"]
     B, G = ro.prompts_per_step, ro.group_size
     R = B * G
-    if len(train_p["tokens"]) < B:
-        raise UserError(f"{len(train_p['tokens'])} train prompts is fewer than rollout.prompts_per_step={B}")
+    defaults.check_enough_prompts(config, num_train=len(train_p["tokens"]))  # after bad lines were skipped
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rollout.check_minibatch_split(config, mesh)
     ref_model, ref_params = rollout.load_reference(config, cfg.vocab_size, base_model, base_params)
@@ -325,31 +333,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         t0 = time.perf_counter()
         ids_B = run_state.sampler.next()
         ids_R = np.repeat(ids_B, G)
-        out = generate(policy, state.params, train_p["tokens"][ids_B], train_p["mask"][ids_B],
-                       rng=jax.random.fold_in(jax.random.PRNGKey(config.seed + 11), step),
-                       num_samples=G, **sampling)
-        samples = out.sequences()
+        samples = rollout.sample_rollout(policy, state.params, train_p["tokens"][ids_B], train_p["mask"][ids_B],
+                                         mesh, rng=jax.random.fold_in(jax.random.PRNGKey(config.seed + 11), step),
+                                         num_samples=G, **sampling)  # split over the mesh's batch shards
         arrays = rollout.rollout_arrays(samples)
-        jax.block_until_ready(samples.tokens_RL)
         rollout_s = time.perf_counter() - t0
         # 2. Score.
         t0 = time.perf_counter()
         rewards_R, extra = score(samples, ids_R, train_p)
-        rewards_R = np.asarray(rewards_R, np.float32)
         truncated = rollout.truncated_rows(samples, stop_ids)
-        raw_R = rewards_R.copy()
-        if config.reward.truncated == "penalty":
-            rewards_R = np.where(truncated, np.float32(config.reward.truncated_penalty), rewards_R)
-        valid = ~truncated if config.reward.truncated == "mask" else np.ones(R, bool)
-        if config.reward.transform == "whiten":
-            rewards_R = np.asarray(masked_whiten(jnp.asarray(rewards_R), jnp.asarray(valid)), np.float32)
-        elif config.reward.transform == "clip":
-            rewards_R = np.clip(rewards_R, -config.reward.clip, config.reward.clip)
+        # Penalty, clip, whitening; reward/mean is the reward trained on (rollout.shape_rewards).
+        rewards_R, valid, _, reward_metrics = rollout.shape_rewards(config.reward, rewards_R, truncated)
         greedy_R = None
         if a.advantage == "remax":  # the greedy completion's reward is the baseline
-            gout = generate(policy, state.params, train_p["tokens"][ids_B], train_p["mask"][ids_B],
-                            rng=jax.random.PRNGKey(0), **{**sampling, "temperature": 0.0})
-            greedy_R = np.repeat(np.asarray(score(gout.sequences(), ids_B, train_p)[0], np.float32), G)
+            greedy = rollout.sample_rollout(policy, state.params, train_p["tokens"][ids_B], train_p["mask"][ids_B],
+                                            mesh, rng=jax.random.PRNGKey(0), num_samples=1,
+                                            **{**sampling, "temperature": 0.0})
+            greedy_B = rollout.shape_baseline(config.reward, score(greedy, ids_B, train_p)[0],
+                                              rollout.truncated_rows(greedy, stop_ids))
+            greedy_R = np.repeat(greedy_B, G)
         score_s = time.perf_counter() - t0
         # 3. Reference log-probs (and the behaviour log-probs on the training grid).
         t0 = time.perf_counter()
@@ -391,7 +393,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             for j, rows in enumerate(rollout.group_minibatches(rng, B, G, a.num_minibatches)):
                 mb = {key: v[rows] for key, v in batch.items()}
                 mb["on_policy"] = np.full(len(rows), epoch == 0 and j == 0)
-                state, met = update(state, parallel.shard_batch(mb, mesh))
+                state, met = update(state, parallel.shard_global_batch(mb, mesh))
                 mb_metrics.append(met)
         jax.block_until_ready(state.params)
         update_s = time.perf_counter() - t0
@@ -405,7 +407,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         done = step + 1
         if loop.due(done, t.log_every, stop):
             met = {key: float(np.mean([float(x[key]) for x in mb_metrics])) for key in mb_metrics[0]}
-            met.update({"reward/mean": float(raw_R.mean()), "reward/std": float(raw_R.std()),
+            met.update({**reward_metrics,
                         "advantages/mean": float(advantages[mask].mean()) if mask.any() else 0.0,
                         "advantages/std": float(advantages[mask].std()) if mask.any() else 0.0,
                         "response_length/mean": float(lengths.mean()),

@@ -76,7 +76,6 @@ from jaxreward.objectives import registry
 from jaxreward.objectives.kl import adaptive_kl_coef
 from jaxreward.objectives.masking import masked_whiten
 from jaxreward.objectives.policy_gradient import aggregation_normalizers, value_loss
-from jaxreward.sampling.sampler import generate
 from jaxreward.train import checkpoint as ckpt_lib
 from jaxreward.train import defaults, loop, rollout
 from jaxreward.train import evaluate as evaluate_lib
@@ -116,6 +115,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for name in ("num_epochs", "num_minibatches"):
         defaults.check_int(config, f"algorithm.{name}", 1)
     defaults.check_choice(config, "algorithm.recompute_old_logps", ("auto", "always", "never"))
+    defaults.check_enough_prompts(config)  # before the model loads: counts the prompt file's lines
     if ro.prompts_per_step % a.num_minibatches:
         raise defaults.ConfigError(f"config field algorithm.num_minibatches: {a.num_minibatches} does not "
                                    f"divide rollout.prompts_per_step={ro.prompts_per_step} (minibatches "
@@ -274,7 +274,7 @@ def update(policy_step, value_step, state, value_state, batch: dict, config, ste
         for j, rows in enumerate(rollout.group_minibatches(rng, R // G, G, a.num_minibatches)):
             mb = {key: v[rows] for key, v in batch.items()}
             mb["on_policy"] = np.full(len(rows), epoch == 0 and j == 0)
-            mb = parallel.shard_batch(mb, mesh)
+            mb = parallel.shard_global_batch(mb, mesh)
             state, met = policy_step(state, mb)
             value_state, vmet = value_step(value_state, mb)
             out.append({**met, **{f"value/{key}": x for key, x in vmet.items()}})
@@ -314,8 +314,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_p, eval_p = prompts["train"], prompts["eval"]
     B, G = ro.prompts_per_step, ro.group_size
     R = B * G
-    if len(train_p["tokens"]) < B:
-        raise UserError(f"{len(train_p['tokens'])} train prompts is fewer than rollout.prompts_per_step={B}")
+    defaults.check_enough_prompts(config, num_train=len(train_p["tokens"]))  # after bad lines were skipped
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rollout.check_minibatch_split(config, mesh)
     ref_model, ref_params = rollout.load_reference(config, cfg.vocab_size, base_model, base_params)
@@ -345,7 +344,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     vcfg, vtb = value_model.config, config.value.trainable_blocks
     vboxed = jax.eval_shape(lambda: value_model.init(jax.random.PRNGKey(0), init_tokens))["params"]
     vtx, vschedule = state_lib.make_optimizer(config.value_optimizer, steps_total,
-                                              state_lib.block_trainable(vcfg.num_layers, vtb))
+                                              state_lib.block_trainable(vcfg.num_layers, vtb),
+                                              name="value_optimizer")
     shardings = PPOState(step_lib.state_shardings(mesh, boxed, tx), step_lib.state_shardings(mesh, vboxed, vtx),
                          updates_per_step)
 
@@ -407,26 +407,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         t0 = time.perf_counter()
         ids_B = run_state.sampler.next()
         ids_R = np.repeat(ids_B, G)
-        out = generate(policy, state.params, train_p["tokens"][ids_B], train_p["mask"][ids_B],
-                       rng=jax.random.fold_in(jax.random.PRNGKey(config.seed + 11), step),
-                       num_samples=G, **sampling)
-        samples = out.sequences()
+        samples = rollout.sample_rollout(policy, state.params, train_p["tokens"][ids_B], train_p["mask"][ids_B],
+                                         mesh, rng=jax.random.fold_in(jax.random.PRNGKey(config.seed + 11), step),
+                                         num_samples=G, **sampling)  # split over the mesh's batch shards
         arrays = rollout.rollout_arrays(samples)
-        jax.block_until_ready(samples.tokens_RL)
         rollout_s = time.perf_counter() - t0
         # 2. Score.
         t0 = time.perf_counter()
         rewards_R, extra = score(samples, ids_R, train_p)
-        rewards_R = np.asarray(rewards_R, np.float32)
         truncated = rollout.truncated_rows(samples, stop_ids)
-        raw_R = rewards_R.copy()
-        if config.reward.truncated == "penalty":
-            rewards_R = np.where(truncated, np.float32(config.reward.truncated_penalty), rewards_R)
-        valid = ~truncated if config.reward.truncated == "mask" else np.ones(R, bool)
-        if config.reward.transform == "whiten":
-            rewards_R = np.asarray(masked_whiten(jnp.asarray(rewards_R), jnp.asarray(valid)), np.float32)
-        elif config.reward.transform == "clip":
-            rewards_R = np.clip(rewards_R, -config.reward.clip, config.reward.clip)
+        # Penalty, clip, whitening; reward/mean is the reward trained on (rollout.shape_rewards).
+        rewards_R, valid, _, reward_metrics = rollout.shape_rewards(config.reward, rewards_R, truncated)
         score_s = time.perf_counter() - t0
         # 3. Reference log-probs, behaviour log-probs on the training grid, values (one forward).
         t0 = time.perf_counter()
@@ -469,7 +460,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         done = step + 1
         if loop.due(done, t.log_every, stop):
             met = {key: float(np.mean([float(x[key]) for x in mb_metrics])) for key in mb_metrics[0]}
-            met.update({"reward/mean": float(raw_R.mean()), "reward/std": float(raw_R.std()),
+            met.update({**reward_metrics,
                         "advantages/mean": float(advantages[mask].mean()) if mask.any() else 0.0,
                         "advantages/std": float(advantages[mask].std()) if mask.any() else 0.0,
                         "returns/mean": float(returns[mask].mean()) if mask.any() else 0.0,

@@ -58,6 +58,7 @@ from jaxreward.train.step import unbox
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Checks this job's own fields (the shared blocks are checked by main)."""
+    defaults.per_process_batch(config)  # data.batch_size divides among the processes (one share each)
     pairwise.pair_loss(config.loss.name)
     for name in ("synthetic.prompt_length", "synthetic.response_length", "synthetic.num_train_pairs",
                  "synthetic.num_eval_pairs", "best_of_n.num_prompts", "best_of_n.max_n",
@@ -117,7 +118,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     score_fn = jax.jit(lambda p, b: pairwise.pair_rewards(rm, p, b))
     evaluate = lambda p: pairwise.evaluate_pairs(rm, p, evals, config.data.eval_batch_size, mesh,
                                                  config.loss.name, score_fn)
-    batcher = GrainLoader(train, config.data.batch_size // jax.process_count(), seed=config.seed)
+    batcher = GrainLoader(train, defaults.per_process_batch(config), seed=config.seed)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
     make_state = jax.jit(lambda p: state_lib.init_state(p, tx, config.seed), out_shardings=shardings)
     state, _ = loop.restore_or_init(checkpointer, make_state, (rm_params,), shardings, batcher)
@@ -203,7 +204,7 @@ def train_ensemble(config, workdir, rm, rm_params, train, evals, mesh, tx, sched
     ens_shardings = ensemble.stacked_shardings(shardings)
     train_step = ensemble.make_ensemble_train_step(loss_fn, metrics_fn, tx, schedule, mesh, shardings,
                                                    micro_batches=t.micro_batches)
-    bs = config.data.batch_size // jax.process_count()
+    bs = defaults.per_process_batch(config)
     batcher = ensemble.MemberBatches([GrainLoader(train, bs, seed=s) for s in seeds])
     checkpointer = ckpt_lib.Checkpointer(os.path.join(ens_dir, "checkpoints"))
     make_state = jax.jit(lambda p: ensemble.init_ensemble_state(p, tx, seeds), out_shardings=ens_shardings)
@@ -341,7 +342,6 @@ def plot_ensemble_curves(curves, member_curves, lam, path) -> str | None:
     ax_score.set_title("what each ranking optimizes")
     ax_gold.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    metrics_lib.save_figure(fig, path)
     print(f"plot saved to {path}")
     return path

@@ -42,6 +42,7 @@ from jaxreward.train.step import unbox
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Checks this job's own fields (the shared blocks are checked by main)."""
+    defaults.per_process_batch(config)  # data.batch_size divides among the processes (one share each)
     pairwise.pair_loss(config.loss.name)
     defaults.check_choice(config, "data.source", ("jsonl", "tfds", "synthetic"))
     if config.data.source in ("jsonl", "tfds"):
@@ -206,7 +207,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     score_fn = jax.jit(lambda p, b: pairwise.pair_rewards(rm, p, b))
     evaluate = lambda p: pairwise.evaluate_pairs(rm, p, evals, d.eval_batch_size, mesh,
                                                  config.loss.name, score_fn)
-    batcher = pipeline.GrainLoader(train, d.batch_size // jax.process_count(), seed=config.seed)
+    batcher = pipeline.GrainLoader(train, defaults.per_process_batch(config), seed=config.seed)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
     make_state = jax.jit(lambda p: state_lib.init_state(p, tx, config.seed), out_shardings=shardings)
     state, _ = loop.restore_or_init(checkpointer, make_state, (params,), shardings, batcher)

@@ -65,6 +65,7 @@ ROW_KEYS = ("tokens", "attention_mask", "positions")  # + "ratings" [n, K]
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Checks this job's own fields (the shared blocks are checked by main)."""
+    defaults.per_process_batch(config)  # data.batch_size divides among the processes (one share each)
     if config.loss.name not in registry.names(LOSS_KIND):
         raise defaults.ConfigError(f"config field loss.name={config.loss.name!r} is not a {LOSS_KIND}; "
                                    f"registered: {', '.join(registry.names(LOSS_KIND))}")
@@ -367,7 +368,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                           micro_batches=t.micro_batches)
     score_fn = jax.jit(lambda p, b: rm.apply({"params": p}, b["tokens"], b["attention_mask"], b["positions"]))
     evaluate = lambda p: evaluate_rated(score_fn, p, evals, config, mesh, names, config.loss.name)
-    batcher = GrainLoader(train, d.batch_size // jax.process_count(), seed=config.seed)
+    batcher = GrainLoader(train, defaults.per_process_batch(config), seed=config.seed)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
     make_state = jax.jit(lambda p: state_lib.init_state(p, tx, config.seed), out_shardings=shardings)
     state, _ = loop.restore_or_init(checkpointer, make_state, (params,), shardings, batcher)

@@ -102,6 +102,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise defaults.ConfigError(f"config field compose.functions: {e}") from None
     for name in ("samples_per_prompt", "max_new_tokens", "batch_size"):
         defaults.check_int(config, f"rollout.{name}", 1)
+    defaults.check_enough_prompts(config, "data.batch_size", per_prompt="rollout.samples_per_prompt",
+                                  cap="data.num_prompts")  # before the model loads
     defaults.check_float(config, "rollout.temperature", 0.0, low_open=True)
     if ro.top_k != 0 or ro.top_p != 1.0:
         raise defaults.ConfigError("config fields rollout.top_k / rollout.top_p: keep 0 / 1; guided decoding "
@@ -287,10 +289,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"reward: {reward_name}" + (f"; composed with: {reward_b_name}" if composed else ""))
 
     S = min(len(train_p["tokens"]), d.num_prompts) * ro.samples_per_prompt
-    if S < d.batch_size:
-        raise UserError(f"config field data.batch_size: {S} train samples ({len(train_p['tokens'])} prompts × "
-                        f"rollout.samples_per_prompt={ro.samples_per_prompt}) is fewer than data.batch_size="
-                        f"{d.batch_size}; lower it or raise data.num_prompts / rollout.samples_per_prompt")
+    # After bad prompt lines were skipped (check_config counted the lines before the model loaded).
+    defaults.check_enough_prompts(config, "data.batch_size", len(train_p["tokens"]),
+                                  per_prompt="rollout.samples_per_prompt", cap="data.num_prompts")
     # The value model now, so a bad value.path fails before any sampling.
     value_model, init_params = rollout.value_model_init(config, workdir, policy.config, params, tokenizer)
 
@@ -490,7 +491,7 @@ def train_value_model(config, workdir: str, name: str, value_model, init_params,
             targets, targets_epoch = epoch_targets(epoch, state.params), epoch
         rows = np.random.default_rng([config.seed, epoch]).permutation(S)[j * B:(j + 1) * B]
         mb = {**{k: x[rows] for k, x in arrays.items()}, "grid": grid[rows], "targets": targets[rows]}
-        state, met = step_fn(state, parallel.shard_batch(mb, mesh))
+        state, met = step_fn(state, parallel.shard_global_batch(mb, mesh))
         done = step + 1
         if loop.due(done, t.log_every, stop):
             loop.log_train(writer, done, met, bar, show=("loss", "explained_variance"))
@@ -566,8 +567,7 @@ def plot_composition(path: str, rows: list[dict], name_a: str, name_b: str) -> N
     ax.set_ylabel(f"{name_b} (β₂)")
     ax.set_title("VAS composition: Σ β_i·V_i at decode time")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    metrics_lib.save_figure(fig, path)
 
 
 def _samples_key(config, params, tokenizer, prompts: dict, sampling: dict) -> tuple[str, dict]:

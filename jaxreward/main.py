@@ -259,9 +259,13 @@ def _unknown_field_message(error: BaseException, argv: list[str]) -> str | None:
 
 
 def _root(error: BaseException) -> BaseException:
-    """The first exception of a chain (`__cause__`, else `__context__`)."""
+    """The first exception of a chain (`__cause__`, else `__context__`),
+    stopping at an error raised `from None` (`__suppress_context__`): that
+    one is the error the code chose to report, not the one it replaced
+    (e.g. a get_config that turns a KeyError into a message naming the variants)."""
     seen = {id(error)}
-    while (nxt := error.__cause__ or error.__context__) is not None and id(nxt) not in seen:
+    while ((nxt := error.__cause__ or (None if error.__suppress_context__ else error.__context__)) is not None
+           and id(nxt) not in seen):
         seen.add(id(nxt))
         error = nxt
     return error
@@ -315,10 +319,12 @@ def main(argv):
         check_resume_config(config, workdir, getattr(driver, "RESUMABLE_CHANGES", ()))
     except (ValueError, *errors.USER_ERRORS) as e:  # a check_config raises ValueError naming the field
         fail(errors.message(e), e)
-    path = os.path.join(workdir, "config.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:  # atomic: a kill never leaves half a file
-        f.write(config.to_json_best_effort(indent=2))
-    os.replace(path + ".tmp", path)
+    import jax
+    if jax.process_index() == 0:  # a pod's processes share the workdir: one writer
+        path = os.path.join(workdir, "config.json")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:  # atomic: a kill never leaves half a file
+            f.write(config.to_json_best_effort(indent=2))
+        os.replace(path + ".tmp", path)
     logging.info("config:\n%s", config)
     try:
         driver.run(config, workdir)
@@ -345,11 +351,45 @@ def run():
     if hostmem.from_environment():
         print(f"jaxreward: host allocator: {hostmem.describe()}", file=sys.stderr)
     # Multi-host runs (pods) must call jax.distributed.initialize() first;
-    # set JAXREWARD_DISTRIBUTED=1 to do so from the launcher's environment.
+    # set JAXREWARD_DISTRIBUTED=1 to do so (distributed_initialize).
     if os.environ.get("JAXREWARD_DISTRIBUTED") == "1":
-        import jax
-        jax.distributed.initialize()
+        try:
+            distributed_initialize()
+        except errors.UserError as e:
+            fail(errors.message(e), e)
     app.run(main, flags_parser=parse_flags)
+
+
+def distributed_initialize() -> None:
+    """`jax.distributed.initialize()` for a multi-process run.
+
+    On a cluster jax finds the coordinator, the process count and this
+    process's index itself (Cloud TPU, SLURM, Open MPI, Kubernetes). Anywhere
+    else, set them: `JAX_COORDINATOR_ADDRESS=host:port` (jax's own variable),
+    `JAXREWARD_NUM_PROCESSES` and `JAXREWARD_PROCESS_ID`. On CPU the
+    processes exchange data through gloo collectives, which is how the tests
+    run two processes on one machine as a stand-in for a pod.
+
+    Raises:
+      errors.UserError: one of the two counts is set without the other, or is
+        not an integer.
+    """
+    import jax
+    env = {k: os.environ.get(k) for k in ("JAXREWARD_NUM_PROCESSES", "JAXREWARD_PROCESS_ID")}
+    given = {k: v for k, v in env.items() if v is not None}
+    if len(given) == 1:
+        missing = next(k for k in env if k not in given)
+        raise errors.UserError(f"{next(iter(given))} is set without {missing}; set both, or neither "
+                               "to let jax detect the cluster")
+    try:
+        counts = {k: int(v) for k, v in given.items()}
+    except ValueError:
+        raise errors.UserError(f"JAXREWARD_NUM_PROCESSES / JAXREWARD_PROCESS_ID must be integers, got "
+                               f"{given}") from None
+    if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(num_processes=counts.get("JAXREWARD_NUM_PROCESSES"),
+                               process_id=counts.get("JAXREWARD_PROCESS_ID"))
 
 
 if __name__ == "__main__":

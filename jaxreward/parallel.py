@@ -109,15 +109,56 @@ def shard_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     Raises:
       ValueError: if the batch size does not divide by data×fsdp.
     """
-    n = mesh.shape["data"] * mesh.shape["fsdp"]
-    sharding = batch_sharding(mesh)
     out = {}
+    for k, v in _checked_rows(batch, mesh):
+        # Each process passes its own slice; on one host that is the batch.
+        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh) if v.ndim else replicated(mesh), v)
+    return out
+
+
+def _checked_rows(batch: dict[str, Any], mesh: Mesh):
+    """(key, numpy value) of `batch`; ValueError where a leading size does not divide by data×fsdp."""
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
     for k, v in batch.items():
         v = np.asarray(v)
         if v.ndim and v.shape[0] % n:
             raise ValueError(f"batch field {k!r} has leading size {v.shape[0]}, "
                              f"not divisible by data×fsdp = {n}")
-        # Each process passes its own slice; on one host that is the batch.
-        out[k] = jax.make_array_from_process_local_data(
-            sharding if v.ndim else replicated(mesh), v)
+        yield k, v
+
+
+def shard_global_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """Places a batch that every process holds in full (numpy dict) on the
+    mesh, split along the batch axis: each process copies in only the rows of
+    its own devices (`jax.make_array_from_callback`). On one process this is
+    `shard_batch`. For work every process does over the same rows (scoring a
+    whole eval set, a rollout): the per-process loaders use `shard_batch`.
+
+    Raises:
+      ValueError: if the batch size does not divide by data×fsdp.
+    """
+    if jax.process_count() == 1:
+        return shard_batch(batch, mesh)
+    out = {}
+    for k, v in _checked_rows(batch, mesh):
+        sharding = batch_sharding(mesh) if v.ndim else replicated(mesh)
+        out[k] = jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
     return out
+
+
+def to_host(tree: Any) -> Any:
+    """numpy copies of the arrays of `tree`, whole on every process: on a pod
+    an array split over several processes' devices is gathered first
+    (`multihost_utils.process_allgather`), since no process can read the
+    others' shards directly. On one process it is `jax.device_get`.
+    """
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, jax.device_get(tree))
+    from jax.experimental import multihost_utils
+
+    def fetch(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+    return jax.tree.map(fetch, tree)
+

@@ -284,3 +284,151 @@ def test_a_folder_as_a_data_file_is_refused_before_any_model_loads(tmp_path, fil
     # Was refused only when the reader opened it, after the model had loaded.
     with pytest.raises(defaults.ConfigError, match=f"config field {field}: '{tmp_path}' is a folder, not a data file"):
         main.check_config(_config(file, variant, **{field: str(tmp_path)}))
+
+
+def _readers():
+    """Every `.jsonl` reader: (name, read(path, on_error) -> (records, report), a good line)."""
+    from experiments import evaluate_rm
+    from jaxreward.data import preference, records
+    return [
+        ("pairs", preference.read_preference_pairs, b'{"prompt": "q", "chosen": "a", "rejected": "b"}'),
+        ("feedback", records.read_feedback, b'{"prompt": "q", "completion": "c", "label": true}'),
+        ("prompts", records.read_prompts, b'{"prompt": "q"}'),
+        ("rated", lambda p, **kw: records.read_rated(p, num_ratings=1, **kw),
+         b'{"prompt": "q", "response": "r", "ratings": [1]}'),
+        ("best_of", evaluate_rm.read_best_of, b'{"prompt": "q", "chosen": "a", "rejected": ["b"]}'),
+    ]
+
+
+@pytest.mark.parametrize("reader", range(5), ids=["pairs", "feedback", "prompts", "rated", "best_of"])
+def test_malformed_json_names_the_file_line_and_the_column_in_it(tmp_path, reader):
+    # json.loads was given the line with its "\n", so a record cut short read
+    # "line 2 column 1 (char 30)": a line and column of the record, not of the file.
+    name, read, good = _readers()[reader]
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(good + b"\n" + good[:-1] + b"\n" + good + b"\n")
+    with pytest.raises(DataError) as info:
+        read(path, on_error="raise")
+    column = len(good)  # the missing "}" would be the last character of line 2
+    assert str(info.value) == f"{path}:2: malformed JSON (Expecting ',' delimiter at column {column})"
+    assert "line 2 column" not in str(info.value) and "char" not in str(info.value)
+    records, report = read(path, on_error="skip")
+    assert len(records) == 2 and report.skipped == {"malformed JSON": 1}
+
+
+@pytest.mark.parametrize("reader", range(5), ids=["pairs", "feedback", "prompts", "rated", "best_of"])
+def test_bytes_that_are_not_utf8_are_counted_apart_from_malformed_json(tmp_path, reader):
+    # Was counted as "malformed JSON (not UTF-8: ...)", hiding an encoding problem
+    # (a Latin-1 file) among syntax errors.
+    name, read, good = _readers()[reader]
+    latin1 = good.replace(b'"q"', b'"caf\xe9"')
+    path = tmp_path / "data.jsonl.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(good + b"\n" + latin1 + b"\n" + good + b"\n")
+    records, report = read(path, on_error="skip")
+    assert len(records) == 2 and report.skipped == {"not UTF-8": 1}
+    assert report.examples["not UTF-8"] == ["data.jsonl.gz:2"]
+    with pytest.raises(DataError) as info:
+        read(path, on_error="raise")
+    column = latin1.index(b"\xe9") + 1
+    assert str(info.value) == f"{path}:2: not UTF-8 (byte 0xe9 at column {column}: invalid continuation byte)"
+
+
+def test_a_txt_prompt_file_counts_bytes_that_are_not_utf8_by_line(tmp_path):
+    from jaxreward.data.records import read_prompts
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(b"first\n\xc3\xa9t\xe9\nthird\r\n")   # "ét" in UTF-8, then Latin-1 "é"
+    records, report = read_prompts(path)
+    assert [r.prompt for r in records] == ["first", "third"] and report.skipped == {"not UTF-8": 1}
+    with pytest.raises(DataError, match=r"prompts.txt:2: not UTF-8 \(byte 0xe9 at column 3: "):
+        read_prompts(path, on_error="raise")
+
+
+def _prompt_file(path, n):
+    path.write_text("".join(f'{{"prompt": "question {i}"}}\n' for i in range(n)) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("file, variant, overrides, message", [
+    ("rl", "synthetic", {"data.num_prompts": 3},
+     "config field rollout.prompts_per_step=16 is more than the data.num_prompts=3 train prompts; lower "
+     "rollout.prompts_per_step to at most 3 or give more prompts"),
+    ("rl", "smollm2_arith", {"data.source": "jsonl", "data.num_eval_prompts": 2},
+     "config field rollout.prompts_per_step=4 is more than the at most 3 train prompts: data.prompts_path="
+     "'{path}' has 5 non-blank line(s), 2 held out for eval (data.num_eval_prompts=2); lower "
+     "rollout.prompts_per_step to at most 3 or give more prompts"),
+    ("ppo", "smollm2_hh", {"data.source": "jsonl", "data.num_eval_prompts": 16, "reward.kind": "text",
+             "value.init": "policy"},
+     "config field rollout.prompts_per_step=8 is more than the at most 3 train prompts: data.prompts_path="
+     "'{path}' has 5 non-blank line(s), 2 held out for eval (data.num_eval_prompts=16)"),
+    ("vas", "smollm2_hh", {"data.source": "jsonl", "data.num_eval_prompts": 1, "reward.kind": "text"},
+     "config field data.batch_size=16 is more than the 8 train samples (at most 4 train prompts: "
+     "data.prompts_path='{path}' has 5 non-blank line(s), 1 held out for eval (data.num_eval_prompts=1), "
+     "× rollout.samples_per_prompt=2); lower data.batch_size to at most 8"),
+])
+def test_too_few_prompts_for_one_step_are_refused_before_any_model_loads(tmp_path, file, variant, overrides,
+                                                                          message):
+    # Was found in run(), after the policy (SmolLM2: seconds to a minute) had loaded:
+    # "3 train prompts is fewer than rollout.prompts_per_step=4".
+    path = _prompt_file(tmp_path / "prompts.jsonl", 5)
+    config = _config(file, variant, **{"data.prompts_path": path, **overrides})
+    with pytest.raises(defaults.ConfigError) as info:
+        main.check_config(config)
+    assert message.format(path=path) in str(info.value)
+    # Enough lines for one step: accepted here (the drivers check again once bad lines are skipped).
+    big = _prompt_file(tmp_path / "more.jsonl", 64)
+    main.check_config(_config(file, variant, **{"data.prompts_path": big, "data.num_prompts": 64, **{
+        k: v for k, v in overrides.items() if k != "data.num_prompts"}}))
+
+
+def test_the_prompt_count_check_after_reading_names_the_usable_prompts(tmp_path):
+    config = _config("rl", "smollm2_arith", **{"data.source": "jsonl", "data.prompts_path": "p.jsonl"})
+    defaults.check_enough_prompts(config, num_train=4)
+    with pytest.raises(defaults.ConfigError, match=r"^config field rollout.prompts_per_step=4 is more than the 3 "
+                                                   r"usable train prompts of data.prompts_path='p.jsonl'; lower"):
+        defaults.check_enough_prompts(config, num_train=3)
+
+
+CHOSEN_ERROR_CONFIG = """
+import ml_collections
+SIZES = {"small": 1, "large": 2}
+def get_config(variant=None):
+    try:
+        size = SIZES[variant]
+    except KeyError:
+        raise ValueError(f"unknown variant {variant!r} of sized.py; choose one of: small, large") from None
+    return ml_collections.ConfigDict(dict(task="toy", size=size))
+"""
+
+
+def test_an_error_raised_from_none_is_the_one_line_not_the_error_it_replaced(tmp_path):
+    # main._root followed __context__ past `raise ... from None`, so the line was
+    # "error: huge" (the KeyError the config caught), not the message it chose to raise.
+    (tmp_path / "sized.py").write_text(CHOSEN_ERROR_CONFIG)
+    line = _one_error_line(_run(f"--config={tmp_path / 'sized.py'}:huge", f"--workdir={tmp_path / 'wd'}"))
+    assert line == "error: unknown variant 'huge' of sized.py; choose one of: small, large"
+    try:   # an explicit cause is still followed to the first error
+        try:
+            {}["k"]
+        except KeyError as e:
+            raise ValueError("outer") from e
+    except ValueError as outer:
+        assert isinstance(main._root(outer), KeyError)
+
+
+@pytest.mark.parametrize("file, variant", [("reward_model", "smollm2_hh"), ("dpo", "smollm2_hh"),
+                                           ("reward_model_rated", "synthetic"), ("quickstart", "tiny")])
+def test_a_global_batch_that_does_not_divide_among_the_processes_is_refused(monkeypatch, file, variant):
+    # Each process loaded data.batch_size // jax.process_count() rows: 10 on 4 processes
+    # trained on batches of 8, silently, with every printed "batch of 10" wrong.
+    import jax
+    monkeypatch.setattr(jax, "process_count", lambda: 4)
+    with pytest.raises(defaults.ConfigError) as info:
+        main.check_config(_config(file, variant, **{"data.batch_size": 10}))
+    assert str(info.value) == ("config field data.batch_size=10 does not divide among the 4 processes of this "
+                               "run (jax.process_count()); use 8 or 12")
+    with pytest.raises(defaults.ConfigError, match=r"data.batch_size=3 does not divide .*; use 4$"):
+        main.check_config(_config(file, variant, **{"data.batch_size": 3}))
+    config = _config(file, variant, **{"data.batch_size": 16})
+    main.check_config(config)
+    assert defaults.per_process_batch(config) == 4

@@ -4,16 +4,19 @@
 `state()`/`restore()` and attributes) that adds per-process sharding:
 
     arrays, report = cached_tokenize(pairs_or_source, tokenizer, max_length=T, cache_dir=...)
-    loader = GrainLoader(arrays, batch_size=B // jax.process_count(), seed=seed)
+    loader = GrainLoader(arrays, batch_size=defaults.per_process_batch(config), seed=seed)  # B / processes
     batch = next(loader)             # {key: array[batch_size, ...]}, this process's rows
     checkpointer.save(step, state, loader.state())    # {"epoch": int, "index": int}
     loader.restore(saved)            # continues on exactly the next batch
 
-Process p of P owns the contiguous rows [p * R, (p + 1) * R), R = N // P (the
-last N % P rows are never used, so every process has the same number of
-batches). Epoch e visits its R rows in a grain shuffle seeded by (seed, e),
-`batch_size` at a time; the last partial batch of each epoch is dropped, so
-every batch has the same shape and every process the same batches per epoch.
+Epoch e visits the N rows in one grain shuffle seeded by (seed, e), the same
+on every process, in global batches of P × `batch_size` rows (P processes);
+process p takes rows [p × batch_size, (p + 1) × batch_size) of each global
+batch. The global batches are thus the same whatever the process count, so a
+pod trains on exactly the batches of a one-process run (tested with two
+processes against one). The last partial global batch of each epoch is
+dropped, so every batch has the same shape and every process the same
+batches per epoch.
 """
 import dataclasses
 import hashlib
@@ -43,7 +46,7 @@ class GrainLoader:
 
     Raises:
       ValueError: arrays of different lengths or a bad shard.
-      UserError (a ValueError): fewer rows per shard than one batch (as
+      UserError (a ValueError): fewer rows than one global batch (as
         `PairBatcher`: the data is too small for the configured batch).
     """
 
@@ -58,22 +61,24 @@ class GrainLoader:
             raise ValueError(f"bad shard {self.shard_index} of {self.shard_count}")
         self.arrays, self.batch_size, self.seed = arrays, batch_size, seed
         self.num_rows = sizes.pop()
-        self.rows_per_shard = self.num_rows // self.shard_count
-        self.batches_per_epoch = self.rows_per_shard // batch_size
+        self.global_batch_size = batch_size * self.shard_count
+        self.batches_per_epoch = self.num_rows // self.global_batch_size
         if self.batches_per_epoch == 0:
-            raise UserError(f"{self.rows_per_shard} rows per shard ({self.num_rows} rows, "
-                            f"{self.shard_count} shards) make no batch of {batch_size}")
-        start = self.shard_index * self.rows_per_shard
-        self._shard = grain.MapDataset.range(start, start + self.rows_per_shard)  # row indices
+            raise UserError(f"{self.num_rows} rows make no batch of {batch_size}" + (
+                f" rows on each of {self.shard_count} processes" if self.shard_count > 1 else ""))
+        self._rows = grain.MapDataset.range(0, self.num_rows)  # row indices
         self._epoch, self._index, self._dataset = 0, 0, None
 
     def epoch_dataset(self, epoch: int) -> grain.MapDataset:
-        """Epoch `epoch` of this shard: a grain MapDataset of `batches_per_epoch` batches."""
+        """Epoch `epoch` on this process: a grain MapDataset of `batches_per_epoch`
+        batches, each this process's slice of a global batch."""
         seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
-        return self._shard.shuffle(seed=seed).batch(self.batch_size, drop_remainder=True, batch_fn=self._gather)
+        return self._rows.shuffle(seed=seed).batch(self.global_batch_size, drop_remainder=True,
+                                                   batch_fn=self._gather)
 
     def _gather(self, rows) -> dict[str, np.ndarray]:
-        rows = np.asarray(rows)
+        start = self.shard_index * self.batch_size
+        rows = np.asarray(rows)[start:start + self.batch_size]
         return {key: value[rows] for key, value in self.arrays.items()}
 
     def __iter__(self):

@@ -171,9 +171,9 @@ def read_preference_pairs(
 
     Raises:
       DataError (a ValueError): with on_error="raise", the first bad line,
-        naming file:line and field. Reasons: malformed JSON, not a JSON object,
-        missing field, wrong type, bad message, bad role, bad text (a lone
-        surrogate or NUL character), no assistant turn, malformed
+        naming file:line and field. Reasons: malformed JSON (with the
+        column), not UTF-8, not a JSON object, missing field, wrong type,
+        bad message, bad role, bad text (a lone surrogate or NUL character), no assistant turn, malformed
         transcript, empty prompt, empty response, prompt mismatch, chat
         template error, empty file (no records; with on_error="skip" it is
         counted in the report).
@@ -258,7 +258,7 @@ def parse_record(raw: bytes, path: str, lineno: int) -> dict:
     text field (`TEXT_FIELDS`, also inside message lists).
 
     Raises:
-      DataError: "malformed JSON", "not a JSON object" or "bad text", naming `path:lineno` and the field.
+      DataError: "malformed JSON", "not UTF-8", "not a JSON object" or "bad text", naming `path:lineno` and the field.
     """
     try:
         return _parse_json(raw)
@@ -278,13 +278,27 @@ def check_messages(value: list, key: str, path: str, lineno: int) -> list[dict]:
         raise DataError(path, lineno, bad.field, bad.reason, bad.detail) from None
 
 
-def _parse_json(raw: bytes):
+def _decode_line(raw: bytes) -> str:
+    """One line's text without its line ending; bytes that are not UTF-8 are
+    "not UTF-8", naming the first bad byte and its column (1-based, in
+    characters, as for malformed JSON: the bytes before it decode)."""
     try:
-        obj = json.loads(raw.decode("utf-8"))
+        return raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as e:
-        raise _Bad(None, "malformed JSON", f"not UTF-8: {e}") from None
+        column = len(raw[:e.start].decode("utf-8")) + 1
+        raise _Bad(None, "not UTF-8", f"byte 0x{raw[e.start]:02x} at column {column}: {e.reason}") from None
+
+
+def _parse_json(raw: bytes):
+    # The line ending is removed first: json counts lines and columns from
+    # the text it is given, so with "\n" left on, a record cut short reads
+    # "line 2 column 1" although the fault is at the end of this line. The
+    # file's line is the DataError's; the detail names the column in it.
+    text = _decode_line(raw)
+    try:
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise _Bad(None, "malformed JSON", str(e)) from None
+        raise _Bad(None, "malformed JSON", f"{e.msg} at column {e.pos + 1}") from None
     if not isinstance(obj, dict):
         raise _Bad(None, "not a JSON object", f"got {type(obj).__name__}")
     for key in TEXT_FIELDS:

@@ -24,8 +24,8 @@ import pathlib
 from typing import Callable, Sequence
 
 from jaxreward.data.preference import (
-    DataError, ReadReport, RenderChat, _assistant_reply, _Bad, _check_text, _field, _messages, check_not_a_folder,
-    numbered_lines, _parse_json, _render)
+    DataError, ReadReport, RenderChat, _assistant_reply, _Bad, _check_text, _decode_line, _field, _messages,
+    check_not_a_folder, numbered_lines, _parse_json, _render)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,7 @@ def read_feedback(path, *, on_error: str = "skip", render_chat: RenderChat | Non
 
     Raises:
       DataError: with on_error="raise", the first bad line. Reasons: malformed
-        JSON, not a JSON object, missing field, wrong type (`label` must be a
+        JSON, not UTF-8, not a JSON object, missing field, wrong type (`label` must be a
         JSON bool), bad message, empty prompt, empty response, chat template
         error, empty file.
       ValueError: bad `on_error`, or message lists without `render_chat`.
@@ -103,10 +103,7 @@ def read_prompts(path, *, on_error: str = "skip", render_chat: RenderChat | None
     if _is_txt(path):
         def parse_txt(raw: bytes, report):
             report.fmt = "txt"
-            try:
-                text = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise _Bad(None, "not UTF-8", str(e)) from None
+            text = _decode_line(raw)  # "not UTF-8" as in .jsonl
             _check_text(text, "prompt")  # a NUL, as in .jsonl prompts
             return lambda source: PromptRecord(text, None, source)
 
@@ -189,7 +186,12 @@ def _number(field: str, value) -> float:
         raise _Bad(field, "bad rating", f"expected a number, got {type(value).__name__} {value!r}")
     if not math.isfinite(value):
         raise _Bad(field, "bad rating", f"not finite: {value!r}")
+    if abs(value) > _FLOAT32_MAX:  # finite here, inf once the trainer casts it to float32
+        raise _Bad(field, "bad rating", f"{value!r} is beyond the float32 range (|x| <= {_FLOAT32_MAX:.4g})")
     return float(value)
+
+
+_FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
 
 
 def _chat_prompt(value, render_chat) -> str:

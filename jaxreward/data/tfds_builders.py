@@ -28,6 +28,7 @@ import pathlib
 import re
 from typing import Sequence
 
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -252,6 +253,10 @@ def build(kind: str, paths, data_dir, *, name: str = "default", overwrite: bool 
       (builder, BuildReport): the prepared builder (`builder.as_data_source("train")`)
       and the report stored with the dataset.
 
+    On several processes (`jax.process_count() > 1`, a pod) only process 0
+    builds; the others wait for it at a barrier and read what it wrote, so
+    `data_dir` must be a folder every process sees.
+
     Raises:
       DataError: a bad line with on_error="raise" (nothing is written).
       UserError (a ValueError): unknown kind, no valid record, or an existing
@@ -264,8 +269,38 @@ def build(kind: str, paths, data_dir, *, name: str = "default", overwrite: bool 
         # tfds would write "a/b" to a subfolder and "" beside the configs, and load() neither
         raise UserError(f"dataset name {name!r} (data.tfds_name on the command line): use letters, "
                         "digits and _ + - . only")
-    builder = BUILDERS[kind](paths=paths, name=name, reader_kwargs=reader_kwargs,
-                             data_dir=os.path.expanduser(str(data_dir)))
+    make = lambda: BUILDERS[kind](paths=paths, name=name, reader_kwargs=reader_kwargs,
+                                  data_dir=os.path.expanduser(str(data_dir)))
+    if jax.process_count() == 1:
+        return _prepare(make(), overwrite)
+    # Several processes (a pod) building one dataset in a shared data_dir would
+    # write the same files at once. Process 0 builds it; the others wait at a
+    # barrier, then read what it wrote. Process 0 reaches the barrier even when
+    # its build fails (then it raises its error, and the others say so), so no
+    # process waits forever.
+    from jax.experimental import multihost_utils
+    result = error = None
+    if jax.process_index() == 0:
+        try:
+            result = _prepare(make(), overwrite)
+        except Exception as e:  # noqa: BLE001 - raised again after the barrier
+            error = e
+    multihost_utils.sync_global_devices(f"jaxreward tfds build {kind}/{name}")
+    if error is not None:
+        raise error
+    if result is not None:
+        return result
+    builder = make()  # a fresh builder reads the dataset info process 0 wrote
+    if not builder.is_prepared() or (
+            BuildReport.from_json(builder.info.metadata[REPORT_KEY]).sources_sha256 != builder.sources_sha256()):
+        raise UserError(f"{builder.data_path}: process {jax.process_index()} of {jax.process_count()} found no "
+                        "dataset from these files after process 0 built it: see process 0's error, or give a "
+                        "data_dir (data.tfds_data_dir) that every process reads (a shared filesystem)")
+    return builder, BuildReport.from_json(builder.info.metadata[REPORT_KEY])
+
+
+def _prepare(builder, overwrite: bool):
+    """`build` in one process: reuse, refuse a stale dataset, or write it."""
     mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
     if builder.is_prepared():
         stored = BuildReport.from_json(builder.info.metadata[REPORT_KEY])

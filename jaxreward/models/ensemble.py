@@ -189,7 +189,8 @@ def load_ensemble(directory: str) -> tuple[RewardModel, Any, dict]:
       FileNotFoundError: no `ensemble.json`.
       CorruptFileError: `ensemble.json` does not parse or lacks a field, a
         member folder is missing or damaged (named, with its own reason),
-        or the members differ in architecture or head size.
+        or the members differ in architecture, head size or backbone
+        (`pretrained`, which names the tokenizer).
     """
     path = os.path.join(directory, ENSEMBLE_FILE)
     if not os.path.isfile(path):
@@ -204,11 +205,11 @@ def load_ensemble(directory: str) -> tuple[RewardModel, Any, dict]:
     except (ValueError, KeyError, TypeError) as e:
         raise CorruptFileError(f"{path} is damaged or not an ensemble export "
                                f"({type(e).__name__}: {e}); export the ensemble again") from e
-    rms, params = [], []
+    rms, params, sources = [], [], []
     for name in dirs:
         sub = os.path.join(directory, name)
         try:
-            rm, p, _ = load_reward_model(sub)
+            rm, p, member_meta = load_reward_model(sub)
         except FileNotFoundError as e:
             raise CorruptFileError(f"ensemble {directory}: member folder {name} is missing or "
                                    f"incomplete ({e}); export the ensemble again") from e
@@ -216,10 +217,15 @@ def load_ensemble(directory: str) -> tuple[RewardModel, Any, dict]:
             raise CorruptFileError(f"ensemble {directory}: member {name}: {e}") from e
         rms.append(rm)
         params.append(p)
-    for name, rm in zip(dirs[1:], rms[1:]):
+        sources.append(member_meta.get("pretrained"))
+    for name, rm, source in zip(dirs[1:], rms[1:], sources[1:]):
         if rm != rms[0]:  # flax modules compare by their fields: architecture, head size, pooling
             raise CorruptFileError(f"ensemble {directory}: member {name} has a different "
                                    f"architecture, head size or pooling than {dirs[0]}")
+        if source != sources[0]:  # the backbone names the tokenizer every member is scored with
+            raise CorruptFileError(f"ensemble {directory}: member {name} was exported from backbone "
+                                   f"{source!r}, {dirs[0]} from {sources[0]!r}: the members of an "
+                                   "ensemble read one tokenization, so they must share one backbone")
     return rms[0], stack(params), meta
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import pathlib
 from typing import Any, Callable, Iterator, Mapping
 
@@ -36,6 +37,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from jaxreward.errors import UserError
 from jaxreward.models.llama import LlamaConfig
 
 log = logging.getLogger(__name__)
@@ -307,7 +309,31 @@ def params_to_hf_tensors(params: Mapping, cfg: LlamaConfig, dtype: Any = None) -
 
 # ---------------------------------------------------------------- safetensors
 
+def make_export_dir(path: str | pathlib.Path) -> pathlib.Path:
+    """Creates the folder an export writes into (parents too) and checks it is writable.
+
+    Raises:
+      UserError: `path` (or a parent) is a file, or the folder cannot be
+        created or written: one line, not a traceback at the end of a run.
+    """
+    directory = pathlib.Path(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way (of the folder or a parent), no permission, ...
+        raise UserError(f"cannot export to {directory}: {e.strerror or e}"
+                        + (" (a file, not a folder)" if directory.is_file() else "")) from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UserError(f"cannot export to {directory}: the folder is not writable")
+    return directory
+
+
 def _safetensors_files(directory: pathlib.Path) -> list[pathlib.Path]:
+    # transformers' order: model.safetensors first, then the index. A folder
+    # with both is one an export wrote over a sharded checkpoint (the index
+    # and shards left over): reading the index would load the old weights.
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
@@ -318,9 +344,6 @@ def _safetensors_files(directory: pathlib.Path) -> list[pathlib.Path]:
         if absent:
             raise FileNotFoundError(f"{index} lists shards that are missing: {absent}")
         return files
-    single = directory / "model.safetensors"
-    if single.is_file():
-        return [single]
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {directory}")
@@ -426,13 +449,16 @@ def save_hf_dir(path: str | pathlib.Path, cfg: LlamaConfig, params: Mapping, tok
 
     Returns:
       The directory.
+
+    Raises:
+      UserError: `path` (or a parent) is a file, or the folder cannot be
+        created or written; nothing is written.
     """
     import safetensors.flax
 
     if dtype is not None:
         float_dtype_name(dtype)
-    directory = pathlib.Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = make_export_dir(path)
     tensors = params_to_hf_tensors(params, cfg, dtype)
     hf_config = config_to_hf(cfg)
     saved_dtype = next(iter(tensors.values())).dtype

@@ -82,7 +82,8 @@ def load_pretrained(path: str | pathlib.Path, *, dtype: Any = "float32"):
 
     Raises:
       ValueError: an empty path, a non-float `dtype`, a file that is neither
-        a directory nor `.gguf`, or a checkpoint that cannot be read; the
+        a directory nor `.gguf`, a checkpoint that cannot be read, or a
+        tokenizer with more tokens than the model's embedding rows; the
         message names the file and what is wrong.
       FileNotFoundError: see `resolve`.
     """
@@ -95,6 +96,12 @@ def load_pretrained(path: str | pathlib.Path, *, dtype: Any = "float32"):
             cfg, params, tokenizer = gguf_io.load_gguf(resolved, dtype=dtype)
         else:
             raise ValueError(f"{resolved}: expected an HF checkpoint directory or a .gguf file")
+        if tokenizer is not None:
+            size = tokenizer.hf_tokenizer.get_vocab_size(with_added_tokens=True)
+            if size > cfg.vocab_size:  # ids past the embedding: a tokenizer left from another model
+                raise ValueError(f"{resolved}: the tokenizer has {size} tokens but the model's embedding "
+                                 f"{cfg.vocab_size} rows; the tokenizer belongs to another model (an export "
+                                 "without a tokenizer keeps the files already in its folder)")
     return Decoder(cfg), params, tokenizer
 
 
@@ -158,6 +165,8 @@ def save_pretrained(path: str | pathlib.Path, model_or_config: Decoder | LlamaCo
 
     Raises:
       errors.DivergedError: a parameter holds NaN or inf (nothing is written).
+      errors.UserError: `path` (or a parent) is a file, or the folder cannot
+        be created or written.
     """
     from jaxreward.train import checkpoint as ckpt_lib
     ckpt_lib.refuse_nonfinite(params, "export")

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from jaxreward.errors import CorruptFileError
 from jaxreward.models.heads import RewardModel
+from jaxreward.models.hf_io import make_export_dir
 from jaxreward.models.llama import LlamaConfig
 from jaxreward.train import checkpoint as ckpt_lib
 from jaxreward.train.step import unbox
@@ -36,7 +37,12 @@ def export_reward_model(directory: str, rm: RewardModel, params, pretrained: str
       params: its param pytree `{"backbone": ..., "head": ...}`.
       pretrained: where the backbone came from (a path or known name), stored
         for the record.
+
+    Raises:
+      UserError: `directory` (or a parent) is a file, or the folder cannot
+        be created or written (before orbax's save threads start).
     """
+    make_export_dir(directory)  # before orbax's save threads start
     digests = ckpt_lib.save_params(os.path.join(directory, "params"), params)
     meta = {"pretrained": pretrained, "num_objectives": rm.num_objectives, "pooling": rm.pooling,
             "llama_config": dataclasses.asdict(rm.config), "params_sha256": digests}

@@ -19,7 +19,7 @@ broadcast, and a mismatch raises a ValueError naming the argument and both
 shapes (`check_pair_shapes`).
 
 Every loss returns `(loss, metrics)` where metrics holds at least ``loss``,
-``accuracy`` (chosen implicit reward > rejected, ties 0.5), ``margin_mean``,
+``accuracy`` (chosen implicit reward > rejected strictly, ties 0 as in TRL), ``margin_mean``,
 ``chosen_reward_mean``/``_std`` and ``rejected_reward_mean``/``_std``. The
 implicit reward is β·(log π − log π_ref) unless the docstring says otherwise.
 
@@ -1013,8 +1013,9 @@ def kto_loss(
     Returns:
       (loss, metrics): ``chosen_reward_*`` / ``rejected_reward_*`` are β·ρ
       over desirable / undesirable rows, ``margin_mean`` is their difference
-      of means, ``accuracy`` the fraction of rows on the right side of z_0
-      (ties 0.5), and ``kl`` is z_0.
+      of means, ``accuracy`` the fraction of rows strictly on the right side
+      of z_0 (a row at z_0 counts 0, as a tie in the pairwise accuracy), and
+      ``kl`` is z_0.
     """
     _check_beta(beta)
     check_range("desirable_weight", desirable_weight, low=0.0, low_open=True)
@@ -1044,7 +1045,7 @@ def kto_loss(
 
     rewards = sg(beta * rho)
     zs = sg(z)
-    correct = jnp.where(zs == 0, 0.5, jnp.where(desirable, zs > 0, zs < 0).astype(f32))
+    correct = jnp.where(desirable, zs > 0, zs < 0).astype(f32)  # strict: z = z_0 is wrong
     dmask, umask = mask & desirable, mask & ~desirable
     chosen_mean = masked_mean(rewards, dmask)
     rejected_mean = masked_mean(rewards, umask)

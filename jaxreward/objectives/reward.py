@@ -73,7 +73,8 @@ def pair_metrics(chosen_rewards, rejected_rewards, mask) -> Metrics:
 
     Returns:
       Flat dict of float32 scalars, all computed without gradient:
-      ``accuracy`` (fraction with chosen > rejected, a tie counting 0.5),
+      ``accuracy`` (fraction with chosen > rejected strictly; a tie counts 0,
+      as in TRL and RewardBench),
       ``margin_mean`` (mean of chosen − rejected), ``chosen_reward_mean``,
       ``chosen_reward_std``, ``rejected_reward_mean``, ``rejected_reward_std``
       (population std, ddof 0). All 0 when nothing is selected.
@@ -81,9 +82,10 @@ def pair_metrics(chosen_rewards, rejected_rewards, mask) -> Metrics:
     rc = jax.lax.stop_gradient(select(chosen_rewards, mask))
     rr = jax.lax.stop_gradient(select(rejected_rewards, mask))
     diff = rc - rr
-    # Ties count half: a model that scores both responses equally is right
-    # half the time in expectation, and a constant model scores 0.5 overall.
-    correct = jnp.where(diff > 0, 1.0, jnp.where(diff == 0, 0.5, 0.0))
+    # Strict, as TRL's DPOTrainer ((chosen > rejected).float()) and RewardBench:
+    # a tie is wrong, so a constant model (or a policy equal to its reference)
+    # scores 0, not 0.5.
+    correct = (diff > 0).astype(jnp.float32)
     return {
         "accuracy": masked_mean(correct, mask),
         "margin_mean": masked_mean(diff, mask),
@@ -107,7 +109,7 @@ def _reduce_objectives(loss_BK, mask_BK, objective_weights_K) -> jnp.ndarray:
 
 
 def _per_objective_accuracy(diff_BK, mask_BK) -> Metrics:
-    correct = jnp.where(diff_BK > 0, 1.0, jnp.where(diff_BK == 0, 0.5, 0.0))
+    correct = (diff_BK > 0).astype(jnp.float32)  # strict: a tie is wrong (as pair_metrics)
     acc_K = masked_mean(jax.lax.stop_gradient(correct), mask_BK, axis=0)
     return {f"accuracy_k{k}": acc_K[k] for k in range(diff_BK.shape[1])}
 
@@ -171,7 +173,7 @@ def bradley_terry_loss(
 
     Returns:
       (loss, metrics): float32 scalar loss, and metrics ``loss``,
-      ``accuracy`` (fraction with r_c > r_r, ties count 0.5, margin not
+      ``accuracy`` (fraction with r_c > r_r strictly, ties count 0, margin not
       applied), ``margin_mean`` (mean r_c − r_r), ``chosen_reward_mean``,
       ``chosen_reward_std``, ``rejected_reward_mean``, ``rejected_reward_std``
       (population std over B and K), plus ``accuracy_k{k}`` per objective when

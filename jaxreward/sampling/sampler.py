@@ -347,10 +347,19 @@ def check_decode_args(config, prompt_tokens_BP, prompt_mask_BP, rng, max_new_tok
         raise ValueError(f"rng must be one key or a [{B}, {num_samples}] batch of keys, "
                          f"got key batch shape {shape}")
     if not isinstance(prompt_tokens_BP, jax.core.Tracer):  # concrete: check on the host
-        _check_prompts(np.asarray(prompt_tokens_BP), np.asarray(prompt_mask_BP), config.vocab_size)
+        _check_prompts(_readable_rows(prompt_tokens_BP), _readable_rows(prompt_mask_BP), config.vocab_size)
     if isinstance(stop_ids, (int, np.integer)):
         stop_ids = (stop_ids,)
     return prompt_tokens_BP, prompt_mask_BP, tuple(stop_ids)
+
+
+def _readable_rows(x: Array) -> np.ndarray:
+    """The rows of `x` this process can read: all of them, except for an
+    array split over several processes (a pod), where each process checks
+    the shards on its own devices (so together every row is checked)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.concatenate([np.asarray(shard.data) for shard in x.addressable_shards])
 
 
 def generate(model, params, prompt_tokens_BP: Array, prompt_mask_BP: Array, *, rng: Array,

@@ -129,6 +129,95 @@ def check_at_least_one_batch(config, rows: str, batch: str) -> None:
         raise ConfigError(f"config field {rows}={n} is fewer than one batch ({batch}={b})")
 
 
+def check_enough_prompts(config, batch: str = "rollout.prompts_per_step", num_train: int | None = None, *,
+                         per_prompt: str | None = None, cap: str | None = None) -> None:
+    """The train prompts of `rollout.prompt_set` fill one `batch` (with
+    `per_prompt`, that many rows per prompt; with `cap`, at most that many
+    prompts are used, e.g. `data.num_prompts` in the VAS job).
+
+    Without `num_train` it runs before any model loads: data.source synthetic
+    or arithmetic makes `data.num_prompts` prompts; a prompt file (jsonl,
+    pairs) makes at most its non-blank lines less the eval prompts held out
+    (`data.num_eval_prompts`, at most half). Once the file is read the drivers
+    call it with `num_train`, the train prompts that survived (bad lines
+    skipped, pair prompts made distinct).
+
+    Raises:
+      ConfigError: naming `batch`, the prompt count and where it comes from.
+    """
+    d, need = config.data, get_field(config, batch)
+    if not isinstance(need, int) or isinstance(need, bool) or need < 1:
+        return  # check_int names it
+    from_file = d.get("source") in ("jsonl", "pairs")
+    if num_train is not None:
+        have = num_train
+        what = (f"{have} usable train prompts of data.prompts_path={d.prompts_path!r}" if from_file
+                else f"{have} train prompts")
+    elif from_file:
+        path, held = d.prompts_path, d.num_eval_prompts
+        if not isinstance(path, str) or not os.path.isfile(path) or not isinstance(held, int):
+            return  # check_path / check_int name it
+        lines = _count_lines(path, stop_at=need + held)  # enough lines: enough prompts (rows >= prompts)
+        if lines is None:
+            return  # a corrupt file: the reader names the line it broke at
+        have = lines - min(held, lines // 2)
+        what = (f"at most {have} train prompts: data.prompts_path={path!r} has {lines} non-blank "
+                f"line(s), {min(held, lines // 2)} held out for eval (data.num_eval_prompts={held})")
+    else:
+        have = d.num_prompts
+        if not isinstance(have, int):
+            return  # check_int names it
+        what = f"data.num_prompts={have} train prompts"
+    capped = get_field(config, cap) if cap else _MISSING
+    if isinstance(capped, int) and capped < have:
+        have, what = capped, f"{cap}={capped} train prompts"
+    k = get_field(config, per_prompt) if per_prompt else 1
+    if not isinstance(k, int) or have * k >= need:
+        return
+    if per_prompt:
+        what = f"{have * k} train samples ({what}, × {per_prompt}={k})"
+    raise ConfigError(f"config field {batch}={need} is more than the {what}; lower {batch} to at most "
+                      f"{have * k} or give more prompts")
+
+
+def per_process_batch(config, name: str = "data.batch_size") -> int:
+    """This process's rows of the global batch `name`: its value divided by
+    `jax.process_count()` (each process loads its own rows; the global batch
+    is their concatenation). The drivers whose `data.batch_size` is split
+    among processes call it from their `check_config`, before any model loads.
+
+    Raises:
+      ConfigError: the batch does not divide by the process count (a floor
+        division would train on a smaller batch than the config says, silently),
+        naming the field, the count and the nearest sizes that divide.
+    """
+    import jax  # local: config checks import no jax until they need it
+    check_int(config, name, 1)
+    b, p = get_field(config, name), jax.process_count()
+    if b % p:
+        near = [s for s in (b // p * p, (b // p + 1) * p) if s > 0]
+        raise ConfigError(f"config field {name}={b} does not divide among the {p} processes of this run "
+                          f"(jax.process_count()); use {' or '.join(map(str, near))}")
+    return b // p
+
+
+def _count_lines(path: str, stop_at: int | None = None) -> int | None:
+    """Non-blank lines of a file (`.gz` read decompressed), counting no
+    further than `stop_at`; None for a corrupt file."""
+    import gzip  # local: only when a file is checked
+    import zlib
+    n = 0
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            for line in f:
+                n += bool(line.strip())
+                if stop_at is not None and n >= stop_at:
+                    break
+    except (OSError, EOFError, zlib.error):
+        return None
+    return n
+
+
 def check_float(config, name: str, low: float | None = None, high: float | None = None,
                 low_open: bool = False, high_open: bool = False) -> None:
     """`name`, if present, is a finite number in the given (half-)open range."""

@@ -44,8 +44,8 @@ def score_all_rows(score_fn: Callable[[Any, dict], Any], params: Any,
         rows = np.arange(start, min(start + batch_size, n))
         keep = len(rows)
         rows = np.concatenate([rows, np.zeros(batch_size - keep, rows.dtype)])
-        out = score_fn(params, parallel.shard_batch({k: v[rows] for k, v in arrays.items()}, mesh))
-        parts.append(jax.tree.map(lambda x: np.asarray(x)[:keep], out))
+        out = score_fn(params, parallel.shard_global_batch({k: v[rows] for k, v in arrays.items()}, mesh))
+        parts.append(jax.tree.map(lambda x: x[:keep], parallel.to_host(out)))
     if not parts:
         raise ValueError("score_all_rows: no rows to score")
     return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
@@ -60,7 +60,8 @@ def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[floa
         center = (p + z²/2n) / (1 + z²/n)
         half   = z·sqrt(p(1−p)/n + z²/4n²) / (1 + z²/n)
 
-    `successes` may be fractional (ties credited 0.5 or 1/k). Returns
+    `successes` may be fractional (RewardBench best-of rows credit a top
+    tie 1/k); pairwise accuracies pass an integer count. Returns
     `(low, high)`, with low <= p <= high always; `(0.0, 1.0)` when n = 0.
     """
     if n <= 0:

@@ -10,6 +10,23 @@ import jax
 import numpy as np
 
 
+def save_figure(fig, path: str, dpi: float | str = 120) -> str:
+    """Writes a matplotlib figure to `path` (format from its suffix) and
+    closes it; returns `path`. On a pod only process 0 writes (every process
+    draws the same figure); the image goes to a temporary name first and is
+    renamed, so a killed run never leaves half an image.
+    """
+    import matplotlib.pyplot as plt
+    try:
+        if jax.process_index() == 0:
+            tmp = path + ".tmp"
+            fig.savefig(tmp, dpi=dpi, format=os.path.splitext(path)[1].lstrip(".") or "png")
+            os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+    return path
+
+
 def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
     """Device scalars -> Python floats (one host transfer for the whole dict)."""
     host = jax.device_get(dict(metrics))
@@ -141,7 +158,4 @@ def plot_curve(workdir: str, key: str, filename: str, ylabel: str,
     ax.set_ylabel(ylabel)
     ax.legend()
     fig.tight_layout()
-    path = os.path.join(workdir, filename)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, os.path.join(workdir, filename))

@@ -113,9 +113,10 @@ def evaluate_pairs(model: nn.Module, params, arrays: dict[str, np.ndarray], batc
       score_fn: optional jitted `(params, batch) -> (chosen, rejected)`, to
         reuse one compiled function across calls; built from `model` if None.
 
-    Returns: the loss's metrics (accuracy counts ties as 0.5 for
-    Bradley–Terry), `loss`, `num_pairs`, and the 95% Wilson interval of the
-    accuracy as `accuracy_ci_low` / `accuracy_ci_high`.
+    Returns: the loss's metrics (accuracy: chosen > rejected strictly, a
+    tie counts 0, as TRL and RewardBench), `loss`, `num_pairs`, and the 95%
+    Wilson interval of the accuracy as `accuracy_ci_low` / `accuracy_ci_high`
+    (successes = the integer count of correct pairs).
     """
     score_fn = score_fn or jax.jit(lambda p, b: pair_rewards(model, p, b))
     pairs = {k: v for k, v in arrays.items() if k.startswith(SIDES) or k == "margin"}
@@ -124,8 +125,9 @@ def evaluate_pairs(model: nn.Module, params, arrays: dict[str, np.ndarray], batc
     _, metrics = pair_loss(loss_name)(jnp.asarray(rc), jnp.asarray(rr), margin)
     out = metrics_lib.to_floats(metrics)
     out["num_pairs"] = float(len(rc))
+    # Strict accuracy: an integer count; round off the float32 mean's error.
     out["accuracy_ci_low"], out["accuracy_ci_high"] = evaluate.wilson_interval(
-        out["accuracy"] * len(rc), len(rc))
+        round(out["accuracy"] * len(rc)), len(rc))
     return out
 
 

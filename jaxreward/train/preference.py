@@ -39,6 +39,7 @@ from jaxreward.objectives.kl import kl_k3
 from jaxreward.objectives.masking import masked_mean
 from jaxreward.sampling.best_of_n import best_of_n_kl_bound
 from jaxreward.train import evaluate
+from jaxreward.train import metrics as metrics_lib
 
 Array = jax.Array
 LogpsFn = Callable[[Any, Array, Array, Array], Array]
@@ -432,7 +433,8 @@ def loss_metrics(loss: PreferenceLoss, out: Mapping[str, Array]) -> dict:
     """Metrics under the names users of the well-known trainers read.
 
     `rewards/chosen|rejected` (mean implicit reward, usually β·(log π − log
-    π_ref)), `rewards/accuracies` (chosen > rejected, ties 0.5),
+    π_ref)), `rewards/accuracies` (chosen > rejected strictly, a tie counts 0,
+    as TRL's `(chosen_rewards > rejected_rewards).float()`),
     `rewards/margins`, `logps/chosen|rejected` (mean summed response
     log-prob, nats), `valid_pairs` (fraction), and the loss's own extras
     (`nll`, `beta_mean`, ...). All over valid pairs. No `loss` key (the step
@@ -489,8 +491,9 @@ def evaluate_pairs(score_fn: Callable, params, arrays: Mapping[str, np.ndarray],
     result = {k: float(v) for k, v in jax.device_get(metrics).items()}
     n_valid = int(np.sum(np.asarray(out["valid"])))
     result["num_pairs"] = float(len(out["valid"]))
+    # Strict accuracy: an integer count; round off the float32 mean's error.
     result["rewards/accuracies_ci_low"], result["rewards/accuracies_ci_high"] = evaluate.wilson_interval(
-        result["rewards/accuracies"] * n_valid, n_valid)
+        round(result["rewards/accuracies"] * n_valid), n_valid)
     return result
 
 
@@ -669,7 +672,12 @@ def sequence_kl(logps_RL: Array, ref_logps_RL: Array, loss_mask_RL: Array) -> tu
 
 
 def win_rate(rewards_R, ref_rewards_R) -> np.ndarray:
-    """Per-sample win indicator: 1 if the policy's reward beats the reference's, 0.5 on ties."""
+    """Per-sample win indicator: 1 if the policy's reward beats the reference's, 0.5 on ties.
+
+    A win rate, not an accuracy: as AlpacaEval-style win rates, a tie is
+    credited half (an unchanged policy reads 0.5). The pairwise accuracies
+    (`rewards/accuracies`, `accuracy`) count a tie as 0 instead, as TRL.
+    """
     a, b = np.asarray(rewards_R), np.asarray(ref_rewards_R)
     return np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
 
@@ -725,8 +733,7 @@ def plot_reward_vs_kl(path: str, points: list[dict], curve: list[dict], reward_n
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    metrics_lib.save_figure(fig, path, dpi="figure")
 
 
 def _processing(sampling: Mapping[str, Any]) -> dict:

@@ -99,7 +99,9 @@ def train_proxy(directory: str, task: synthetic.CountingTask, policy, params, *,
     boxed = rm.init(jax.random.PRNGKey(seed + 1), dummy)["params"]
     rm_params = unbox(boxed)
     rm_params["backbone"] = params
-    mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    # One device of this process: on a pod every process trains the same
+    # copy (same data, seed and device kind).
+    mesh = parallel.make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
     opt = defaults.optimizer(learning_rate=learning_rate, warmup_steps=0)
     opt.final_lr_ratio = 1.0
     tx, schedule = state_lib.make_optimizer(opt, num_steps, state_lib.block_trainable(cfg.num_layers, -1))
@@ -107,16 +109,17 @@ def train_proxy(directory: str, task: synthetic.CountingTask, policy, params, *,
     loss_fn, metrics_fn = pairwise.make_loss_fns(rm, "bradley_terry")
     step = step_lib.make_train_step(loss_fn, metrics_fn, tx, schedule, mesh, shardings)
     state = jax.jit(lambda p: state_lib.init_state(p, tx, seed), out_shardings=shardings)(rm_params)
-    loader = GrainLoader(train, batch_size, seed=seed)
+    loader = GrainLoader(train, batch_size, seed=seed, shard_index=0, shard_count=1)
     for _ in range(num_steps):
         state, _ = step(state, parallel.shard_batch(next(loader), mesh))
     final = pairwise.evaluate_pairs(rm, state.params, evals, 256, mesh, "bradley_terry")
     rm_params = jax.device_get(state.params)
-    export_reward_model(directory, rm, rm_params, pretrained="")
     info = {"settings": settings, "accuracy": final["accuracy"], "ceiling": float(ceiling.mean())}
-    with open(info_path + ".tmp", "w", encoding="utf-8") as f:  # atomic: a kill leaves no half file
-        json.dump(info, f, indent=2)
-    os.replace(info_path + ".tmp", info_path)
+    export_reward_model(directory, rm, rm_params, pretrained="")  # collective: every process calls it
+    if jax.process_index() == 0:
+        with open(info_path + ".tmp", "w", encoding="utf-8") as f:  # atomic: a kill leaves no half file
+            json.dump(info, f, indent=2)
+        os.replace(info_path + ".tmp", info_path)
     return rm, rm_params, info
 
 

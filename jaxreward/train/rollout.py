@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 import jaxreward
-from jaxreward import rewards
+from jaxreward import parallel, rewards
 from jaxreward.data.arithmetic import arithmetic_prompts
 from jaxreward.data.preference import read_preference_pairs
 from jaxreward.data.records import PromptRecord, read_prompts
@@ -33,6 +33,7 @@ from jaxreward.models.scoring import group_token_logps, token_logps
 from jaxreward.sampling.best_of_n import best_of_n_kl_bound, reward_model_fn
 from jaxreward.sampling.sampler import SampleBatch, generate
 from jaxreward.train import evaluate, state as state_lib
+from jaxreward.train import metrics as metrics_lib
 from jaxreward.train import proxy as proxy_lib
 from jaxreward.train.proxy import train_proxy
 
@@ -323,6 +324,85 @@ def truncated_rows(samples: SampleBatch, stop_ids) -> np.ndarray:
     return (lengths == M) & ~np.isin(last, list(stop_ids))
 
 
+def shape_rewards(reward_cfg, scores_R, truncated_R) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """The sequence rewards the advantages are computed from, and what is logged of them.
+
+    Order: the truncation rule (`reward.truncated`: `penalty` replaces the
+    score of a truncated row by `reward.truncated_penalty`; `mask` takes it
+    out of the loss), then `reward.transform` (`clip` to ±`reward.clip`, or
+    `whiten` over the valid rows).
+
+    The logging rule, one for every transform: `reward/mean|std` are the
+    reward the policy is trained on, in reward units: after every per-row
+    change (penalty, clip), before per-batch whitening (an affine
+    normalization whose mean is 0 and std 1 by construction, as the
+    advantages' own scaling) and without any KL term (logged as `kl/*`).
+    `reward/raw_mean|raw_std` are the scorer's output before any of it. Both
+    are over all R rows (with `mask`, truncated rows are counted but out of
+    the loss; their fraction is `response_length/clipped_frac`).
+
+    Returns: `(rewards_R, valid_R, logged_R, metrics)`: float32 `[R]` for the
+    advantages, bool `[R]` rows in the loss, float32 `[R]` the logged
+    reward, and the four metrics above.
+    """
+    from jaxreward.objectives.masking import masked_whiten
+    raw = np.asarray(scores_R, np.float32)
+    truncated = np.asarray(truncated_R, bool)
+    rewards = raw
+    if reward_cfg.truncated == "penalty":
+        rewards = np.where(truncated, np.float32(reward_cfg.truncated_penalty), rewards).astype(np.float32)
+    valid = ~truncated if reward_cfg.truncated == "mask" else np.ones(len(raw), bool)
+    if reward_cfg.transform == "clip":
+        rewards = np.clip(rewards, -reward_cfg.clip, reward_cfg.clip).astype(np.float32)
+    logged = rewards
+    if reward_cfg.transform == "whiten":
+        rewards = np.asarray(masked_whiten(jnp.asarray(rewards), jnp.asarray(valid)), np.float32)
+    metrics = {"reward/mean": float(logged.mean()), "reward/std": float(logged.std()),
+               "reward/raw_mean": float(raw.mean()), "reward/raw_std": float(raw.std())}
+    return rewards, valid, logged, metrics
+
+
+def sample_rollout(policy: Decoder, params, tokens_BP, mask_BP, mesh, *, rng, num_samples: int,
+                   **sampling) -> SampleBatch:
+    """`generate`'s G = `num_samples` completions of each of B prompts, as
+    the training-path `SampleBatch` with numpy fields, whole on every process.
+
+    When B divides the mesh's batch shards (data × fsdp), the prompts go in
+    split over them, so each shard prefills and decodes its own prompts'
+    groups (data-parallel rollouts; on a pod, across processes). The
+    sampler's keys are per sample (`sampler.sample_keys`), so the tokens
+    are those of an unsplit call and the log-probs agree to float round-off
+    (tested on 1 and 8 devices). Otherwise the
+    prompts go in whole and every shard decodes all rows.
+    """
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if len(tokens_BP) % shards == 0:
+        placed = parallel.shard_global_batch({"tokens": tokens_BP, "mask": mask_BP}, mesh)
+        tokens_BP, mask_BP = placed["tokens"], placed["mask"]
+    out = generate(policy, params, tokens_BP, mask_BP, rng=rng, num_samples=num_samples, **sampling)
+    return parallel.to_host(out.sequences())
+
+
+def shape_baseline(reward_cfg, scores_B, truncated_B) -> np.ndarray:
+    """float32 `[B]`: a baseline completion's score (ReMax's greedy one) in
+    the units of `shape_rewards`' output: the same per-row rules (a truncated
+    baseline gets `reward.truncated_penalty` under `penalty`; `clip`). Under
+    `mask` a truncated baseline keeps its score (a baseline cannot leave the
+    loss). Whitening is per batch, so it has no baseline counterpart; the
+    drivers refuse it with a baseline ("ReMax: A Simple, Effective, and
+    Efficient Reinforcement Learning Method for Aligning Large Language
+    Models", 2023).
+    """
+    if reward_cfg.transform == "whiten":
+        raise ValueError("a baseline has no whitened counterpart; reward.transform='whiten' is refused with one")
+    out = np.asarray(scores_B, np.float32)
+    if reward_cfg.truncated == "penalty":
+        out = np.where(np.asarray(truncated_B, bool), np.float32(reward_cfg.truncated_penalty), out)
+    if reward_cfg.transform == "clip":
+        out = np.clip(out, -reward_cfg.clip, reward_cfg.clip)
+    return out.astype(np.float32)
+
+
 def rollout_logps(model: Decoder, params, batch: dict, *, temperature: float, top_k: int, top_p: float,
                   group_size: int = 1, max_new_tokens: int = 0) -> jax.Array:
     """Training-path log-probs `[R, L]` float32 of `model` on rollout rows
@@ -442,13 +522,12 @@ def plot_reward_vs_kl(path: str, points: list[dict], curve: list[dict], reward_n
         ax.annotate(f"N={c['N']}", (c["sqrt_kl"], c["reward"]), fontsize=6, alpha=0.6, xytext=(3, -8),
                     textcoords="offset points")
     ax.ticklabel_format(useOffset=False)
-    ax.set_xlabel("√KL(π‖π_ref)  (nats^½; best-of-N: √ of its bound)")
+    ax.set_xlabel("√KL(π‖π_ref)  (k3, nats^½; best-of-N: √ of its bound)")
     ax.set_ylabel("reward")
     ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    metrics_lib.save_figure(fig, path)
 
 
 def synthetic_task(config: ml_collections.ConfigDict, vocab_size: int):
@@ -561,8 +640,13 @@ def eval_point(policy, params, split: dict, score, sampling: dict, policy_logps,
 
     KL is measured with the training-path log-probs of both models on the
     samples: k1 = Σ_t (log π − log π_ref) and k3 = Σ_t (e^{−x} − 1 + x),
-    x the per-token log-ratio; `sqrt_kl` = √max(k1, 0), the x-axis of Gao et
-    al. (2022). Each mean has its standard error (`*_se`) over responses.
+    x the per-token log-ratio; both are unbiased for KL on the policy's own
+    samples. `sqrt_kl` = √(mean k3), the x-axis of Gao et al. (2022): k3 is
+    ≥ 0 per token, so the root never needs a clip. (√max(k1, 0) read 0
+    whenever sampling noise made the mean k1 negative, as it does near the
+    start, and clipping biases it.) The signed k1 stays in `kl_k1`, and the
+    DPO plot puts k3 on its x-axis too. Each mean has its standard error
+    (`*_se`) over responses.
     """
     from jaxreward.models.scoring import shift_mask
     out = generate(policy, params, split["tokens"], split["mask"], rng=jax.random.PRNGKey(seed + 7),
@@ -574,16 +658,22 @@ def eval_point(policy, params, split: dict, score, sampling: dict, policy_logps,
     mask = np.asarray(shift_mask(samples.loss_mask_RL))
     lp = evaluate.score_all_rows(policy_logps, params, arrays, batch_size, mesh)
     ref = evaluate.score_all_rows(ref_logps, ref_params, arrays, batch_size, mesh)
-    x = np.where(mask, lp - ref, 0.0)
-    k3 = np.where(mask, k3_terms(x), 0.0)
-    res = {"reward": float(np.mean(rew)), "reward_se": standard_error(rew),
-           "kl_k1": float(x.sum(1).mean()), "kl_k1_se": standard_error(x.sum(1)),
-           "kl_k3": float(k3.sum(1).mean()), "kl_k3_se": standard_error(k3.sum(1)),
+    res = {"reward": float(np.mean(rew)), "reward_se": standard_error(rew), **eval_kl_stats(lp, ref, mask),
            "response_length": float(np.asarray(samples.response_mask_RM).sum(1).mean())}
-    res["sqrt_kl"] = math.sqrt(max(res["kl_k1"], 0.0))
     for name, v in extra.items():
         res[f"reward/{name}"] = float(np.mean(v))
     return res
+
+
+def eval_kl_stats(logps_RL, ref_logps_RL, mask_RL) -> dict:
+    """KL(π‖π_ref) per response from the two models' log-probs on the policy's
+    samples: `kl_k1` (mean Σ_t x, signed), `kl_k3` (mean Σ_t k3(x), >= 0),
+    each with `_se`, and `sqrt_kl` = √kl_k3 (see `eval_point`)."""
+    x = np.where(mask_RL, np.asarray(logps_RL) - np.asarray(ref_logps_RL), 0.0)
+    k1, k3 = x.sum(1), np.where(mask_RL, k3_terms(x), 0.0).sum(1)
+    return {"kl_k1": float(k1.mean()), "kl_k1_se": standard_error(k1),
+            "kl_k3": float(k3.mean()), "kl_k3_se": standard_error(k3),
+            "sqrt_kl": math.sqrt(float(k3.mean()))}  # k3 >= 0 per token (k3_terms clamps round-off)
 
 
 def explained_variance(values_RL, returns_RL, mask_RL) -> float:

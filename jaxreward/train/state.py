@@ -26,10 +26,24 @@ class TrainState:
     rng: jax.Array
 
 
-def learning_rate_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+def learning_rate_schedule(cfg: ml_collections.ConfigDict, num_steps: int,
+                           name: str = "optimizer") -> optax.Schedule:
     """Linear warmup from 0 to `cfg.learning_rate` over `cfg.warmup_steps`, then
-    cosine decay to `cfg.learning_rate * cfg.final_lr_ratio` at `num_steps`."""
+    cosine decay to `cfg.learning_rate * cfg.final_lr_ratio` at `num_steps`.
+
+    A warmup of `num_steps` or more is shortened to `num_steps − 1` (the peak
+    is reached at the last step), with one warning line naming
+    `<name>.warmup_steps` and `train.num_steps`: a short smoke run of a
+    variant still runs, but not silently. The shortened schedule is the one
+    the checkpoints record: a run extended later (larger `train.num_steps`)
+    keeps its schedule length (`train.schedule_steps`, see
+    `main.check_resume_config`), so its warmup does not change either.
+    """
     warmup = min(int(cfg.warmup_steps), max(num_steps - 1, 0))
+    if warmup < int(cfg.warmup_steps):
+        print(f"warning: {name}.warmup_steps={int(cfg.warmup_steps)} is not below the schedule's {num_steps} "
+              f"optimizer steps (train.num_steps); warming up over {warmup} steps instead, so the learning "
+              f"rate peaks at the last step (set {name}.warmup_steps < {num_steps} to silence this)")
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
         decay_steps=max(num_steps, warmup + 1),
@@ -37,8 +51,8 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> op
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int,
-                   trainable: Callable[[tuple[str, ...]], bool] | None = None
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+                   trainable: Callable[[tuple[str, ...]], bool] | None = None,
+                   name: str = "optimizer") -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW ("Decoupled Weight Decay Regularization", 2019) with global-norm
     clipping; parameters for which `trainable(path)` is False get zero updates
     and no weight decay. Weight decay applies to matrices only (ndim >= 2).
@@ -51,11 +65,13 @@ def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int,
         Clipping is by the global norm over all params together.
       num_steps: total optimizer steps (length of the schedule).
       trainable: predicate on a param's key path (tuple of names).
+      name: the config section of `cfg`, for the warmup warning
+        (`learning_rate_schedule`).
 
     Returns:
       `(tx, schedule)`; `schedule` is the base (non-head) learning rate.
     """
-    schedule = learning_rate_schedule(cfg, num_steps)
+    schedule = learning_rate_schedule(cfg, num_steps, name)
     head_mult = float(cfg.get("head_lr_multiplier", 1.0))
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     adamw = lambda sched: optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,

@@ -50,14 +50,22 @@ def test_same_interface_as_pair_batcher():
     assert iter(loader) is loader
 
 
-def test_two_shards_are_disjoint_and_cover_the_epoch():
-    # 13 rows over 2 processes: 6 rows each (row 12 unused), batch 3 -> 2 batches per epoch each.
+def test_two_shards_split_the_one_process_batches():
+    """13 rows, 2 processes × 3 rows: global batches of 6, 2 per epoch (one
+    row of each epoch's shuffle left over). Process p's batch k is rows
+    [3p, 3p + 3) of the one-process loader's batch k of 6, so a pod trains on
+    the batches of a one-process run, epoch after epoch."""
     shards = [GrainLoader(arrays(13), batch_size=3, seed=1, shard_index=i, shard_count=2) for i in (0, 1)]
+    whole = GrainLoader(arrays(13), batch_size=6, seed=1, shard_index=0, shard_count=1)
+    assert shards[0].batches_per_epoch == shards[1].batches_per_epoch == whole.batches_per_epoch == 2
     for epoch in range(2):
-        rows = [np.concatenate([next(s)["id"] for _ in range(s.batches_per_epoch)]) for s in shards]
-        assert set(rows[0]).isdisjoint(rows[1])
-        assert set(rows[0]) | set(rows[1]) == set(range(12))
-        assert set(rows[0]) == set(range(6))  # each process reads only its own rows
+        rows = []
+        for _ in range(2):
+            parts = [next(s)["id"] for s in shards]
+            np.testing.assert_array_equal(np.concatenate(parts), next(whole)["id"])
+            rows.append(parts)
+        mine = [np.concatenate([r[p] for r in rows]) for p in (0, 1)]
+        assert set(mine[0]).isdisjoint(mine[1]) and len(set(mine[0]) | set(mine[1])) == 12
     with pytest.raises(ValueError, match="no batch"):
         GrainLoader(arrays(5), batch_size=3, seed=0, shard_index=0, shard_count=2)
     with pytest.raises(ValueError, match="bad shard"):
@@ -115,7 +123,7 @@ def test_too_few_rows_for_a_batch_is_a_user_error():
     """Like PairBatcher's, so a driver prints one `error:` line; before, a plain
     ValueError (a traceback from the quickstart or a proxy reward model)."""
     from jaxreward.errors import UserError
-    with pytest.raises(UserError, match="4 rows per shard .* make no batch of 32"):
+    with pytest.raises(UserError, match="^4 rows make no batch of 32$"):
         GrainLoader({"x": np.arange(4)}, batch_size=32, seed=0)
-    with pytest.raises(UserError, match="make no batch of 2"):
+    with pytest.raises(UserError, match="^5 rows make no batch of 2 rows on each of 3 processes$"):
         GrainLoader({"x": np.arange(5)}, batch_size=2, seed=0, shard_index=0, shard_count=3)

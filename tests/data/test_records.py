@@ -130,6 +130,8 @@ CASES = {
         ({"prompt": "p", "response": "r", "ratings": [1, None]}, "bad rating", "ratings[1]"),
         ('{"prompt": "p", "response": "r", "ratings": [1, NaN]}', "bad rating", "ratings[1]"),
         ({"prompt": "p", "response": "r", "ratings": 5}, "wrong type of 'ratings'", "ratings"),
+        # finite as a Python float, inf in float32: it trained on inf ("diverged") before
+        ({"prompt": "p", "response": "r", "ratings": [1, -1e308]}, "bad rating", "ratings[1]"),
     ]),
 }
 

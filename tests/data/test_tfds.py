@@ -192,3 +192,35 @@ def test_readme_worked_example_python_build_then_the_driver(tmp_path):
     config.data.tfds_data_dir = str(tmp_path / "other")
     with pytest.raises(UserError, match="built from other files or options.*data.tfds_name"):
         driver.read_pairs(config, tokenizer)
+
+
+def test_several_processes_build_once_on_process_0_and_the_others_read_it(tmp_path, monkeypatch):
+    # Every process ran download_and_prepare on the same shared folder at once
+    # (colliding writes of one dataset); now process 0 builds and the rest wait.
+    import jax
+    from jax.experimental import multihost_utils
+    from jaxreward.errors import UserError
+    path = write(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    barriers, index = [], [1]
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: index[0])
+    monkeypatch.setattr(multihost_utils, "sync_global_devices", barriers.append)
+    with pytest.raises(UserError, match=r"process 1 of 2 found no dataset from these files after process 0 built "
+                                        r"it: see process 0's error, or give a data_dir .* every process reads"):
+        tfds_builders.build("pairs", path, tmp_path / "tfds", name="pod")   # process 0 built nothing
+    assert not (tmp_path / "tfds" / "jaxreward_pairs" / "pod").exists() and len(barriers) == 1
+    index[0] = 0
+    _, built = tfds_builders.build("pairs", path, tmp_path / "tfds", name="pod")
+    assert built.kept == 1 and len(barriers) == 2
+    index[0] = 1
+    with monkeypatch.context() as patch:
+        patch.setattr(tfds_builders.PairsBuilder, "download_and_prepare",
+                      lambda *a, **kw: pytest.fail("process 1 wrote the dataset"))
+        builder, report = tfds_builders.build("pairs", path, tmp_path / "tfds", name="pod")
+    assert report == built and len(builder.as_data_source("train")) == 1 and len(barriers) == 3
+    # Process 0's error comes after the barrier, so the other processes never wait forever.
+    index[0] = 0
+    bad = write(tmp_path / "bad.jsonl", ["{oops"])
+    with pytest.raises(DataError, match="bad.jsonl:1: malformed JSON"):
+        tfds_builders.build("pairs", bad, tmp_path / "tfds", name="bad", on_error="raise")
+    assert len(barriers) == 4

@@ -163,6 +163,22 @@ def _params_and_batch(reference):
 
 
 @pytest.mark.parametrize("reference", ["precomputed", "in_step"])
+def test_step0_accuracy_is_zero_when_policy_equals_reference(reference):
+    """Step 0 of DPO (policy = reference): both implicit rewards of each pair are
+    exactly 0, a tie, so `rewards/accuracies` is 0.0, as TRL's DPOTrainer
+    ((chosen_rewards > rejected_rewards).float()); it read 0.5 when a tie counted half."""
+    params, batch = _params_and_batch(reference)
+    params["policy"]["table"] = jnp.asarray(REF_TABLE)
+    # precomputed reference logps are those of REF_TABLE: c = (-3, -1), r = (-1, -2.2) (see above)
+    loss_fn, metrics_fn, _ = _loss_fns(reference, loss="dpo", beta=0.5)
+    _, out = loss_fn(params, batch, None)
+    metrics = metrics_fn(out, batch)
+    np.testing.assert_allclose(metrics["rewards/chosen"], 0.0, atol=1e-7)
+    np.testing.assert_allclose(metrics["rewards/rejected"], 0.0, atol=1e-7)
+    assert float(metrics["rewards/accuracies"]) == 0.0
+
+
+@pytest.mark.parametrize("reference", ["precomputed", "in_step"])
 def test_dpo_ipo_simpo_values_by_hand(reference):
     params, batch = _params_and_batch(reference)
     # DPO, β = 0.5: mean_i log(1 + exp(-β h_i)) = (log(1 + e^0.25) + log(1 + e^0.6)) / 2

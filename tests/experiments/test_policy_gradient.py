@@ -11,6 +11,7 @@ DAPO and mesh checks. The bandit and micro-batch checks run the driver's
 loss functions on table "models" through `step.make_train_step`.
 """
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -19,6 +20,7 @@ import string
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -464,6 +466,40 @@ def test_dynamic_sampling_with_groups_of_one_is_refused(advantage):
     cli.check_config(config)   # groups of one are fine without the filter
 
 
+def test_remax_with_whitening_is_refused():
+    """ReMax's advantage is r - r(greedy): a whitened r is in batch units, the
+    greedy score in reward units, so the difference would mean nothing."""
+    config = rl_config.get_config("tiny")
+    config.algorithm.advantage = "remax"
+    config.reward.transform = "whiten"
+    with pytest.raises(ValueError) as e:
+        cli.check_config(config)
+    assert str(e.value).startswith("config field reward.transform: 'whiten' with algorithm.advantage='remax'")
+    config.reward.transform = "clip"
+    cli.check_config(config)
+
+
+def test_remax_baseline_gets_the_rewards_per_row_rules():
+    """The greedy baseline is shaped like the sampled rewards it is subtracted
+    from. Scores [2, 6, -8], the middle one truncated:
+      penalty -1:            [2, -1, -8]
+      penalty -1, clip 5:    [2, -1, -5]
+      mask (no penalty):     [2, 6, -8]   (a baseline cannot leave the loss)
+      mask, clip 5:          [2, 5, -5]
+    and the sampled rewards under the same config go through the same rules
+    (shape_rewards), so r - b is in one unit."""
+    scores, trunc = np.array([2.0, 6.0, -8.0]), np.array([False, True, False])
+    cfg = lambda **kw: ml_collections.ConfigDict({"truncated": "penalty", "truncated_penalty": -1.0,
+                                                   "transform": "none", "clip": 5.0, **kw})
+    np.testing.assert_array_equal(rollout.shape_baseline(cfg(), scores, trunc), [2, -1, -8])
+    np.testing.assert_array_equal(rollout.shape_baseline(cfg(transform="clip"), scores, trunc), [2, -1, -5])
+    np.testing.assert_array_equal(rollout.shape_baseline(cfg(truncated="mask"), scores, trunc), [2, 6, -8])
+    np.testing.assert_array_equal(rollout.shape_baseline(cfg(truncated="mask", transform="clip"), scores, trunc),
+                                  [2, 5, -5])
+    shaped, _, _, _ = rollout.shape_rewards(cfg(transform="clip"), scores, trunc)
+    np.testing.assert_array_equal(shaped, rollout.shape_baseline(cfg(transform="clip"), scores, trunc))
+
+
 # ---------------------------------------------------------------------------
 # The real driver, one step: first minibatch under left padding, DAPO's filter, mesh shape
 
@@ -584,6 +620,67 @@ def test_mesh_shape_and_prefix_sharing_do_not_change_the_update(tmp_path, one_de
     for key, value in out["history"][0].items():
         if "time/" not in key and "tokens/s" not in key:
             np.testing.assert_allclose(value, base[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_remax_driver_clips_the_greedy_baseline_like_the_rewards(tmp_path):
+    """ReMax through the driver with `reward.transform=clip` at 0.25 and a
+    reward of 0.5 for every completion, the greedy one included: after
+    clipping both are 0.25, so every advantage is exactly 0 (step 1: π =
+    π_ref, so the k1 term is 0 too). With the greedy score left unclipped
+    they were 0.25 − 0.5 = −0.25."""
+    config = _small_config(advantage="remax", num_minibatches=1)
+    config.reward.update(transform="clip", clip=0.25)
+
+    def half(config, workdir, task, tokenizer, policy, base_params, prompts=None):
+        return (lambda samples, ids, split: (np.full(len(np.asarray(ids)), 0.5, np.float32), {})), "0.5"
+    real_reward = rollout.make_reward_fn
+    rollout.make_reward_fn = half
+    try:
+        with _first_devices(), _spy_updates() as calls:
+            out = _run(tmp_path, config)
+    finally:
+        rollout.make_reward_fn = real_reward
+    adv, mask = calls[0]["batch"]["advantages"], calls[0]["batch"]["mask"].astype(bool)
+    assert mask.any(1).all()
+    np.testing.assert_array_equal(adv, 0.0)
+    assert out["history"][0]["reward/mean"] == 0.25 and out["history"][0]["reward/raw_mean"] == 0.5
+
+
+def test_rollouts_are_split_over_the_batch_shards_and_sample_the_same():
+    """`rollout.sample_rollout`: 8 prompts on an 8-way data mesh go into
+    `generate` split over the shards (not replicated), and the samples are
+    those of one device (tokens bit for bit); 6 prompts (not a multiple of 8) go in
+    whole and give the first 12 rows again (the keys are per sample)."""
+    policy, params, _ = rollout.load_policy(_tiny(), "")
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 60, (8, 5)).astype(np.int32)
+    mask = np.ones_like(tokens, bool)
+    mask[1, :2] = False   # left padding on one row
+    seen = []
+    real = rollout.generate
+
+    def spy(model, p, tokens_BP, mask_BP, **kw):
+        seen.append(getattr(tokens_BP, "sharding", None))
+        return real(model, p, tokens_BP, mask_BP, **kw)
+    kw = dict(rng=jax.random.PRNGKey(3), num_samples=2, max_new_tokens=6, temperature=1.0)
+    rollout.generate = spy
+    try:
+        eight = rollout.sample_rollout(policy, params, tokens, mask, parallel.make_mesh(8, 1, 1), **kw)
+        one = rollout.sample_rollout(policy, params, tokens, mask,
+                                     parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1]), **kw)
+        six = rollout.sample_rollout(policy, params, tokens[:6], mask[:6], parallel.make_mesh(8, 1, 1), **kw)
+    finally:
+        rollout.generate = real
+    assert len(seen[0].device_set) == 8 and not seen[0].is_fully_replicated
+    assert seen[2] is None   # numpy: whole
+    for field in ("tokens_RL", "attention_mask_RL", "sample_logps_RL", "positions_RL"):
+        a, b, c = (np.asarray(getattr(x, field)) for x in (eight, one, six))
+        assert isinstance(getattr(eight, field), np.ndarray) and a.shape[0] == 16
+        # Log-probs to round-off (a GEMM of 2 rows and one of 16 may sum in another order).
+        check = (functools.partial(np.testing.assert_allclose, atol=2e-6, rtol=0) if field == "sample_logps_RL"
+                 else np.testing.assert_array_equal)
+        check(a, b, err_msg=field)
+        check(c, b[:12], err_msg=field)
 
 
 # ---------------------------------------------------------------------------
@@ -985,6 +1082,20 @@ def test_a_reward_failing_on_every_prompt_is_blamed_not_the_first_line():
                             "before training)")
 
 
+def test_eval_sqrt_kl_is_root_of_k3_and_never_clipped_to_zero():
+    # One response, log-ratios x = [0.1, -0.3] (a third, masked token ignored):
+    # k1 = 0.1 - 0.3 = -0.2 (negative: sampling noise), so √max(k1, 0) read 0.
+    # k3 = (e^{-0.1} - 1 + 0.1) + (e^{0.3} - 1 - 0.3) = 0.00483742 + 0.04985881 = 0.05469623,
+    # sqrt_kl = √0.05469623 = 0.23387225.
+    lp = np.array([[-1.0, -2.0, 5.0]], np.float32)
+    ref = np.array([[-1.1, -1.7, -5.0]], np.float32)
+    stats = rollout.eval_kl_stats(lp, ref, np.array([[True, True, False]]))
+    np.testing.assert_allclose(stats["kl_k1"], -0.2, rtol=1e-5)
+    np.testing.assert_allclose(stats["kl_k3"], 0.05469623, rtol=1e-5)
+    np.testing.assert_allclose(stats["sqrt_kl"], 0.23387225, rtol=1e-5)
+    assert stats["kl_k1_se"] == stats["kl_k3_se"] == 0.0   # one response
+
+
 def test_k3_metric_terms_by_hand_and_never_negative():
     # k3(x) = e^{-x} - 1 + x: k3(0) = 0; k3(1) = e^{-1} = 0.36787944; k3(-1) = e - 2 = 0.71828183.
     np.testing.assert_allclose(rollout.k3_terms(np.array([0.0, 1.0, -1.0], np.float32)),
@@ -996,6 +1107,44 @@ def test_k3_metric_terms_by_hand_and_never_negative():
     k3 = rollout.k3_terms(x)
     assert k3.dtype == np.float32 and (k3 >= 0).all()
     np.testing.assert_allclose(k3, x.astype(np.float64) ** 2 / 2, atol=1e-10)   # float32 round-off
+
+
+def test_reward_mean_is_the_reward_trained_on():
+    # scores [2, 6, −8, 1], rows 1 and 3 truncated, penalty −1.
+    scores, truncated = np.array([2.0, 6.0, -8.0, 1.0], np.float32), np.array([False, True, False, True])
+    cfg = lambda **kw: ml_collections.ConfigDict(dict(dict(truncated="score", truncated_penalty=-1.0,
+                                                           transform="none", clip=5.0), **kw))
+    # penalty: trained on [2, −1, −8, −1] → mean −8/4 = −2.0 (logged before: the raw mean
+    # (2 + 6 − 8 + 1)/4 = 0.25); std √((4² + 1² + 6² + 1²)/4) = √13.5 = 3.6742346.
+    r, valid, logged, m = rollout.shape_rewards(cfg(truncated="penalty"), scores, truncated)
+    np.testing.assert_array_equal(r, [2.0, -1.0, -8.0, -1.0])
+    assert valid.all() and m["reward/mean"] == -2.0 and m["reward/raw_mean"] == 0.25
+    np.testing.assert_allclose(m["reward/std"], 3.6742346, rtol=1e-6)
+    # penalty then clip ±5: [2, −1, −5, −1] → mean −5/4 = −1.25
+    r, _, _, m = rollout.shape_rewards(cfg(truncated="penalty", transform="clip"), scores, truncated)
+    np.testing.assert_array_equal(r, [2.0, -1.0, -5.0, -1.0])
+    assert m["reward/mean"] == -1.25 and m["reward/raw_mean"] == 0.25
+    # whiten: trained on the whitened rewards (mean 0), logged in reward units before it: 0.25
+    r, _, logged, m = rollout.shape_rewards(cfg(transform="whiten"), scores, truncated)
+    np.testing.assert_allclose(r.mean(), 0.0, atol=1e-6)
+    np.testing.assert_array_equal(logged, scores)
+    assert m["reward/mean"] == m["reward/raw_mean"] == 0.25
+    # mask: scores untouched, truncated rows out of the loss
+    r, valid, _, m = rollout.shape_rewards(cfg(truncated="mask"), scores, truncated)
+    np.testing.assert_array_equal(valid, [True, False, True, False])
+    assert m["reward/mean"] == 0.25
+
+
+def test_beta_without_a_kl_placement_is_refused_in_one_line():
+    # kl.placement='none' with the default β = 0.04 used to run with no KL term while logging
+    # kl/beta = 0.04 (and paying for a reference pass); now it is refused naming both fields.
+    c = _tiny()
+    c.kl.update(placement="none", beta=0.04)
+    with pytest.raises(defaults.ConfigError, match=r"^config field kl\.beta: 0\.04 with kl\.placement='none' "
+                       r"would not be applied; set kl\.beta=0"):
+        driver.check_config(c)
+    c.kl.beta = 0.0   # no KL: fine (DAPO's variant)
+    driver.check_config(c)
 
 
 @pytest.mark.parametrize("max_n,ok", [(0, True), (1, True), (8, True), (3, False), (12, False)])

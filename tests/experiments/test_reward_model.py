@@ -134,6 +134,26 @@ def test_learning_rate_schedule_values():
     np.testing.assert_allclose(sched(110), 1e-4, rtol=1e-5)
 
 
+def test_warmup_longer_than_the_run_is_shortened_with_one_warning_line(capsys):
+    cfg = defaults.optimizer(learning_rate=1e-3, warmup_steps=10)
+    sched = state_lib.learning_rate_schedule(cfg, num_steps=5)
+    # warmup shortened to 5 − 1 = 4 steps: 1e-3 · 2/4 = 5e-4 at step 2 (a 10-step warmup: 2e-4),
+    # the peak 1e-3 at step 4, the last one.
+    np.testing.assert_allclose(sched(2), 5e-4, rtol=1e-6)
+    np.testing.assert_allclose(sched(4), 1e-3, rtol=1e-6)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["warning: optimizer.warmup_steps=10 is not below the schedule's 5 optimizer steps "
+                     "(train.num_steps); warming up over 4 steps instead, so the learning rate peaks at "
+                     "the last step (set optimizer.warmup_steps < 5 to silence this)"]
+    # the config section is named as the caller says (PPO's value optimizer)
+    state_lib.make_optimizer(cfg, 5, name="value_optimizer")
+    assert capsys.readouterr().out.startswith("warning: value_optimizer.warmup_steps=10 ")
+    # a warmup that fits, and none at all, say nothing
+    state_lib.learning_rate_schedule(defaults.optimizer(warmup_steps=4), num_steps=5)
+    state_lib.learning_rate_schedule(defaults.optimizer(warmup_steps=0), num_steps=1)
+    assert capsys.readouterr().out == ""
+
+
 def test_training_learns_the_gold_preference_and_eval_counts_every_pair(tmp_path):
     config = _config(40, batch_size=32)
     config.data.num_eval_pairs = 50  # not a multiple of the eval batch (24)

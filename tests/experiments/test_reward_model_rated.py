@@ -189,3 +189,14 @@ def test_bad_rated_lines_are_named_by_file_line_and_field(tiny_checkpoint, tmp_p
     config = _helpsteer_config(tiny_checkpoint, str(tmp_path / "value.jsonl"), attributes=HS[:3])
     with pytest.raises(defaults.ConfigError, match=r"data.attributes \(3 names.*reward.num_objectives=5"):
         driver.check_config(config)
+
+
+def test_a_rating_beyond_float32_is_a_bad_rating_naming_the_line(tiny_checkpoint, tmp_path):
+    # 1e308 is a finite Python float, but float32 makes it inf: the run used to
+    # train on it and stop with "non-finite loss inf ... diverged". Now the
+    # reader names it (on_error=raise) or skips and counts it.
+    recs = [_record(i) for i in range(14)]
+    recs[6]["helpfulness"] = 1e308
+    config = _helpsteer_config(tiny_checkpoint, _write(tmp_path / "huge.jsonl", recs), on_error="raise")
+    with pytest.raises(DataError, match=r"huge\.jsonl:7: field 'helpfulness': bad rating.*beyond the float32"):
+        driver.run(config, str(tmp_path / "run"))

@@ -330,3 +330,36 @@ def test_export_digest_changes_with_a_member(exported, tmp_path):
     import hashlib
     with open(os.path.join(single, "reward_model.json"), "rb") as f:   # a single export: its JSON's sha256
         assert ensemble.export_digest(single) == hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def test_members_of_another_head_or_backbone_are_refused(exported, tmp_path):
+    from jaxreward.models.reward_io import export_reward_model
+    rm, members, directory = exported
+    other_head = str(tmp_path / "head")
+    shutil.copytree(directory, other_head)
+    one = RewardModel(CFG, num_objectives=1)
+    shutil.rmtree(os.path.join(other_head, "member_2"))
+    export_reward_model(os.path.join(other_head, "member_2"), one, _members(one, 1)[0], "random")
+    with pytest.raises(CorruptFileError, match="member member_2 has a different architecture, head size"):
+        ensemble.load_ensemble(other_head)
+    # Same shapes, another backbone (its tokenizer): loaded silently before.
+    other_backbone = str(tmp_path / "backbone")
+    shutil.copytree(directory, other_backbone)
+    shutil.rmtree(os.path.join(other_backbone, "member_1"))
+    export_reward_model(os.path.join(other_backbone, "member_1"), rm, members[1], "smollm2-135m-instruct")
+    with pytest.raises(CorruptFileError, match="member member_1 was exported from backbone "
+                                               "'smollm2-135m-instruct', member_0 from 'random'"):
+        ensemble.load_reward_model_or_ensemble(other_backbone)
+
+
+def test_export_to_a_file_path_is_one_user_error(exported, tmp_path):
+    """A file where a reward-model or ensemble export goes: one UserError naming it
+    (was a NotADirectoryError from orbax's save thread, with its thread traceback)."""
+    from jaxreward.models.reward_io import export_reward_model
+    rm, members, _ = exported
+    (tmp_path / "reward_model").write_text("not a folder")
+    with pytest.raises(UserError, match=r"cannot export to .*reward_model: File exists \(a file, not a folder\)"):
+        export_reward_model(str(tmp_path / "reward_model"), rm, members[0], "random")
+    (tmp_path / "reward_ensemble").write_text("not a folder")
+    with pytest.raises(UserError, match=r"cannot export to .*reward_ensemble/member_0: Not a directory"):
+        ensemble.export_ensemble(str(tmp_path / "reward_ensemble"), rm, ensemble.stack(members), "random")

@@ -325,6 +325,7 @@ def test_bad_weights_name_the_file(tmp_path):
     with pytest.raises(ValueError) as err:
         jaxreward.load_pretrained(tmp_path)
     assert str(err.value).startswith(f"{tmp_path / 'model.safetensors'}: not a valid safetensors file")
+    (tmp_path / "model.safetensors").unlink()  # model.safetensors is read before an index (transformers' order)
     (tmp_path / "model.safetensors.index.json").write_text('{"metadata": {}}')
     with pytest.raises(ValueError, match='no "weight_map" object') as err:
         jaxreward.load_pretrained(tmp_path)
@@ -368,3 +369,45 @@ def test_readme_describes_the_sliding_window_behaviour(caplog):
     assert "use_sliding_window" in readme
     with pytest.raises(ValueError, match="q/config.json: use_sliding_window=true is not supported"):
         hf_io.config_from_hf(dict(mistral, model_type="qwen2", use_sliding_window=True), source="q/config.json")
+
+
+def test_export_over_a_sharded_checkpoint_loads_the_new_weights_in_both_loaders(tmp_path):
+    """save_pretrained into a folder that held a sharded checkpoint (index + shards
+    left there): we and transformers load the weights just written, not the shards."""
+    config = transformers.LlamaConfig(vocab_size=300, **TINY["llama"]["kwargs"])
+    old = transformers.AutoModelForCausalLM.from_config(config).eval()
+    randomize_(old, seed=1)
+    old.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    cfg, params, _ = hf_io.load_hf_dir(tmp_path)
+    new = jax.tree.map(lambda x: x * 0.5, params)
+    jaxreward.save_pretrained(tmp_path, cfg, new)
+    _, back, _ = jaxreward.load_pretrained(tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, back, new)   # read the stale shards before
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    np.testing.assert_array_equal(hf.model.embed_tokens.weight.detach().numpy(),
+                                  np.asarray(new["embed_tokens"]["embedding"]))
+
+
+def test_export_to_a_file_path_is_one_user_error(tmp_path):
+    """A file where the export folder goes (or above it) is a UserError naming the
+    path (it was a FileExistsError/NotADirectoryError traceback at the end of a run)."""
+    from jaxreward.errors import UserError
+    cfg, params, _ = hf_io.load_hf_dir(_tiny_dir(tmp_path))
+    (tmp_path / "policy").write_text("not a folder")
+    with pytest.raises(UserError, match=r"cannot export to .*policy: File exists \(a file, not a folder\)"):
+        jaxreward.save_pretrained(tmp_path / "policy", cfg, params)
+    with pytest.raises(UserError, match=r"cannot export to .*policy/sub: Not a directory"):
+        jaxreward.save_pretrained(tmp_path / "policy" / "sub", cfg, params)
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
+    """An export without a tokenizer (a synthetic policy, vocab 50) into a
+    folder holding another model's ~300-token tokenizer.json kept that file,
+    and load_pretrained paired them: ids up to ~300 into a 50-row embedding
+    (jnp.take clamps, so nothing failed). Now one line names the mismatch."""
+    from jaxreward.errors import UserError
+    size = make_tokenizer_files(tmp_path)
+    _tiny_dir(tmp_path)   # vocab_size 50 < size
+    with pytest.raises(UserError, match=rf"the tokenizer has {size} tokens but the model's embedding 50 rows"):
+        jaxreward.load_pretrained(str(tmp_path))

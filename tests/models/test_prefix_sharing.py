@@ -292,7 +292,7 @@ def test_identical_responses_stay_an_exact_tie(model_and_params, monkeypatch):
 
     Packed, the rejected copy sits at other columns than the chosen one, and
     on SmolLM2 the rounding there moved its log-prob by ~1e-5 nats, so the
-    tie (accuracy 0.5) became a loss. To make that drift certain here, the
+    tie (a wrong pair for the strict accuracy) became a win or a loss. To make that drift certain here, the
     packed scorer adds 1e-3 × column to every log-prob: an identical pair
     must still come out equal, and a different pair must keep the drift.
     """

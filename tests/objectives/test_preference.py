@@ -44,7 +44,7 @@ def check_reward_metrics(m, reward_c, reward_r):
     np.testing.assert_allclose(m["rejected_reward_mean"], mean(reward_r), rtol=1e-5, atol=1e-7)
     diffs = [a - b for a, b in zip(reward_c, reward_r)]
     np.testing.assert_allclose(m["margin_mean"], mean(diffs), rtol=1e-5, atol=1e-7)
-    acc = mean([1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs])
+    acc = mean([1.0 if d > 0 else 0.0 for d in diffs])  # strict: a tie counts 0 (TRL)
     np.testing.assert_allclose(m["accuracy"], acc)
 
 
@@ -238,6 +238,28 @@ def test_tgdpo_alpha_zero_is_dpo_and_hand_value():
     # u_r = Σ β(1 − α r̂)ρ: row 0: 0.5·(0.75·0 + 0.75·−0.5) = −0.1875; row 1: 0.5·(1.5·0.5 + 0.5·0.5) = 0.5
     expected = mean([-ls(0.25 + 0.1875), -ls(-0.375 - 0.5)])
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
+def test_dpo_accuracy_counts_a_tie_as_wrong():
+    """Policy == reference (step 0 of DPO): every implicit reward is 0, every pair
+    a tie, so `accuracy` is 0.0 as TRL's (chosen_rewards > rejected_rewards).float()
+    (it read 0.5 when a tie counted half)."""
+    _, m = preference.dpo_loss(C, R, C, R, beta=BETA)
+    assert float(m["accuracy"]) == 0.0
+    # One tie (ρ_c = ρ_r = 0) and one win (βρ_c = 0.5·1 > βρ_r = 0): (0 + 1) / 2 = 0.5 (was 0.75)
+    _, m = preference.dpo_loss(jnp.array([-1.0, 0.0]), jnp.array([-2.0, -1.0]), jnp.array([-1.0, -1.0]),
+                               jnp.array([-2.0, -1.0]), beta=BETA)
+    assert float(m["accuracy"]) == 0.5
+
+
+def test_kto_accuracy_counts_a_row_at_z0_as_wrong():
+    # No mismatched log-probs → z_0 = 0. ρ = [0.5, 0, −0.5], desirable [T, T, F]:
+    # row 0 desirable, z > 0: right (1); row 1 at z_0: tie, wrong (0); row 2 undesirable, z < 0: right (1)
+    # → 2 / 3 (was (1 + 0.5 + 1) / 3 = 0.8333 when a tie counted half)
+    logps = jnp.array([-1.0, -1.0, -1.5])
+    ref = jnp.array([-1.5, -1.0, -1.0])
+    _, m = preference.kto_loss(logps, ref, jnp.array([True, True, False]), beta=0.5)
+    np.testing.assert_allclose(m["accuracy"], 2 / 3, rtol=1e-6)
 
 
 def test_mixture_is_weighted_sum():

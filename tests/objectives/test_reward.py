@@ -23,14 +23,24 @@ def test_bradley_terry_hand_values():
     expected = (log1pexp(-1) + math.log(2) + log1pexp(1)) / 3
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
     assert m["loss"] == loss
-    # accuracy: win, tie (0.5), loss → 1.5 / 3
-    np.testing.assert_allclose(m["accuracy"], 0.5)
+    # accuracy, strict as TRL / RewardBench: win 1, tie 0, loss 0 → 1 / 3 (0.5 when a tie counted half)
+    np.testing.assert_allclose(m["accuracy"], 1 / 3, rtol=1e-6)
     np.testing.assert_allclose(m["margin_mean"], 0.0, atol=1e-7)
     np.testing.assert_allclose(m["chosen_reward_mean"], 1.0)
     # population std of [1, 2, 0] = sqrt(2/3)
     np.testing.assert_allclose(m["chosen_reward_std"], math.sqrt(2 / 3), rtol=1e-6)
     np.testing.assert_allclose(m["rejected_reward_mean"], 1.0)
     np.testing.assert_allclose(m["rejected_reward_std"], math.sqrt(2 / 3), rtol=1e-6)
+
+
+def test_accuracy_counts_a_tie_as_wrong():
+    """TRL / RewardBench: correct iff r_c > r_r strictly. A constant reward model
+    ties every pair, so it scores 0 (it scored 0.5 when a tie counted half)."""
+    _, m = reward.bradley_terry_loss(jnp.full((4,), 0.3), jnp.full((4,), 0.3))
+    assert float(m["accuracy"]) == 0.0
+    # rc − rr = [2, 0, 0, −1]: 1 win, 2 ties, 1 loss → 1 / 4 = 0.25 (was (1 + 0.5 + 0.5) / 4 = 0.5)
+    _, m = reward.bradley_terry_loss(jnp.array([2.0, 1.0, 0.0, 0.0]), jnp.array([0.0, 1.0, 0.0, 1.0]))
+    assert float(m["accuracy"]) == 0.25
 
 
 def test_bradley_terry_margin():
@@ -48,9 +58,11 @@ def test_bradley_terry_multi_objective_and_weights():
     # entries d = [[1, −1], [0, 0]] → mean of log(1+e^-1), log(1+e), log 2, log 2
     expected = (log1pexp(-1) + log1pexp(1) + 2 * math.log(2)) / 4
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
-    # objective 0: win, tie → 0.75; objective 1: loss, tie → 0.25
-    np.testing.assert_allclose(m["accuracy_k0"], 0.75)
-    np.testing.assert_allclose(m["accuracy_k1"], 0.25)
+    # strict (a tie counts 0): objective 0: win, tie → (1 + 0) / 2 = 0.5; objective 1: loss, tie → 0
+    np.testing.assert_allclose(m["accuracy_k0"], 0.5)
+    np.testing.assert_allclose(m["accuracy_k1"], 0.0)
+    # pooled over B and K: 1 win of 4 entries → 0.25
+    np.testing.assert_allclose(m["accuracy"], 0.25)
     # weighted: 2·mean_b(obj0) + 1·mean_b(obj1)
     wloss, _ = reward.bradley_terry_loss(rc, rr, objective_weights_K=(2.0, 1.0))
     expected_w = 2 * (log1pexp(-1) + math.log(2)) / 2 + (log1pexp(1) + math.log(2)) / 2
@@ -107,7 +119,8 @@ def test_scaled_bradley_terry():
     # s = [2, 1], d = [0, 1] → (2·log 2 + log(1+e^-1)) / 2
     loss, m = reward.scaled_bradley_terry_loss(jnp.array([0.0, 1.0]), jnp.array([0.0, 0.0]), jnp.array([2.0, 1.0]))
     np.testing.assert_allclose(loss, (2 * math.log(2) + log1pexp(-1)) / 2, rtol=1e-6)
-    np.testing.assert_allclose(m["accuracy"], 0.75)
+    # d = [0, 1]: a tie (0) and a win (1) → 1 / 2 (0.75 when a tie counted half)
+    np.testing.assert_allclose(m["accuracy"], 0.5)
 
 
 def test_regression_loss():

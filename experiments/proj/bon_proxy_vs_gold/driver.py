@@ -49,6 +49,7 @@ from jaxreward.train.step import unbox
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Checks this job's own fields (the shared blocks are checked by main)."""
+    defaults.per_process_batch(config)  # data.batch_size divides among the processes (one share each)
     pairwise.pair_loss(config.loss.name)
     for name in ("synthetic.prompt_length", "synthetic.response_length", "synthetic.num_train_pairs",
                  "synthetic.num_eval_pairs", "best_of_n.num_prompts", "best_of_n.max_n",
@@ -138,7 +139,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     score_fn = jax.jit(lambda p, b: pairwise.pair_rewards(rm, p, b))
     evaluate = lambda p: pairwise.evaluate_pairs(rm, p, evals, config.data.eval_batch_size, mesh,
                                                  config.loss.name, score_fn)
-    batcher = GrainLoader(train, config.data.batch_size // jax.process_count(), seed=config.seed)
+    batcher = GrainLoader(train, defaults.per_process_batch(config), seed=config.seed)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
     make_state = jax.jit(lambda p: state_lib.init_state(p, tx, config.seed), out_shardings=shardings)
     state, _ = loop.restore_or_init(checkpointer, make_state, (rm_params,), shardings, batcher)
@@ -208,6 +209,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ax.legend()
     fig.tight_layout()
     png = os.path.join(workdir, "bon_proxy_vs_gold.png")
-    fig.savefig(png, dpi=120)
+    metrics_lib.save_figure(fig, png)
     print(f"saved {png}")
     return summary

@@ -109,13 +109,12 @@ def plot(path: str, results: dict, curve: list[dict]) -> None:
         ax_g.plot(x, [c["reward/gold"] for c in curve], "k--", marker="s", ms=3, label="best-of-N")
         ax_p.plot(x, [c["reward"] for c in curve], "k--", marker="s", ms=3, label="best-of-N")
     for ax, what in ((ax_g, "gold reward"), (ax_p, "proxy reward")):
-        ax.set_xlabel("√KL(π‖π_ref) (nats^½; best-of-N: √ of its bound)")
+        ax.set_xlabel("√KL(π‖π_ref) (k3, nats^½; best-of-N: √ of its bound)")
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
     ax_g.legend(fontsize=7)
     ax_g.set_title("gold reward of held-out samples")
     ax_p.set_title("proxy reward (what RL optimizes)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    metrics_lib.save_figure(fig, path)
 

@@ -1,0 +1,138 @@
+"""A pod, simulated: two processes × 4 CPU devices against one process × 8.
+
+Each run is `python -m jaxreward.main` in subprocesses, as a user launches
+it: `JAXREWARD_DISTRIBUTED=1` with `JAX_COORDINATOR_ADDRESS`,
+`JAXREWARD_NUM_PROCESSES` and `JAXREWARD_PROCESS_ID` (what a cluster's
+launcher provides), the processes exchanging data through gloo. The same
+global batches reach the same mesh either way (`GrainLoader` slices one
+global shuffle), so the metrics must agree to float round-off; before, each
+process read its own rows (other batches), the eval and rollout code fetched
+arrays spread over both processes (a RuntimeError), and both processes wrote
+config.json at once.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+
+DEVICES = 8
+SLOW = 600  # seconds before a hung collective is called a failure
+
+
+def _env(devices: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAXREWARD_", "JAX_COORDINATOR"))}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0")
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _main(workdir, args) -> list[str]:
+    return [sys.executable, "-m", "jaxreward.main", f"--workdir={workdir}", *args]
+
+
+def one_process(workdir, args) -> str:
+    out = subprocess.run(_main(workdir, args), env=_env(DEVICES), cwd=ROOT, capture_output=True, text=True,
+                         timeout=SLOW)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def two_processes(workdir, args) -> list[str]:
+    """Runs the job on 2 processes × DEVICES/2 devices; their stdouts."""
+    port = _free_port()
+    procs = []
+    for pid in (0, 1):
+        env = _env(DEVICES // 2)
+        env.update(JAXREWARD_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                   JAXREWARD_NUM_PROCESSES="2", JAXREWARD_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen(_main(workdir, args), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=SLOW)
+            outs.append((p.returncode, stdout, stderr))
+    finally:
+        for p in procs:
+            p.kill()
+    for pid, (rc, _, stderr) in enumerate(outs):
+        assert rc == 0, f"process {pid}:\n" + stderr[-3000:]
+    return [o[1] for o in outs]
+
+
+def metrics(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_same_metrics(a: list[dict], b: list[dict], rtol=1e-3, atol=1e-5):
+    """Every logged number but wall-clock ones, row by row."""
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            if "time" in key or "tokens/s" in key:
+                continue
+            np.testing.assert_allclose(y[key], x[key], rtol=rtol, atol=atol, err_msg=f"step {x['step']} {key}")
+
+
+def test_reward_model_on_two_processes_equals_one(tmp_path):
+    args = ["--config=configs/reward_model.py:synthetic", "--config.train.num_steps=6",
+            "--config.train.log_every=2"]
+    one_process(tmp_path / "one", args)
+    outs = two_processes(tmp_path / "two", args)
+    assert_same_metrics(metrics(tmp_path / "one"), metrics(tmp_path / "two"))
+    assert sum("held-out pairwise accuracy" in o for o in outs) == 2  # every process reports
+    with open(tmp_path / "two" / "config.json") as f:
+        assert json.load(f)["task"] == "reward_model"    # one writer: a whole file
+    assert os.listdir(tmp_path / "two" / "checkpoints") == ["6"]
+
+
+def test_dpo_stopped_and_resumed_on_two_processes_equals_one_straight_run(tmp_path):
+    """Precomputed reference log-probs, held-out eval and the generation eval
+    (sampling on the mesh), a checkpoint at step 2 and a resume."""
+    args = ["--config=configs/dpo.py:synthetic", "--config.train.num_steps=4", "--config.train.log_every=2",
+            "--config.train.eval_every=4", "--config.train.checkpoint_every=2",
+            "--config.synthetic.num_train_pairs=128", "--config.synthetic.num_eval_pairs=32",
+            "--config.data.batch_size=16", "--config.eval.num_prompts=16", "--config.eval.best_of_n_max_n=4",
+            "--config.optimizer.warmup_steps=1"]
+    one_process(tmp_path / "one", args)
+    two_processes(tmp_path / "two", [*args, "--config.train.stop_after_steps=2"])
+    outs = two_processes(tmp_path / "two", args)
+    assert all("Resuming from checkpoint at step 2" in o for o in outs)
+    assert_same_metrics(metrics(tmp_path / "one"), metrics(tmp_path / "two"))
+
+
+def test_grpo_on_two_processes_equals_one(tmp_path):
+    """configs/rl.py:tiny: a proxy reward model trained first (each process
+    trains the same copy), rollouts, reference, update, eval and best-of-N."""
+    args = ["--config=configs/rl.py:tiny", "--config.mesh.data=2", "--config.mesh.tensor=4"]
+    one_process(tmp_path / "one", args)
+    two_processes(tmp_path / "two", args)
+    assert_same_metrics(metrics(tmp_path / "one"), metrics(tmp_path / "two"))
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"JAXREWARD_NUM_PROCESSES": "2"}, "error: JAXREWARD_NUM_PROCESSES is set without JAXREWARD_PROCESS_ID"),
+    ({"JAXREWARD_NUM_PROCESSES": "two", "JAXREWARD_PROCESS_ID": "0"},
+     "error: JAXREWARD_NUM_PROCESSES / JAXREWARD_PROCESS_ID must be integers"),
+])
+def test_a_half_set_process_count_is_one_line(tmp_path, env, message):
+    full = {**_env(1), "JAXREWARD_DISTRIBUTED": "1", "JAX_COORDINATOR_ADDRESS": "localhost:1", **env}
+    out = subprocess.run(_main(tmp_path, ["--config=configs/reward_model.py:synthetic"]), env=full, cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1].startswith(message), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr

@@ -224,6 +224,40 @@ def fail(message: str, error: BaseException | None = None):
     sys.exit(2)
 
 
+def check_same_config(config) -> None:
+    """A pod's processes must run one config: each gathers every process's
+    config (as JSON) and refuses a run where any differs from process 0's,
+    naming the fields (else the processes train on each other's shards of
+    different data and config.json records only process 0's values).
+
+    Raises:
+      errors.UserError: the configs differ (raised on every process).
+    """
+    import numpy as np
+    from jax.experimental import multihost_utils
+    text = config.to_json_best_effort(sort_keys=True).encode()
+    sizes = multihost_utils.process_allgather(np.array([len(text)], np.int64))
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[:len(text)] = np.frombuffer(text, np.uint8)
+    texts = [bytes(row[:int(n)]).decode() for row, n in
+             zip(multihost_utils.process_allgather(buf), sizes.reshape(-1))]
+    if all(t == texts[0] for t in texts):
+        return
+
+    def flat(x, prefix=""):
+        if isinstance(x, dict):
+            return {k: v for key, val in x.items() for k, v in flat(val, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: x}
+    first = flat(json.loads(texts[0]))
+    diffs = []
+    for p, t in enumerate(texts[1:], 1):
+        other = flat(json.loads(t))
+        diffs += [f"{k}: process 0 {first.get(k)!r}, process {p} {other.get(k)!r}"
+                  for k in sorted(set(first) | set(other)) if first.get(k) != other.get(k)]
+    raise errors.UserError("the processes were launched with different configs (give every process the same "
+                           "--config flags): " + "; ".join(diffs[:10]))
+
+
 def interrupted(workdir: str, error: BaseException | None = None):
     """Ends a run stopped by Ctrl-C: one line on stderr, exit status 130 (the
     shell's for SIGINT); with `JAXREWARD_TRACEBACK=1`, re-raises `error`."""
@@ -320,6 +354,11 @@ def main(argv):
     except (ValueError, *errors.USER_ERRORS) as e:  # a check_config raises ValueError naming the field
         fail(errors.message(e), e)
     import jax
+    if jax.process_count() > 1:
+        try:
+            check_same_config(config)
+        except errors.UserError as e:
+            fail(errors.message(e), e)
     if jax.process_index() == 0:  # a pod's processes share the workdir: one writer
         path = os.path.join(workdir, "config.json")
         with open(path + ".tmp", "w", encoding="utf-8") as f:  # atomic: a kill never leaves half a file
@@ -388,6 +427,11 @@ def distributed_initialize() -> None:
                                f"{given}") from None
     if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if counts:  # jax waits up to 300 s for every process, then aborts blaming "another task"
+        print(f"jaxreward: process {counts['JAXREWARD_PROCESS_ID']} waiting for "
+              f"{counts['JAXREWARD_NUM_PROCESSES']} processes at {os.environ.get('JAX_COORDINATOR_ADDRESS')} "
+              "(up to 300 s; a process that never starts ends the others with a DEADLINE_EXCEEDED abort)",
+              file=sys.stderr, flush=True)
     jax.distributed.initialize(num_processes=counts.get("JAXREWARD_NUM_PROCESSES"),
                                process_id=counts.get("JAXREWARD_PROCESS_ID"))
 

@@ -49,15 +49,17 @@ def one_process(workdir, args) -> str:
     return out.stdout
 
 
-def two_processes(workdir, args) -> list[str]:
-    """Runs the job on 2 processes × DEVICES/2 devices; their stdouts."""
+def two_processes(workdir, args, extra=((), ()), check=True) -> list:
+    """Runs the job on 2 processes × DEVICES/2 devices (process p also gets
+    the flags `extra[p]`); their stdouts, or with `check=False` their
+    (returncode, stdout, stderr)."""
     port = _free_port()
     procs = []
     for pid in (0, 1):
         env = _env(DEVICES // 2)
         env.update(JAXREWARD_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                    JAXREWARD_NUM_PROCESSES="2", JAXREWARD_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen(_main(workdir, args), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+        procs.append(subprocess.Popen(_main(workdir, [*args, *extra[pid]]), env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     outs = []
     try:
@@ -67,6 +69,8 @@ def two_processes(workdir, args) -> list[str]:
     finally:
         for p in procs:
             p.kill()
+    if not check:
+        return outs
     for pid, (rc, _, stderr) in enumerate(outs):
         assert rc == 0, f"process {pid}:\n" + stderr[-3000:]
     return [o[1] for o in outs]
@@ -122,6 +126,33 @@ def test_grpo_on_two_processes_equals_one(tmp_path):
     one_process(tmp_path / "one", args)
     two_processes(tmp_path / "two", args)
     assert_same_metrics(metrics(tmp_path / "one"), metrics(tmp_path / "two"))
+
+
+def test_a_reward_model_exported_on_two_processes_loads_on_one_device(tmp_path):
+    """The export holds each process's shards; loading it elsewhere (one CPU
+    device) restores onto that device, not the saved 2-process layout (was:
+    "Topology mismatch detected ... export it again", which never helps)."""
+    two_processes(tmp_path, ["--config=configs/reward_model.py:synthetic", "--config.train.num_steps=2",
+                             "--config.train.log_every=2"])
+    code = ("import sys; from jaxreward.models.reward_io import load_reward_model; "
+            "rm, params, meta = load_reward_model(sys.argv[1]); print('loaded', meta['pretrained'])")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "reward_model")], env=_env(1), cwd=ROOT,
+                         capture_output=True, text=True, timeout=SLOW)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "loaded random" in out.stdout
+
+
+def test_processes_launched_with_different_configs_are_refused_in_one_line(tmp_path):
+    """A seed given to one process only ran to the end before, each process
+    on its own data order, and config.json recorded process 0's seed."""
+    outs = two_processes(tmp_path, ["--config=configs/reward_model.py:synthetic"],
+                         extra=(["--config.seed=0"], ["--config.seed=1"]), check=False)
+    for rc, _, stderr in outs:
+        assert rc == 2 and "Traceback" not in stderr
+        assert stderr.strip().splitlines()[-1] == (
+            "error: the processes were launched with different configs (give every process the same "
+            "--config flags): seed: process 0 0, process 1 1")
+    assert not (tmp_path / "config.json").exists()
 
 
 @pytest.mark.parametrize("env, message", [

@@ -409,11 +409,15 @@ def load_params(directory: str, shardings: Any = None, digests: dict[str, str] |
             raise CorruptFileError(f"{directory} is damaged: " + "; ".join(problems[:5])
                                    + (" ..." if len(problems) > 5 else ""))
     def read():
-        if shardings is None:
-            return checkpointer.restore(directory)
         meta = checkpointer.metadata(directory)
         tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
-        return checkpointer.restore(directory, abstract_like(tree, shardings))
+        # No shardings: this process's first device, not the saved shardings
+        # (an export written on 8 devices or 2 processes loads on 1 device).
+        targets = shardings if shardings is not None else jax.tree.map(
+            lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), tree)
+        restored = checkpointer.restore(directory, abstract_like(tree, targets))
+        # Uncommitted (as freshly made params are), so a jit may place them on any mesh.
+        return restored if shardings is not None else jax.tree.map(jax.numpy.asarray, jax.device_get(restored))
     try:
         return _orbax_read(read, directory)
     except _Unreadable as e:

@@ -67,7 +67,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         on_error="skip",                       # skip | raise, for malformed prompt / pair lines
         chat_template=True,                    # render text prompts (pairs: HH transcripts) with the chat template
         max_prompt_length=128,                 # tokens; longer prompts keep their end (counted)
-        num_prompts=512,                       # arithmetic: generated train prompts; synthetic: prompt pool
+        num_prompts=512,                       # arithmetic: generated train prompts; synthetic: prompt pool; a file: unused (all its prompts)
         num_eval_prompts=64,                   # held-out prompts for eval points
     ))
     c.synthetic = ml_collections.ConfigDict(dict(  # data.source == "synthetic" only

@@ -299,7 +299,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         stats, ref_rewards[0] = pref.generation_eval(
             policy, policy_params, ref_model, ref_params, prompts, prompt_mask, reward_fn,
             rng=gen_rng, num_samples=e.samples_per_prompt, sampling=sampling,
-            ref_rewards_R=ref_rewards[0])
+            ref_rewards_R=ref_rewards[0], mesh=mesh)
         return stats
 
     # --- Train.

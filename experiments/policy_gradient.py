@@ -260,6 +260,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # --- Policy, reference, prompts, reward.
     m, d, ro, a, k, t, e = (config.model, config.data, config.rollout, config.algorithm, config.kl,
                             config.train, config.eval)
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    rollout.check_minibatch_split(config, mesh)  # before the model loads
     base_model, base_params, tokenizer = rollout.load_policy(config, m.pretrained)
     cfg = dataclasses.replace(base_model.config, remat=m.remat)
     if d.source != "synthetic" and tokenizer is None:
@@ -273,8 +275,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     B, G = ro.prompts_per_step, ro.group_size
     R = B * G
     defaults.check_enough_prompts(config, num_train=len(train_p["tokens"]))  # after bad lines were skipped
-    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    rollout.check_minibatch_split(config, mesh)
     ref_model, ref_params = rollout.load_reference(config, cfg.vocab_size, base_model, base_params)
     rollout.check_prompts_fit(config, prompts, base_model, ref_model)  # both sample (eval, best-of-N)
     score, reward_name = rollout.make_reward_fn(config, workdir, task, tokenizer, base_model, base_params,
@@ -446,7 +446,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
               for r in metrics_lib.read_metrics(workdir) if any(key.startswith("eval/") for key in r)]
     curve = []
     if e.best_of_n_max_n:
-        curve = rollout.best_of_n_points(ref_model, ref_params, eval_p, score, sampling, e.best_of_n_max_n, config.seed)
+        curve = rollout.best_of_n_points(ref_model, ref_params, eval_p, score, sampling, e.best_of_n_max_n,
+                                         config.seed, mesh)
     cols = ["step", "reward", "kl_k1", "kl_k3", "sqrt_kl"] + sorted({c for p in points for c in p
                                                                      if c.startswith("reward/")})
     print(f"\neval points on {len(eval_p['tokens'])} held-out prompts × {e.samples_per_prompt} samples "

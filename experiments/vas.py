@@ -236,18 +236,19 @@ def second_reward(config, task, tokenizer):
 
 
 def sample_split(policy, params, split, score, score_b, sampling, n: int, batch_size: int, seed: int,
-                 desc: str, progress: bool = True) -> dict[str, np.ndarray]:
+                 desc: str, mesh, progress: bool = True) -> dict[str, np.ndarray]:
     """`n` samples of every prompt of `split`, in calls of `batch_size`
-    prompts, with their rewards: `tokens`, `attention_mask`, `positions`,
-    `loss_mask` `[S, L]`, `prompt_ids`, `rewards`, `extra/<name>` (e.g. the
-    gold reward beside a proxy) and `rewards_b` (the composed reward) `[S]`."""
+    prompts over `mesh`'s batch shards (`rollout.sample_rollout`), with their
+    rewards: `tokens`, `attention_mask`, `positions`, `loss_mask` `[S, L]`,
+    `prompt_ids`, `rewards`, `extra/<name>` (e.g. the gold reward beside a
+    proxy) and `rewards_b` (the composed reward) `[S]`."""
     num = len(split["tokens"])
     parts = []
     for lo in tqdm.trange(0, num, batch_size, desc=desc, leave=False, dynamic_ncols=True, disable=not progress):
         ids_B = np.arange(lo, min(lo + batch_size, num))
-        out = generate(policy, params, split["tokens"][ids_B], split["mask"][ids_B],
-                       rng=jax.random.fold_in(jax.random.PRNGKey(seed), lo), num_samples=n, **sampling)
-        samples = out.sequences()
+        samples = rollout.sample_rollout(policy, params, split["tokens"][ids_B], split["mask"][ids_B], mesh,
+                                         rng=jax.random.fold_in(jax.random.PRNGKey(seed), lo), num_samples=n,
+                                         **sampling)
         ids_R = np.repeat(ids_B, n)
         rew, extra = score(samples, ids_R, split)
         part = {**{k: np.asarray(v) for k, v in samples.as_dict().items() if k != "sample_logps"},
@@ -303,7 +304,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         out = {}
         for name, split, seed in (("train", train_p, config.seed + 21), ("eval", eval_p, config.seed + 22)):
             arrays = sample_split(policy, params, split, score, score_b, sampling, ro.samples_per_prompt,
-                                  ro.batch_size, seed, f"sampling {name}", t.progress_bar)
+                                  ro.batch_size, seed, f"sampling {name}", mesh, t.progress_bar)
             out.update({f"{name}/{k}": x for k, x in arrays.items()})
         return out
     t0 = time.perf_counter()
@@ -377,7 +378,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for beta in tqdm.tqdm(g.betas, desc="VAS β sweep", leave=False, disable=not t.progress_bar):
         row, outs[beta] = guided_point(vas_guide(vm, vp, beta))
         vas_rows.append({"beta": float(beta), **row})
-    bon_rows = best_of_n_rows(policy, params, eval_p, score, sampling, e.best_of_n_max_n, config.seed)
+    bon_rows = best_of_n_rows(policy, params, eval_p, score, sampling, e.best_of_n_max_n, config.seed, mesh)
 
     print(f"\nVAS (k = {k}) on {B} held-out prompts × {n} samples ({reward_name}; KL in nats per response, "
           "exact)")
@@ -515,15 +516,16 @@ def prompt_standard_error(x_R, n: int) -> float:
     return rollout.standard_error(np.asarray(x_R, np.float64).reshape(-1, n).mean(axis=1))
 
 
-def best_of_n_rows(policy, params, split, score, sampling, max_n: int, seed: int) -> list[dict]:
+def best_of_n_rows(policy, params, split, score, sampling, max_n: int, seed: int, mesh) -> list[dict]:
     """Best-of-N of the frozen policy, N = 1, 2, 4, …, max_n, picked by the
     reward: mean reward (and extras) of the picks, the KL bound, and per
     returned completion the reward-model tokens N·L, the policy tokens
     P + N·M (one prefill per prompt) and the seconds of sampling N and
-    scoring them (timed on a second call, after compiling)."""
+    scoring them (timed on a second call, after compiling; unsplit, as the
+    guided decode is, so the seconds compare)."""
     if not max_n:
         return []
-    rows = rollout.best_of_n_points(policy, params, split, score, sampling, max_n, seed)
+    rows = rollout.best_of_n_points(policy, params, split, score, sampling, max_n, seed, mesh)
     B, P, M = len(split["tokens"]), split["tokens"].shape[1], sampling["max_new_tokens"]
     L = P + M
     for row in rows:

@@ -758,7 +758,7 @@ def sample_logps(model, params, batch, sampling: Mapping[str, Any]) -> Array:
 
 def generation_eval(policy_model, policy_params, ref_model, ref_params, prompts_BP, prompt_mask_BP,
                     reward_fn: Callable | None, *, rng, num_samples: int, sampling: Mapping[str, Any],
-                    ref_rewards_R: np.ndarray | None = None) -> tuple[dict[str, float], np.ndarray | None]:
+                    ref_rewards_R: np.ndarray | None = None, mesh=None) -> tuple[dict[str, float], np.ndarray | None]:
     """Samples the policy on held-out prompts and compares it with the reference.
 
     The policy and the reference draw `num_samples` responses per prompt
@@ -770,6 +770,8 @@ def generation_eval(policy_model, policy_params, ref_model, ref_params, prompts_
       sampling: `max_new_tokens`, `temperature`, `top_k`, `top_p`, `stop_ids`, `pad_id`.
       ref_rewards_R: the reference samples' rewards from an earlier call
         (they do not change during training); sampled and scored when None.
+      mesh: when given, the prompts are sampled over its batch shards
+        (`rollout.generate_on_shards`: the same tokens as unsplit).
 
     Returns:
       `(stats, ref_rewards_R)`. stats: `kl_k1`, `kl_k3` (see `sequence_kl`,
@@ -778,10 +780,18 @@ def generation_eval(policy_model, policy_params, ref_model, ref_params, prompts_
       `win_rate` (vs the reference's sample for the same prompt and key,
       ties 0.5), each with `_se`.
     """
+    from jaxreward import parallel
     from jaxreward.sampling.sampler import generate
+    from jaxreward.train.rollout import generate_on_shards
 
-    out = generate(policy_model, policy_params, prompts_BP, prompt_mask_BP, rng=rng,
-                   num_samples=num_samples, **sampling)
+    def sample(model, params):
+        if mesh is None:
+            return generate(model, params, prompts_BP, prompt_mask_BP, rng=rng, num_samples=num_samples,
+                            **sampling)
+        return parallel.to_host(generate_on_shards(model, params, prompts_BP, prompt_mask_BP, mesh, rng=rng,
+                                                   num_samples=num_samples, **sampling))
+
+    out = sample(policy_model, policy_params)
     batch = out.sequences()
     logps = sample_logps(policy_model, policy_params, batch, sampling)
     ref_logps = sample_logps(ref_model, ref_params, batch, sampling)
@@ -792,9 +802,7 @@ def generation_eval(policy_model, policy_params, ref_model, ref_params, prompts_
     if reward_fn is not None:
         rewards = np.asarray(reward_fn(batch), np.float64)
         if ref_rewards_R is None:
-            ref_out = generate(ref_model, ref_params, prompts_BP, prompt_mask_BP, rng=rng,
-                               num_samples=num_samples, **sampling)
-            ref_rewards_R = np.asarray(reward_fn(ref_out.sequences()), np.float64)
+            ref_rewards_R = np.asarray(reward_fn(sample(ref_model, ref_params).sequences()), np.float64)
         for name, values in (("reward", rewards), ("ref_reward", ref_rewards_R),
                              ("win_rate", win_rate(rewards, ref_rewards_R))):
             stats[name], stats[f"{name}_se"] = mean_and_se(values)

@@ -31,7 +31,7 @@ from jaxreward.models import ensemble as ensemble_lib
 from jaxreward.models.reward_io import load_reward_model
 from jaxreward.models.scoring import group_token_logps, token_logps
 from jaxreward.sampling.best_of_n import best_of_n_kl_bound, reward_model_fn
-from jaxreward.sampling.sampler import SampleBatch, generate
+from jaxreward.sampling.sampler import SampleBatch, SampleOutput, generate
 from jaxreward.train import evaluate, state as state_lib
 from jaxreward.train import metrics as metrics_lib
 from jaxreward.train import proxy as proxy_lib
@@ -362,24 +362,34 @@ def shape_rewards(reward_cfg, scores_R, truncated_R) -> tuple[np.ndarray, np.nda
     return rewards, valid, logged, metrics
 
 
-def sample_rollout(policy: Decoder, params, tokens_BP, mask_BP, mesh, *, rng, num_samples: int,
-                   **sampling) -> SampleBatch:
-    """`generate`'s G = `num_samples` completions of each of B prompts, as
-    the training-path `SampleBatch` with numpy fields, whole on every process.
-
-    When B divides the mesh's batch shards (data × fsdp), the prompts go in
-    split over them, so each shard prefills and decodes its own prompts'
-    groups (data-parallel rollouts; on a pod, across processes). The
-    sampler's keys are per sample (`sampler.sample_keys`), so the tokens
-    are those of an unsplit call and the log-probs agree to float round-off
-    (tested on 1 and 8 devices). Otherwise the
-    prompts go in whole and every shard decodes all rows.
+def generate_on_shards(model: Decoder, params, tokens_BP, mask_BP, mesh, *, rng, num_samples: int = 1,
+                       **sampling) -> SampleOutput:
+    """`generate` with the B prompts split over the mesh's batch shards
+    (data × fsdp) when B divides them, so each shard prefills and decodes its
+    own prompts' samples (data-parallel sampling; on a pod, across
+    processes); otherwise the prompts go in whole and every shard decodes all
+    rows. The sampler's keys are per sample (`sampler.sample_keys`), so the
+    tokens are those of an unsplit call and the log-probs agree to float
+    round-off (tested on 1 and 8 devices). The output's arrays stay on the
+    devices (`parallel.to_host` reads them whole on every process).
     """
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if len(tokens_BP) % shards == 0:
         placed = parallel.shard_global_batch({"tokens": tokens_BP, "mask": mask_BP}, mesh)
         tokens_BP, mask_BP = placed["tokens"], placed["mask"]
-    out = generate(policy, params, tokens_BP, mask_BP, rng=rng, num_samples=num_samples, **sampling)
+    return generate(model, params, tokens_BP, mask_BP, rng=rng, num_samples=num_samples, **sampling)
+
+
+def sample_rollout(policy: Decoder, params, tokens_BP, mask_BP, mesh, *, rng, num_samples: int,
+                   **sampling) -> SampleBatch:
+    """`generate`'s G = `num_samples` completions of each of B prompts, as
+    the training-path `SampleBatch` with numpy fields, whole on every process,
+    sampled over the mesh's batch shards (`generate_on_shards`). Every
+    sampling pass of the RL and VAS drivers (rollouts, eval points, best-of-N)
+    goes through here.
+    """
+    out = generate_on_shards(policy, params, tokens_BP, mask_BP, mesh, rng=rng, num_samples=num_samples,
+                             **sampling)
     return parallel.to_host(out.sequences())
 
 
@@ -461,15 +471,16 @@ def standard_error(x) -> float:
     return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
-def best_of_n_points(model, params, split, score, sampling, max_n: int, seed: int) -> list[dict]:
+def best_of_n_points(model, params, split, score, sampling, max_n: int, seed: int, mesh) -> list[dict]:
     """Best-of-N of `model` on the eval prompts, picked by the training reward:
     per N, the KL bound, its √, and the mean of each reward (training reward,
-    and e.g. gold) of the picks."""
+    and e.g. gold) of the picks. The samples are drawn over `mesh`'s batch
+    shards (`sample_rollout`)."""
     P = len(split["tokens"])
-    out = generate(model, params, split["tokens"], split["mask"], rng=jax.random.PRNGKey(seed + 13),
-                   num_samples=max_n, **sampling)
+    samples = sample_rollout(model, params, split["tokens"], split["mask"], mesh,
+                             rng=jax.random.PRNGKey(seed + 13), num_samples=max_n, **sampling)
     ids = np.repeat(np.arange(P), max_n)
-    rew, extra = score(out.sequences(), ids, split)
+    rew, extra = score(samples, ids, split)
     rew = np.asarray(rew).reshape(P, max_n)
     rows, n = [], 1
     while n <= max_n:
@@ -649,9 +660,8 @@ def eval_point(policy, params, split: dict, score, sampling: dict, policy_logps,
     (`*_se`) over responses.
     """
     from jaxreward.models.scoring import shift_mask
-    out = generate(policy, params, split["tokens"], split["mask"], rng=jax.random.PRNGKey(seed + 7),
-                   num_samples=samples_per_prompt, **sampling)
-    samples = out.sequences()
+    samples = sample_rollout(policy, params, split["tokens"], split["mask"], mesh,
+                             rng=jax.random.PRNGKey(seed + 7), num_samples=samples_per_prompt, **sampling)
     ids = np.repeat(np.arange(len(split["tokens"])), samples_per_prompt)
     rew, extra = score(samples, ids, split)
     arrays = rollout_arrays(samples)

@@ -485,6 +485,42 @@ def test_generation_eval_of_the_reference_itself_is_exact():
     assert ref_rewards.shape == (16,)
 
 
+def test_generation_eval_over_an_8_way_mesh_splits_the_prompts_and_gives_the_same_stats():
+    """With `mesh`, the policy's and the reference's samples are drawn with the 8
+    prompts split over the 8 data shards (each shard decodes its own), and every
+    statistic is that of the unsplit call: tokens are per-sample keyed, so the
+    rewards, win rate and lengths are equal and the KLs agree to round-off."""
+    from jaxreward import parallel
+    from jaxreward.train import rollout
+    config = _config()
+    model, params, _ = driver.load_model("", config, 0)
+    ref_params = jax.tree.map(lambda x: x * 0.9, params)   # another reference: KL > 0
+    prompts = np.random.default_rng(0).integers(1, 32, (8, 4)).astype(np.int32)
+    reward = lambda b: np.asarray(b.response_tokens_RM).sum(axis=1).astype(np.float32)
+    kw = dict(rng=jax.random.PRNGKey(1), num_samples=2,
+              sampling=dict(max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(), pad_id=0))
+    seen = []
+    real = rollout.generate
+
+    def spy(m, p, tokens_BP, mask_BP, **k):
+        seen.append(getattr(tokens_BP, "sharding", None))
+        return real(m, p, tokens_BP, mask_BP, **k)
+    whole, _ = pref.generation_eval(model, params, model, ref_params, prompts, np.ones_like(prompts, bool),
+                                    reward, **kw)
+    rollout.generate = spy
+    try:
+        split, _ = pref.generation_eval(model, params, model, ref_params, prompts, np.ones_like(prompts, bool),
+                                        reward, mesh=parallel.make_mesh(8, 1, 1), **kw)
+    finally:
+        rollout.generate = real
+    assert len(seen) == 2 and all(len(s.device_set) == 8 and not s.is_fully_replicated for s in seen)
+    assert whole["kl_k3"] > 0
+    for k in ("reward", "ref_reward", "win_rate", "response_length"):
+        assert split[k] == whole[k], k
+    for k in ("kl_k1", "kl_k3"):
+        np.testing.assert_allclose(split[k], whole[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
 def test_sequence_kl_by_hand():
     # x = log π − log π_ref = (0.5, −0.2) on the two response tokens; the prompt
     # token (column 0 of the grid) is not counted.

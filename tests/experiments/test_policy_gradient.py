@@ -683,6 +683,50 @@ def test_rollouts_are_split_over_the_batch_shards_and_sample_the_same():
         check(c, b[:12], err_msg=field)
 
 
+def test_eval_points_and_best_of_n_sample_over_the_batch_shards_and_agree_with_one_device():
+    """`rollout.eval_point` and `rollout.best_of_n_points` draw their samples with
+    the 8 held-out prompts split over an 8-way data mesh, and report what one
+    device reports: rewards, best-of-N picks and lengths exactly (same tokens),
+    the KLs to round-off."""
+    policy, params, _ = rollout.load_policy(_tiny(), "")
+    ref_params = jax.tree.map(lambda x: x * 0.9, params)   # another reference: KL > 0
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(1, 60, (8, 5)).astype(np.int32)
+    mask = np.ones_like(tokens, bool)
+    mask[2, :3] = False
+    split = {"tokens": tokens, "mask": mask, "texts": [None] * 8, "columns": {}}
+
+    def score(samples, ids, _):
+        r = np.asarray(samples.response_tokens_RM).sum(1).astype(np.float32)
+        return r, {"twice": 2 * r}
+    sampling = dict(max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(), pad_id=0)
+    logps = rollout.logps_fn(policy, 1.0, 0, 1.0)
+    seen, real = [], rollout.generate
+
+    def spy(model, p, tokens_BP, mask_BP, **kw):
+        seen.append(getattr(tokens_BP, "sharding", None))
+        return real(model, p, tokens_BP, mask_BP, **kw)
+    out = {}
+    rollout.generate = spy
+    try:
+        for name, mesh in (("eight", parallel.make_mesh(8, 1, 1)),
+                           ("one", parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1]))):
+            out[name] = (rollout.eval_point(policy, params, split, score, sampling, logps, logps, ref_params,
+                                            samples_per_prompt=2, batch_size=8, mesh=mesh, seed=0),
+                         rollout.best_of_n_points(policy, ref_params, split, score, sampling, 4, 0, mesh))
+    finally:
+        rollout.generate = real
+    assert len(seen) == 4 and all(len(s.device_set) == 8 and not s.is_fully_replicated for s in seen[:2])
+    (point8, bon8), (point1, bon1) = out["eight"], out["one"]
+    assert point1["kl_k3"] > 0 and [r["N"] for r in bon1] == [1, 2, 4]
+    assert bon8 == bon1
+    for k, v in point1.items():
+        if k.startswith("kl") or k == "sqrt_kl":
+            np.testing.assert_allclose(point8[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+        else:
+            assert point8[k] == v, k
+
+
 # ---------------------------------------------------------------------------
 # configs/rl.py:tiny end to end, and an exact resume
 
@@ -1157,3 +1201,23 @@ def test_best_of_n_max_n_is_off_or_a_power_of_two(max_n, ok):
     else:
         with pytest.raises(defaults.ConfigError, match=rf"eval\.best_of_n_max_n={max_n}: best-of-N runs N = 1, 2, 4"):
             driver.check_config(c)
+
+
+@pytest.mark.parametrize("config_module,driver_module", [("rl", "policy_gradient"), ("ppo", "ppo")])
+def test_a_minibatch_split_that_cuts_a_group_is_refused_before_the_model_loads(tmp_path, monkeypatch,
+                                                                                 config_module, driver_module):
+    """16 prompts × 2 completions in 3 minibatches: 32 // 3 = 10 rows, not whole groups over
+    8 data shards; the run stops on that before it loads (or builds) any model."""
+    import importlib
+    config = importlib.import_module(f"configs.{config_module}").get_config("tiny")
+    job = importlib.import_module(f"experiments.{driver_module}")
+    config.rollout.update(prompts_per_step=16, group_size=2)
+    config.algorithm.num_minibatches = 3
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 8, 1, 1
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the minibatch split was checked")
+    monkeypatch.setattr(rollout, "load_policy", no_model)
+    with pytest.raises(defaults.ConfigError, match=r"^config fields rollout, algorithm\.num_minibatches, "
+                       r"train\.micro_batches, mesh: R=10 rows"):
+        job.run(config, str(tmp_path))

@@ -104,7 +104,7 @@ def data_paths(config) -> tuple[str, ...]:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Checks this job's own fields (the shared blocks are checked by main)."""
-    s, d = config.scorer, config.data
+    s = config.scorer
     defaults.check_choice(config, "scorer.kind", KINDS)
     defaults.check_choice(config, "data.source", ("jsonl", "tfds"))
     paths = data_paths(config)
@@ -164,12 +164,13 @@ def load_tokenizer(name_or_path: str):
     with pretrained.checkpoint_errors(path):
         if path.is_dir():
             return hf_io.load_tokenizer(path)
-        if path.suffix == ".gguf":
+        if pretrained.is_gguf(path):
             return gguf_io.tokenizer_from_gguf(gguf_io.open_gguf(path), source=str(path))
     raise UserError(f"{path}: expected an HF checkpoint directory or a .gguf file")
 
 
-def _export_meta(directory: str) -> dict:
+def _export_meta_file(directory: str) -> tuple[str, dict]:
+    """`(path, meta)` of the export's ensemble.json or reward_model.json."""
     path = os.path.join(directory, ensemble_lib.ENSEMBLE_FILE)
     if not os.path.exists(path):
         path = os.path.join(directory, "reward_model.json")
@@ -181,7 +182,9 @@ def _export_meta(directory: str) -> dict:
             meta = json.load(f)
         if not isinstance(meta, dict):
             raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
-        return meta
+        if not isinstance(meta.get("pretrained", ""), str):
+            raise ValueError(f"field 'pretrained' must be a string, got {meta['pretrained']!r}")
+        return path, meta
     except ValueError as e:  # bad JSON or bad UTF-8 (both ValueErrors)
         raise CorruptFileError(f"{path} is damaged or not a reward-model export "
                                f"({type(e).__name__}: {e}); export the reward model again") from None
@@ -194,11 +197,18 @@ def scorer_tokenizer(config):
     if s.tokenizer:
         return load_tokenizer(s.tokenizer)
     if s.kind == "exported":
-        source = _export_meta(s.reward_model_dir).get("pretrained", "")
+        meta_path, meta = _export_meta_file(s.reward_model_dir)
+        source = meta.get("pretrained", "")
         if not source or source == "random":
             raise UserError(f"the reward model in {s.reward_model_dir} has a random backbone "
                             f"(pretrained={source!r}), so no tokenizer: set scorer.tokenizer")
-        return load_tokenizer(source)
+        try:
+            return load_tokenizer(source)
+        except FileNotFoundError as e:  # the backbone moved, or a relative path from another cwd
+            raise UserError(f"the backbone {source!r} named by {meta_path} (field `pretrained`), whose "
+                            f"tokenizer scores this reward model, is not found ({e}); set "
+                            "--config.scorer.tokenizer to that checkpoint's new place (HF folder, "
+                            ".gguf file or model name)") from None
     if s.kind == "implicit":
         return load_tokenizer(s.policy)
     return None
@@ -566,9 +576,13 @@ def build_report(rows: list[Row], subsets_R: list[str], credit_R: np.ndarray, se
             idx = [i for i, r in enumerate(rows) if r.file == path]
             section_stats[name] = {**rewardbench.stat(credit_R[idx].sum(), len(idx)),
                                    "subsets": list(dict.fromkeys(subsets_R[i] for i in idx))}
+    score = rewardbench.mean_of_sections(section_stats)
+    # The rows the score covers: those of the sections' subsets (with
+    # report.sections, subsets in no section are reported but not scored).
+    scored = {name for s in section_stats.values() for name in s["subsets"]}
+    score["num_rows"] = sum(1 for s in subsets_R if s in scored)
     return {"num_rows": len(rows), "subsets": subsets, "sections": section_stats,
-            "sections_from": "config" if sections else "files",
-            "score": rewardbench.mean_of_sections(section_stats)}
+            "sections_from": "config" if sections else "files", "score": score}
 
 
 def print_report(report: dict) -> None:
@@ -582,8 +596,11 @@ def print_report(report: dict) -> None:
         [{"section": k, "rows": s["n"], "accuracy": s["accuracy"], "95% CI": ci(s),
           "subsets": ", ".join(s["subsets"])} for k, s in report["sections"].items()]))
     score = report["score"]
+    covered = score.get("num_rows", report["num_rows"])
+    rows = (f"{covered} rows" if covered == report["num_rows"]
+            else f"{covered} of the {report['num_rows']} rows; the others are in no section")
     print(f"\nscore (unweighted mean over {score['num_sections']} section(s)): {score['accuracy']:.4f} "
-          f"95% CI {ci(score)} ({report['num_rows']} rows)")
+          f"95% CI {ci(score)} ({rows})")
 
 
 def plot_subsets(report: dict, path: str) -> None:

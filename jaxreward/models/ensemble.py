@@ -202,6 +202,8 @@ def load_ensemble(directory: str) -> tuple[RewardModel, Any, dict]:
         E, dirs = meta["members"], meta["member_dirs"]
         if not isinstance(E, int) or E < 1 or not isinstance(dirs, list) or len(dirs) != E:
             raise ValueError(f"members={E!r} does not match member_dirs={dirs!r}")
+        if not all(isinstance(name, str) and name for name in dirs):
+            raise ValueError(f"member_dirs must list folder names (strings), got {dirs!r}")
     except (ValueError, KeyError, TypeError) as e:
         raise CorruptFileError(f"{path} is damaged or not an ensemble export "
                                f"({type(e).__name__}: {e}); export the ensemble again") from e

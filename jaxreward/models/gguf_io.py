@@ -172,8 +172,32 @@ def _dequantized(tensor, cfg: LlamaConfig, permuted: bool) -> np.ndarray:
     return w
 
 
-def hf_tensors_from_gguf(reader, cfg: LlamaConfig) -> dict:
-    """HF-named readers (zero-argument callables -> float32 `[out, in]` arrays)."""
+def dequantizable(tensor_type) -> bool:
+    """Whether `gguf.quants.dequantize` implements `tensor_type` (F32, F16 and
+    the types with a dequantizer; not e.g. F64, I8..I64, Q8_1, Q8_K)."""
+    import gguf
+
+    return (tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+            or tensor_type in gguf.quants._type_traits)
+
+
+def _type_name(tensor_type) -> str:
+    return getattr(tensor_type, "name", str(tensor_type))
+
+
+def hf_tensors_from_gguf(reader, cfg: LlamaConfig, source: str = "gguf") -> dict:
+    """HF-named readers (zero-argument callables -> float32 `[out, in]` arrays).
+
+    Raises:
+      ValueError: naming `source`, a tensor and its type, when a tensor is of
+        a type that cannot be dequantized (checked before any tensor is read).
+    """
+    bad = [t for t in reader.tensors if not dequantizable(t.tensor_type)]
+    if bad:
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise ValueError(f"{source}: tensor {bad[0].name} is of type {_type_name(bad[0].tensor_type)}, "
+                         f"which cannot be dequantized{more}; supported: F32, F16, BF16 and the "
+                         "llama.cpp block quantizations (Q4_0, Q8_0, Q4_K, IQ4_XS, ...)")
     arch = _value(reader, "general.architecture")
     permuted = arch in _PERMUTED_ARCHITECTURES
     return {hf_name(t.name): (lambda t=t: _dequantized(t, cfg, permuted)) for t in reader.tensors}
@@ -220,8 +244,9 @@ def tokenizer_from_gguf(reader, source: str = "gguf"):
     end-of-turn control token (e.g. `<|im_end|>`) the chat template writes.
 
     Raises:
-      ValueError: another tokenizer model (e.g. sentencepiece "llama") or an
-        unknown pre-tokenizer.
+      ValueError: another tokenizer model (e.g. sentencepiece "llama"), an
+        unknown pre-tokenizer, or a vocabulary `tokenizers` refuses (e.g.
+        tokenizer.ggml.merges naming a token missing from tokenizer.ggml.tokens).
     """
     import tokenizers
     from tokenizers import decoders, models
@@ -238,8 +263,11 @@ def tokenizer_from_gguf(reader, source: str = "gguf"):
     vocab = {tok: i for i, tok in enumerate(tokens)}
     if len(vocab) != len(tokens):
         log.warning("%s: %d duplicate token strings in the vocabulary", source, len(tokens) - len(vocab))
-    hf = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
-                                         byte_fallback=False))
+    try:
+        hf = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
+                                             byte_fallback=False))
+    except Exception as e:   # tokenizers raises plain Exception ("Token `zz` out of vocabulary")
+        raise ValueError(f"{source}: tokenizer.ggml.merges does not fit tokenizer.ggml.tokens ({e})") from e
     normalizer, pre_tokenizer = _pre_tokenizer(_value(reader, "tokenizer.ggml.pre"), source)
     if normalizer is not None:
         hf.normalizer = normalizer
@@ -297,14 +325,19 @@ def open_gguf(path: str | pathlib.Path):
 
 def _naming_file(fn, reader, source: str):
     """`fn(reader, source=source)`, with a malformed-metadata error (a bare
-    TypeError, KeyError, ... from a value of the wrong type) turned into a
-    ValueError that names the file."""
+    TypeError, KeyError, ... from a value of the wrong type, or the plain
+    `Exception` the `tokenizers` library raises, e.g. for a merge of a token
+    not in the vocabulary) turned into a ValueError that names the file."""
     try:
         return fn(reader, source=source)
     except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
         if str(e).startswith(f"{source}:"):
             raise
         raise ValueError(f"{source}: invalid GGUF metadata ({type(e).__name__}: {e})") from e
+    except Exception as e:   # tokenizers raises plain Exception; other types are bugs
+        if type(e) is not Exception:
+            raise
+        raise ValueError(f"{source}: invalid GGUF metadata ({e})") from e
 
 
 def load_gguf(path: str | pathlib.Path, *, dtype: Any = "float32", with_tokenizer: bool = True):
@@ -322,14 +355,15 @@ def load_gguf(path: str | pathlib.Path, *, dtype: Any = "float32", with_tokenize
     Raises:
       FileNotFoundError: no such file.
       ValueError: naming the file, for a file that is not (valid) GGUF, an
-        unsupported model or tokenizer, or a non-float `dtype`.
+        unsupported model, tensor type (e.g. F64; named with the tensor) or
+        tokenizer, or a non-float `dtype`.
     """
     path = pathlib.Path(path)
     dtype_name = hf_io.float_dtype_name(dtype)
     reader = open_gguf(path)
     cfg = _naming_file(config_from_gguf, reader, str(path))
     cfg = dataclasses.replace(cfg, dtype=dtype_name, param_dtype=dtype_name)
-    params = hf_io.params_from_hf_tensors(hf_tensors_from_gguf(reader, cfg), cfg,
+    params = hf_io.params_from_hf_tensors(hf_tensors_from_gguf(reader, cfg, str(path)), cfg,
                                           dtype=dtype_name, source=str(path))
     tokenizer = _naming_file(tokenizer_from_gguf, reader, str(path)) if with_tokenizer else None
     return cfg, params, tokenizer

@@ -67,6 +67,14 @@ def float_dtype_name(dtype: Any, what: str = "dtype") -> str:
     return dt.name
 
 
+def _shown(value: Any) -> str:
+    """A config value as its JSON spelling (true, "16"), else its repr."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
 def read_json(path: pathlib.Path, *, expect: type = dict) -> Any:
     """Parsed JSON of a checkpoint file, with the file named in every error.
 
@@ -93,7 +101,9 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> LlamaC
         the decoder does not implement (RoPE scaling, `use_sliding_window`,
         `layer_types` other than full attention, attention/MLP output biases,
         a non-SiLU activation), a missing field, or a field of the wrong type
-        (e.g. `"hidden_size": "big"`).
+        (e.g. `"hidden_size": "big"`): a size field (`hidden_size`,
+        `num_key_value_heads`, `head_dim`, ...) must be a positive JSON integer
+        (16.7, "16", true and 0 are refused, not truncated or read as absent).
 
     A Mistral config's `sliding_window` W < `max_position_embeddings` is not
     refused: it loads with a warning and `max_position_embeddings` lowered to
@@ -113,7 +123,33 @@ def _config_from_hf(hf: Mapping[str, Any], source: str) -> LlamaConfig:
     def need(field):
         if field not in hf or hf[field] is None:
             raise ValueError(f"{source}: required field {field!r} is missing")
-        return hf[field]
+        return size(field)
+
+    def size(field, default=None):
+        """A positive integer field (a JSON integer: not 16.7, "16" or true);
+        absent or null: `default`."""
+        value = hf.get(field)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{source}: field {field!r} must be a positive integer, got {_shown(value)}")
+        if value < 1:
+            raise ValueError(f"{source}: field {field!r} must be a positive integer, got {value}")
+        return value
+
+    def number(field, default):
+        """A positive number field (rope_theta, rms_norm_eps); absent or null: `default`."""
+        value = hf.get(field, default)
+        value = default if value is None else value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{source}: field {field!r} must be a positive number, got {_shown(value)}")
+        return float(value)
+
+    def flag(field):
+        value = hf.get(field)
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"{source}: field {field!r} must be true or false, got {_shown(value)}")
+        return bool(value)
 
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -122,10 +158,10 @@ def _config_from_hf(hf: Mapping[str, Any], source: str) -> LlamaConfig:
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
     for field in ("attention_bias", "mlp_bias"):
-        if model_type != "qwen2" and hf.get(field):
+        if model_type != "qwen2" and flag(field):
             raise ValueError(f"{source}: {field}=true is not supported (the decoder has no "
                              "output-projection / MLP biases)")
-    if hf.get("use_sliding_window"):
+    if flag("use_sliding_window"):
         raise ValueError(f"{source}: use_sliding_window=true is not supported")
     layer_types = hf.get("layer_types") or []
     if any(t != "full_attention" for t in layer_types):
@@ -142,29 +178,40 @@ def _config_from_hf(hf: Mapping[str, Any], source: str) -> LlamaConfig:
         if kind not in ("default", None):
             raise ValueError(f"{source}: {field} of type {kind!r} is not implemented "
                              "(only default RoPE)")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if "rope_theta" in rope:
+        theta = rope["rope_theta"]
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+            raise ValueError(f"{source}: field 'rope_parameters.rope_theta' must be a positive "
+                             f"number, got {_shown(theta)}")
+        theta = float(theta)
+    else:
+        theta = number("rope_theta", 10000.0)
 
-    max_positions = int(hf.get("max_position_embeddings", 2048))
-    window = hf.get("sliding_window")
+    max_positions = size("max_position_embeddings", 2048)
+    window = size("sliding_window") if model_type == "mistral" else None
     if model_type == "mistral" and window is not None and window < max_positions:
         log.warning("%s: sliding_window=%d is not implemented; max_position_embeddings is "
                     "lowered from %d to %d, where full attention is exact",
                     source, window, max_positions, window)
-        max_positions = int(window)
+        max_positions = window
 
-    num_heads = int(need("num_attention_heads"))
-    hidden = int(need("hidden_size"))
+    num_heads = need("num_attention_heads")
+    hidden = need("hidden_size")
+    head_dim = size("head_dim")
+    if head_dim is None and hidden % num_heads:
+        raise ValueError(f"{source}: hidden_size={hidden} is not a multiple of num_attention_heads="
+                         f"{num_heads} and there is no head_dim field")
     return LlamaConfig(
-        vocab_size=int(need("vocab_size")),
+        vocab_size=need("vocab_size"),
         hidden_size=hidden,
-        intermediate_size=int(need("intermediate_size")),
-        num_layers=int(need("num_hidden_layers")),
+        intermediate_size=need("intermediate_size"),
+        num_layers=need("num_hidden_layers"),
         num_heads=num_heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-        head_dim=int(hf.get("head_dim") or hidden // num_heads),
-        rope_theta=float(theta),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        num_kv_heads=size("num_key_value_heads", num_heads),
+        head_dim=head_dim or hidden // num_heads,
+        rope_theta=theta,
+        rms_norm_eps=number("rms_norm_eps", 1e-6),
+        tie_embeddings=flag("tie_word_embeddings"),
         qkv_bias=model_type == "qwen2",
         max_position_embeddings=max_positions,
     )
@@ -191,6 +238,8 @@ def config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "rope_scaling": None,
         "tie_word_embeddings": cfg.tie_embeddings,
+        # Both spellings: transformers 5 reads dtype, 4.x torch_dtype.
+        "dtype": str(jnp.dtype(cfg.param_dtype)),
         "torch_dtype": str(jnp.dtype(cfg.param_dtype)),
     }
     if qwen2:
@@ -294,16 +343,35 @@ def params_from_hf_tensors(
 
 
 def params_to_hf_tensors(params: Mapping, cfg: LlamaConfig, dtype: Any = None) -> dict[str, np.ndarray]:
-    """HF-named numpy tensors from our param tree (inverse of `params_from_hf_tensors`)."""
+    """HF-named numpy tensors from our param tree (inverse of `params_from_hf_tensors`).
+
+    Raises:
+      ValueError: `params` is not a `Decoder` param tree of `cfg` (a param
+        missing, e.g. a `RewardModel`'s tree `{"backbone", "head"}`, or of
+        another shape), naming the first such param.
+    """
+    if isinstance(params, Mapping) and "embed_tokens" not in params and "backbone" in params:
+        raise ValueError("params are a RewardModel's ({'backbone', 'head'}), not a Decoder's: "
+                         "export the backbone, params['backbone'] with the reward model's .config")
     out = {}
     for e in _hf_tensors(cfg):
         node = params
         for key in e.path:
+            if not isinstance(node, Mapping) or key not in node:
+                raise ValueError(f"params have no {'/'.join(e.path)}: expected the param tree of a "
+                                 "Decoder of this config (model.init(...)['params'])")
             node = node[key]
         value = np.asarray(jax.device_get(node))
         if dtype is not None:
             value = value.astype(jnp.dtype(dtype))
-        out[e.hf_name] = np.ascontiguousarray(e.to_hf(value))
+        try:
+            value = e.to_hf(value)
+        except ValueError:   # a reshape that does not fit
+            value = None
+        if value is None or tuple(value.shape) != e.hf_shape:
+            raise ValueError(f"param {'/'.join(e.path)} has shape {list(np.shape(node))}, which does "
+                             f"not fit the config (its HF tensor {e.hf_name} is {list(e.hf_shape)})")
+        out[e.hf_name] = np.ascontiguousarray(value)
     return out
 
 
@@ -339,6 +407,10 @@ def _safetensors_files(directory: pathlib.Path) -> list[pathlib.Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: no \"weight_map\" object (tensor name -> shard file)")
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str) or not shard or os.path.isabs(shard):
+                raise ValueError(f"{index}: weight_map[{name!r}] must be the file name of a shard "
+                                 f"in the same folder, got {shard!r}")
         files = sorted({directory / f for f in weight_map.values()})
         absent = [str(f) for f in files if not f.is_file()]
         if absent:
@@ -416,22 +488,73 @@ def load_tokenizer(directory: str | pathlib.Path):
 
     Raises:
       ValueError: "{file}: ..." for invalid JSON in tokenizer.json,
-        tokenizer_config.json or generation_config.json, or a tokenizer.json
-        the `tokenizers` library cannot load (its bare `Exception`s, e.g.
-        "Model missing"), chained to the original error.
+        tokenizer_config.json, generation_config.json or chat_template.json, a
+        chat_template.jinja that is not UTF-8 text, a field of the wrong type
+        in one of them (see `_check_tokenizer_files`), or a tokenizer.json the
+        `tokenizers` library cannot load (its bare `Exception`s, e.g. "Model
+        missing"), chained to the original error.
     """
     from jaxreward.data.tokenizer import Tokenizer
 
     directory = pathlib.Path(directory)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        if (directory / name).is_file():
-            read_json(directory / name)
+    _check_tokenizer_files(directory)
     tokenizer_json = directory / "tokenizer.json"
     try:
         return Tokenizer.from_file(tokenizer_json)
     except Exception as e:   # tokenizers raises plain Exception
         raise ValueError(f"{tokenizer_json}: cannot load the tokenizer (with tokenizer_config.json and "
                          f"generation_config.json next to it): {type(e).__name__}: {e}") from e
+
+
+def _check_tokenizer_files(directory: pathlib.Path) -> None:
+    """Refuses, naming the file and the field, what `Tokenizer.from_file`
+    would misread or silently ignore: invalid JSON or UTF-8, `add_bos_token` /
+    `add_eos_token` not a boolean, a `chat_template` neither a string nor a
+    list of {"name", "template"} objects, a special token neither a string
+    nor an {"content": str} object, token ids not integers."""
+    def fail(path, field, want, value):
+        raise ValueError(f"{path}: field {field!r} must be {want}, got {_shown(value)}")
+
+    def check_template(path, value):
+        if value is None or isinstance(value, str):
+            return
+        if (isinstance(value, list) and value and all(
+                isinstance(t, dict) and isinstance(t.get("template"), str) for t in value)):
+            return
+        fail(path, "chat_template", 'a string or a list of {"name", "template": str} objects', value)
+
+    def is_id(value):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.json"):
+        path = directory / name
+        if not path.is_file():
+            continue
+        value = read_json(path)
+        if name == "tokenizer_config.json":
+            for field in ("add_bos_token", "add_eos_token"):
+                if value.get(field) is not None and not isinstance(value[field], bool):
+                    fail(path, field, "true or false", value[field])
+            for field in ("bos_token", "eos_token", "pad_token", "unk_token"):
+                token = value.get(field)
+                if token is not None and not isinstance(token, str) and not (
+                        isinstance(token, dict) and isinstance(token.get("content"), str)):
+                    fail(path, field, 'a string or an {"content": str} object', token)
+            check_template(path, value.get("chat_template"))
+        elif name == "chat_template.json":
+            check_template(path, value.get("chat_template"))
+        elif name == "generation_config.json":
+            for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                ids = value.get(field)
+                if ids is not None and not is_id(ids) and not (
+                        isinstance(ids, list) and all(is_id(i) for i in ids)):
+                    fail(path, field, "a token id or a list of token ids", ids)
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            jinja.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{jinja}: not UTF-8 text ({e})") from e
 
 
 def save_hf_dir(path: str | pathlib.Path, cfg: LlamaConfig, params: Mapping, tokenizer=None,
@@ -443,7 +566,9 @@ def save_hf_dir(path: str | pathlib.Path, cfg: LlamaConfig, params: Mapping, tok
     Args:
       path: output directory (created).
       cfg: the model's config.
-      params: `Decoder` params (jax or numpy arrays; sharded arrays are gathered).
+      params: `Decoder` params (jax or numpy arrays; sharded arrays are
+        gathered; flax `LogicallyPartitioned` boxes, as `Decoder.init` makes
+        them, are unboxed).
       tokenizer: optional `jaxreward.data.tokenizer.Tokenizer`.
       dtype: dtype of the saved tensors (default: as the params are).
 
@@ -451,18 +576,21 @@ def save_hf_dir(path: str | pathlib.Path, cfg: LlamaConfig, params: Mapping, tok
       The directory.
 
     Raises:
+      ValueError: a non-float `dtype`, or `params` that are not a `Decoder`
+        param tree of `cfg` (see `params_to_hf_tensors`); nothing is written.
       UserError: `path` (or a parent) is a file, or the folder cannot be
         created or written; nothing is written.
     """
     import safetensors.flax
+    from flax.core import meta
 
     if dtype is not None:
         float_dtype_name(dtype)
+    tensors = params_to_hf_tensors(meta.unbox(params), cfg, dtype)
     directory = make_export_dir(path)
-    tensors = params_to_hf_tensors(params, cfg, dtype)
     hf_config = config_to_hf(cfg)
     saved_dtype = next(iter(tensors.values())).dtype
-    hf_config["torch_dtype"] = str(saved_dtype)
+    hf_config["dtype"] = hf_config["torch_dtype"] = str(saved_dtype)
     if any(v.dtype == jnp.bfloat16 for v in tensors.values()):
         # safetensors' numpy API has no bfloat16; its flax API writes the same file format.
         safetensors.flax.save_file({k: jnp.asarray(v) for k, v in tensors.items()},

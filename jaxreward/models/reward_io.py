@@ -56,8 +56,8 @@ def load_reward_model(directory: str) -> tuple[RewardModel, dict, dict]:
 
     Raises:
       FileNotFoundError: the folder or its `reward_model.json` is missing.
-      CorruptFileError: `reward_model.json` does not parse or lacks a field,
-        or a file under `params/` is missing or differs from the export
+      CorruptFileError: `reward_model.json` does not parse, lacks a field or
+        has a field of the wrong type (named; see `check_meta`), or a file under `params/` is missing or differs from the export
         (named; exports without `params_sha256`, from older versions, are
         loaded unchecked), or the params do not fit the architecture that
         `reward_model.json` describes (the first differing parameter named).
@@ -69,6 +69,7 @@ def load_reward_model(directory: str) -> tuple[RewardModel, dict, dict]:
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
+        check_meta(meta)
         rm = RewardModel(LlamaConfig(**meta["llama_config"]), num_objectives=meta["num_objectives"],
                          pooling=meta.get("pooling", "last"))
     except (ValueError, KeyError, TypeError) as e:  # bad JSON (a ValueError), missing/unknown keys
@@ -84,6 +85,63 @@ def load_reward_model(directory: str) -> tuple[RewardModel, dict, dict]:
         raise CorruptFileError(f"{path} does not describe the parameters in {directory}/params "
                                f"({mismatch}); export the reward model again")
     return rm, params, meta
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What each LlamaConfig field may hold in reward_model.json: (check, what it must be).
+_FIELD_KINDS = {
+    "int": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "int | None": (lambda v: v is None or (_is_int(v) and v > 0), "a positive integer or null"),
+    "float": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "str | None": (lambda v: v is None or isinstance(v, str), "a string or null"),
+}
+
+
+def check_meta(meta) -> None:
+    """Refuses a `reward_model.json` value of the wrong type or shape with a
+    `ValueError` naming the field (`load_reward_model` adds the file):
+    `llama_config` an object of `LlamaConfig` fields, each of its type (sizes
+    positive integers, not "2", 2.5 or true); `num_objectives` a positive
+    integer; `pooling` "last" or "mean"; `pretrained` a string;
+    `params_sha256` an object of file -> digest strings."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+    config = meta.get("llama_config")
+    if not isinstance(config, dict):
+        raise ValueError(f"field 'llama_config' must be an object of LlamaConfig fields, got {config!r}")
+    fields = {f.name: f for f in dataclasses.fields(LlamaConfig)}
+    for name, value in config.items():
+        if name not in fields:
+            raise ValueError(f"field 'llama_config.{name}' is not a LlamaConfig field")
+        kind = fields[name].type if isinstance(fields[name].type, str) else fields[name].type.__name__
+        check, what = _FIELD_KINDS.get(kind, (lambda v: True, ""))
+        if not check(value):
+            raise ValueError(f"field 'llama_config.{name}' must be {what}, got {value!r}")
+    missing = [n for n, f in fields.items() if n not in config
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"field 'llama_config' lacks {', '.join(missing)}")
+    if "num_objectives" not in meta:
+        raise ValueError("field 'num_objectives' is missing")
+    if not (_is_int(meta["num_objectives"]) and meta["num_objectives"] > 0):
+        raise ValueError(f"field 'num_objectives' must be a positive integer, got {meta['num_objectives']!r}")
+    if meta.get("pooling", "last") not in ("last", "mean"):
+        raise ValueError(f"field 'pooling' must be \"last\" or \"mean\", got {meta['pooling']!r}")
+    if not isinstance(meta.get("pretrained", ""), str):
+        raise ValueError(f"field 'pretrained' must be a string (a path or model name), got {meta['pretrained']!r}")
+    digests = meta.get("params_sha256")
+    if digests is not None and not (isinstance(digests, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in digests.items())):
+        raise ValueError("field 'params_sha256' must be an object of file name -> SHA-256 strings")
 
 
 def params_mismatch(model, params) -> str | None:

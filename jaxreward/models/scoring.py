@@ -118,6 +118,9 @@ def target_logps(logits_fn, h_BNE: Array, targets_BN: Array, *, temperature: flo
 
     Returns:
       float32 `[B, N]`.
+
+    Raises:
+      ValueError: temperature <= 0 or top_p outside (0, 1].
     """
     B, N, E = h_BNE.shape
     c = max(1, min(chunk_size, N))
@@ -169,6 +172,9 @@ def logps_from_hidden(logits_fn, h_BTE: Array, tokens_BT: Array, **kwargs) -> Ar
 
     Returns:
       float32 `[B, T]`; column T-1 is 0.
+
+    Raises:
+      ValueError: temperature <= 0 or top_p outside (0, 1].
     """
     T = h_BTE.shape[1]
     targets_BT = jnp.concatenate([tokens_BT[:, 1:], jnp.zeros_like(tokens_BT[:, :1])], axis=1)
@@ -189,7 +195,12 @@ def token_logps(model, params, tokens_BT: Array, attention_mask_BT: Array,
       float32 `[B, T]`, `logps[b, t] = log p(tokens[b, t+1] | tokens[b, :t+1])`;
       0 where token t+1 is padding (and in the last column). Ids at padded
       slots are never read.
+
+    Raises:
+      ValueError: temperature <= 0 or top_p outside (0, 1] (before the
+        forward pass).
     """
+    _check_processing(kwargs.get("temperature", 1.0), kwargs.get("top_p", 1.0))
     variables = {"params": params}
     attention_mask_BT = jnp.asarray(attention_mask_BT).astype(bool)
     # Padding ids may be anything (even out of range): read token 0 there, and
@@ -237,8 +248,10 @@ def branch_logps(model, params, tokens_BS: Array, attention_mask_BS: Array, posi
       hold the prefix's own log-probs.
 
     Raises:
-      ValueError: a `window_start_B` without a positive static int `window`.
+      ValueError: a `window_start_B` without a positive static int `window`;
+        temperature <= 0 or top_p outside (0, 1] (before the forward pass).
     """
+    _check_processing(kwargs.get("temperature", 1.0), kwargs.get("top_p", 1.0))
     if window_start_B is not None and not (isinstance(window, numbers.Integral) and window > 0):
         raise ValueError(f"branch_logps: window_start_B needs window, the static number of columns "
                          f"to score (a positive int), got window={window!r}")

@@ -457,3 +457,38 @@ def test_damaged_export_metadata_is_one_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert _last_line(proc).startswith(f"error: {folder / 'reward_model.json'} is damaged or not a "
                                        "reward-model export (JSONDecodeError")
+
+
+def test_missing_backbone_says_where_the_path_came_from(tmp_path):
+    """An export whose reward_model.json "pretrained" no longer exists (moved,
+    or a relative path from another cwd) said only "'/x/gone.gguf' is neither
+    an existing path nor a known model name", a path the user never typed.
+    Now it names reward_model.json's field and scorer.tokenizer, the way around."""
+    d = tmp_path / "reward_model"
+    d.mkdir()
+    gone = tmp_path / "gone.gguf"
+    (d / "reward_model.json").write_text(json.dumps({"pretrained": str(gone)}))
+    config = eval_config.get_config("exported")
+    config.scorer.reward_model_dir = str(d)
+    with pytest.raises(UserError) as info:
+        driver.scorer_tokenizer(config)
+    message = str(info.value)
+    assert message.startswith(f"the backbone '{gone}' named by {d / 'reward_model.json'} (field `pretrained`)")
+    assert "is neither an existing path" in message and "--config.scorer.tokenizer" in message
+
+
+def test_score_line_counts_the_rows_the_score_covers(tmp_path, capsys):
+    """With report.sections covering some subsets only, the last line said
+    "score (...) (3 rows)" while the score covered 2 of them (the third row's
+    subset is in no section)."""
+    path = _write(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "aa", "rejected": "b", "subset": "a"},
+                                         {"prompt": "q", "chosen": "a", "rejected": "bb", "subset": "a"},
+                                         {"prompt": "q", "chosen": "aa", "rejected": "b", "subset": "b"}])
+    config = _text_config([path])
+    config.report.sections = {"S": ["a"]}
+    report = driver.run(config, str(tmp_path / "wd"))
+    assert report["num_rows"] == 3 and report["score"]["num_rows"] == 2
+    assert "(2 of the 3 rows; the others are in no section)" in capsys.readouterr().out
+    report = driver.run(_text_config([path]), str(tmp_path / "wd2"))  # sections from files: all rows
+    assert report["score"]["num_rows"] == 3
+    assert re.search(r"^score \(.* \(3 rows\)$", capsys.readouterr().out, re.M)

@@ -365,6 +365,82 @@ def test_malformed_gguf_metadata_names_the_file():
     assert isinstance(err.value.__cause__, TypeError)
 
 
+def _vocab_gguf(path, merges, *, norm_dtype=np.float32):
+    """A one-layer llama GGUF (E=16, 2 heads, 1 kv head, vocab 8) with a byte-level
+    BPE vocabulary, `merges`, and output_norm.weight stored as `norm_dtype`."""
+    E, F, V, D = 16, 32, 8, 8
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_context_length(32)
+    w.add_embedding_length(E)
+    w.add_feed_forward_length(F)
+    w.add_head_count(2)
+    w.add_head_count_kv(1)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(["<|im_end|>", "a", "b", "c", "d", "e", "f", "ab"])
+    w.add_token_types([3] + [1] * (V - 1))
+    w.add_token_merges(list(merges))
+    w.add_eos_token_id(0)
+    shapes = {"token_embd.weight": (V, E), "output_norm.weight": (E,),
+              "blk.0.attn_norm.weight": (E,), "blk.0.ffn_norm.weight": (E,),
+              "blk.0.attn_q.weight": (2 * D, E), "blk.0.attn_k.weight": (D, E),
+              "blk.0.attn_v.weight": (D, E), "blk.0.attn_output.weight": (E, 2 * D),
+              "blk.0.ffn_gate.weight": (F, E), "blk.0.ffn_up.weight": (F, E),
+              "blk.0.ffn_down.weight": (E, F)}
+    for name, shape in shapes.items():
+        dtype = norm_dtype if name == "output_norm.weight" else np.float32
+        w.add_tensor(name, rng.standard_normal(shape).astype(dtype))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_merge_naming_unknown_token_is_one_line_naming_the_file(tmp_path):
+    """tokenizer.ggml.merges naming a token missing from tokenizer.ggml.tokens:
+    `tokenizers` raises a plain `Exception` ("Error while initializing BPE:
+    Token `zz` out of vocabulary"), which used to escape `_naming_file` (it
+    caught TypeError/ValueError/...) and the CLI showed a traceback."""
+    from jaxreward.errors import UserError
+    _, _, tok = jaxreward.load_pretrained(_vocab_gguf(tmp_path / "ok.gguf", ["a b"]))  # control
+    assert tok.encode("ab") == [7]
+    path = _vocab_gguf(tmp_path / "badmerge.gguf", ["a b", "zz yy"])
+    with pytest.raises(UserError, match=r"badmerge\.gguf: tokenizer\.ggml\.merges does not fit "
+                                        r"tokenizer\.ggml\.tokens \(.*zz.* out of vocabulary\)"):
+        jaxreward.load_pretrained(path)
+    # Any plain Exception of `tokenizers` under _naming_file names the file too.
+    def plain(reader, source):
+        raise Exception("Token `q` out of vocabulary")
+    with pytest.raises(ValueError, match=r"^f\.gguf: invalid GGUF metadata \(Token `q`"):
+        gguf_io._naming_file(plain, None, "f.gguf")
+
+
+@pytest.mark.parametrize("dtype, type_name", [(np.float64, "F64"), (np.int32, "I32"), (np.int8, "I8")])
+def test_gguf_tensor_type_gguf_cannot_dequantize_names_file_and_tensor(tmp_path, dtype, type_name):
+    """A tensor of a type `gguf.quants.dequantize` does not implement (F64,
+    I8..I64, Q8_1, Q8_K, Q1_0) used to escape as a bare NotImplementedError
+    ("Dequantization for F64 is not yet implemented") without file or tensor,
+    after the tensors before it were read. Now refused before any is read."""
+    path = _vocab_gguf(tmp_path / "odd.gguf", ["a b"], norm_dtype=dtype)
+    with pytest.raises(ValueError, match=rf"odd\.gguf: tensor output_norm\.weight is of type {type_name}, "
+                                         "which cannot be dequantized"):
+        jaxreward.load_pretrained(path)
+    T = gguf.GGMLQuantizationType
+    assert not any(gguf_io.dequantizable(t) for t in (T.F64, T.I8, T.I16, T.I32, T.I64, T.Q8_1, T.Q8_K))
+    assert all(gguf_io.dequantizable(t) for t in (T.F32, T.F16, T.BF16, T.Q4_1, T.Q8_0, T.Q4_K))
+
+
+def test_uppercase_gguf_suffix_is_read(tmp_path):
+    """A GGUF named `OK.GGUF` was refused ("expected an HF checkpoint directory
+    or a .gguf file"): the suffix test was case-sensitive."""
+    _, _, tok = jaxreward.load_pretrained(_vocab_gguf(tmp_path / "OK.GGUF", ["a b"]))
+    assert tok.encode("ab") == [7]
+
+
 # ---------------------------------------------------------------- stop ids
 
 def test_stop_ids_agree_between_gguf_and_hf_dir(tiny_models, tmp_path):

@@ -6,8 +6,10 @@ biases) models are built with transformers, saved with `save_pretrained`
 `jaxreward.load_pretrained`. The reference logits are HF's, one unpadded
 sequence at a time; ours come from one padded batch (both padding sides).
 """
+import dataclasses
 import json
 import pathlib
+import re
 
 import flax
 import jax
@@ -203,6 +205,10 @@ def test_bf16_sharded_checkpoint(tmp_path):
 
     # bf16 params export as bf16 safetensors that transformers and we read back exactly.
     out = jaxreward.save_pretrained(tmp_path / "export16", model, params16)
+    # The saved dtype under both spellings: transformers 5 reads dtype, 4.x torch_dtype.
+    written = json.loads((out / "config.json").read_text())
+    assert written["dtype"] == written["torch_dtype"] == "bfloat16"
+    assert transformers.AutoConfig.from_pretrained(out).dtype == torch.bfloat16
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     for name, value in reloaded.state_dict().items():
         np.testing.assert_array_equal(value.float().numpy(), state[name], err_msg=name)
@@ -295,7 +301,7 @@ def _tiny_dir(directory: pathlib.Path, *, config=None, tokenizer_json=None) -> p
     ('{"model_type": "llama",', "invalid JSON (Expecting property name", json.JSONDecodeError),
     ("[1, 2]", "expected a JSON object at the top level, got list", type(None)),
     (json.dumps(dict(model_type="llama", vocab_size=50, **{**TINY["llama"]["kwargs"], "hidden_size": "big"})),
-     "invalid field value (ValueError: invalid literal for int()", ValueError),
+     "field 'hidden_size' must be a positive integer, got \"big\"", type(None)),
 ])
 def test_bad_config_json_names_the_file(tmp_path, text, message, cause):
     _tiny_dir(tmp_path, config=text)
@@ -411,3 +417,161 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
     _tiny_dir(tmp_path)   # vocab_size 50 < size
     with pytest.raises(UserError, match=rf"the tokenizer has {size} tokens but the model's embedding 50 rows"):
         jaxreward.load_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("hidden_size", 16.7), ("num_hidden_layers", True), ("vocab_size", "50"), ("intermediate_size", -96),
+    ("head_dim", 0), ("num_key_value_heads", 0), ("max_position_embeddings", 128.0),
+])
+def test_non_integer_or_non_positive_size_in_config_json_is_refused(tmp_path, field, value):
+    """Size fields of config.json used to go through int() or `or`: "hidden_size":
+    16.7 was truncated to 16, "num_hidden_layers": true read as 1, and
+    "head_dim": 0 / "num_key_value_heads": 0 treated as absent (derived or
+    num_heads), all silently. Now one line names the file and the field."""
+    config = dict(model_type="llama", vocab_size=50, **TINY["llama"]["kwargs"])
+    config[field] = value
+    _tiny_dir(tmp_path, config=json.dumps(config))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'config.json'))}: field '{field}' "
+                                         rf"must be a positive integer, got {re.escape(json.dumps(value))}$"):
+        jaxreward.load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("rms_norm_eps", "1e-5", "field 'rms_norm_eps' must be a positive number"),
+    ("rope_theta", 0, "field 'rope_theta' must be a positive number"),
+    ("tie_word_embeddings", "no", "field 'tie_word_embeddings' must be true or false"),
+])
+def test_wrong_typed_config_fields_are_refused(field, value, message):
+    """Other fields of the wrong type were coerced (float("1e-5"), bool("no") = True)."""
+    config = dict(model_type="llama", vocab_size=50, **{**TINY["llama"]["kwargs"], field: value})
+    with pytest.raises(ValueError, match=rf"^c/config.json: {message}"):
+        hf_io.config_from_hf(config, source="c/config.json")
+
+
+def test_shard_index_with_non_string_file_names_the_index(tmp_path):
+    """A model.safetensors.index.json whose weight_map maps a tensor to a
+    non-string ({"lm_head.weight": 3}) raised a bare TypeError ("unsupported
+    operand type(s) for /: 'PosixPath' and 'int'") from _safetensors_files."""
+    _tiny_dir(tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "model-00001-of-00001.safetensors")
+    index = tmp_path / "model.safetensors.index.json"
+    for shard in (3, None, ""):
+        index.write_text(json.dumps({"weight_map": {"lm_head.weight": shard}}))
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(index))}: weight_map\['lm_head.weight'\] "
+                                             "must be the file name of a shard"):
+            jaxreward.load_pretrained(tmp_path)
+
+
+def _plain_tokenizer_dir(directory: pathlib.Path) -> pathlib.Path:
+    import tokenizers
+    from tokenizers import models, pre_tokenizers
+
+    directory.mkdir(exist_ok=True)
+    hf = tokenizers.Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    hf.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+def test_chat_template_file_errors_name_that_file(tmp_path):
+    """A broken chat_template.json (invalid JSON) or a chat_template.jinja that
+    is not UTF-8 was reported as a problem of tokenizer.json ("tokenizer.json:
+    cannot load the tokenizer ... JSONDecodeError"): load_tokenizer pre-checked
+    tokenizer.json, tokenizer_config.json and generation_config.json only."""
+    d = _plain_tokenizer_dir(tmp_path / "tok")
+    (d / "chat_template.json").write_text("{")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(d / 'chat_template.json'))}: invalid JSON"):
+        hf_io.load_tokenizer(d)
+    (d / "chat_template.json").write_text('{"chat_template": 5}')
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(d / 'chat_template.json'))}: field 'chat_template'"):
+        hf_io.load_tokenizer(d)
+    (d / "chat_template.json").unlink()
+    (d / "chat_template.jinja").write_bytes(b"\xff{{ messages }}")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(d / 'chat_template.jinja'))}: not UTF-8 text"):
+        hf_io.load_tokenizer(d)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("tokenizer_config.json", {"add_bos_token": "yes"}, "field 'add_bos_token' must be true or false, got \"yes\""),
+    ("tokenizer_config.json", {"chat_template": 5}, "field 'chat_template' must be a string or a list"),
+    ("tokenizer_config.json", {"chat_template": [{"name": "default"}]}, "field 'chat_template' must be"),
+    ("tokenizer_config.json", {"eos_token": 7}, "field 'eos_token' must be a string or an"),
+    ("generation_config.json", {"eos_token_id": "x"}, "field 'eos_token_id' must be a token id or a list"),
+])
+def test_wrong_typed_tokenizer_fields_are_refused(tmp_path, name, content, message):
+    """tokenizer_config.json's "add_bos_token": "yes" was silently ignored (the
+    post-processor decided instead) and "chat_template": 5 silently dropped
+    (no template); now each wrong type is one line naming file and field."""
+    d = _plain_tokenizer_dir(tmp_path / "tok")
+    (d / name).write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(d / name))}: {re.escape(message)}"):
+        hf_io.load_tokenizer(d)
+
+
+def test_missing_path_message_has_no_posixpath_repr(tmp_path):
+    """load_pretrained(pathlib.Path(...)) of a missing path said
+    "PosixPath('/.../nope') is neither an existing path ..."."""
+    with pytest.raises(FileNotFoundError) as info:
+        jaxreward.load_pretrained(tmp_path / "nope")
+    assert str(info.value).startswith(f"'{tmp_path / 'nope'}' is neither an existing path")
+
+
+def _decoder_and_boxed_params():
+    from jaxreward.models.llama import Decoder, LlamaConfig
+    cfg = LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                      num_kv_heads=1, max_position_embeddings=32)
+    decoder = Decoder(cfg)
+    return decoder, decoder.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"]
+
+
+def test_save_pretrained_accepts_params_straight_from_init(tmp_path):
+    """`Decoder.init(...)["params"]` holds flax `LogicallyPartitioned` boxes;
+    save_pretrained passed them to numpy as they were and failed with
+    "ValueError: cannot reshape array of size 1 into shape (16,16)". They are
+    unboxed now."""
+    decoder, boxed = _decoder_and_boxed_params()
+    assert any(isinstance(x, flax.core.meta.Partitioned)
+               for x in jax.tree.leaves(boxed, is_leaf=lambda x: hasattr(x, "unbox")))
+    jaxreward.save_pretrained(tmp_path / "out", decoder, boxed)
+    _, loaded, _ = jaxreward.load_pretrained(tmp_path / "out")
+    jax.tree.map(np.testing.assert_array_equal, loaded, flax.core.meta.unbox(boxed))
+
+
+def test_save_pretrained_of_a_reward_model_says_to_pass_the_backbone(tmp_path):
+    """save_pretrained given a RewardModel's params ({"backbone", "head"}) failed
+    with KeyError 'embed_tokens', given the RewardModel itself with a flax
+    AttributeError, and given params of another shape with "cannot reshape"."""
+    from jaxreward.models.heads import RewardModel
+    decoder, boxed = _decoder_and_boxed_params()
+    rm = RewardModel(decoder.config)
+    params = flax.core.meta.unbox(rm.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"])
+    with pytest.raises(ValueError, match=r"params are a RewardModel's .*params\['backbone'\] with the "
+                                         r"reward model's \.config"):
+        jaxreward.save_pretrained(tmp_path / "a", rm.config, params)
+    with pytest.raises(ValueError, match=r"not a RewardModel: pass its backbone, "
+                                         r"save_pretrained\(path, rm\.config, params\['backbone'\]\)"):
+        jaxreward.save_pretrained(tmp_path / "b", rm, params["backbone"])
+    with pytest.raises(ValueError, match="must be a Decoder or a LlamaConfig, got dict"):
+        jaxreward.save_pretrained(tmp_path / "c", {"hidden_size": 16}, params["backbone"])
+    del params["backbone"]["norm"]
+    with pytest.raises(ValueError, match=r"params have no norm/scale"):
+        jaxreward.save_pretrained(tmp_path / "d", rm.config, params["backbone"])
+    wider = dataclasses.replace(rm.config, hidden_size=32)
+    with pytest.raises(ValueError, match=r"param embed_tokens/embedding has shape \[8, 16\], which does not "
+                                         r"fit the config"):
+        jaxreward.save_pretrained(tmp_path / "e", wider, flax.core.meta.unbox(boxed))
+    assert not any((tmp_path / n).exists() for n in "abcde")   # nothing written
+
+
+def test_save_pretrained_nan_message_is_neutral(tmp_path):
+    """NaN params in save_pretrained said "the run diverged; try a lower
+    optimizer.learning_rate in a new --workdir", advice for a training
+    driver's command line, even when called from Python. It names the param."""
+    from jaxreward.errors import DivergedError
+    decoder, boxed = _decoder_and_boxed_params()
+    params = flax.core.meta.unbox(boxed)
+    params["norm"]["scale"] = params["norm"]["scale"].at[3].set(jnp.nan)
+    with pytest.raises(DivergedError) as info:
+        jaxreward.save_pretrained(tmp_path / "out", decoder, params)
+    assert str(info.value) == "non-finite value (NaN or inf) in param norm/scale (export not written)"
+    assert not (tmp_path / "out").exists()

@@ -97,13 +97,35 @@ def read_prompts(path: str, on_error: str = "skip") -> list[str]:
       DataError: on_error="raise": the first bad line, naming file, line and field.
       UserError: no usable prompt in the file.
     """
+    return read_prompt_split(path, on_error)["texts"]
+
+
+def read_prompt_split(path: str, on_error: str = "skip") -> dict:
+    """`read_prompts`' prompts as a split of `rollout.prompt_set`: `texts`,
+    `sources` (file:line) and `columns` (`answer`, where the file gives
+    answers; none for the built-in list), for the text rewards."""
     if not path:
-        return list(BUILTIN_PROMPTS)
+        return {"texts": list(BUILTIN_PROMPTS), "sources": [None] * len(BUILTIN_PROMPTS), "columns": {}}
     records, report = read_prompts_file(path, on_error=on_error)
     if not records:
         raise UserError(f"config field prompts_path: no prompt left to sample from; {report.summary()}")
     print(report.summary())
-    return [r.prompt for r in records]
+    answers = [r.answer for r in records]
+    return {"texts": [r.prompt for r in records], "sources": [r.source for r in records],
+            "columns": {"answer": answers} if any(a is not None for a in answers) else {}}
+
+
+def text_reward_rows(tokenizer, name: str, columns: dict, first: int, n: int):
+    """The `best_of_n` reward function of the registered text reward `name`
+    for the prompts `first`, `first + 1`, …: row r (sample r % n of prompt
+    first + r // n) is scored on its decoded prompt and response, with that
+    prompt's `columns` (e.g. its `answer`), one row per call."""
+    text_fn = rewards.get(name)
+
+    def fn(prompt: str, response: str, row: int) -> float:
+        cols = {k: [v[first + row // n]] for k, v in columns.items()}
+        return float(rewards.call(text_fn, [prompt], [response], cols)[0])
+    return text_reward_fn(tokenizer.decode, fn, with_row=True)
 
 
 def prompt_length_cap(config: ml_collections.ConfigDict, max_positions: int) -> int:
@@ -127,7 +149,11 @@ def prompt_length_cap(config: ml_collections.ConfigDict, max_positions: int) -> 
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-    prompts = read_prompts(config.prompts_path, config.on_error)  # a bad file fails before the model loads
+    split = read_prompt_split(config.prompts_path, config.on_error)  # a bad file fails before the model loads
+    prompts = split["texts"]
+    if not config.reward_model_dir:  # a reward that cannot score these prompts (e.g. no answers), up front
+        rollout.check_text_rewards([(config.text_reward, 1.0)], {"prompts": split}, field="text_reward",
+                                   before="the policy loads")
     policy, params, tokenizer = jaxreward.load_pretrained(config.model.pretrained,
                                                           dtype=config.model.dtype)
     if tokenizer is None:
@@ -150,9 +176,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             config, config.reward_model_dir, policy.config.vocab_size, objective=config.objective)
     else:
         # Without a trained RM, a registered Python text reward ranks the samples.
-        text_fn = rewards.get(config.text_reward)
-        reward_fn = text_reward_fn(
-            tokenizer.decode, lambda p, r: float(rewards.call(text_fn, [p], [r])[0]))
+        reward_fn = None  # per prompt batch, with its rows of the prompt file's columns (answers)
         reward_name = f"text reward {config.text_reward!r} (no reward_model_dir given)"
     print(f"policy {config.model.pretrained}; ranking {config.n} samples per prompt by {reward_name}")
 
@@ -160,7 +184,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     rows = []
     for lo, (tokens, mask, _) in zip(starts, encoded):
         batch = prompts[lo:lo + bs]
-        out = best_of_n(policy, params, tokens, mask, reward_fn, n=config.n,
+        batch_fn = reward_fn or text_reward_rows(tokenizer, config.text_reward, split["columns"], lo, config.n)
+        out = best_of_n(policy, params, tokens, mask, batch_fn, n=config.n,
                         rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), lo),
                         max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                         top_k=s.top_k, top_p=s.top_p, stop_ids=tokenizer.stop_ids,

@@ -82,10 +82,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise defaults.ConfigError("config field data.num_eval_pairs=0 holds out no pairs and "
                                        "data.eval_path is empty: the run needs held-out pairs")
     if not config.model.pretrained:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                     "num_heads", "num_kv_heads"):
-            defaults.check_int(config, f"model.arch.{name}", 1)
-        defaults.check_float(config, "model.arch.rope_theta", 0.0, low_open=True)
+        defaults.check_arch(config)
         if config.data.source != "synthetic":
             raise defaults.ConfigError(f"config field model.pretrained is empty, but data.source="
                                        f"{config.data.source} needs the checkpoint's tokenizer")

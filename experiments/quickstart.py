@@ -62,10 +62,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     pairwise.pair_loss(config.loss.name)
     for name in ("synthetic.prompt_length", "synthetic.response_length", "synthetic.num_train_pairs",
                  "synthetic.num_eval_pairs", "best_of_n.num_prompts", "best_of_n.max_n",
-                 "reward.num_objectives", "model.vocab_size", "model.hidden_size",
-                 "model.intermediate_size", "model.num_layers", "model.num_heads",
-                 "model.num_kv_heads"):
+                 "reward.num_objectives"):
         defaults.check_int(config, name, 1)
+    defaults.check_arch(config, "model")  # the decoder's sizes, head size, rope_theta
     defaults.check_int(config, "reward.trainable_blocks", -1)
     defaults.check_best_of_n_max_n(config, "best_of_n.max_n", off=False)
     defaults.check_at_least_one_batch(config, "synthetic.num_train_pairs", "data.batch_size")
@@ -74,7 +73,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     defaults.check_float(config, "ensemble.std_coef", 0.0)
     defaults.check_float(config, "synthetic.label_beta", 0.0)
     defaults.check_float(config, "synthetic.temperature", 0.0, low_open=True)
-    defaults.check_float(config, "model.rope_theta", 0.0, low_open=True)
 
 
 def model_config(config: ml_collections.ConfigDict) -> LlamaConfig:

@@ -49,9 +49,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         defaults.check_path(config, "data.train_path", required=True)
         defaults.check_path(config, "data.eval_path")
     if not config.model.pretrained:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                     "num_heads", "num_kv_heads"):
-            defaults.check_int(config, f"model.arch.{name}", 1)
+        defaults.check_arch(config)
         if config.data.source != "synthetic":
             raise defaults.ConfigError(f"config field model.pretrained is empty, but data.source="
                                        f"{config.data.source} needs the checkpoint's tokenizer")

@@ -89,9 +89,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             defaults.check_int(config, f"synthetic.{name}", 1)
         defaults.check_float(config, "synthetic.noise_std", 0.0)
     if not config.model.pretrained:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                     "num_heads", "num_kv_heads"):
-            defaults.check_int(config, f"model.arch.{name}", 1)
+        defaults.check_arch(config)
         if config.data.source == "jsonl":
             raise defaults.ConfigError("config field model.pretrained is empty, but data.source=jsonl "
                                        "needs the checkpoint's tokenizer")

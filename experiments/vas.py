@@ -275,7 +275,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     prompts = rollout.prompt_set(config, tokenizer, task)
     train_p, eval_p = prompts["train"], prompts["eval"]
     if len(train_p["tokens"]) > d.num_prompts:  # a prompt file: its first data.num_prompts train prompts
-        train_p = {**{x: train_p[x][:d.num_prompts] for x in ("tokens", "mask", "texts")},
+        train_p = {**{x: train_p[x][:d.num_prompts] for x in ("tokens", "mask", "texts", "sources")},
                    "columns": {x: y[:d.num_prompts] for x, y in train_p["columns"].items()}}
         prompts = {"train": train_p, "eval": eval_p}
     rollout.check_prompts_fit(config, prompts, policy)
@@ -309,7 +309,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return out
     t0 = time.perf_counter()
     if os.path.exists(path):  # reuse, or say which settings differ (the file is never touched)
-        stored_key, cache = pref.read_cache(path, "policy samples")
+        if ro.samples_path:  # the user's file: name the field, and advice that passes check_config
+            stored_key, cache = pref.read_cache(
+                path, "policy samples", field="rollout.samples_path",
+                advice=f"point rollout.samples_path at the {SAMPLES_FILE} of a VAS run, or set it to '' to "
+                       "draw new samples")
+        else:
+            stored_key, cache = pref.read_cache(path, "policy samples")
         if stored_key != key:
             stored_meta = json.loads(str(cache["__meta__"])) if "__meta__" in cache else {}
             diff = [f"{k}: {stored_meta.get(k, '?')} -> {meta[k]}" for k in meta if stored_meta.get(k) != meta[k]]
@@ -574,7 +580,8 @@ def plot_composition(path: str, rows: list[dict], name_a: str, name_b: str) -> N
 
 def _samples_key(config, params, tokenizer, prompts: dict, sampling: dict) -> tuple[str, dict]:
     """`(sha256, settings)`: what the samples depend on, as a flat dict of
-    strings (policy weights and architecture, tokenizer, prompts, sampling
+    strings (policy weights and architecture (`config.model` but its
+    value-model-only `remat`), tokenizer, prompts, sampling
     settings, samples per prompt, seed, reward settings and a reward-model
     export's digests), and the sha256 of it. The dict is stored with the
     samples so a mismatch can name the settings that differ."""
@@ -590,7 +597,9 @@ def _samples_key(config, params, tokenizer, prompts: dict, sampling: dict) -> tu
         for k in ("tokens", "mask"):
             pref._update_array(digest, f"{name}/{k}", prompts[name][k])
     short = lambda x: json.dumps(x, default=str, sort_keys=True)
-    meta = {"policy weights": pref.params_digest(params)[:16], "model": short(config.model.to_dict()),
+    # model.remat only changes how the value model's backward runs, never the policy's samples.
+    model = {x: y for x, y in config.model.to_dict().items() if x != "remat"}
+    meta = {"policy weights": pref.params_digest(params)[:16], "model": short(model),
             "tokenizer": tokenizer_fingerprint(tokenizer)[:16] if tokenizer is not None else "",
             "prompts": digest.hexdigest()[:16], "sampling": short(sampling),
             "rollout.samples_per_prompt": str(config.rollout.samples_per_prompt),

@@ -7,6 +7,7 @@ takes about a second.
 """
 import gzip
 import os
+import re
 import subprocess
 import sys
 
@@ -167,6 +168,7 @@ def test_bad_flags_and_overrides_are_one_line(tmp_path):
 
 TOY_DRIVER = """
 import os
+import re
 from jaxreward.data.chat_template import ChatTemplateError
 from jaxreward.data.preference import DataError
 from jaxreward.errors import CorruptFileError, UserError
@@ -355,15 +357,18 @@ def _prompt_file(path, n):
      "rollout.prompts_per_step to at most 3 or give more prompts"),
     ("rl", "smollm2_arith", {"data.source": "jsonl", "data.num_eval_prompts": 2},
      "config field rollout.prompts_per_step=4 is more than the at most 3 train prompts: data.prompts_path="
-     "'{path}' has 5 non-blank line(s), 2 held out for eval (data.num_eval_prompts=2); lower "
+     "'{path}' has 5 non-blank line(s) (usable prompts are counted after the model loads), "
+     "2 held out for eval (data.num_eval_prompts=2); lower "
      "rollout.prompts_per_step to at most 3 or give more prompts"),
     ("ppo", "smollm2_hh", {"data.source": "jsonl", "data.num_eval_prompts": 16, "reward.kind": "text",
              "value.init": "policy"},
      "config field rollout.prompts_per_step=8 is more than the at most 3 train prompts: data.prompts_path="
-     "'{path}' has 5 non-blank line(s), 2 held out for eval (data.num_eval_prompts=16)"),
+     "'{path}' has 5 non-blank line(s) (usable prompts are counted after the model loads), "
+     "2 held out for eval (data.num_eval_prompts=16)"),
     ("vas", "smollm2_hh", {"data.source": "jsonl", "data.num_eval_prompts": 1, "reward.kind": "text"},
      "config field data.batch_size=16 is more than the 8 train samples (at most 4 train prompts: "
-     "data.prompts_path='{path}' has 5 non-blank line(s), 1 held out for eval (data.num_eval_prompts=1), "
+     "data.prompts_path='{path}' has 5 non-blank line(s) (usable prompts are counted after the model loads), "
+     "1 held out for eval (data.num_eval_prompts=1), "
      "× rollout.samples_per_prompt=2); lower data.batch_size to at most 8"),
 ])
 def test_too_few_prompts_for_one_step_are_refused_before_any_model_loads(tmp_path, file, variant, overrides,
@@ -432,3 +437,29 @@ def test_a_global_batch_that_does_not_divide_among_the_processes_is_refused(monk
     config = _config(file, variant, **{"data.batch_size": 16})
     main.check_config(config)
     assert defaults.per_process_batch(config) == 4
+
+
+@pytest.mark.parametrize("file, variant", [("rl", "synthetic"), ("ppo", "synthetic"), ("vas", "synthetic"),
+                                           ("dpo", "synthetic"), ("reward_model", "synthetic"),
+                                           ("reward_model_rated", "synthetic")])
+@pytest.mark.parametrize("field, value, message", [
+    ("vocab_size", 1, "config field model.arch.vocab_size must be an integer >= 2, got 1"),
+    ("num_kv_heads", 3, "config field model.arch.num_kv_heads=3: model.arch.num_heads=4 must be a multiple"),
+    ("hidden_size", 1, "config field model.arch.hidden_size=1: the head size hidden_size // num_heads = 0"),
+    ("hidden_size", 12, "the head size hidden_size // num_heads = 3 (num_heads=4) must be even"),
+])
+def test_an_impossible_random_decoder_is_refused_by_every_driver_that_builds_one(file, variant, field, value,
+                                                                                   message):
+    # Was a ~28-line traceback once the model was built (CountingTask, LlamaConfig, a zero head size) in
+    # the RL/PPO/VAS drivers; DPO and the reward models checked only that the sizes were >= 1.
+    config = _config(file, variant, **{f"model.arch.{field}": value})
+    with pytest.raises(defaults.ConfigError, match=re.escape(message)):
+        main.check_config(config)
+
+
+def test_quickstart_decoder_sizes_are_checked_alike():
+    # Quickstart keeps the decoder's fields under `model` itself; num_kv_heads=3 was a LlamaConfig traceback.
+    config = _config("quickstart", "tiny", **{"model.num_kv_heads": 3})
+    with pytest.raises(defaults.ConfigError, match=re.escape("config field model.num_kv_heads=3: model.num_heads=2 "
+                                                             "must be a multiple")):
+        main.check_config(config)

@@ -116,6 +116,9 @@ class ReadReport:
     blank: int = 0  # blank lines, ignored and not counted as errors
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # label -> count
     examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # label -> ["file:line"]
+    # prompts_only=True: lines kept for their prompt alone (counted in `kept`), label -> count / examples.
+    prompt_only: dict[str, int] = dataclasses.field(default_factory=dict)
+    prompt_only_examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     @property
     def num_skipped(self) -> int:
@@ -127,10 +130,23 @@ class ReadReport:
         if len(examples) < _EXAMPLES_PER_REASON:
             examples.append(source)
 
+    def add_prompt_only(self, error: "DataError", source: str) -> None:
+        self.prompt_only[error.label] = self.prompt_only.get(error.label, 0) + 1
+        examples = self.prompt_only_examples.setdefault(error.label, [])
+        if len(examples) < _EXAMPLES_PER_REASON:
+            examples.append(source)
+
     def summary(self) -> str:
         """One line, e.g. "read 10 lines (hh): kept 8, skipped 2 (prompt mismatch: 2 [f:3, f:7]);
         1 blank line ignored"."""
         text = f"{self.path}: read {self.lines} lines ({self.fmt or 'format unknown'}): kept {self.kept}"
+        if self.prompt_only:
+            parts = []
+            for label, count in sorted(self.prompt_only.items(), key=lambda kv: (-kv[1], kv[0])):
+                shown = self.prompt_only_examples[label]
+                more = ", ..." if count > len(shown) else ""
+                parts.append(f"{label}: {count} [{', '.join(shown)}{more}]")
+            text += f" ({sum(self.prompt_only.values())} for the prompt only: " + "; ".join(parts) + ")"
         text += f", skipped {self.num_skipped}"
         if self.skipped:
             parts = []
@@ -151,6 +167,7 @@ def read_preference_pairs(
     on_error: str = "skip",
     render_chat: RenderChat | None = None,
     hh_as_chat: bool = False,
+    prompts_only: bool = False,
 ) -> tuple[list[PreferencePair], ReadReport]:
     """Reads preference pairs from a `.jsonl` or `.jsonl.gz` file.
 
@@ -165,6 +182,12 @@ def read_preference_pairs(
         normally `tokenizer.apply_chat_template`; needed for chat formats and
         for `hh_as_chat`.
       hh_as_chat: render HH transcripts' prompts as chat (see module doc).
+      prompts_only: for a reader of the prompts alone (e.g. the prompts of
+        VAS or the RL drivers): a line whose only fault is in its responses
+        (an empty response, or a prompt mismatch, where the prompt is taken
+        from `chosen`) is kept with its prompt and empty responses, and
+        counted in the report (`prompt_only`). Pair readers (reward model,
+        DPO) leave it False.
 
     Returns:
       (pairs, report): the valid pairs in file order, and a `ReadReport`.
@@ -211,8 +234,18 @@ def read_preference_pairs(
                 prompt, chosen, rejected = _PARSERS[report.fmt](obj, render_chat, hh_as_chat)
                 subset = _field(obj, "subset", str) if "subset" in obj else None
             except _Bad as bad:
-                report.fmt = fmt  # a bad line does not decide the format of the lines after it
                 error = DataError(str(path), lineno, bad.field, bad.reason, bad.detail)
+                if prompts_only and bad.reason in ("empty response", "prompt mismatch"):
+                    try:
+                        prompt = _PROMPT_PARSERS[report.fmt](obj, render_chat, hh_as_chat)
+                    except _Bad:
+                        prompt = None
+                    if prompt is not None:
+                        pairs.append(PreferencePair(prompt, "", "", source, None))
+                        report.kept += 1
+                        report.add_prompt_only(error, source)
+                        continue
+                report.fmt = fmt  # a bad line does not decide the format of the lines after it
                 if on_error == "raise":
                     raise error from None
                 report.add_error(error, source)
@@ -473,4 +506,44 @@ _PARSERS = {
     "trl": _parse_trl,
     "trl_chat": _parse_trl_chat,
     "trl_implicit": _parse_trl_implicit,
+}
+
+
+# ------------------------------------------------------ prompts of bad pairs
+
+
+def _prompt_hh(obj, render_chat, hh_as_chat):
+    prompt, _ = _split_hh(_field(obj, "chosen", str), "chosen")
+    if not _HH_TURN.sub("", prompt).strip():
+        raise _Bad("chosen", "empty prompt")
+    return _render(render_chat, _hh_messages(prompt)) if hh_as_chat else prompt
+
+
+def _prompt_trl(obj, render_chat, hh_as_chat):
+    prompt = _field(obj, "prompt", str)
+    if not prompt.strip():
+        raise _Bad("prompt", "empty prompt")
+    return prompt
+
+
+def _prompt_trl_chat(obj, render_chat, hh_as_chat):
+    prompt = _messages(_field(obj, "prompt", list), "prompt")
+    if not prompt:
+        raise _Bad("prompt", "empty prompt")
+    return _render(render_chat, prompt)
+
+
+def _prompt_trl_implicit(obj, render_chat, hh_as_chat):
+    chosen = _messages(_field(obj, "chosen", list), "chosen")
+    if len(chosen) < 2 or chosen[-1]["role"] != "assistant":
+        raise _Bad("chosen", "empty prompt")
+    return _render(render_chat, chosen[:-1])
+
+
+# The prompt of a line whose responses are at fault (`read_preference_pairs(prompts_only=True)`).
+_PROMPT_PARSERS = {
+    "hh": _prompt_hh,
+    "trl": _prompt_trl,
+    "trl_chat": _prompt_trl_chat,
+    "trl_implicit": _prompt_trl_implicit,
 }

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxreward.sampling.sampler import SampleBatch, SampleOutput, generate
+from jaxreward.sampling.sampler import SampleBatch, SampleOutput, check_integer, generate
 
 Array = jax.Array
 RewardFn = Callable[[SampleBatch], Array]
@@ -105,13 +105,12 @@ def best_of_n(model, params, prompt_tokens: Array, prompt_mask: Array, reward_fn
       `BestOfNOutput`. Ties go to the lowest sample index.
 
     Raises:
-      ValueError: n < 1, reward_chunk_size not an integer >= 1, reward_fn
+      ValueError: n not an integer >= 1, reward_chunk_size not an integer >= 1, reward_fn
         returns the wrong shape (for the whole batch or for any chunk) or a
         NaN reward (checked on the host), plus everything `generate` raises.
       TypeError: num_samples passed in sampling_kwargs (use n).
     """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    check_integer("n", n, 1)  # before sampling: n = 2.5 would otherwise be blamed on reward_fn
     if reward_chunk_size is not None and (isinstance(reward_chunk_size, bool)
                                           or not isinstance(reward_chunk_size, (int, np.integer))
                                           or reward_chunk_size < 1):
@@ -162,22 +161,24 @@ def reward_model_fn(reward_model, reward_params, objective: int = 0) -> RewardFn
 
 
 def text_reward_fn(tokenizer_decode: Callable[[list[int]], str],
-                   fn: Callable[[str, str], float]) -> RewardFn:
+                   fn: Callable[..., float], with_row: bool = False) -> RewardFn:
     """Adapter: a Python function of the decoded (prompt, response) text.
 
     Args:
       tokenizer_decode: token ids -> text, e.g. `Tokenizer.decode`. It gets
         only the real tokens (by mask); the stop token is included in the
         response ids.
-      fn: (prompt_text, response_text) -> float reward.
+      fn: (prompt_text, response_text) -> float reward; with `with_row`,
+        (prompt_text, response_text, row) with the row's index in the batch
+        (row b * N + j is sample j of prompt b), e.g. to look up the prompt's answer.
 
     Runs on the host, one call per row.
     """
     def reward(batch: SampleBatch) -> Array:
         pt, pm = np.asarray(batch.prompt_tokens_RP), np.asarray(batch.prompt_mask_RP)
         rt, rm = np.asarray(batch.response_tokens_RM), np.asarray(batch.response_mask_RM)
-        out = [fn(tokenizer_decode(pt[i][pm[i]].tolist()), tokenizer_decode(rt[i][rm[i]].tolist()))
-               for i in range(pt.shape[0])]
+        out = [fn(tokenizer_decode(pt[i][pm[i]].tolist()), tokenizer_decode(rt[i][rm[i]].tolist()),
+                  *((i,) if with_row else ())) for i in range(pt.shape[0])]
         return jnp.asarray(np.asarray(out, np.float32).reshape(pt.shape[0]))
 
     return reward
@@ -192,15 +193,27 @@ def proxy_gold_curve(proxy_BN, gold_BN, max_n: int) -> list[dict]:
     Overoptimization" (Gao et al., 2022).
 
     Args:
-      proxy_BN, gold_BN: float `[B, max_n]` rewards of the same samples.
-      max_n: the largest N.
+      proxy_BN, gold_BN: float `[B, N_samples]` rewards of the same samples.
+      max_n: the largest N, an integer in [1, N_samples] (the curve never
+        reports an N beyond the samples given).
 
     Returns:
       one dict per N: `N`, `kl_bound` (nats, `best_of_n_kl_bound`),
       `proxy_reward` and `gold_reward` of the picks (means over prompts),
       `oracle_gold` (the best gold reward among the N).
+
+    Raises:
+      ValueError: the two arrays are not one `[B, N_samples]` shape, or
+        max_n is not an integer in [1, N_samples].
     """
     proxy_BN, gold_BN = np.asarray(proxy_BN), np.asarray(gold_BN)
+    if proxy_BN.ndim != 2 or proxy_BN.shape != gold_BN.shape:
+        raise ValueError(f"proxy and gold rewards must be one [B, N] shape, got {proxy_BN.shape} and "
+                         f"{gold_BN.shape}")
+    check_integer("max_n", max_n, 1)
+    if max_n > proxy_BN.shape[1]:
+        raise ValueError(f"max_n={max_n} exceeds the {proxy_BN.shape[1]} samples per prompt (columns) given: "
+                         f"best-of-N for N > {proxy_BN.shape[1]} needs more samples")
     rows, n = [], 1
     while n <= max_n:
         pick = np.argmax(proxy_BN[:, :n], axis=1)  # first maximum = lowest index

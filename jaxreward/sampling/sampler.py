@@ -310,6 +310,13 @@ def _compiled(model, max_new_tokens: int, temperature: float, top_k: int, top_p:
     return jax.jit(run)
 
 
+def check_integer(name: str, value, low: int) -> None:
+    """`value` is an integer (a Python or numpy int, not a bool nor a float
+    such as 2.0) >= `low`, else a ValueError naming the argument `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
 def check_decode_args(config, prompt_tokens_BP, prompt_mask_BP, rng, max_new_tokens: int,
                       temperature: float, num_samples: int, stop_ids):
     """The checks every decoder of this package makes (`generate`, guided decoding).
@@ -320,7 +327,8 @@ def check_decode_args(config, prompt_tokens_BP, prompt_mask_BP, rng, max_new_tok
     Raises:
       ValueError: prompt tokens and mask not one `[B, P]` shape (P >= 1),
         max_new_tokens not an integer >= 0, temperature < 0 or not finite,
-        num_samples < 1, P + max_new_tokens > max_position_embeddings, rng
+        num_samples not an integer >= 1 (a bool or a float such as 2.0 is
+        refused), P + max_new_tokens > max_position_embeddings, rng
         neither one key nor a `[B, num_samples]` batch, or (for concrete
         prompts) a row with no real token or an id outside the vocabulary.
     """
@@ -332,12 +340,10 @@ def check_decode_args(config, prompt_tokens_BP, prompt_mask_BP, rng, max_new_tok
     B, T = prompt_tokens_BP.shape
     if T < 1:
         raise ValueError("prompts need T >= 1 columns")
-    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
+    check_integer("max_new_tokens", max_new_tokens, 0)
     if not (temperature >= 0.0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    check_integer("num_samples", num_samples, 1)
     max_pos = config.max_position_embeddings
     if T + max_new_tokens > max_pos:
         raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds "
@@ -401,12 +407,12 @@ def generate(model, params, prompt_tokens_BP: Array, prompt_mask_BP: Array, *, r
       prompt b. `out.sequences()` gives the training-path arrays.
 
     Raises:
-      ValueError: bad shapes, max_new_tokens < 0, temperature < 0 (or NaN),
-        top_k < 0, top_p outside (0, 1], num_samples < 1, rng of the wrong
+      ValueError: bad shapes, max_new_tokens not an integer >= 0, temperature < 0
+        (or NaN), top_k not an integer >= 0, top_p outside (0, 1], num_samples not
+        an integer >= 1 (integers: Python or numpy ints, not bools or floats), rng of the wrong
         shape, or T + max_new_tokens > model.config.max_position_embeddings.
     """
-    if int(top_k) != top_k or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0, got {top_k}")
+    check_integer("top_k", top_k, 0)
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     prompt_tokens_BP, prompt_mask_BP, stop_ids = check_decode_args(

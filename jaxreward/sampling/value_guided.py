@@ -26,14 +26,27 @@ temperature-scaled log-probs: β (or w) is not divided by the temperature.
 The draw uses the key scheme and the exact two-level draw of `sampler.generate`
 on the vocabulary-ordered `z`, so with zero scores the guided decoder
 reproduces `generate`'s tokens bit for bit: `top_k=0` when k = V, `top_k=k`
-when k < V (then `z` is exactly `process_logits(logits, temperature, k)`).
+when k < V and no other token ties with the k-th most likely one (then `z`
+is exactly `process_logits(logits, temperature, k)`).
+
+Ties at the k-th value. The candidates are exactly k tokens (static shapes):
+`lax.top_k` keeps, among tokens tied with the k-th most likely one, those
+with the lowest ids. `process_logits(..., k)` (and so `generate(top_k=k)`,
+as Hugging Face's top-k) keeps every tied token. Under such a tie the guided
+policy is p renormalized over its k candidates (times exp(score)), not over
+all tied tokens: `z` keeps the values of `process_logits(logits,
+temperature, k)` on the k candidates and NEG_INF on the tied tokens left
+out, and the reported `logps_RM` and KL are those of softmax(z), the
+distribution the token is drawn from.
 
 Diagnostics per token: the guided log-prob `log g(token)` (`logps_RM`), the
 base log-prob `log p(token)` (`base_logps_RM`), and per row the exact KL of
 the guided policy from the base, `Σ_t Σ_a g(a) (log g(a) − log p(a))` summed
 over the row's steps (`kl_R`). p is the full-vocabulary base distribution, so
 the KL includes the cost of the top-k truncation (with zero scores it is
-`−Σ_t log p(C_t)`). At temperature 0 the token is the argmax of z built
+`−Σ_t log p(C_t)`). KL(g ‖ p) >= 0 always; each step's float32 sum is
+clamped at 0, since with g = p (zero scores, k = V) round-off would leave
+about −1e-8 per step. At temperature 0 the token is the argmax of z built
 from temperature-1 log-probs, and logps/KL are those of that temperature-1
 guided distribution (the convention `generate` uses for greedy log-probs).
 
@@ -72,8 +85,8 @@ import numpy as np
 from jaxreward.models.heads import RewardModel, ValueModel
 from jaxreward.models.llama import Decoder, KVCache
 from jaxreward.models.scoring import NEG_INF, process_logits
-from jaxreward.sampling.sampler import (SampleOutput, _left_align, check_decode_args, sample_keys,
-                                        two_level_sample)
+from jaxreward.sampling.sampler import (SampleOutput, _left_align, check_decode_args, check_integer,
+                                        sample_keys, two_level_sample)
 
 Array = jax.Array
 
@@ -236,7 +249,12 @@ class ValueGuide:
 
 
 def vas_guide(models, params, betas) -> ValueGuide:
-    """A `ValueGuide` from one `ValueModel` (or a sequence) and its β (or βs)."""
+    """A `ValueGuide` from one `ValueModel` (or a sequence) and its β (or βs).
+
+    Raises:
+      ValueError: not one β per model, or a β that is NaN or infinite (it
+        would turn every guided weight into NaN).
+    """
     if isinstance(models, ValueModel):
         models, params = (models,), (params,)
     models, params = tuple(models), tuple(params)
@@ -244,6 +262,8 @@ def vas_guide(models, params, betas) -> ValueGuide:
     if not (len(models) == len(params) == betas.shape[0]) or betas.ndim != 1:
         raise ValueError(f"got {len(models)} value models, {len(params)} param trees and "
                          f"betas of shape {betas.shape}: need one of each per model")
+    if not np.isfinite(betas).all():
+        raise ValueError(f"betas must be finite numbers, got {betas.tolist()}")
     return ValueGuide(models=models, params=params, betas=jnp.asarray(betas))
 
 
@@ -294,7 +314,13 @@ class RewardGuide:
 
 
 def args_guide(model: RewardModel, params, weight: float, objective: int = 0) -> RewardGuide:
-    """A `RewardGuide` (ARGS) with reward weight w."""
+    """A `RewardGuide` (ARGS) with reward weight w.
+
+    Raises:
+      ValueError: a concrete w that is NaN or infinite.
+    """
+    if not isinstance(weight, jax.core.Tracer) and not np.isfinite(np.asarray(weight, np.float64)).all():
+        raise ValueError(f"weight must be a finite number, got {weight!r}")
     return RewardGuide(model=model, params=params, weight=jnp.asarray(weight, jnp.float32),
                        objective=int(objective))
 
@@ -347,7 +373,9 @@ def guided_step(logits_RV: Array, scores_fn, temperature: float, k: int):
       dict with `logp_RV` (base p), `cand_RK`, `scores_RK`, `z_RV` (the
       unnormalized guided log-weights over the vocabulary that are drawn
       from; NEG_INF outside the candidates), `glogp_RK` (log g on the
-      candidates), `kl_R` (KL(g ‖ p)), and `aux`.
+      candidates), `kl_R` (KL(g ‖ p) of g = softmax(z), clamped at 0 against
+      round-off), and `aux`. The candidates are exactly k tokens: under a tie
+      at the k-th value the lowest ids (module docstring, "Ties").
     """
     V = logits_RV.shape[-1]
     t = 1.0 if temperature == 0.0 else temperature
@@ -362,7 +390,8 @@ def guided_step(logits_RV: Array, scores_fn, temperature: float, k: int):
     z_RV = jnp.full(logp_RV.shape, NEG_INF, jnp.float32).at[rows, cand_RK].set(z_RK)
     glogp_RK = jax.nn.log_softmax(z_RK, axis=-1)
     base_RK = jnp.take_along_axis(logp_RV, cand_RK, axis=1)
-    kl_R = jnp.sum(jnp.exp(glogp_RK) * (glogp_RK - base_RK), axis=-1)
+    # KL(g ‖ p) >= 0; the float32 sum of g·(log g − log p) can round to about −1e-8 when g = p.
+    kl_R = jnp.maximum(jnp.sum(jnp.exp(glogp_RK) * (glogp_RK - base_RK), axis=-1), 0.0)
     return dict(logp_RV=logp_RV, cand_RK=cand_RK, scores_RK=scores_RK, z_RV=z_RV,
                 glogp_RK=glogp_RK, kl_R=kl_R, aux=aux)
 
@@ -482,8 +511,7 @@ def guided_generate(policy, params, prompt_tokens_BP: Array, prompt_mask_BP: Arr
         policy.config, prompt_tokens_BP, prompt_mask_BP, rng, max_new_tokens, temperature, num_samples,
         stop_ids)
     V = policy.config.vocab_size
-    if int(k) != k or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k}")
+    check_integer("k", k, 1)
     if k > V:
         warnings.warn(f"k = {k} exceeds the vocabulary size {V}; using k = {V}", stacklevel=2)
         k = V

@@ -162,7 +162,8 @@ def check_enough_prompts(config, batch: str = "rollout.prompts_per_step", num_tr
             return  # a corrupt file: the reader names the line it broke at
         have = lines - min(held, lines // 2)
         what = (f"at most {have} train prompts: data.prompts_path={path!r} has {lines} non-blank "
-                f"line(s), {min(held, lines // 2)} held out for eval (data.num_eval_prompts={held})")
+                f"line(s) (usable prompts are counted after the model loads), {min(held, lines // 2)} "
+                f"held out for eval (data.num_eval_prompts={held})")
     else:
         have = d.num_prompts
         if not isinstance(have, int):
@@ -323,6 +324,48 @@ def check_pretrained(config, name: str = "model.pretrained") -> None:
         pretrained.resolve(v)
     except (FileNotFoundError, ValueError, TypeError) as e:
         raise ConfigError(f"config field {name}: {e}") from None
+
+
+ARCH_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
+
+
+def check_arch(config, name: str = "model.arch") -> None:
+    """`name` (a random decoder's `LlamaConfig` fields, used when
+    `model.pretrained` is empty), if present, builds a working decoder:
+    sizes are integers >= 1, `vocab_size` >= 2 (token 0 pads; the synthetic
+    tasks draw ids from 1 .. V − 1), `num_heads` a multiple of `num_kv_heads`,
+    the head size (`head_dim`, default hidden_size // num_heads) even and >= 2
+    (RoPE rotates pairs of dimensions), `rope_theta` > 0. Every driver that
+    builds a random decoder calls it before any model is built.
+
+    Raises:
+      ConfigError: naming the first impossible field.
+    """
+    arch = get_field(config, name)
+    if arch is _MISSING:
+        return
+    for size in ARCH_SIZES:
+        check_int(config, f"{name}.{size}", 1)
+    check_int(config, f"{name}.vocab_size", 2)
+    check_float(config, f"{name}.rope_theta", 0.0, low_open=True)
+    get = lambda key: arch[key] if key in arch else None
+    heads, kv = get("num_heads"), get("num_kv_heads")
+    if heads is not None and kv is not None and heads % kv:
+        raise ConfigError(f"config field {name}.num_kv_heads={kv}: {name}.num_heads={heads} must be a "
+                          "multiple of it (grouped-query attention shares each kv head among "
+                          "num_heads / num_kv_heads query heads)")
+    head_dim, hidden = get("head_dim"), get("hidden_size")
+    if head_dim:
+        check_int(config, f"{name}.head_dim", 0)
+        if head_dim % 2:
+            raise ConfigError(f"config field {name}.head_dim={head_dim} must be even (RoPE rotates pairs "
+                              "of dimensions)")
+    elif heads is not None and hidden is not None:
+        dim = hidden // heads
+        if dim < 2 or dim % 2:
+            raise ConfigError(f"config field {name}.hidden_size={hidden}: the head size hidden_size // "
+                              f"num_heads = {dim} (num_heads={heads}) must be even and >= 2 (RoPE rotates "
+                              f"pairs of dimensions); e.g. hidden_size={max(2, dim + dim % 2) * heads}")
 
 
 DTYPES = ("float32", "bfloat16", "float16")

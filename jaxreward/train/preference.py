@@ -586,8 +586,12 @@ def reference_logps(ref_fn: LogpsFn, ref_params, splits: Mapping[str, Mapping[st
     return out
 
 
-def read_cache(path: str, what: str) -> tuple[str, dict[str, np.ndarray]]:
+def read_cache(path: str, what: str, advice: str = "move it away to recompute it",
+               field: str = "") -> tuple[str, dict[str, np.ndarray]]:
     """`(key, arrays)` of a cache file written by `cached_reference_logps`.
+
+    `advice` ends the error message; `field`, when the user named `path` in
+    a config field, begins it ("config field <field>: ...").
 
     Raises:
       CorruptFileError: `path` is a directory, not an `.npz` archive, cut
@@ -601,8 +605,9 @@ def read_cache(path: str, what: str) -> tuple[str, dict[str, np.ndarray]]:
                 raise ValueError("no __key__ entry")
             return str(data["__key__"]), {k: data[k] for k in data.files if k != "__key__"}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        raise CorruptFileError(f"{path} is not a cache of {what} written by this code ({type(e).__name__}: "
-                               f"{e}); move it away to recompute it") from None
+        raise CorruptFileError((f"config field {field}: " if field else "")
+                               + f"{path} is not a cache of {what} written by this code ({type(e).__name__}: "
+                               f"{e}); {advice}") from None
 
 
 def cached_reference_logps(path: str, key: str, compute: Callable[[], dict[str, np.ndarray]],

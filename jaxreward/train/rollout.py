@@ -75,9 +75,7 @@ def check_prompts_and_reward(config: ml_collections.ConfigDict) -> None:
                                        "prompts and needs a pretrained model with a tokenizer")
         defaults.check_choice(config, "reward.kind", ("reward_model", "text"))
     if not config.model.pretrained:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
-            defaults.check_int(config, f"model.arch.{name}", 1)
-        defaults.check_float(config, "model.arch.rope_theta", 0.0, low_open=True)
+        defaults.check_arch(config)
     defaults.check_choice(config, "data.on_error", ("skip", "raise"))
     defaults.check_choice(config, "data.chat_template", (True, False))
     for name in ("max_prompt_length", "num_prompts", "num_eval_prompts"):
@@ -143,11 +141,14 @@ def prompt_set(config: ml_collections.ConfigDict, tokenizer, task) -> dict:
             else:
                 records, report = read_prompts(d.prompts_path, on_error=d.on_error)
             print(report.summary())
+            if len(records) < 2:  # one train and one eval prompt at least
+                raise UserError(f"{d.prompts_path}: {len(records)} usable prompt(s); need at least 2 "
+                                "(train and eval) (data.prompts_path)")
             n_eval = min(n_eval, len(records) // 2)
+            if n_eval < d.num_eval_prompts:
+                print(f"data.num_eval_prompts={d.num_eval_prompts} is more than half of the {len(records)} "
+                      f"usable prompts of {d.prompts_path}: holding out {n_eval} for eval")
             n_train = len(records) - n_eval
-            if n_train < 1:
-                raise UserError(f"{d.prompts_path}: {len(records)} usable prompts; need at least 2 "
-                                "(train and eval)")
         texts = [r.prompt for r in records]
         answers = [r.answer for r in records]
         sources = [r.source for r in records]
@@ -188,7 +189,10 @@ def check_prompts_fit(config: ml_collections.ConfigDict, prompts: dict, *models)
 def pair_prompts(path, tokenizer, *, on_error: str = "skip", chat: bool = True):
     """The distinct prompts of a preference-pair file (`data.preference`
     formats: HH-RLHF transcripts, TRL), in file order, as `PromptRecord`s
-    without answers, and the reader's report.
+    without answers, and the reader's report. Only the prompts are needed, so
+    a pair whose responses are at fault (an empty chosen reply, a prompt
+    mismatch: the prompt of `chosen`) keeps its prompt, counted in the
+    report's summary (`read_preference_pairs(prompts_only=True)`).
 
     Each pair's prompt is the text before its responses. With `chat` (and a
     tokenizer with a chat template) HH transcripts are rendered with the chat
@@ -198,7 +202,7 @@ def pair_prompts(path, tokenizer, *, on_error: str = "skip", chat: bool = True):
     """
     render = tokenizer.apply_chat_template if tokenizer is not None and tokenizer.chat_template else None
     pairs, report = read_preference_pairs(path, on_error=on_error, render_chat=render,
-                                          hh_as_chat=bool(chat and render))
+                                          hh_as_chat=bool(chat and render), prompts_only=True)
     seen, records = set(), []
     for pair in pairs:
         if pair.prompt not in seen:
@@ -241,9 +245,10 @@ def make_reward_fn(config, workdir, task, tokenizer, policy, base_params, prompt
     return text_reward_fn(r.functions, tokenizer), " + ".join(f"{w:g}·{name}" for name, w, *_ in r.functions)
 
 
-def check_text_rewards(functions, splits) -> None:
+def check_text_rewards(functions, splits, field: str = "reward.functions", before: str = "training") -> None:
     """Scores an empty completion of every prompt of `splits` with each text
-    reward of `functions` (`rewards.combine`'s specs).
+    reward of `functions` (`rewards.combine`'s specs). The messages name the
+    config field `field` and say it ran before `before`.
 
     Raises:
       UserError: a reward raised on a prompt: names the prompt's source
@@ -277,16 +282,16 @@ def check_text_rewards(functions, splits) -> None:
                     f"text reward {name!r} raised {type(e).__name__}: {e}")
                 if i == 0 and n > 1 and all(alone(j) is not None for j in range(1, n)):
                     # Every prompt fails: the reward is at fault, not a line of the prompt file.
-                    raise UserError(f"{detail} (reward.functions: fails on every prompt, each tried on an "
-                                    "empty completion before training)") from e
+                    raise UserError(f"{detail} ({field}: fails on every prompt, each tried on an "
+                                    f"empty completion before {before})") from e
                 where = (split.get("sources") or [None] * n)[i] or f"{split_name} prompt {i}"
-                raise UserError(f"{where}: {detail} (reward.functions, tried on an empty completion "
-                                "of this prompt before training)") from e
+                raise UserError(f"{where}: {detail} ({field}, tried on an empty completion "
+                                f"of this prompt before {before})") from e
             e = batch_error   # no prompt fails alone: the batch of all of them does
             detail = str(e) if isinstance(e, rewards.RewardFunctionError) else (
                 f"text reward {name!r} raised {type(e).__name__}: {e}")
-            raise UserError(f"{detail} (reward.functions, tried on an empty completion of every {split_name} "
-                            "prompt at once before training)") from e
+            raise UserError(f"{detail} ({field}, tried on an empty completion of every {split_name} "
+                            f"prompt at once before {before})") from e
 
 
 def text_reward_fn(functions, tokenizer):
@@ -722,7 +727,11 @@ def check_value_config(config: ml_collections.ConfigDict) -> None:
             "export and the value model starts from one reward model; set value.init='path' with "
             f"value.path={os.path.join(r.reward_model_dir, 'member_0')!r}, or value.init='policy'")
     if v.init == "path":
-        defaults.check_path(config, "value.path", required=True)
+        # An exported reward model, a checkpoint path or a known model name (check_pretrained knows both).
+        if not v.path:
+            defaults.check_path(config, "value.path", required=True)
+        if not isinstance(v.path, str):
+            raise defaults.ConfigError(f"config field value.path: a path or model name, got {v.path!r}")
         if ensemble_lib.is_ensemble_dir(v.path):
             raise defaults.ConfigError(
                 f"config field value.path: {v.path!r} is an ensemble export and a value model starts "

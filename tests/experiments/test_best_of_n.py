@@ -124,3 +124,21 @@ def test_bad_sampling_and_objective_are_one_line_through_the_cli(tmp_path):
                                                    "in (0.0, inf)")]):
         proc = _cli("--config=configs/best_of_n.py:smollm2", f"--workdir={tmp_path / str(i)}", *args, check=False)
         _assert_user_error(proc, message)
+
+
+def test_exact_match_scores_with_the_answers_of_the_prompt_file(model_dir, tmp_path):
+    """`text_reward=exact_match` was accepted, but the driver dropped the
+    file's `answer` column, so the run failed only after the model had loaded
+    and sampled ("exact_match needs columns['answer'] ...; columns given:
+    none"). The answers now reach the reward; a file without them is refused
+    before the policy loads, naming `text_reward`."""
+    path = _write_jsonl(tmp_path / "p.jsonl", ['{"prompt": "say 4", "answer": "4"}',
+                                               '{"prompt": "say 6", "answer": "6"}'])
+    rows = driver.run(_config(model_dir, path, text_reward="exact_match"), str(tmp_path))
+    assert len(rows) == 2 and all(len(r["rewards"]) == 2 for r in rows)
+    bare = _write_jsonl(tmp_path / "bare.jsonl", ['{"prompt": "say 4"}', '{"prompt": "say 6"}'])
+    c = _config(model_dir, bare, text_reward="exact_match")
+    c.model.pretrained = str(tmp_path / "no_such_model")  # never loaded: refused first
+    with pytest.raises(UserError, match=r"exact_match needs columns\['answer'\].*\(text_reward: fails on every "
+                                        r"prompt, each tried on an empty completion before the policy loads\)"):
+        driver.run(c, str(tmp_path))

@@ -278,6 +278,30 @@ def test_hh_pairs_give_prompts_that_read_prompts_cannot(hh_file):
     assert all(p.answer is None for p in prompts)
 
 
+def test_pair_prompts_keep_the_prompt_of_a_pair_whose_replies_are_at_fault(tmp_path):
+    """The RL / VAS `data.source=pairs` need only the prompts, yet a pair whose
+    chosen reply was empty (4 such pairs in HH harmless-base test) or whose
+    transcripts differed before the last reply was skipped whole, so its
+    prompt was lost. It is now kept (counted in the summary); DPO and reward
+    models still skip the pair."""
+    import json
+    from jaxreward.data.preference import read_preference_pairs
+    rows = [{"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"},
+            {"chosen": "\n\nHuman: bye\n\nAssistant:", "rejected": "\n\nHuman: bye\n\nAssistant: no"},
+            {"chosen": "\n\nHuman: why\n\nAssistant: because", "rejected": "\n\nHuman: how\n\nAssistant: so"},
+            {"chosen": "no turns at all", "rejected": "\n\nHuman: x\n\nAssistant: y"}]
+    path = tmp_path / "hh.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records, report = rollout.pair_prompts(str(path), None, chat=False)
+    assert [r.prompt for r in records] == ["\n\nHuman: hi\n\nAssistant:", "\n\nHuman: bye\n\nAssistant:",
+                                           "\n\nHuman: why\n\nAssistant:"]
+    assert report.summary() == (
+        "hh.jsonl: read 4 lines (hh): kept 3 (2 for the prompt only: empty chosen response: 1 [hh.jsonl:2]; "
+        "prompt mismatch: 1 [hh.jsonl:3]), skipped 1 (no assistant turn: 1 [hh.jsonl:4])")
+    pairs, report = read_preference_pairs(path)  # the pair readers (DPO, reward models): unchanged
+    assert len(pairs) == 1 and report.num_skipped == 3
+
+
 # ---------------------------------------------------------------------------
 # Mesh shape and prefix sharing do not change the update
 

@@ -383,7 +383,8 @@ def test_value_model_with_another_vocabulary_or_a_missing_path(tmp_path):
         rollout.value_model_init(c, str(tmp_path), policy.config, params)
     proc = _cli("--config=configs/vas.py:tiny", f"--workdir={tmp_path / 'wd'}", "--config.value.init=path",
                 "--config.value.path=/no/such/value_model", check=False)
-    _assert_user_error(proc, "config field value.path: '/no/such/value_model' does not exist")
+    _assert_user_error(proc, "config field value.path: '/no/such/value_model' is neither an existing path nor a "
+                             "known model name")
     assert not (tmp_path / "wd" / "config.json").exists()
     # Another run's workdir (a config.json that is not a model's) is named, not a traceback.
     (tmp_path / "run").mkdir()
@@ -469,3 +470,89 @@ def test_text_prompts_with_registered_rewards_and_a_composed_text_reward(tmp_pat
     for row in out["vas"]:
         assert row["kl"] == pytest.approx(0.0, abs=1e-5) if row["beta"] == 0 else row["kl"] >= 0
     assert len(out["compose"]) == 4 and all(math.isfinite(r["reward_b"]) for r in out["compose"])
+
+
+def test_a_prompt_file_needs_two_usable_prompts_and_a_reduced_eval_split_is_said(tmp_path, capsys):
+    """One usable prompt gave 1 train and 0 eval prompts, and the driver later
+    crashed with an IndexError in `sample_split` (the check said "need at
+    least 2 (train and eval)" but tested n_train < 1). And data.num_eval_prompts
+    was cut to half a small file silently; it is now said in one line."""
+    import jaxreward
+    _tiny_text_model(tmp_path / "model")
+    _, _, tok = jaxreward.load_pretrained(str(tmp_path / "model"))
+    c = _tiny()
+    c.model.pretrained = str(tmp_path / "model")
+    (tmp_path / "one.txt").write_text("hello there\n\n")
+    c.data.update(source="jsonl", prompts_path=str(tmp_path / "one.txt"), num_eval_prompts=2)
+    with pytest.raises(UserError, match=r"one.txt: 1 usable prompt\(s\); need at least 2 \(train and eval\)"):
+        rollout.prompt_set(c, tok, None)
+    (tmp_path / "three.txt").write_text("a b\nc d\ne f\n")
+    c.data.prompts_path = str(tmp_path / "three.txt")
+    prompts = rollout.prompt_set(c, tok, None)
+    assert (len(prompts["train"]["tokens"]), len(prompts["eval"]["tokens"])) == (2, 1)
+    assert (f"data.num_eval_prompts=2 is more than half of the 3 usable prompts of {tmp_path / 'three.txt'}: "
+            "holding out 1 for eval") in capsys.readouterr().out
+
+
+def test_samples_key_leaves_out_value_model_only_settings():
+    """README: runs with other value hyper-parameters reuse the samples. But
+    `model.remat` (rematerialize value-model blocks) was in the samples key,
+    so `--config.model.remat=True --config.rollout.samples_path=...` was refused as stale."""
+    c = _tiny()
+    policy, params, tok = rollout.load_policy(c, "")
+    prompts = rollout.prompt_set(c, tok, rollout.synthetic_task(c, policy.config.vocab_size))
+    sampling = rollout.sampling_kwargs(c, tok)
+    key, meta = driver._samples_key(c, params, tok, prompts, sampling)
+    c.model.remat = True
+    assert driver._samples_key(c, params, tok, prompts, sampling)[0] == key
+    c.model.dtype = "bfloat16"  # the policy's compute dtype does change the samples
+    assert driver._samples_key(c, params, tok, prompts, sampling)[0] != key
+
+
+@pytest.mark.parametrize("name", ["vas", "ppo"])
+def test_value_path_may_be_a_known_model_name(name):
+    """configs/vas.py and `value_model_init` document value.path as "exported
+    reward model, or HF dir / .gguf / name"; check_config refused a known
+    name with "config field value.path: 'smollm2-135m-instruct' does not exist"
+    (check_path ran before check_pretrained in the shared `check_value_config`)."""
+    import importlib
+    c = importlib.import_module(f"configs.{name}").get_config("smollm2_hh")
+    c.reward.update(kind="text", functions=(("distinct_words", 1.0),))
+    c.data.update(source="jsonl", prompts_path=__file__)  # any existing non-empty file
+    c.value.update(init="path", path="smollm2-135m-instruct")
+    rollout.check_value_config(c)
+    c.value.path = "no-such-model"
+    with pytest.raises(defaults.ConfigError, match="config field value.path: 'no-such-model' is neither an "
+                                                   "existing path nor a known model name"):
+        rollout.check_value_config(c)
+
+
+def test_a_samples_path_that_is_not_samples_names_the_field_and_a_fix_that_works(tmp_path):
+    """A user's rollout.samples_path that is not an npz: the message said
+    "move it away to recompute it" (which then failed: check_config wants the
+    path to exist) and did not name config field rollout.samples_path."""
+    bad = tmp_path / "samples.txt"
+    bad.write_text("not an npz\n")
+    c = _tiny(progress_bar=False)
+    c.rollout.samples_path = str(bad)
+    driver.check_config(c)
+    with pytest.raises(CorruptFileError) as e, _first_devices():
+        driver.run(c, str(tmp_path))
+    message = str(e.value)
+    assert message.startswith(f"config field rollout.samples_path: {bad} is not a cache of policy samples"), message
+    assert "move it away" not in message and "set it to '' to draw new samples" in message, message
+
+
+@pytest.mark.parametrize("override, message", [
+    ("vocab_size=1", "config field model.arch.vocab_size must be an integer >= 2, got 1"),
+    ("num_kv_heads=3", "config field model.arch.num_kv_heads=3: model.arch.num_heads=2 must be a multiple"),
+    ("hidden_size=1", "config field model.arch.hidden_size=1: the head size hidden_size // num_heads = 0"),
+])
+def test_impossible_model_arch_is_one_line_naming_the_field(tmp_path, override, message):
+    """vocab_size=1 gave "ValueError: low >= high" (CountingTask.prompts),
+    num_kv_heads=3 a ValueError from LlamaConfig, hidden_size=1 a
+    ZeroDivisionError: ~28-line tracebacks. `defaults.check_arch` (shared by
+    the RL, PPO, VAS, DPO and reward-model drivers) refuses them up front."""
+    proc = _cli("--config=configs/vas.py:tiny", f"--workdir={tmp_path / 'w'}", f"--config.model.arch.{override}",
+                "--config.eval.plot=False", check=False, timeout=120)
+    _assert_user_error(proc, message)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxreward.models.heads import RewardModel
-from jaxreward.sampling.best_of_n import (best_of_n, best_of_n_kl_bound, reward_model_fn,
+from jaxreward.sampling.best_of_n import (best_of_n, best_of_n_kl_bound, proxy_gold_curve, reward_model_fn,
                                           text_reward_fn)
 from tests.sampling.conftest import CONFIG, make_prompts
 
@@ -163,3 +163,25 @@ def test_reward_chunk_size_must_be_a_positive_integer(model, params, size):
     with pytest.raises(ValueError, match=re.escape(f"reward_chunk_size must be an integer >= 1 or None, got {size!r}")):
         best_of_n(model, params, tokens, mask, lambda b: jnp.zeros((b.num_rows,)), n=4,
                   rng=jax.random.key(0), reward_chunk_size=size, **KW)
+
+
+@pytest.mark.parametrize("n", [2.5, 2.0, True])
+def test_n_must_be_an_integer_named_n(model, params, n):
+    """best_of_n(n=2.5) failed with "reward_fn must return float32 [2.5], got
+    shape (4,)", blaming the reward function for a bad n."""
+    tokens, mask = make_prompts(LENGTHS, 6)
+    with pytest.raises(ValueError, match=re.escape(f"n must be an integer >= 1, got {n!r}")):
+        best_of_n(model, params, tokens, mask, lambda b: jnp.zeros((b.num_rows,)), n=n,
+                  rng=jax.random.key(0), **KW)
+
+
+def test_proxy_gold_curve_refuses_n_beyond_the_samples_given():
+    """With 4 samples per prompt and max_n=16, rows for N = 8 and 16 were
+    reported (with their KL bounds) from the same 4 samples."""
+    rng = np.random.default_rng(0)
+    proxy, gold = rng.random((3, 4)), rng.random((3, 4))
+    with pytest.raises(ValueError, match=re.escape("max_n=16 exceeds the 4 samples per prompt (columns)")):
+        proxy_gold_curve(proxy, gold, 16)
+    with pytest.raises(ValueError, match="one \\[B, N\\] shape"):
+        proxy_gold_curve(proxy, gold[:, :2], 2)
+    assert [r["N"] for r in proxy_gold_curve(proxy, gold, 4)] == [1, 2, 4]

@@ -236,6 +236,17 @@ def test_bad_arguments_raise(model, params, kw):
         generate(model, params, tokens, mask, **args)
 
 
+@pytest.mark.parametrize("name, value", [("num_samples", 2.0), ("num_samples", True), ("max_new_tokens", 2.0),
+                                         ("top_k", 1.5), ("top_k", False)])
+def test_integer_arguments_must_be_integers_named(model, params, name, value):
+    """`generate(num_samples=2.0)` was accepted (and max_new_tokens=2.0, or a
+    bool): an integer argument is now an int, refused naming the argument."""
+    tokens, mask = make_prompts(LENGTHS, 6)
+    args = dict(rng=jax.random.key(0), max_new_tokens=2) | {name: value}
+    with pytest.raises(ValueError, match=f"{name} must be an integer >= ., got {value!r}"):
+        generate(model, params, tokens, mask, **args)
+
+
 @pytest.mark.parametrize("V,block", [(5, 256), (10, 4), (1000, 64)])
 def test_two_level_sample_frequencies_and_zero_mass(V, block):
     """P(token) = P(block) * p_i / P(block) = p_i: check empirical frequencies."""

@@ -362,3 +362,43 @@ def test_prompts_sharded_over_devices_give_the_same_samples(model, params, value
     np.testing.assert_array_equal(_np(got.tokens_RM), _np(want.tokens_RM))
     np.testing.assert_allclose(_np(got.logps_RM), _np(want.logps_RM), atol=1e-5)
     np.testing.assert_allclose(_np(got.kl_R), _np(want.kl_R), atol=1e-5, rtol=1e-5)
+
+
+def test_tie_at_the_kth_value_keeps_exactly_k_candidates_and_reports_what_is_sampled():
+    """The module docstring said that with k < V and zero scores `z` is
+    exactly `process_logits(logits, temperature, k)`, which keeps every token
+    tied at the k-th value (as HF's top-k); guided decoding keeps exactly k
+    (static shapes). Now documented: the k lowest ids among the tied; g is p
+    renormalized over those k, and the KL is that of the sampled g."""
+    from jaxreward.models.scoring import process_logits
+    logits = jnp.array([[3.0, 2.0, 2.0, 1.0, 0.0, -1.0]])
+    s = guided_step(logits, lambda lp, c: (jnp.zeros(c.shape), None), 1.0, 2)
+    np.testing.assert_array_equal(_np(s["z_RV"]) > -1e29, [[True, True, False, False, False, False]])
+    top_k = _np(process_logits(logits, 1.0, 2))
+    np.testing.assert_array_equal(top_k > -1e29, [[True, True, True, False, False, False]])
+    np.testing.assert_allclose(_np(s["z_RV"])[0, :2], top_k[0, :2])  # the candidates keep z's values
+    p = _np(jax.nn.softmax(logits[0]))
+    g = p[:2] / p[:2].sum()  # what is drawn: softmax(z) over the 2 candidates
+    np.testing.assert_allclose(np.exp(_np(s["glogp_RK"])[0]), g, rtol=1e-6)
+    np.testing.assert_allclose(_np(jax.nn.softmax(s["z_RV"][0]))[:2], g, rtol=1e-6)
+    np.testing.assert_allclose(_np(s["kl_R"])[0], -np.log(p[:2].sum()), rtol=1e-5)
+
+
+def test_kl_is_never_negative_and_a_beta_must_be_finite(model, params, values):
+    """KL(g ‖ p) >= 0, but at β = 0, k = V the float32 sum came out at about
+    −3e-7 on some rows (the VAS table printed a KL of -0.0000); each step's KL
+    is now clamped at 0. And `vas_guide(vm, vp, nan)` decoded silently (every
+    row became token 1 at every step); a non-finite β (or ARGS weight) is refused."""
+    tokens, mask = make_prompts(LENGTHS, 6)
+    out = guided_generate(model, params, tokens, mask, _vas(values, 0.0, 0.0), rng=jax.random.key(1),
+                          max_new_tokens=5, k=V, num_samples=8)
+    assert (_np(out.kl_R) >= 0).all(), _np(out.kl_R)
+    np.testing.assert_allclose(_np(out.kl_R), 0.0, atol=1e-5)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="betas must be finite"):
+            vas_guide(values[0], values[1], bad)
+        with pytest.raises(ValueError, match="weight must be a finite number"):
+            args_guide(RewardModel(CONFIG), None, bad)
+    with pytest.raises(ValueError, match=r"k must be an integer >= 1, got 2\.0"):
+        guided_generate(model, params, tokens, mask, _vas(values, 1.0, 1.0), rng=jax.random.key(0),
+                        max_new_tokens=2, k=2.0)

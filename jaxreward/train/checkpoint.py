@@ -22,6 +22,7 @@ import json
 import os
 import re
 import sys
+import traceback
 import weakref
 from typing import Any, Callable
 
@@ -121,8 +122,10 @@ def _drop_orbax_orphan_reports() -> None:
     When one array read fails, orbax leaves its other reads pending, and
     each is reported whenever it is collected (later, from orbax's own
     threads) as "Exception ignored in: <coroutine ...>" with a ~70-line
-    TensorStore spec. The failure itself is raised and named; these copies
-    of it are dropped. Every other report goes to the hook that was there.
+    TensorStore spec, or, once its event loop is closed, as a bare
+    "RuntimeError: Event loop is closed" raised inside asyncio. The failure
+    itself is raised and named; these copies of it are dropped. Every other
+    report goes to the hook that was there.
     """
     current = sys.unraisablehook
     if getattr(current, "drops_orbax_orphans", False):
@@ -130,7 +133,13 @@ def _drop_orbax_orphan_reports() -> None:
 
     def hook(unraisable):
         where = getattr(getattr(unraisable.object, "cr_code", None), "co_filename", "")
-        if "orbax" not in where:
+        frames = [f.filename for f in traceback.extract_tb(unraisable.exc_traceback)]
+        # A pending read finalized after its event loop closed fails inside asyncio with
+        # "Event loop is closed" and no object to name it: dropped too (asyncio frames only).
+        closed_loop = (isinstance(unraisable.exc_value, RuntimeError) and frames
+                       and str(unraisable.exc_value) == "Event loop is closed"
+                       and all(os.sep + "asyncio" + os.sep in f for f in frames))
+        if not ("orbax" in where or any("orbax" in f or "tensorstore" in f for f in frames) or closed_loop):
             current(unraisable)
 
     hook.drops_orbax_orphans = True

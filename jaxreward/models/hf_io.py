@@ -137,9 +137,10 @@ def _config_from_hf(hf: Mapping[str, Any], source: str) -> LlamaConfig:
             raise ValueError(f"{source}: field {field!r} must be a positive integer, got {value}")
         return value
 
-    def number(field, default):
-        """A positive number field (rope_theta, rms_norm_eps); absent or null: `default`."""
-        value = hf.get(field, default)
+    def number(field, default, fields=hf):
+        """A positive number field of `fields` (rope_theta, rms_norm_eps); absent
+        or null: `default`."""
+        value = fields.get(field.rpartition(".")[2], default)
         value = default if value is None else value
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"{source}: field {field!r} must be a positive number, got {_shown(value)}")
@@ -179,11 +180,7 @@ def _config_from_hf(hf: Mapping[str, Any], source: str) -> LlamaConfig:
             raise ValueError(f"{source}: {field} of type {kind!r} is not implemented "
                              "(only default RoPE)")
     if "rope_theta" in rope:
-        theta = rope["rope_theta"]
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
-            raise ValueError(f"{source}: field 'rope_parameters.rope_theta' must be a positive "
-                             f"number, got {_shown(theta)}")
-        theta = float(theta)
+        theta = number("rope_parameters.rope_theta", None, fields=rope)
     else:
         theta = number("rope_theta", 10000.0)
 

@@ -664,7 +664,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     report = {"scorer": {"kind": config.scorer.kind, "description": description}, "files": files, **report}
     print_report(report)
 
-    # --- Write.
+    # --- Write (one writer: every process holds the same report, gathered from the mesh).
+    if jax.process_index() != 0:
+        return report
     with open(os.path.join(workdir, "evaluation.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     with open(os.path.join(workdir, "scores.jsonl"), "w", encoding="utf-8") as f:

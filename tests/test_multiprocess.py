@@ -142,6 +142,38 @@ def test_a_reward_model_exported_on_two_processes_loads_on_one_device(tmp_path):
     assert "loaded random" in out.stdout
 
 
+def test_evaluate_rm_on_two_processes_scores_as_one_and_one_process_writes(tmp_path):
+    """A tiny exported reward model (with the test tokenizer) scores a pair
+    file and a best-of-4 file: two processes give one process's scores, and
+    only process 0 writes the report (both wrote it at once before)."""
+    import jax
+    import jax.numpy as jnp
+    from jaxreward.models import hf_io
+    from jaxreward.models.heads import RewardModel
+    from jaxreward.models.reward_io import export_reward_model
+    from jaxreward.train.step import unbox
+    from tests.experiments.test_evaluate_rm import _model_files, _scores, _tiny_arch, _tiny_tokenizer
+
+    tok = _tiny_tokenizer()
+    hf_io.save_tokenizer(tmp_path / "tok", tok)
+    rm = RewardModel(_tiny_arch(tok.vocab_size), num_objectives=1)
+    params = unbox(jax.jit(rm.init)(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"])
+    export_reward_model(str(tmp_path / "rm"), rm, params, str(tmp_path / "tok"))
+    pairs, best_of = _model_files(tmp_path)
+    args = ["--config=configs/evaluate_rm.py:exported", f"--config.scorer.reward_model_dir={tmp_path / 'rm'}",
+            f"--config.data.paths={pairs}", f"--config.data.paths={best_of}", "--config.data.max_length=24",
+            "--config.data.batch_size=8", "--config.report.plot=False"]
+    one_process(tmp_path / "one", args)
+    outs = two_processes(tmp_path / "two", args)
+    one, two = _scores(tmp_path / "one"), _scores(tmp_path / "two")
+    assert len(one) == 4 and [r["line"] for r in one] == [1, 2, 1, 2]
+    for a, b in zip(one, two):
+        np.testing.assert_allclose([b["chosen"], *np.atleast_1d(b["rejected"])],
+                                   [a["chosen"], *np.atleast_1d(a["rejected"])], rtol=1e-5, atol=1e-6)
+        assert a["correct"] == b["correct"]
+    assert ["wrote evaluation.json, scores.jsonl" in o for o in outs] == [True, False]
+
+
 def test_processes_launched_with_different_configs_are_refused_in_one_line(tmp_path):
     """A seed given to one process only ran to the end before, each process
     on its own data order, and config.json recorded process 0's seed."""

@@ -52,7 +52,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         hh_as_chat=True,                       # render HH transcripts with the chat template (as in training)
         max_length=512,                        # tokens per scored sequence (prompt + response + EOS)
         max_prompt_length=0,                   # tokens of prompt kept (0: adaptive, >= half)
-        max_rows=0,                            # rows read per file (0 = all)
+        max_rows=0,                            # usable rows kept per file, the first in file order (0 = all); the whole file is still read and checked
         batch_size=16,                         # sequences per forward
     ))
     c.report = ml_collections.ConfigDict(dict(

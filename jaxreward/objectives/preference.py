@@ -253,14 +253,16 @@ def cdpo_loss(
     Args:
       first four: float32 `[B]` summed log-probs.
       beta: static β > 0.
-      label_smoothing: static ε in [0, 0.5]; ε = 0 is DPO.
+      label_smoothing: static ε in [0, 0.5); ε = 0 is DPO. ε = 0.5 is
+        refused: the loss is then symmetric in the margin, its minimum is
+        the reference itself, and a run would train nothing.
       example_mask_B: optional bool `[B]`.
 
     Raises:
-      ValueError: if ε is outside [0, 0.5] or beta <= 0.
+      ValueError: if ε is outside [0, 0.5) or beta <= 0.
     """
     _check_beta(beta)
-    check_range("label_smoothing", label_smoothing, low=0.0, high=0.5)
+    check_range("label_smoothing", label_smoothing, low=0.0, high=0.5, high_open=True)
     rho_c, rho_r, mask = log_ratios(
         chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B
     )
@@ -411,8 +413,9 @@ def simpo_loss(
         loss = −log σ(r_c − r_r − γ)
 
     Paper: Y. Meng, M. Xia, D. Chen, "SimPO: Simple Preference Optimization
-    with a Reference-Free Reward" (2024). γ is in reward units (the paper's
-    γ; TRL's `gamma_beta_ratio` is γ/β).
+    with a Reference-Free Reward" (2024). γ is in reward units: the paper's
+    γ, TRL's `CPOConfig.simpo_gamma`; the authors' own trainer takes
+    `gamma_beta_ratio` = γ/β instead.
 
     Args:
       chosen_logps_B, rejected_logps_B: float32 `[B]` summed log-probs.
@@ -452,7 +455,10 @@ def orpo_loss(
         log odds(y) = p̄ − log(1 − exp(p̄))
         loss = −p̄_c − λ·log σ(log odds(y_c) − log odds(y_r))
 
-    with λ = `beta`. Reference-free.
+    with λ = `beta`. Reference-free. The NLL term is each pair's per-token
+    mean, then averaged over pairs (the paper's formula); TRL's trainer
+    averages over all chosen tokens of the batch, which weighs long
+    responses more.
 
     Paper: J. Hong, N. Lee, J. Thorne, "ORPO: Monolithic Preference
     Optimization without Reference Model" (2024).

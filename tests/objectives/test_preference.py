@@ -542,6 +542,9 @@ def test_hyper_parameters_are_checked():
         preference.simpo_loss(C, R, beta=BETA, gamma=-0.1, chosen_lengths_B=LEN_C, rejected_lengths_B=LEN_R)
     with _raises("label_smoothing must be in [0, 0.5), got 0.5"):
         preference.robust_dpo_loss(C, R, RC, RR, beta=BETA, label_smoothing=0.5)
+    # cDPO at ε = 0.5 is symmetric in the margin (minimum at the reference): it trained nothing.
+    with _raises("label_smoothing must be in [0, 0.5), got 0.5"):
+        preference.cdpo_loss(C, R, RC, RR, beta=BETA, label_smoothing=0.5)
     with _raises("alpha must be in [0, inf), got -1.0"):
         preference.beta_dpo_loss(C, R, RC, RR, beta=BETA, alpha=-1.0)
 

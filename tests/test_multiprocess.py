@@ -146,19 +146,9 @@ def test_evaluate_rm_on_two_processes_scores_as_one_and_one_process_writes(tmp_p
     """A tiny exported reward model (with the test tokenizer) scores a pair
     file and a best-of-4 file: two processes give one process's scores, and
     only process 0 writes the report (both wrote it at once before)."""
-    import jax
-    import jax.numpy as jnp
-    from jaxreward.models import hf_io
-    from jaxreward.models.heads import RewardModel
-    from jaxreward.models.reward_io import export_reward_model
-    from jaxreward.train.step import unbox
-    from tests.experiments.test_evaluate_rm import _model_files, _scores, _tiny_arch, _tiny_tokenizer
+    from tests.experiments.test_evaluate_rm import _model_files, _scores, tiny_export
 
-    tok = _tiny_tokenizer()
-    hf_io.save_tokenizer(tmp_path / "tok", tok)
-    rm = RewardModel(_tiny_arch(tok.vocab_size), num_objectives=1)
-    params = unbox(jax.jit(rm.init)(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"])
-    export_reward_model(str(tmp_path / "rm"), rm, params, str(tmp_path / "tok"))
+    tiny_export(tmp_path, num_objectives=1)
     pairs, best_of = _model_files(tmp_path)
     args = ["--config=configs/evaluate_rm.py:exported", f"--config.scorer.reward_model_dir={tmp_path / 'rm'}",
             f"--config.data.paths={pairs}", f"--config.data.paths={best_of}", "--config.data.max_length=24",

@@ -306,12 +306,19 @@ def _single(tok, prompt, response, prompt_limit=None):
     return tokens, np.ones_like(tokens, bool), np.arange(len(ids), dtype=np.int32)[None], loss
 
 
-def test_exported_scorer_matches_the_training_path(tmp_path):
+def tiny_export(tmp_path, num_objectives):
+    """A random tiny reward model exported to `tmp_path/rm` with the test
+    tokenizer (`tmp_path/tok`); returns (tokenizer, model, params)."""
     tok = _tiny_tokenizer()
     hf_io.save_tokenizer(tmp_path / "tok", tok)
-    rm = RewardModel(_tiny_arch(tok.vocab_size), num_objectives=2)
+    rm = RewardModel(_tiny_arch(tok.vocab_size), num_objectives=num_objectives)
     params = unbox(jax.jit(rm.init)(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"])
     export_reward_model(str(tmp_path / "rm"), rm, params, str(tmp_path / "tok"))
+    return tok, rm, params
+
+
+def test_exported_scorer_matches_the_training_path(tmp_path):
+    tok, rm, params = tiny_export(tmp_path, num_objectives=2)
     pairs_path, best_of_path = _model_files(tmp_path)
     c = eval_config.get_config("exported")
     c.scorer.update(reward_model_dir=str(tmp_path / "rm"), objective=1)

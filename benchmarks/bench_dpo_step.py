@@ -23,7 +23,8 @@ real GEMM here, vocab × hidden per token, forward 2× that), over the
 columns it runs on: with prefix sharing, only the responses' window of
 each packed row (`scored_tokens`), the prompt's columns are not scored.
 
-    python benchmarks/bench_dpo_step.py [--models llama4.5m,smollm2] [--out benchmarks/results]
+    python benchmarks/bench_dpo_step.py [--models llama4.5m,smollm2] [--dtype float32|bfloat16]
+        [--seq-len 64] [--pairs 8] [--out benchmarks/results]
 """
 from __future__ import annotations
 
@@ -83,22 +84,28 @@ def make_batch(cfg: LlamaConfig, with_reference: bool) -> dict:
     return batch
 
 
-def bench(name: str, dtype: str, precompute: bool, prefix_sharing: bool) -> dict:
+def make_step(name: str, dtype: str, precompute: bool, prefix_sharing: bool, devices=None):
+    """The driver's DPO train step on a 1-device mesh of `devices[0]` (default: the first device).
+
+    Returns `(run, info)`: `run()` takes one step on the benchmark batch and
+    returns the metrics; `info` has the config, the packed lengths S and W
+    and the batch.
+    """
     cfg = dataclasses.replace(MODELS[name], dtype=dtype, max_position_embeddings=PROMPT + RESPONSE)
     config = dpo_config.get_config("synthetic")
     model = Decoder(cfg)
     dummy = jnp.zeros((1, 2), jnp.int32)
     boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy))["params"]
-    params = jax.jit(lambda: step_lib.unbox(model.init(jax.random.PRNGKey(0), dummy)["params"]))()
+    mesh = parallel.make_mesh(1, 1, 1, devices=(devices or jax.devices())[:1])
+    with jax.default_device(mesh.devices.flat[0]):
+        params = jax.jit(lambda: step_lib.unbox(model.init(jax.random.PRNGKey(0), dummy)["params"]))()
     tree, boxed_tree = {"policy": params}, {"policy": boxed}
     if not precompute:
         tree["reference"], boxed_tree["reference"] = params, boxed
-    mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     tx, schedule = state_lib.make_optimizer(config.optimizer, 100,
                                             pref.policy_trainable(cfg.num_layers, -1))
     shardings = step_lib.state_shardings(mesh, boxed_tree, tx)
     batch = make_batch(cfg, precompute)
-    T = PROMPT + RESPONSE
     S = pref.shared_prefix_length({"bench": batch}) if prefix_sharing else 0
     W = pref.shared_response_length({"bench": batch}) if S else 0
     logps_fn = pref.decoder_logps_fn(model, S, W)
@@ -109,9 +116,18 @@ def bench(name: str, dtype: str, precompute: bool, prefix_sharing: bool) -> dict
 
     def run():
         state[0], metrics = train_step(state[0], device_batch)
-        return metrics["loss"]
+        return metrics
 
-    first, sec = common.time_fn(run, warmup=2, iters=5)
+    return run, {"cfg": cfg, "S": S, "W": W, "batch": batch}
+
+
+def bench(name: str, dtype: str, precompute: bool, prefix_sharing: bool) -> dict:
+    run, info = make_step(name, dtype, precompute, prefix_sharing)
+    cfg, S, W = info["cfg"], info["S"], info["W"]
+    first, sec = common.time_fn(lambda: run()["loss"], warmup=2, iters=5)
+    print(f"  {name} {dtype} reference {'precomputed' if precompute else 'in-step'}, prefix sharing "
+          f"{bool(S)}: first step {first:.1f} s (compile), then {sec * 1e3:.2f} ms", flush=True)
+    T = PROMPT + RESPONSE
     tokens = 2 * PAIRS * T                              # the pairs' tokens (what peers count)
     model_tokens, seq = (PAIRS * S, S) if S else (tokens, T)  # what the forward runs over
     scored = PAIRS * min(W, S) if S else tokens                 # what the output layer runs over
@@ -119,19 +135,20 @@ def bench(name: str, dtype: str, precompute: bool, prefix_sharing: bool) -> dict
     mem, mem_src = common.peak_memory_bytes()
     return {"model": name, "reference": "precomputed" if precompute else "in-step",
             "prefix_sharing": bool(S), "dtype": dtype, "params_M": cfg.num_params() / 1e6,
-            "tokens_per_step": tokens, "forward_tokens": model_tokens, "scored_tokens": scored,
-            "compile_s": first, "step_s": sec, "tokens_per_s": tokens / sec,
+            "pairs": PAIRS, "tokens_per_step": tokens, "forward_tokens": model_tokens,
+            "scored_tokens": scored, "compile_s": first, "step_s": sec, "tokens_per_s": tokens / sec,
             **common.mfu_fields(flops / sec, dtype), "peak_mem_GiB": mem / 2**30,
             "mem_source": mem_src}
 
 
 def main():
-    global PROMPT, RESPONSE
+    global PAIRS, PROMPT, RESPONSE
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="llama4.5m,smollm2", type=common.csv_choices(tuple(MODELS)))
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--seq-len", type=int, default=PROMPT + RESPONSE,
                     help="tokens per sequence, half prompt and half response (the issue's SmolLM2 check: 256)")
+    ap.add_argument("--pairs", type=int, default=PAIRS, help="preference pairs per step")
     ap.add_argument("--reference", default="precomputed,in-step", help="which variants to run",
                     type=common.csv_choices(("precomputed", "in-step")))
     ap.add_argument("--prefix-sharing", default="on,off", type=common.csv_choices(("on", "off")),
@@ -140,11 +157,13 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     PROMPT, RESPONSE = args.seq_len // 2, args.seq_len - args.seq_len // 2
+    PAIRS = args.pairs
+    common.peak_flops(args.dtype)  # measured (CPU) before any model is built
     variants = [v == "precomputed" for v in args.reference]
     sharing = [v == "on" for v in args.prefix_sharing]
     rows = [bench(m, args.dtype, precompute, share) for m in args.models
             for precompute in variants for share in sharing]
-    common.report(f"dpo_step_{jax.default_backend()}_{args.dtype}_T{args.seq_len}", rows, args.out,
+    common.report(f"dpo_step_{jax.default_backend()}_{args.dtype}_T{args.seq_len}_P{PAIRS}", rows, args.out,
                   {"batch": f"{PAIRS} pairs x ({PROMPT} prompt + {RESPONSE} response) tokens"})
 
 

@@ -3,7 +3,8 @@
 The step is the driver's (`experiments/policy_gradient.py`, configs/rl.py):
 B = 2 prompts × G = 4 completions × 32 new tokens (no stop token), prompts of
 32 tokens, the 4.5M-param Llama of the reward-model benchmark (hidden 256,
-4 layers, 8/4 heads, FFN 1024, vocab 1024), float32, one device, every
+4 layers, 8/4 heads, FFN 1024, vocab 1024), float32 (`--dtype bfloat16`:
+bfloat16 compute over float32 params), one device, every
 parameter trained with AdamW, KL (k3, β = 0.04) in the loss so the
 reference forward runs, one epoch of one minibatch. The reward is the
 fraction of even token ids in the completion (a host Python function, as
@@ -27,6 +28,7 @@ weights, its architecture) for 64 completions × 128 new tokens (8 prompts ×
 G = 8), the issue's rollout shape.
 
     python benchmarks/bench_rl_step.py [--steps 10] [--prefix-sharing on,off] [--smollm2-rollout]
+        [--dtype float32|bfloat16]
         [--out benchmarks/results]
 """
 from __future__ import annotations
@@ -68,8 +70,8 @@ def even_reward(tokens_RM: np.ndarray, mask_RM: np.ndarray) -> np.ndarray:
     return np.asarray(out, np.float32)
 
 
-def bench_grpo(steps: int, prefix_sharing: bool) -> dict:
-    cfg = dataclasses.replace(MODELS["llama4.5m"], max_position_embeddings=P + M)
+def bench_grpo(steps: int, prefix_sharing: bool, dtype: str = "float32") -> dict:
+    cfg = dataclasses.replace(MODELS["llama4.5m"], max_position_embeddings=P + M, dtype=dtype)
     config = rl_config.get_config("synthetic")
     config.model.prefix_sharing = prefix_sharing
     config.rollout.update(prompts_per_step=B, group_size=G, max_new_tokens=M)
@@ -112,6 +114,7 @@ def bench_grpo(steps: int, prefix_sharing: bool) -> dict:
         t4 = time.perf_counter()
         if i == 0:
             first = t4 - t0
+            print(f"  grpo prefix sharing {prefix_sharing}: first step {first:.1f} s (compile)", flush=True)
         if i >= 2:  # two warm-up steps (compile, then caches)
             for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 times[k].append(v)
@@ -123,15 +126,16 @@ def bench_grpo(steps: int, prefix_sharing: bool) -> dict:
     rows = B if prefix_sharing else B * G
     flops = (decode_flops(cfg, B * G, P, M) + 4.0 * forward_flops(cfg, rows * T, T))
     mem, mem_src = common.peak_memory_bytes()
-    return {"job": "grpo step (4.5M Llama)", "prefix_sharing": prefix_sharing, "rows": B * G,
+    return {"job": "grpo step (4.5M Llama)", "dtype": dtype, "prefix_sharing": prefix_sharing, "rows": B * G,
             "forward_tokens": rows * T, "new_tokens": B * G * M, "first_step_s": first,
             "step_s": step_s, **{f"{k}_s": v for k, v in med.items()},
-            "rollout_tokens_per_s": B * G * M / med["rollout"], **common.mfu_fields(flops / step_s),
+            "rollout_tokens_per_s": B * G * M / med["rollout"], **common.mfu_fields(flops / step_s, dtype),
             "peak_mem_GiB": mem / 2**30, "mem_source": mem_src}
 
 
-def bench_smollm2_rollout() -> dict:
-    cfg = dataclasses.replace(MODELS["smollm2"], max_position_embeddings=2048)
+def bench_smollm2_rollout(dtype: str = "float32") -> dict:
+    # Weights in the compute dtype, as `load_pretrained(..., dtype=)` gives them.
+    cfg = dataclasses.replace(MODELS["smollm2"], max_position_embeddings=2048, dtype=dtype, param_dtype=dtype)
     model = Decoder(cfg)
     params = jax.jit(lambda: step_lib.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))
                                             ["params"]))()
@@ -140,24 +144,28 @@ def bench_smollm2_rollout() -> dict:
                            max_new_tokens=128, num_samples=8).tokens_RM
     first, sec = common.time_fn(run, warmup=1, iters=2)
     flops = decode_flops(cfg, 64, 32, 128)
-    return {"job": "rollout SmolLM2-135M, 8 prompts x 8 x 128", "rows": 64, "new_tokens": 64 * 128,
-            "first_step_s": first, "step_s": sec, "rollout_tokens_per_s": 64 * 128 / sec,
-            **common.mfu_fields(flops / sec)}
+    return {"job": "rollout SmolLM2-135M, 8 prompts x 8 x 128", "dtype": dtype, "rows": 64,
+            "new_tokens": 64 * 128, "first_step_s": first, "step_s": sec, "rollout_tokens_per_s": 64 * 128 / sec,
+            **common.mfu_fields(flops / sec, dtype)}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--smollm2-rollout", action="store_true")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="compute dtype (the GRPO policy keeps float32 params; the SmolLM2 rollout's "
+                         "weights are in this dtype)")
     ap.add_argument("--prefix-sharing", default="on,off", type=common.csv_choices(("on", "off")),
                     help="on: the update and reference forwards encode each group's prompt once "
                          "(the driver's default); off: one row per sample")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
-    rows = [bench_grpo(args.steps, v == "on") for v in args.prefix_sharing]
+    common.peak_flops(args.dtype)  # measured (CPU) before any model is built
+    rows = [bench_grpo(args.steps, v == "on", args.dtype) for v in args.prefix_sharing]
     if args.smollm2_rollout:
-        rows.append(bench_smollm2_rollout())
-    common.report(f"rl_step_{jax.default_backend()}_float32", rows, args.out,
+        rows.append(bench_smollm2_rollout(args.dtype))
+    common.report(f"rl_step_{jax.default_backend()}_{args.dtype}", rows, args.out,
                   {"shape": f"{B} prompts x {G} completions x {M} new tokens, prompts of {P} tokens"})
 
 

@@ -156,6 +156,10 @@ def main():
                          "off: two rows per pair")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
+    if args.pairs < 1:
+        ap.error(f"--pairs must be at least 1 (got {args.pairs})")
+    if args.seq_len < 2:  # a one-token row has no prompt, so no response token has a log-prob
+        ap.error(f"--seq-len must be at least 2: half prompt, half response (got {args.seq_len})")
     PROMPT, RESPONSE = args.seq_len // 2, args.seq_len - args.seq_len // 2
     PAIRS = args.pairs
     common.peak_flops(args.dtype)  # measured (CPU) before any model is built

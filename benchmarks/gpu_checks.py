@@ -20,9 +20,9 @@ programs compile in seconds; batch rows left-padded by different amounts):
   accelerator; the behaviour log-probs it reports against `token_logps`
   recomputed on the CPU for those tokens (what PPO's ratio needs to be 1
   on-policy): max |Δ| ≤ 1e-3 nats.
-- `dpo step float32`: 3 steps of the DPO driver's train step (4.5M Llama,
-  reference in the step): the loss and `rewards/margins` after each step,
-  max relative |Δ| ≤ 1e-3.
+- `dpo step float32`: 6 steps of the DPO driver's train step (4.5M Llama,
+  reference in the step): the loss, `rewards/margins` and `grad_norm` of
+  each step, max |Δ| / (|CPU's| + 1e-3) ≤ 1e-3.
 
     python benchmarks/gpu_checks.py [--out benchmarks/results]
 
@@ -109,7 +109,7 @@ def main():
         lp_acc = on(acc, logps, params, tokens, mask)
         check("token_logps float32", float(np.abs(lp_acc - lp_ref).max()), 1e-3, "nats")
 
-        prompts, pmask = tokens[:, :32], mask[:, :32]
+        prompts, pmask = tokens[:, :32], mask[:, :32].copy()
         pmask[:, -1] = True  # every prompt needs a real token
         p_acc = jax.device_put(params, acc)
         out = generate(model, p_acc, jax.device_put(prompts, acc), jax.device_put(pmask, acc),
@@ -123,15 +123,20 @@ def main():
         diff = np.abs(np.where(on_grid, np.asarray(seq.sample_logps_RL) - recomputed, 0.0)).max()
         check("sampler logps vs recompute", float(diff), 1e-3, "nats, 8 rows x 24 new tokens")
 
+    # A step's metrics are those of the params it starts from, and the
+    # schedule's learning rate is 0 at step 0 (1e-4 · k after), so steps 0
+    # and 1 see the initial params; steps 2..5 see trained ones.
     results = {}
     for dev in (acc, cpu):
         run, _ = bench_dpo_step.make_step("llama4.5m", "float32", False, True, devices=[dev])
         with jax.default_matmul_precision("highest"):
-            ms = [run() for _ in range(3)]
-        results[dev.platform] = np.array([[float(x["loss"]), float(x["rewards/margins"])] for x in ms])
+            ms = [run() for _ in range(6)]
+        results[dev.platform] = np.array([[float(x[k]) for k in ("loss", "rewards/margins", "grad_norm")]
+                                          for x in ms])
     a, c = results[acc.platform], results[cpu.platform]
-    check("dpo step float32", float(np.max(np.abs(a - c) / np.maximum(np.abs(c), 1e-6))), 1e-3,
-          "3 steps, loss and rewards/margins, relative")
+    assert np.abs(c[-1, 1]) > 1e-3, f"the DPO check trained nothing: margins {c[:, 1]}"
+    check("dpo step float32", float(np.max(np.abs(a - c) / (np.abs(c) + 1e-3))), 1e-3,
+          "6 steps: loss, rewards/margins, grad_norm; |d| / (|cpu| + 1e-3)")
 
     common.report(f"gpu_checks_{jax.default_backend()}", rows, args.out,
                   {"accelerator": str(acc), "cpu": str(cpu)})

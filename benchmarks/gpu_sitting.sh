@@ -21,7 +21,8 @@
 # run compiled. Steps run in order of importance; a sitting cut short keeps
 # the tables it finished.
 set -u
-OUT=$(mkdir -p "${1:?usage: gpu_sitting.sh OUT_DIR [PYTHON]}" && cd "$1" && pwd)
+[ -n "${1:-}" ] || { echo "usage: gpu_sitting.sh OUT_DIR [PYTHON]" >&2; exit 2; }
+OUT=$(mkdir -p "$1" && cd "$1" && pwd) || exit 2
 PY=${2:-python3}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 RES=$(mktemp -d)
@@ -30,12 +31,15 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jaxreward_xla
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 export JAX_LOG_COMPILES=1
 cd "$REPO" || exit 1
+rm -f "$OUT/failed_steps.txt"
 
 step() {  # step SECONDS SCRIPT ARGS...: one benchmark, its table, its exit status
   local limit=$1; shift
   echo "=== $(date -u +%T) $*"
   timeout "$limit" "$PY" "$@" --out "$RES" 2>&1 | grep --line-buffered -v -E "Loading weights|it/s\]$|^WARNING: All log|in 0\.[0-9]+ sec|^WARNING:jax._src.dispatch:Finished tracing|Compiling |Persistent compilation cache"
-  echo "=== rc=${PIPESTATUS[0]}"
+  local rc=${PIPESTATUS[0]}
+  echo "=== rc=$rc"
+  [ "$rc" = 0 ] || echo "$* (rc $rc)" >> "$OUT/failed_steps.txt"
   tar czf "$OUT/results.tar.gz" -C "$RES" .  # after each step: a cut-off sitting keeps what it measured
 }
 
@@ -47,9 +51,12 @@ step() {  # step SECONDS SCRIPT ARGS...: one benchmark, its table, its exit stat
   step 90 benchmarks/gpu_checks.py
   step 240 benchmarks/bench_dpo_step.py --dtype bfloat16 --models smollm2 --seq-len 256 \
     --reference precomputed --prefix-sharing on
-  step 240 benchmarks/bench_decode.py --weights random --dtype bfloat16 --batches 8
+  step 240 benchmarks/bench_decode.py --weights random --dtype bfloat16 --batches 8  # HF rows need torch
   step 240 benchmarks/bench_rl_step.py --dtype bfloat16 --prefix-sharing on --smollm2-rollout
   step 240 benchmarks/bench_dpo_step.py --dtype bfloat16 --models smollm2 --seq-len 256 --pairs 64 \
     --reference precomputed --prefix-sharing on
   echo "=== $(date -u +%T) done"
 } 2>&1 | tee "$OUT/log.txt"
+if [ -s "$OUT/failed_steps.txt" ]; then  # exit 1 if any step failed or ran out of time
+  echo "failed steps:"; cat "$OUT/failed_steps.txt"; exit 1
+fi

@@ -143,6 +143,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         c.data.update(num_prompts=32, num_eval_prompts=8)
         c.rollout.update(prompts_per_step=4, group_size=4, max_new_tokens=8)
         c.train.update(num_steps=4, log_every=1, eval_every=2, checkpoint_every=2, progress_bar=False)
+        c.optimizer.warmup_steps = 1  # below the 4 steps (the default's 5 would be cut, with a warning)
         c.eval.update(samples_per_prompt=2, best_of_n_max_n=4)
     elif variant == "smollm2_arith":
         c.model.pretrained = "smollm2-135m-instruct"

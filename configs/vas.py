@@ -128,6 +128,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         c.guide.update(k=8, betas=(0.0, 2.0), samples_per_prompt=2)
         c.compose.betas = (0.0, 2.0)
         c.train.update(num_steps=4, log_every=1, checkpoint_every=2, eval_every=2, progress_bar=False)
+        c.optimizer.warmup_steps = 1  # below the 4 steps (the default's 10 would be cut, with a warning)
         c.eval.update(best_of_n_max_n=4)
     elif variant == "smollm2_hh":
         c.model.pretrained = "smollm2-135m-instruct"

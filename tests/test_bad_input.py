@@ -463,3 +463,20 @@ def test_quickstart_decoder_sizes_are_checked_alike():
     with pytest.raises(defaults.ConfigError, match=re.escape("config field model.num_kv_heads=3: model.num_heads=2 "
                                                              "must be a multiple")):
         main.check_config(config)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--pairs", "0"], "--pairs must be at least 1 (got 0)"),
+    (["--pairs", "-1"], "--pairs must be at least 1 (got -1)"),
+    (["--seq-len", "1"], "--seq-len must be at least 2: half prompt, half response (got 1)"),
+])
+def test_bench_dpo_step_refuses_degenerate_sizes_in_one_line(tmp_path, extra, message):
+    """`--pairs 0` used to end in an einops traceback, `--seq-len 1` to time a
+    step with no response token (loss 0) and report its tokens/s."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_dpo_step.py"), "--models", "llama4.5m",
+           "--out", str(tmp_path), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith(message)
+    assert not list(tmp_path.iterdir())

@@ -205,6 +205,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         if d.source == "jsonl" and d.eval_path else
                         "no usable eval pairs: set data.eval_path or data.num_eval_pairs")
 
+    # --- The reward function of the generation eval, loaded before any long pass
+    # so that a reward model that cannot score this policy (another vocabulary,
+    # a missing file) is refused up front.
+    reward_fn, reward_name = None, None
+    if e.reward_model_dir:  # a reward model, or an ensemble combined by config.ensemble
+        reward_fn, reward_name = ensemble_lib.reward_fn_for(config, e.reward_model_dir, cfg.vocab_size)
+    elif task is not None:
+        reward_fn = lambda b: task.gold_reward(np.asarray(b.response_tokens_RM),
+                                               np.asarray(b.response_mask_RM))
+        reward_name = "gold reward"
+
     # --- The reference: the initial policy, or `reference.path`.
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     r = config.reference
@@ -270,13 +281,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f"training {trained} on {num_train} pairs: {t.num_steps} steps of {d.batch_size} pairs")
 
     # --- Generation eval: policy vs reference samples on held-out prompts.
-    reward_fn, reward_name = None, None
-    if e.reward_model_dir:  # a reward model, or an ensemble combined by config.ensemble
-        reward_fn, reward_name = ensemble_lib.reward_fn_for(config, e.reward_model_dir, cfg.vocab_size)
-    elif task is not None:
-        reward_fn = lambda b: task.gold_reward(np.asarray(b.response_tokens_RM),
-                                               np.asarray(b.response_mask_RM))
-        reward_name = "gold reward"
     if task is not None:
         prompts = task.prompts(e.num_prompts, seed=3)
         prompt_mask = np.ones_like(prompts, bool)

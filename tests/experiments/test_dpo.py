@@ -576,6 +576,26 @@ def test_missing_required_hyper_parameter_and_missing_file():
     assert not pref.resolve_loss(config.loss).uses_reference
 
 
+def test_a_reward_model_of_another_vocabulary_is_refused_before_the_reference_pass(tmp_path):
+    """eval.reward_model_dir with a vocabulary of 48 against the policy's 32: one
+    UserError, raised before the reference log-probs are computed (no cache file)."""
+    from jaxreward.errors import UserError
+    from jaxreward.models.heads import RewardModel
+    from jaxreward.models.llama import LlamaConfig
+    from jaxreward.models.reward_io import export_reward_model
+    rm_cfg = LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=32, num_layers=1,
+                         num_heads=2, num_kv_heads=1)
+    rm = RewardModel(rm_cfg)
+    rm_params = step_lib.unbox(rm.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"])
+    rm_dir = str(tmp_path / "rm48")
+    export_reward_model(rm_dir, rm, rm_params, "random")
+    config = _config()
+    config.eval.update(generate=True, reward_model_dir=rm_dir)
+    with pytest.raises(UserError, match="has vocabulary 48, the policy 32: they must share one tokenizer"):
+        _run(tmp_path / "wd", config)
+    assert not os.path.exists(tmp_path / "wd" / driver.CACHE_FILE)
+
+
 def test_smollm2_dpo_on_real_hh_small(tmp_path, hh_file):
     """configs/dpo.py:smollm2_hh on the real HH file, a small version
     through the CLI: reads, precomputes the reference, trains, evaluates."""

@@ -240,8 +240,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     in_step_reference = loss.uses_reference and not r.precompute
     if loss.uses_reference and r.precompute:
         splits = {"train": train, "eval": evals}
+        # Packed and unpacked forwards round differently (~1e-5 nats), so the
+        # packing is part of the key: the cache holds what this run's step would compute.
         key = pref.reference_cache_key(splits, tokenization, ref_params, ref_model.config,
-                                       {"temperature": 1.0})
+                                       {"temperature": 1.0, "packed_length": packed, "scored_window": window})
         t0 = time.perf_counter()
         cache, reused = pref.cached_reference_logps(
             os.path.join(workdir, CACHE_FILE), key,

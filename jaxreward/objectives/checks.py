@@ -172,6 +172,47 @@ def check_range(
         raise ValueError(f"{name} must be in {left}{lo}, {hi}{right}, got {value!r}")
 
 
+def check_values_in_range(name: str, values: Any, *, low: Optional[float] = None,
+                          high: Optional[float] = None, where: Any = None) -> None:
+    """Checks that every entry of a concrete array (or scalar) lies in [low, high].
+
+    For data-valued arguments with a documented domain (CREAM's consistency
+    C in [0, 1], scaled Bradley–Terry's strengths m >= 0), where a value
+    outside it makes the loss unbounded below. A traced array is not checked
+    (its values are unknown at trace time); an eager call and a config value
+    are. `where` (bool, broadcastable to `values`; default all): only these
+    entries are checked, so a masked-out example may hold any placeholder.
+
+    Raises:
+      ValueError: "{name} must be in [low, high], got {value} at index {i}"
+        for the first offending entry (NaN included).
+    """
+    if isinstance(values, jax.core.Tracer):
+        return
+    v = np.asarray(values, np.float64)
+    if isinstance(where, jax.core.Tracer):
+        if v.ndim:  # which entries are valid is unknown at trace time
+            return
+        where = None  # one value for every example (a config scalar): always checked
+    ok = ~np.isnan(v)
+    if low is not None:
+        ok &= v >= low
+    if high is not None:
+        ok &= v <= high
+    if where is not None:
+        w = np.asarray(where, bool)
+        if v.ndim == 0:  # one value for every example: checked if any example is valid
+            ok = ok | ~w.any()
+        else:  # a [B] mask against [B] or [B, K] values
+            ok = ok | ~np.broadcast_to(w.reshape(w.shape + (1,) * (v.ndim - w.ndim)), v.shape)
+    if not ok.all():
+        i = np.unravel_index(int(np.flatnonzero(~ok)[0]), v.shape)
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        at = f" at index {tuple(int(j) for j in i)}" if v.ndim else ""
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {float(v[i]):.6g}{at}")
+
+
 def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
     """Checks that `value` is an integer (Python or numpy, not bool) >= `minimum`.
 

@@ -43,7 +43,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxreward.objectives import registry
-from jaxreward.objectives.checks import check_ndim, check_range, check_same_shape, check_shape
+from jaxreward.objectives.checks import (check_ndim, check_range, check_same_shape, check_shape,
+                                         check_values_in_range)
 from jaxreward.objectives.masking import (
     as_bool,
     masked_mean,
@@ -471,7 +472,9 @@ def orpo_loss(
 
     Returns:
       (loss, metrics); implicit rewards β·p̄ (TRL's convention); extra
-      metrics ``nll`` and ``log_odds_ratio``. Mean log-probs are capped at
+      metrics under TRL's names: ``nll``, ``log_odds_chosen`` (the log odds
+      ratio log odds(p̄_c) − log odds(p̄_r)) and ``log_odds_ratio`` (log σ of
+      it). Mean log-probs are capped at
       −1e-6 so log(1 − exp(p̄)) stays finite.
     """
     _check_beta(beta)
@@ -490,7 +493,10 @@ def orpo_loss(
     log_odds_ratio = log_odds(mean_c) - log_odds(mean_r)
     nll = -mean_c
     losses = nll - beta * log_sigmoid(log_odds_ratio)
-    return reduce_pair_loss(losses, beta * mean_c, beta * mean_r, mask, nll=nll, log_odds_ratio=log_odds_ratio)
+    # TRL's ORPO metric names: log_odds_chosen is the log odds ratio itself,
+    # log_odds_ratio the log σ of it (the term λ multiplies).
+    return reduce_pair_loss(losses, beta * mean_c, beta * mean_r, mask, nll=nll,
+                            log_odds_chosen=log_odds_ratio, log_odds_ratio=log_sigmoid(log_odds_ratio))
 
 
 @registry.register("preference", "nca")
@@ -751,6 +757,10 @@ def cream_loss(
       beta: static β > 0.
       consistency: float32 scalar or `[B]` C in [0, 1] (treated as constant).
 
+    Raises:
+      ValueError: a concrete consistency outside [0, 1] (NaN included) in a
+        valid pair.
+
     Returns:
       (loss, metrics); extra ``consistency``.
     """
@@ -759,6 +769,8 @@ def cream_loss(
         chosen_logps_B, rejected_logps_B, ref_chosen_logps_B, ref_rejected_logps_B, example_mask_B
     )
     check_shape("consistency", consistency, jnp.shape(chosen_logps_B), "chosen_logps_B", allow_scalar=True)
+    # Outside [0, 1] the loss is no cross-entropy and is unbounded below in h.
+    check_values_in_range("consistency", consistency, low=0.0, high=1.0, where=example_mask_B)
     h = rho_c - rho_r
     cons = sg(jnp.broadcast_to(jnp.asarray(consistency, jnp.float32), h.shape))
     losses = -cons * log_sigmoid(beta * h) - (1.0 - cons) * log_sigmoid(-beta * h)

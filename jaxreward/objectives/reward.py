@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxreward.objectives import registry
-from jaxreward.objectives.checks import check_ndim, check_range, check_same_shape, check_shape
+from jaxreward.objectives.checks import (check_ndim, check_range, check_same_shape, check_shape,
+                                         check_values_in_range)
 from jaxreward.objectives.masking import (
     as_bool,
     masked_cumsum,
@@ -222,7 +223,12 @@ def scaled_bradley_terry_loss(
 
     Returns:
       (loss, metrics) with the same metric keys as `bradley_terry_loss`.
+
+    Raises:
+      ValueError: a concrete `margin_B` with a negative (or NaN) entry in a valid pair.
     """
+    if margin_B is not None:  # a negative strength would reward the wrong order, without bound
+        check_values_in_range("margin_B", margin_B, low=0.0, where=example_mask_B)
     rc, rr, strength, mask = _pair_reward_inputs(rewards_chosen_B, rewards_rejected_B, margin_B, example_mask_B, 1.0)
     loss_BK = -strength * jax.nn.log_sigmoid(rc - rr)
     return _pair_reward_result(loss_BK, rc, rr, mask, objective_weights_K)

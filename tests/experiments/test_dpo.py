@@ -389,6 +389,12 @@ def test_a_stale_reference_cache_is_refused(baseline):
     stale.synthetic.label_beta = 0.5  # other labels: other pair arrays, same file name
     with pytest.raises(pref.StaleCacheError, match="delete the file to recompute"):
         driver.run(stale, str(workdir))
+    # The same data without prefix sharing: unpacked forwards round differently
+    # (~1e-5 nats), so the packed run's cache is not theirs either.
+    unpacked = _config()
+    unpacked.model.prefix_sharing = False
+    with pytest.raises(pref.StaleCacheError, match="delete the file to recompute"):
+        driver.run(unpacked, str(workdir))
 
 
 def test_cache_key_covers_data_and_reference_weights():

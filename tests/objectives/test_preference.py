@@ -131,7 +131,9 @@ def test_orpo_hand_value():
     expected = 0.5 - 0.1 * ls(ratio)
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     np.testing.assert_allclose(m["nll"], 0.5, rtol=1e-6)
-    np.testing.assert_allclose(m["log_odds_ratio"], ratio, rtol=1e-5)
+    # TRL's ORPO metric names: log_odds_chosen is the ratio, log_odds_ratio its log σ.
+    np.testing.assert_allclose(m["log_odds_chosen"], ratio, rtol=1e-5)
+    np.testing.assert_allclose(m["log_odds_ratio"], ls(ratio), rtol=1e-5)
     check_reward_metrics(m, [-0.05, -0.05], [-0.1, -0.1])
 
 
@@ -202,6 +204,34 @@ def test_cream_matches_dpo_and_cdpo():
     cd, _ = preference.cdpo_loss(C, R, RC, RR, beta=BETA, label_smoothing=0.25)
     c75, _ = preference.cream_loss(C, R, RC, RR, beta=BETA, consistency=jnp.array([0.75, 0.75]))
     np.testing.assert_allclose(c75, cd, rtol=1e-6)
+
+
+def test_cream_refuses_a_consistency_outside_0_1():
+    # For C in [0, 1] the loss −C·log σ(βh) − (1 − C)·log σ(−βh) is a cross-entropy
+    # (≥ 0). C = 1.5, β = 1, h = 10 would give −1.5·log σ(10) + 0.5·log σ(−10)
+    # = 1.5·4.54e-5 − 0.5·10.0000454 ≈ −4.99995, falling without bound as h grows.
+    c, r, z = jnp.array([0.0]), jnp.array([-10.0]), jnp.array([0.0])
+    loss, _ = preference.cream_loss(c, r, z, z, beta=1.0, consistency=0.5)
+    assert float(loss) > 0
+    with pytest.raises(ValueError, match=r"consistency must be in \[0, 1\], got 1.5"):
+        preference.cream_loss(c, r, z, z, beta=1.0, consistency=1.5)
+    with pytest.raises(ValueError, match=r"consistency must be in \[0, 1\], got -0.2 at index \(1,\)"):
+        preference.cream_loss(C, R, RC, RR, beta=BETA, consistency=jnp.array([0.5, -0.2]))
+    with pytest.raises(ValueError, match=r"consistency must be in \[0, 1\], got nan"):
+        preference.cream_loss(C, R, RC, RR, beta=BETA, consistency=float("nan"))
+    # A masked pair may hold any placeholder; under jit the value is data and not checked.
+    masked, _ = preference.cream_loss(C, R, RC, RR, beta=BETA, consistency=jnp.array([0.75, -1.0]),
+                                      example_mask_B=jnp.array([True, False]))
+    alone, _ = preference.cream_loss(C[:1], R[:1], RC[:1], RR[:1], beta=BETA, consistency=0.75)
+    np.testing.assert_allclose(masked, alone, rtol=1e-6)
+    jax.jit(lambda k: preference.cream_loss(C, R, RC, RR, beta=BETA, consistency=k)[0])(jnp.array([0.5, 2.0]))
+
+
+def test_the_dpo_config_refuses_a_cream_consistency_outside_0_1():
+    from jaxreward.train import preference as pref
+    pref.resolve_loss({"name": "cream", "beta": 0.1, "consistency": 0.8})
+    with pytest.raises(ValueError, match="consistency must be in"):
+        pref.resolve_loss({"name": "cream", "beta": 0.1, "consistency": 1.5})
 
 
 def test_cream_consistency_kendall():

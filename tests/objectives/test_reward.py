@@ -121,6 +121,14 @@ def test_scaled_bradley_terry():
     np.testing.assert_allclose(loss, (2 * math.log(2) + log1pexp(-1)) / 2, rtol=1e-6)
     # d = [0, 1]: a tie (0) and a win (1) → 1 / 2 (0.75 when a tie counted half)
     np.testing.assert_allclose(m["accuracy"], 0.5)
+    # A negative strength would reward the wrong order without bound: m = −1, d = 10
+    # gives +log σ(10) → −log σ(−∞)... i.e. the loss falls as the pair is ranked worse.
+    with pytest.raises(ValueError, match=r"margin_B must be in \[0, inf\], got -1 at index \(1,\)"):
+        reward.scaled_bradley_terry_loss(jnp.array([0.0, 1.0]), jnp.array([0.0, 0.0]), jnp.array([2.0, -1.0]))
+    # [B, K] strengths: a masked pair may hold any placeholder.
+    loss2, _ = reward.scaled_bradley_terry_loss(jnp.zeros((2, 2)), jnp.zeros((2, 2)), jnp.array([[1.0, 1.0], [-1.0, 0.0]]),
+                                                jnp.array([True, False]))
+    np.testing.assert_allclose(loss2, math.log(2), rtol=1e-6)
 
 
 def test_regression_loss():

@@ -14,9 +14,10 @@ Variants:
     KL. No files; about a minute on 2 CPU cores.
   smollm2_hh: SmolLM2-135M-Instruct on HH-RLHF-format pairs (transcripts
     rendered with the model's chat template), top `policy.trainable_blocks`
-    blocks trained. Generation eval reports the KL to the reference, and
-    reward / win rate / best-of-N when `eval.reward_model_dir` points at an
-    exported reward model (configs/reward_model.py).
+    blocks trained: one epoch of 512 pairs at 128 tokens, 256 held-out
+    pairs, ~25 min on 2 CPU cores. Generation eval reports the KL to the
+    reference, and reward / win rate / best-of-N when `eval.reward_model_dir`
+    points at an exported reward model (configs/reward_model.py).
 
 `loss.name` is any member of the objectives registry kind "preference"
 (dpo, ipo, cdpo, robust_dpo, hinge, simpo, orpo, nca, apo_zero, apo_down,
@@ -124,14 +125,18 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
     if variant == "smollm2_hh":
         c.model.pretrained = "smollm2-135m-instruct"
-        c.policy.trainable_blocks = 2
-        c.reference.batch_size = 16
+        # Sized for 2 CPU cores (~25 min with the reference pass): one epoch of 512
+        # pairs, 128 tokens (prompts keep their last 64), the top 4 blocks at 2e-4,
+        # 256 held-out pairs so that the accuracy's 95% interval is about ±0.06.
+        c.policy.trainable_blocks = 4
+        c.reference.batch_size = 32
         c.data.update(source="jsonl", train_path="../shared/data/hh-rlhf/harmless-base-test.jsonl.gz",
-                      num_eval_pairs=64, max_train_pairs=128, max_eval_pairs=32, max_length=192,
-                      batch_size=8, eval_batch_size=16)
-        c.optimizer = defaults.optimizer(learning_rate=5e-6, warmup_steps=4)
-        c.train = defaults.train(num_steps=16, log_every=2)
-        c.train.checkpoint_every = 8
+                      num_eval_pairs=256, max_train_pairs=512, max_eval_pairs=256, max_length=128,
+                      max_prompt_length=64, batch_size=8, eval_batch_size=32)
+        c.optimizer = defaults.optimizer(learning_rate=2e-4, warmup_steps=4)
+        c.train = defaults.train(num_steps=64, log_every=2)
+        c.train.eval_every = 32
+        c.train.checkpoint_every = 32
         c.eval.update(num_prompts=8, samples_per_prompt=2, best_of_n_max_n=8)
         c.sampling.update(max_new_tokens=48, temperature=1.0)
     return c

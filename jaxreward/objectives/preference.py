@@ -697,6 +697,9 @@ def beta_dpo_loss(
     of m_i) and a moving-average m_0; this is its instance-level form. Pass
     `margin_reference` (the moving average) to reproduce the paper's m_0;
     the batch mean depends on how the batch is split.
+    The default margin is the implicit reward margin β·h, in the paper's
+    words; the authors' code takes the raw log-ratio gap h, so an α tuned
+    there corresponds to α/β here.
 
     Args:
       first four: float32 `[B]` summed log-probs.

@@ -611,6 +611,7 @@ def test_smollm2_dpo_on_real_hh_small(tmp_path, hh_file):
     out = _cli("--config=configs/dpo.py:smollm2_hh", f"--workdir={wd}",
                f"--config.data.train_path={hh_file}", "--config.data.max_train_pairs=8",
                "--config.data.max_eval_pairs=4", "--config.data.max_length=48",
+               "--config.data.max_prompt_length=24",
                "--config.data.batch_size=4", "--config.data.eval_batch_size=4",
                "--config.reference.batch_size=4", "--config.policy.trainable_blocks=1",
                "--config.train.num_steps=2", "--config.train.eval_every=0",

@@ -88,8 +88,9 @@ def make_step(name: str, dtype: str, precompute: bool, prefix_sharing: bool, dev
     """The driver's DPO train step on a 1-device mesh of `devices[0]` (default: the first device).
 
     Returns `(run, info)`: `run()` takes one step on the benchmark batch and
-    returns the metrics; `info` has the config, the packed lengths S and W
-    and the batch.
+    returns the metrics; `info` has the config, the packed lengths S and W,
+    the batch, and the jitted `train_step` with its current `state()` and
+    `device_batch` (for tracing the step, as `gemm_floor.py` does).
     """
     cfg = dataclasses.replace(MODELS[name], dtype=dtype, max_position_embeddings=PROMPT + RESPONSE)
     config = dpo_config.get_config("synthetic")
@@ -118,7 +119,8 @@ def make_step(name: str, dtype: str, precompute: bool, prefix_sharing: bool, dev
         state[0], metrics = train_step(state[0], device_batch)
         return metrics
 
-    return run, {"cfg": cfg, "S": S, "W": W, "batch": batch}
+    return run, {"cfg": cfg, "S": S, "W": W, "batch": batch, "train_step": train_step,
+                 "state": lambda: state[0], "device_batch": device_batch}
 
 
 def bench(name: str, dtype: str, precompute: bool, prefix_sharing: bool) -> dict:

@@ -1,0 +1,35 @@
+"""benchmarks/gemm_floor.py counts the step's matrix products right (its sum
+is only a floor if every product is counted, each once per execution)."""
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import gemm_floor  # noqa: E402
+
+
+def test_products_counts_each_dot_once_per_execution_through_scan_jit_and_grad():
+    def f(x, w):
+        y = x @ w                                  # 1 product [4, 8] . [8, 8]
+        def body(c, _):
+            return jnp.tanh(c @ w), None           # 3 iterations of [4, 8] . [8, 8]
+        y, _ = jax.lax.scan(body, y, None, length=3)
+        return jax.jit(lambda a: (a @ w.T).sum())(y)  # 1 more inside a nested jit
+    x, w = jnp.ones((4, 8)), jnp.ones((8, 8))
+    found = gemm_floor.products(jax.make_jaxpr(f)(x, w))
+    assert sum(found.values()) == 5
+    # The gradient in w: the 5 forward products again, one dW product for each of
+    # the 5, and one d(input) product for the 4 whose input depends on w (the
+    # first one's input is x): 5 + 5 + 4 = 14.
+    g = jax.make_jaxpr(jax.grad(f, argnums=1))(x, w)
+    assert sum(gemm_floor.products(g).values()) == 14
+
+
+def test_a_while_loop_is_refused():
+    def f(x):
+        return jax.lax.while_loop(lambda c: c[1] < 3, lambda c: (c[0] @ c[0], c[1] + 1), (x, 0))[0]
+    with pytest.raises(ValueError, match="while loop has no static trip count"):
+        gemm_floor.products(jax.make_jaxpr(f)(jnp.ones((2, 2))))

@@ -151,9 +151,11 @@ def csv_choices(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         items = [v.strip() for v in text.split(",") if v.strip()]
         bad = [v for v in items if v not in allowed]
-        if bad or not items:
+        if not items:
+            raise argparse.ArgumentTypeError(f"no choice given; pick from {', '.join(allowed)} (comma-separated)")
+        if bad:
             raise argparse.ArgumentTypeError(
-                f"{', '.join(map(repr, bad)) or 'nothing'} not among {', '.join(allowed)} (comma-separated)")
+                f"{', '.join(map(repr, bad))} not among {', '.join(allowed)} (comma-separated)")
         return items
     return parse
 

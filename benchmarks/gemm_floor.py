@@ -48,6 +48,8 @@ def products(jaxpr) -> collections.Counter:
                 found[(lhs.shape, rhs.shape, str(lhs.dtype), eq.params["dimension_numbers"])] += times
             if eq.primitive.name == "while":
                 raise ValueError("a while loop has no static trip count; the floor would be wrong")
+            if eq.primitive.name == "cond":  # one branch runs: summing them all is no floor
+                raise ValueError("a cond runs one of its branches; the floor would count them all")
             inner = times * (eq.params["length"] if eq.primitive.name == "scan" else 1)
             for value in eq.params.values():
                 for sub in value if isinstance(value, (tuple, list)) else (value,):

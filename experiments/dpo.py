@@ -247,7 +247,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         t0 = time.perf_counter()
         cache, reused = pref.cached_reference_logps(
             os.path.join(workdir, CACHE_FILE), key,
-            lambda: pref.reference_logps(ref_fn, ref_params, splits, r.batch_size, mesh))
+            lambda: pref.reference_logps(ref_fn, ref_params, splits, r.batch_size, mesh),
+            made_of="data, tokenization, reference weights or packing (model.prefix_sharing)")
         print(f"reference log-probs of {num_train + num_eval} pairs: "
               + ("reused " + CACHE_FILE if reused else
                  f"computed in {time.perf_counter() - t0:.1f}s, cached in {CACHE_FILE}"))

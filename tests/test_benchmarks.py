@@ -33,3 +33,22 @@ def test_a_while_loop_is_refused():
         return jax.lax.while_loop(lambda c: c[1] < 3, lambda c: (c[0] @ c[0], c[1] + 1), (x, 0))[0]
     with pytest.raises(ValueError, match="while loop has no static trip count"):
         gemm_floor.products(jax.make_jaxpr(f)(jnp.ones((2, 2))))
+
+
+def test_a_cond_is_refused():
+    # Only one branch runs, so summing every branch's products is no floor.
+    x, w = jnp.ones((4, 8)), jnp.ones((8, 8))
+    f = lambda p, a: jax.lax.cond(p, lambda b: b @ w, lambda b: (b @ w) @ w, a)
+    with pytest.raises(ValueError, match="a cond runs one of its branches"):
+        gemm_floor.products(jax.make_jaxpr(f)(True, x))
+
+
+def test_csv_choices_messages():
+    import argparse
+    import common
+    parse = common.csv_choices(("llama4.5m", "smollm2"))
+    assert parse(" smollm2,llama4.5m ") == ["smollm2", "llama4.5m"]
+    with pytest.raises(argparse.ArgumentTypeError, match="no choice given; pick from llama4.5m, smollm2"):
+        parse(",")
+    with pytest.raises(argparse.ArgumentTypeError, match="'nope' not among llama4.5m, smollm2"):
+        parse("nope,smollm2")

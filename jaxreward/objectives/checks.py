@@ -180,31 +180,29 @@ def check_values_in_range(name: str, values: Any, *, low: Optional[float] = None
     C in [0, 1], scaled Bradley–Terry's strengths m >= 0), where a value
     outside it makes the loss unbounded below. A traced array is not checked
     (its values are unknown at trace time); an eager call and a config value
-    are. `where` (bool, broadcastable to `values`; default all): only these
-    entries are checked, so a masked-out example may hold any placeholder.
+    are. `where` (bool `[B]` against `[B]` values; default all): only
+    these entries are checked, so a masked-out example may hold any
+    placeholder. A scalar applies to every example and is always checked,
+    eagerly and under jit alike. Infinite values are refused.
 
     Raises:
       ValueError: "{name} must be in [low, high], got {value} at index {i}"
-        for the first offending entry (NaN included).
+        for the first offending entry (NaN and ±inf included).
     """
     if isinstance(values, jax.core.Tracer):
         return
     v = np.asarray(values, np.float64)
-    if isinstance(where, jax.core.Tracer):
-        if v.ndim:  # which entries are valid is unknown at trace time
-            return
+    if v.ndim == 0:
         where = None  # one value for every example (a config scalar): always checked
-    ok = ~np.isnan(v)
+    elif isinstance(where, jax.core.Tracer):
+        return  # which entries are valid is unknown at trace time
+    ok = np.isfinite(v)
     if low is not None:
         ok &= v >= low
     if high is not None:
         ok &= v <= high
     if where is not None:
-        w = np.asarray(where, bool)
-        if v.ndim == 0:  # one value for every example: checked if any example is valid
-            ok = ok | ~w.any()
-        else:  # a [B] mask against [B] or [B, K] values
-            ok = ok | ~np.broadcast_to(w.reshape(w.shape + (1,) * (v.ndim - w.ndim)), v.shape)
+        ok = ok | ~np.broadcast_to(np.asarray(where, bool), v.shape)
     if not ok.all():
         i = np.unravel_index(int(np.flatnonzero(~ok)[0]), v.shape)
         lo = "-inf" if low is None else f"{low:g}"
@@ -234,5 +232,6 @@ __all__ = [
     "check_same_shape",
     "check_shape",
     "check_token_arrays",
+    "check_values_in_range",
     "shape_of",
 ]

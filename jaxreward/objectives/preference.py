@@ -906,7 +906,10 @@ def _mixture_components(components) -> list[tuple[str, float, dict]]:
         name, weight = comp[0], comp[1]
         if not isinstance(name, str):
             raise ValueError(f"mixture component {i}: name must be a str, got {name!r}")
-        check_range(f"weight of mixture component {i} ({name!r})", weight)
+        if name == "mixture":
+            raise ValueError(f"mixture component {i} is itself a mixture; list its components in this one")
+        # A negative weight would maximize that loss: the mixture is then unbounded below.
+        check_range(f"weight of mixture component {i} ({name!r})", weight, low=0.0)
         try:
             overrides = dict(comp[2]) if len(comp) == 3 else {}
         except (TypeError, ValueError) as e:
@@ -960,7 +963,7 @@ def mixture_loss(
 
     Raises:
       ValueError: for an empty or malformed `components`, a weight that is
-        not a number, or an override key the component's loss does not accept; KeyError
+        not a number >= 0, a component that is itself a mixture, or an override key the component's loss does not accept; KeyError
         for an unknown name.
     """
     parsed = _mixture_components(components)   # each component checks the array shapes itself

@@ -225,11 +225,13 @@ def scaled_bradley_terry_loss(
       (loss, metrics) with the same metric keys as `bradley_terry_loss`.
 
     Raises:
-      ValueError: a concrete `margin_B` with a negative (or NaN) entry in a valid pair.
+      ValueError: a concrete `margin_B` with a negative, NaN or infinite entry
+        in a valid pair (a scalar always).
     """
-    if margin_B is not None:  # a negative strength would reward the wrong order, without bound
-        check_values_in_range("margin_B", margin_B, low=0.0, where=example_mask_B)
     rc, rr, strength, mask = _pair_reward_inputs(rewards_chosen_B, rewards_rejected_B, margin_B, example_mask_B, 1.0)
+    if margin_B is not None:  # a negative strength would reward the wrong order, without bound
+        # After the shape checks; masked pairs' strengths are already replaced by 1.
+        check_values_in_range("margin_B", margin_B if jnp.ndim(margin_B) == 0 else strength, low=0.0)
     loss_BK = -strength * jax.nn.log_sigmoid(rc - rr)
     return _pair_reward_result(loss_BK, rc, rr, mask, objective_weights_K)
 

@@ -381,6 +381,13 @@ def test_resume_gives_identical_params_and_metrics_and_reuses_the_reference_cach
     assert a == b  # every metric of every step, bit for bit (tokens/s is wall-clock)
 
 
+def test_first_step_margins_are_rounding_when_the_policy_is_the_reference(baseline):
+    # The first logged step scores the initial policy (= the reference) against
+    # precomputed log-probs from another program: margins are float32 rounding.
+    first = baseline["history"][0]
+    assert abs(first["rewards/margins"]) < 1e-5 and abs(first["loss"] - math.log(2)) < 1e-5
+
+
 def test_a_stale_reference_cache_is_refused(baseline):
     workdir = baseline["workdir"]
     assert baseline["forwards"]["reference"] >= 1
@@ -393,7 +400,7 @@ def test_a_stale_reference_cache_is_refused(baseline):
     # (~1e-5 nats), so the packed run's cache is not theirs either.
     unpacked = _config()
     unpacked.model.prefix_sharing = False
-    with pytest.raises(pref.StaleCacheError, match="delete the file to recompute"):
+    with pytest.raises(pref.StaleCacheError, match=r"or packing \(model.prefix_sharing\).*delete the file"):
         driver.run(unpacked, str(workdir))
 
 

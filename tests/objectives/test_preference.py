@@ -227,11 +227,38 @@ def test_cream_refuses_a_consistency_outside_0_1():
     jax.jit(lambda k: preference.cream_loss(C, R, RC, RR, beta=BETA, consistency=k)[0])(jnp.array([0.5, 2.0]))
 
 
+def test_a_scalar_consistency_is_checked_eagerly_and_under_jit_alike():
+    # A scalar applies to every pair, so it is checked even when every pair is masked.
+    from jaxreward.objectives import checks
+    z, mask = jnp.zeros(3), jnp.zeros(3, bool)
+    f = lambda m: preference.cream_loss(z, z, z, z, beta=0.1, consistency=1.5, example_mask_B=m)[0]
+    for g in (f, jax.jit(f)):
+        with pytest.raises(ValueError, match=r"consistency must be in \[0, 1\], got 1.5"):
+            g(mask)
+    assert "check_values_in_range" in checks.__all__
+
+
 def test_the_dpo_config_refuses_a_cream_consistency_outside_0_1():
     from jaxreward.train import preference as pref
     pref.resolve_loss({"name": "cream", "beta": 0.1, "consistency": 0.8})
     with pytest.raises(ValueError, match="consistency must be in"):
         pref.resolve_loss({"name": "cream", "beta": 0.1, "consistency": 1.5})
+
+
+def test_mixture_refuses_a_negative_weight_and_a_nested_mixture():
+    # −1 · DPO is unbounded below; a weight of 0 switches a component off.
+    with pytest.raises(ValueError, match=r"weight of mixture component 0 \('dpo'\) must be in \[0, inf\), got -1.0"):
+        preference.mixture_loss(C, R, RC, RR, beta=BETA, components=(("dpo", -1.0),))
+    off, _ = preference.mixture_loss(C, R, RC, RR, beta=BETA, components=(("dpo", 1.0), ("ipo", 0.0)))
+    dpo, _ = preference.dpo_loss(C, R, RC, RR, beta=BETA)
+    np.testing.assert_allclose(off, dpo, rtol=1e-6)
+    with pytest.raises(ValueError, match="mixture component 0 is itself a mixture; list its components"):
+        preference.mixture_loss(C, R, RC, RR, beta=BETA, components=(("mixture", 1.0),))
+    from jaxreward.train import preference as pref
+    with pytest.raises(ValueError, match=r"config.loss \('mixture'\): weight of mixture component 0"):
+        pref.resolve_loss({"name": "mixture", "beta": 0.1, "components": (("dpo", -1.0),)})
+    with pytest.raises(ValueError, match="is itself a mixture"):
+        pref.resolve_loss({"name": "mixture", "beta": 0.1, "components": (("mixture", 1.0),)})
 
 
 def test_cream_consistency_kendall():

@@ -131,6 +131,26 @@ def test_scaled_bradley_terry():
     np.testing.assert_allclose(loss2, math.log(2), rtol=1e-6)
 
 
+def test_scaled_bradley_terry_checks_shapes_before_values_and_refuses_inf():
+    # [B, K] rewards with a [B] margin and a [B, K] mask is a valid call: log 2 at zero rewards.
+    rc = jnp.zeros((3, 2))
+    loss, _ = reward.scaled_bradley_terry_loss(rc, rc, jnp.ones(3), jnp.ones((3, 2), bool))
+    np.testing.assert_allclose(float(loss), math.log(2.0), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"margin_B must be in \[0, inf\], got -1 at index \(1, 0\)"):
+        reward.scaled_bradley_terry_loss(rc, rc, jnp.array([1.0, -1.0, 1.0]), jnp.ones((3, 2), bool))
+    # Wrong shapes are named by the shape checks, which run first.
+    z = jnp.zeros(3)
+    with pytest.raises(ValueError, match=r"example_mask_B has shape \(4,\)"):
+        reward.scaled_bradley_terry_loss(z, z, jnp.ones(3), jnp.ones(4, bool))
+    with pytest.raises(ValueError, match=r"margin_B has shape \(4,\)"):
+        reward.scaled_bradley_terry_loss(z, z, jnp.ones(4), jnp.ones(3, bool))
+    # An infinite strength gives an infinite loss (and NaN gradients): refused like NaN.
+    with pytest.raises(ValueError, match=r"margin_B must be in \[0, inf\], got inf at index \(1,\)"):
+        reward.scaled_bradley_terry_loss(z + 1.0, z, jnp.array([1.0, np.inf, 1.0]))
+    with pytest.raises(ValueError, match=r"margin_B must be in \[0, inf\], got -2$"):
+        reward.scaled_bradley_terry_loss(z, z, -2.0)
+
+
 def test_regression_loss():
     # errors [1, −2] (third masked) → MSE (1 + 4) / 2 = 2.5, MAE 1.5
     r = jnp.array([1.0, 0.0, np.nan])

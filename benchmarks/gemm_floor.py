@@ -38,14 +38,17 @@ import common  # noqa: E402
 
 
 def products(jaxpr) -> collections.Counter:
-    """{(lhs shape, rhs shape, dtype, dimension numbers): count} over a closed jaxpr and its sub-jaxprs."""
+    """{(lhs shape, rhs shape, (lhs dtype, rhs dtype, preferred dtype), dimension numbers): count}
+    over a closed jaxpr and its sub-jaxprs."""
     found = collections.Counter()
 
     def walk(j, times):
         for eq in j.eqns:
             if eq.primitive.name == "dot_general":
                 lhs, rhs = eq.invars[0].aval, eq.invars[1].aval
-                found[(lhs.shape, rhs.shape, str(lhs.dtype), eq.params["dimension_numbers"])] += times
+                pet = eq.params.get("preferred_element_type")
+                dtypes = (str(lhs.dtype), str(rhs.dtype), None if pet is None else str(pet))
+                found[(lhs.shape, rhs.shape, dtypes, eq.params["dimension_numbers"])] += times
             if eq.primitive.name == "while":
                 raise ValueError("a while loop has no static trip count; the floor would be wrong")
             if eq.primitive.name == "cond":  # one branch runs: summing them all is no floor
@@ -62,10 +65,10 @@ def products(jaxpr) -> collections.Counter:
     return found
 
 
-def time_product(lhs_shape, rhs_shape, dtype, dims, iters: int) -> tuple[float, float]:
+def time_product(lhs_shape, rhs_shape, dtypes, dims, iters: int) -> tuple[float, float]:
     """(median seconds, FLOPs) of one `dot_general` on ones, jitted alone."""
-    x, y = jnp.ones(lhs_shape, dtype), jnp.ones(rhs_shape, dtype)
-    f = jax.jit(lambda a, b: lax.dot_general(a, b, dims))
+    x, y = jnp.ones(lhs_shape, dtypes[0]), jnp.ones(rhs_shape, dtypes[1])
+    f = jax.jit(lambda a, b: lax.dot_general(a, b, dims, preferred_element_type=dtypes[2]))
     (contract, _), _ = dims
     flops = 2.0 * np.prod(jax.eval_shape(f, x, y).shape) * np.prod([lhs_shape[i] for i in contract])
     _, sec = common.time_fn(lambda: f(x, y), warmup=3, iters=iters)
@@ -90,8 +93,8 @@ def main():
         _, step_s = common.time_fn(lambda: run()["loss"], warmup=2, iters=5)
         found = products(jax.make_jaxpr(info["train_step"])(info["state"](), info["device_batch"]))
         floor = flops = 0.0
-        for (ls, rs, dtype, dims), count in sorted(found.items(), key=str):
-            sec, f = time_product(ls, rs, dtype, dims, args.iters)
+        for (ls, rs, dtypes, dims), count in sorted(found.items(), key=str):
+            sec, f = time_product(ls, rs, dtypes, dims, args.iters)
             floor, flops = floor + count * sec, flops + count * f
             print(f"  {count:3d} x {ls} . {rs} {dims[0]}: {sec * 1e3:.3f} ms, {f / sec / 1e9:.0f} GFLOP/s")
         rows.append({"model": name, "reference": args.reference, "prefix_sharing": args.prefix_sharing == "on",

@@ -52,3 +52,19 @@ def test_csv_choices_messages():
         parse(",")
     with pytest.raises(argparse.ArgumentTypeError, match="'nope' not among llama4.5m, smollm2"):
         parse("nope,smollm2")
+
+
+def test_time_product_counts_the_flops_of_a_batched_contraction_by_hand():
+    # [2, 3, 4] . [2, 4, 5], batch dim 0, contracting lhs 2 with rhs 1: output
+    # [2, 3, 5] = 30 entries, each 4 multiply-adds: 2 * 30 * 4 = 240 FLOPs.
+    dims = (((2,), (1,)), ((0,), (0,)))
+    sec, flops = gemm_floor.time_product((2, 3, 4), (2, 4, 5), ("float32", "float32", None), dims, iters=1)
+    assert flops == 240 and sec > 0
+    # bfloat16 operands with a float32 accumulator keep their dtypes in the key and the timing.
+    x, y = jnp.ones((3, 4), jnp.bfloat16), jnp.ones((4, 5), jnp.bfloat16)
+    found = gemm_floor.products(jax.make_jaxpr(
+        lambda a, b: jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32))(x, y))
+    ((key, count),) = found.items()
+    assert key[2] == ("bfloat16", "bfloat16", "float32") and count == 1
+    _, flops = gemm_floor.time_product(key[0], key[1], key[2], key[3], iters=1)
+    assert flops == 2 * 3 * 5 * 4

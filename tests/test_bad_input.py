@@ -252,12 +252,20 @@ def test_user_errors_in_a_driver_run_are_one_line_with_exit_2(tmp_path):
     assert traced.returncode == 1 and "Traceback" in traced.stderr and "DataError" in traced.stderr
 
 
-def test_dpo_without_held_out_pairs_is_refused_before_any_model_loads():
+def _pairs_file(tmp_path) -> str:
+    """A one-pair jsonl, so that config checks run where ../shared/data is absent."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    return str(path)
+
+
+def test_dpo_without_held_out_pairs_is_refused_before_any_model_loads(tmp_path):
     # Was found only after the model loaded and the pairs were tokenized.
-    config = _config("dpo", "smollm2_hh", **{"data.num_eval_pairs": 0})
+    data = _pairs_file(tmp_path)
+    config = _config("dpo", "smollm2_hh", **{"data.num_eval_pairs": 0, "data.train_path": data})
     with pytest.raises(defaults.ConfigError, match=r"config field data.num_eval_pairs=0 holds out no pairs"):
         main.check_config(config)
-    main.check_config(_config("dpo", "smollm2_hh", **{"data.num_eval_pairs": 1}))
+    main.check_config(_config("dpo", "smollm2_hh", **{"data.num_eval_pairs": 1, "data.train_path": data}))
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -423,18 +431,25 @@ def test_an_error_raised_from_none_is_the_one_line_not_the_error_it_replaced(tmp
 
 @pytest.mark.parametrize("file, variant", [("reward_model", "smollm2_hh"), ("dpo", "smollm2_hh"),
                                            ("reward_model_rated", "synthetic"), ("quickstart", "tiny")])
-def test_a_global_batch_that_does_not_divide_among_the_processes_is_refused(monkeypatch, file, variant):
+def test_a_global_batch_that_does_not_divide_among_the_processes_is_refused(monkeypatch, tmp_path, file, variant):
     # Each process loaded data.batch_size // jax.process_count() rows: 10 on 4 processes
     # trained on batches of 8, silently, with every printed "batch of 10" wrong.
     import jax
     monkeypatch.setattr(jax, "process_count", lambda: 4)
+    data = _pairs_file(tmp_path)
+
+    def config_of(file, variant, **overrides):  # the jsonl variants read a local file
+        config = _config(file, variant, **overrides)
+        if config.data.get("source") == "jsonl":
+            config.data.train_path = data
+        return config
     with pytest.raises(defaults.ConfigError) as info:
-        main.check_config(_config(file, variant, **{"data.batch_size": 10}))
+        main.check_config(config_of(file, variant, **{"data.batch_size": 10}))
     assert str(info.value) == ("config field data.batch_size=10 does not divide among the 4 processes of this "
                                "run (jax.process_count()); use 8 or 12")
     with pytest.raises(defaults.ConfigError, match=r"data.batch_size=3 does not divide .*; use 4$"):
-        main.check_config(_config(file, variant, **{"data.batch_size": 3}))
-    config = _config(file, variant, **{"data.batch_size": 16})
+        main.check_config(config_of(file, variant, **{"data.batch_size": 3}))
+    config = config_of(file, variant, **{"data.batch_size": 16})
     main.check_config(config)
     assert defaults.per_process_batch(config) == 4
 

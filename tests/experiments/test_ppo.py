@@ -252,6 +252,9 @@ def test_check_config_cross_field_errors(tmp_path):
     with pytest.raises(defaults.ConfigError, match=r"kl\.horizon"):
         driver.check_config(c)
     c = ppo_config.get_config("smollm2_hh")  # the reward model is the user's
+    pairs = tmp_path / "pairs.jsonl"  # a local prompts file: runs where ../shared/data is absent
+    pairs.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    c.data.prompts_path = str(pairs)
     with pytest.raises(defaults.ConfigError, match=r"reward\.reward_model_dir"):
         driver.check_config(c)
     for variant in ppo_config.VARIANTS[:2]:

@@ -56,6 +56,7 @@ MODELS = {
                            rope_theta=100000.0),
 }
 PAIRS, PROMPT, RESPONSE = 8, 32, 32
+QUERY_CHUNK = LlamaConfig.attention_query_chunk  # --attention-query-chunk (0 = one chunk)
 
 
 def forward_flops(cfg: LlamaConfig, tokens: int, seq_len: int, scored: int | None = None) -> float:
@@ -92,7 +93,8 @@ def make_step(name: str, dtype: str, precompute: bool, prefix_sharing: bool, dev
     the batch, and the jitted `train_step` with its current `state()` and
     `device_batch` (for tracing the step, as `gemm_floor.py` does).
     """
-    cfg = dataclasses.replace(MODELS[name], dtype=dtype, max_position_embeddings=PROMPT + RESPONSE)
+    cfg = dataclasses.replace(MODELS[name], dtype=dtype, max_position_embeddings=PROMPT + RESPONSE,
+                              attention_query_chunk=QUERY_CHUNK)
     config = dpo_config.get_config("synthetic")
     model = Decoder(cfg)
     dummy = jnp.zeros((1, 2), jnp.int32)
@@ -136,7 +138,8 @@ def bench(name: str, dtype: str, precompute: bool, prefix_sharing: bool) -> dict
     flops = (3.0 + (0.0 if precompute else 1.0)) * forward_flops(cfg, model_tokens, seq, scored)
     mem, mem_src = common.peak_memory_bytes()
     return {"model": name, "reference": "precomputed" if precompute else "in-step",
-            "prefix_sharing": bool(S), "dtype": dtype, "params_M": cfg.num_params() / 1e6,
+            "prefix_sharing": bool(S), "attention_query_chunk": cfg.attention_query_chunk,
+            "dtype": dtype, "params_M": cfg.num_params() / 1e6,
             "pairs": PAIRS, "tokens_per_step": tokens, "forward_tokens": model_tokens,
             "scored_tokens": scored, "compile_s": first, "step_s": sec, "tokens_per_s": tokens / sec,
             **common.mfu_fields(flops / sec, dtype), "peak_mem_GiB": mem / 2**30,
@@ -144,7 +147,7 @@ def bench(name: str, dtype: str, precompute: bool, prefix_sharing: bool) -> dict
 
 
 def main():
-    global PAIRS, PROMPT, RESPONSE
+    global PAIRS, PROMPT, RESPONSE, QUERY_CHUNK
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="llama4.5m,smollm2", type=common.csv_choices(tuple(MODELS)))
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -156,6 +159,8 @@ def main():
     ap.add_argument("--prefix-sharing", default="on,off", type=common.csv_choices(("on", "off")),
                     help="on: one [prompt | chosen | rejected] row per pair (the driver's default); "
                          "off: two rows per pair")
+    ap.add_argument("--attention-query-chunk", type=int, default=QUERY_CHUNK,
+                    help="least query positions per causal attention chunk (0 = one chunk)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     if args.pairs < 1:
@@ -164,6 +169,9 @@ def main():
         ap.error(f"--seq-len must be at least 2: half prompt, half response (got {args.seq_len})")
     PROMPT, RESPONSE = args.seq_len // 2, args.seq_len - args.seq_len // 2
     PAIRS = args.pairs
+    if args.attention_query_chunk < 0:
+        ap.error(f"--attention-query-chunk must be >= 0 (got {args.attention_query_chunk})")
+    QUERY_CHUNK = args.attention_query_chunk
     common.peak_flops(args.dtype)  # measured (CPU) before any model is built
     variants = [v == "precomputed" for v in args.reference]
     sharing = [v == "on" for v in args.prefix_sharing]

@@ -34,7 +34,9 @@ from jaxreward.models import llama  # noqa: E402
 
 B, K, G = 8, 3, 3   # rows, kv heads, query heads per kv head (SmolLM2: 3 kv heads, 9 query heads)
 SHAPES = [(8, 12, 16), (24, 12, 16), (24, 48, 16), (8, 96, 64), (24, 96, 64), (96, 96, 64),
-          (96, 384, 64), (288, 384, 64)]   # (Q, S, D) per kv head; Q = G · query positions
+          (96, 384, 64), (288, 384, 64),
+          (384, 128, 64), (384, 256, 64), (384, 384, 64)]  # SmolLM2 at T = 384 in query chunks of 128
+# (Q, S, D) per kv head; Q = G · query positions
 
 
 def _ops():

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxreward.models.llama import Decoder, LlamaConfig, grouped_attention
+from jaxreward.models import llama
+from jaxreward.models.llama import Decoder, LlamaConfig, causal_grouped_attention, grouped_attention
 
 hm = lambda x_BSKD: jnp.swapaxes(x_BSKD, 1, 2)  # head-major [B, K, S, D], the cache layout
 
@@ -93,3 +94,66 @@ def test_heads_must_be_a_multiple_of_kv_heads():
     with pytest.raises(ValueError, match="num_heads=6 must be a multiple of num_kv_heads=4"):
         LlamaConfig(vocab_size=8, hidden_size=24, intermediate_size=8, num_layers=1, num_heads=6,
                     num_kv_heads=4)
+
+
+@pytest.mark.parametrize("T,min_chunk", [(16, 8), (37, 8), (37, 12), (64, 16), (64, 8), (90, 10)])
+def test_causal_query_chunks_equal_one_chunk_in_value_and_gradient(T, min_chunk):
+    """Chunk [lo, hi) reads keys [0, hi) only; under a causal mask that drops
+    only masked keys, so value and gradients equal the unchunked ones. The
+    mask is causal with random holes below the diagonal (padding, branches
+    of a packed row), the diagonal always visible. (T, min_chunk) = (37, 12)
+    is 3 chunks with bounds [0, 12, 25, 37]; (90, 10) is capped at 8."""
+    ks = jax.random.split(jax.random.PRNGKey(T * 10 + min_chunk), 4)
+    q = jax.random.normal(ks[0], (2, T, 6, 8))
+    k, v = (jax.random.normal(kk, (2, 2, T, 8)) for kk in ks[1:3])
+    causal = jnp.tril(jnp.ones((T, T), bool))
+    mask = (jax.random.bernoulli(ks[3], 0.7, (2, T, T)) & causal) | jnp.eye(T, dtype=bool)
+    loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
+    one = lambda q, k, v: grouped_attention(q, k, v, mask)
+    many = lambda q, k, v: causal_grouped_attention(q, k, v, mask, min_chunk)
+    np.testing.assert_allclose(many(q, k, v), one(q, k, v), rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.grad(loss(many), (0, 1, 2))(q, k, v), jax.grad(loss(one), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_query_chunk_count_and_bounds(monkeypatch):
+    """n = min(T // min_chunk, 8) chunks with bounds round(T·i/n): T = 37 at 12
+    gives 3 chunks [0, 12), [12, 25), [25, 37); T = 23 at 12 gives one (no
+    split); min_chunk 0 gives one; T = 1000 at 10 is capped at 8 chunks."""
+    seen = []
+    real = llama.grouped_attention
+    monkeypatch.setattr(llama, "grouped_attention",
+                        lambda q, k, v, m: seen.append((q.shape[1], k.shape[2])) or real(q, k, v, m))
+    def run(T, min_chunk):
+        seen.clear()
+        q, k = jnp.zeros((1, T, 2, 4)), jnp.zeros((1, 1, T, 4))
+        llama.causal_grouped_attention(q, k, k, jnp.tril(jnp.ones((1, T, T), bool)), min_chunk)
+        return list(seen)
+    assert run(37, 12) == [(12, 12), (13, 25), (12, 37)]
+    assert run(23, 12) == [(23, 23)]
+    assert run(64, 0) == [(64, 64)]
+    assert len(run(1000, 10)) == 8
+
+
+def test_decoder_logits_do_not_depend_on_the_query_chunk():
+    """A whole forward (padding and the prefix-sharing branch mask) in one
+    query chunk and in chunks of 8 (5 chunks of 40 positions)."""
+    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, max_position_embeddings=64, attention_query_chunk=0)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 40), 0, 40)
+    mask = jnp.ones((2, 40), bool).at[0, :7].set(False)
+    branch = jnp.concatenate([jnp.zeros((2, 16), jnp.int32), jnp.ones((2, 12), jnp.int32),
+                              jnp.full((2, 12), 2, jnp.int32)], axis=1)
+    params = Decoder(cfg).init(jax.random.PRNGKey(1), tokens)["params"]
+    run = lambda c: Decoder(dataclasses.replace(cfg, attention_query_chunk=c)).apply(
+        {"params": params}, tokens, mask, None, None, branch, method=Decoder.hidden_states)
+    one = run(0)
+    np.testing.assert_allclose(run(8), one, rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(np.asarray(one), np.zeros_like(one))
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "128"])
+def test_attention_query_chunk_is_checked(bad):
+    with pytest.raises(ValueError, match="attention_query_chunk=.* must be an integer >= 0"):
+        LlamaConfig(vocab_size=8, hidden_size=24, intermediate_size=8, num_layers=1, num_heads=6,
+                    num_kv_heads=2, attention_query_chunk=bad)

@@ -157,3 +157,33 @@ def test_attention_query_chunk_is_checked(bad):
     with pytest.raises(ValueError, match="attention_query_chunk=.* must be an integer >= 0"):
         LlamaConfig(vocab_size=8, hidden_size=24, intermediate_size=8, num_layers=1, num_heads=6,
                     num_kv_heads=2, attention_query_chunk=bad)
+
+
+def test_query_chunks_on_a_2x2x2_mesh_equal_one_device():
+    """Forward and parameter gradients with 5 query chunks (T = 40, chunk 8):
+    params sharded over (data, fsdp, tensor) = (2, 2, 2) with 8 rows split
+    over data x fsdp, against one device in one chunk (1e-5)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    from jaxreward import parallel
+    from jaxreward.train import step as step_lib
+    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, max_position_embeddings=64, attention_query_chunk=8)
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (8, 40), 0, 40)
+    mask = jnp.ones((8, 40), bool).at[::3, :5].set(False)
+    boxed = Decoder(cfg).init(jax.random.PRNGKey(3), tokens)["params"]
+    params = step_lib.unbox(boxed)
+
+    def loss(c):
+        return lambda p, t, m: jnp.mean(jnp.sin(Decoder(c).apply({"params": p}, t, attention_mask=m)))
+
+    one_value, one_grad = jax.value_and_grad(loss(dataclasses.replace(cfg, attention_query_chunk=0)))(
+        params, tokens, mask)
+    mesh = parallel.make_mesh(2, 2, 2, devices=jax.devices()[:8])
+    rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    sharded = jax.device_put(params, parallel.param_shardings(mesh, boxed))
+    value, grad = jax.jit(jax.value_and_grad(loss(cfg)))(
+        sharded, jax.device_put(tokens, rows), jax.device_put(mask, rows))
+    np.testing.assert_allclose(value, one_value, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(one_grad)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert "tensor" in str(sharded["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.spec)

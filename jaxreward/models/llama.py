@@ -18,12 +18,14 @@ Checkpoints" (2023); "GLU Variants Improve Transformer" (2020).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from einops import rearrange
 
 Array = jax.Array
@@ -52,9 +54,11 @@ class LlamaConfig:
                                        # positions (only when T >= 2 chunks; 0 = one chunk)
 
     def __post_init__(self):
-        if not isinstance(self.attention_query_chunk, int) or self.attention_query_chunk < 0:
-            raise ValueError(f"attention_query_chunk={self.attention_query_chunk!r} must be an "
-                             "integer >= 0 (0 = attention in one query chunk)")
+        chunk = self.attention_query_chunk
+        if isinstance(chunk, (bool, np.bool_)) or not isinstance(chunk, numbers.Integral) or chunk < 0:
+            raise ValueError(f"attention_query_chunk={chunk!r} must be an integer >= 0 "
+                             "(0 = attention in one query chunk)")
+        object.__setattr__(self, "attention_query_chunk", int(chunk))  # numpy integers too
         if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads="
                              f"{self.num_kv_heads} (grouped-query attention shares each kv head "

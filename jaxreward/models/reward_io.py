@@ -96,6 +96,7 @@ def _is_number(value) -> bool:
 
 
 # What each LlamaConfig field may hold in reward_model.json: (check, what it must be).
+_NON_NEGATIVE = ("attention_query_chunk",)
 _FIELD_KINDS = {
     "int": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "int | None": (lambda v: v is None or (_is_int(v) and v > 0), "a positive integer or null"),
@@ -110,7 +111,7 @@ def check_meta(meta) -> None:
     """Refuses a `reward_model.json` value of the wrong type or shape with a
     `ValueError` naming the field (`load_reward_model` adds the file):
     `llama_config` an object of `LlamaConfig` fields, each of its type (sizes
-    positive integers, not "2", 2.5 or true); `num_objectives` a positive
+    positive integers, not "2", 2.5 or true; `attention_query_chunk` >= 0); `num_objectives` a positive
     integer; `pooling` "last" or "mean"; `pretrained` a string;
     `params_sha256` an object of file -> digest strings."""
     if not isinstance(meta, dict):
@@ -124,6 +125,8 @@ def check_meta(meta) -> None:
             raise ValueError(f"field 'llama_config.{name}' is not a LlamaConfig field")
         kind = fields[name].type if isinstance(fields[name].type, str) else fields[name].type.__name__
         check, what = _FIELD_KINDS.get(kind, (lambda v: True, ""))
+        if name in _NON_NEGATIVE:  # 0 is a setting ("off"), not a size
+            check, what = (lambda v: _is_int(v) and v >= 0), "an integer >= 0"
         if not check(value):
             raise ValueError(f"field 'llama_config.{name}' must be {what}, got {value!r}")
     missing = [n for n, f in fields.items() if n not in config

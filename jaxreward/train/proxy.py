@@ -78,7 +78,7 @@ def train_proxy(directory: str, task: synthetic.CountingTask, policy, params, *,
     settings = {"num_pairs": num_pairs, "num_steps": num_steps, "seed": seed,
                 "batch_size": batch_size, "learning_rate": learning_rate,
                 "num_eval_pairs": num_eval_pairs, "task": dataclasses.asdict(task),
-                "policy_config": json.loads(json.dumps(dataclasses.asdict(policy.config), default=str)),
+                "policy_config": _architecture(policy.config),
                 "policy_sha256": params_digest(params)}
     info_path = os.path.join(directory, "proxy.json")
     if os.path.exists(info_path):
@@ -131,3 +131,12 @@ def params_digest(params) -> str:
         h.update(f"{jax.tree_util.keystr(path)}|{x.dtype}|{x.shape}".encode())
         h.update(np.ascontiguousarray(x).tobytes())
     return h.hexdigest()
+
+
+def _architecture(config) -> dict:
+    """The policy config for the cache key, without `attention_query_chunk`:
+    how attention is split changes speed and float32 rounding only, and
+    leaving it out keeps the keys of proxies cached before the field existed."""
+    fields = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    fields.pop("attention_query_chunk", None)
+    return fields

@@ -152,7 +152,14 @@ def test_decoder_logits_do_not_depend_on_the_query_chunk():
     assert not np.array_equal(np.asarray(one), np.zeros_like(one))
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, "128"])
+def test_a_numpy_integer_query_chunk_is_an_integer():
+    # It was refused as "attention_query_chunk=np.int64(128) must be an integer >= 0".
+    cfg = LlamaConfig(vocab_size=8, hidden_size=24, intermediate_size=8, num_layers=1, num_heads=6,
+                      num_kv_heads=2, attention_query_chunk=np.int64(64))
+    assert cfg.attention_query_chunk == 64 and type(cfg.attention_query_chunk) is int
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "128", True, np.bool_(True), None])
 def test_attention_query_chunk_is_checked(bad):
     with pytest.raises(ValueError, match="attention_query_chunk=.* must be an integer >= 0"):
         LlamaConfig(vocab_size=8, hidden_size=24, intermediate_size=8, num_layers=1, num_heads=6,

@@ -46,6 +46,7 @@ def test_the_export_loads(export):
     ({"llama_config.tie_embeddings": 1}, "field 'llama_config.tie_embeddings' must be true or false"),
     ({"llama_config.dtype": None}, "field 'llama_config.dtype' must be a string"),
     ({"llama_config.layers": 2}, "field 'llama_config.layers' is not a LlamaConfig field"),
+    ({"llama_config.attention_query_chunk": -1}, "field 'llama_config.attention_query_chunk' must be an integer >= 0"),
 ])
 def test_reward_model_json_with_wrong_field_type_is_corrupt_file_error(export, tmp_path, change, message):
     """reward_model.json with "num_objectives": "2" was not caught by
@@ -65,3 +66,13 @@ def test_reward_model_json_with_wrong_field_type_is_corrupt_file_error(export, t
         load_reward_model(str(directory))
     assert str(info.value).startswith(f"{directory / 'reward_model.json'} is damaged or not a reward-model export")
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_reward_model_exported_with_one_attention_chunk_loads_back(tmp_path):
+    """attention_query_chunk = 0 ("one chunk") is a setting, not a size: the
+    loader once refused it as "must be a positive integer, got 0"."""
+    rm = RewardModel(LlamaConfig(**TINY, attention_query_chunk=0), num_objectives=1)
+    params = unbox(rm.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"])
+    export_reward_model(str(tmp_path / "rm"), rm, params, pretrained="random")
+    loaded, _, _ = load_reward_model(str(tmp_path / "rm"))
+    assert loaded.config.attention_query_chunk == 0

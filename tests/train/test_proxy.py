@@ -41,3 +41,23 @@ def test_proxy_is_reused_only_under_the_same_task_settings_and_policy(tmp_path, 
     trained.clear()
     proxy.train_proxy(directory, task, policy, params, **kw)
     assert trained and "proxy.json is damaged; training the proxy reward model again" in capsys.readouterr().out
+
+
+def test_the_query_chunk_does_not_retrain_the_proxy(tmp_path, monkeypatch):
+    """attention_query_chunk changes speed and rounding only: a policy that
+    differs in it alone reuses the cached proxy (and caches written before
+    the field existed keep their key)."""
+    import dataclasses
+    task = synthetic.CountingTask(vocab_size=12, prompt_length=3, response_length=4)
+    policy, params = _policy()
+    kw = dict(num_pairs=16, num_steps=2, seed=0, batch_size=8, num_eval_pairs=16)
+    directory = str(tmp_path / "proxy")
+    proxy.train_proxy(directory, task, policy, params, **kw)
+    trained = []
+    real = proxy.sample_pairs
+    monkeypatch.setattr(proxy, "sample_pairs", lambda *a, **k: trained.append(1) or real(*a, **k))
+    unchunked = Decoder(dataclasses.replace(policy.config, attention_query_chunk=0))
+    proxy.train_proxy(directory, task, unchunked, params, **kw)
+    assert not trained
+    assert "attention_query_chunk" not in proxy._architecture(policy.config)
+    assert proxy._architecture(policy.config)["hidden_size"] == 16

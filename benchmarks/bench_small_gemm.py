@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,16 +35,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-
-
-def _median_per_call(fn, reps: int = 15) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def main():
@@ -67,7 +56,7 @@ def main():
     xla_nk = chain(lambda x, w: x @ w.T)
     xla_nk_t = chain(lambda x, w: w @ x.T)
     read = jax.jit(lambda ws: sum(w.sum() for w in ws))
-    t_read = _median_per_call(lambda: read(w_kn)) / L
+    t_read = common.time_fn(lambda: read(w_kn), iters=15)[1] / L
     try:
         import torch
         torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -84,7 +73,7 @@ def main():
             xt = torch.from_numpy(x_np)
             impls["torch linear"] = lambda: float(sum(torch.nn.functional.linear(xt, w).sum() for w in w_torch))
         for name, fn in impls.items():
-            t = _median_per_call(fn) / L
+            t = common.time_fn(fn, iters=15)[1] / L
             rows.append({"impl": name, "rows": M, "ms_per_gemm": t * 1e3,
                          "weight_GB_per_s": weight_bytes / t / 1e9, "gflops_per_s": 2 * M * K * N / t / 1e9,
                          "vs_read_floor": t / t_read})

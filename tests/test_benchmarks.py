@@ -1,5 +1,6 @@
 """benchmarks/gemm_floor.py counts the step's matrix products right (its sum
-is only a floor if every product is counted, each once per execution)."""
+is only a floor if every product is counted, each once per execution), and
+benchmarks/bench_attention.py counts the FLOPs its attention runs."""
 import os
 import sys
 
@@ -8,7 +9,9 @@ import jax.numpy as jnp
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import bench_attention  # noqa: E402
 import gemm_floor  # noqa: E402
+from jaxreward.models import llama  # noqa: E402
 
 
 def test_products_counts_each_dot_once_per_execution_through_scan_jit_and_grad():
@@ -68,3 +71,27 @@ def test_time_product_counts_the_flops_of_a_batched_contraction_by_hand():
     assert key[2] == ("bfloat16", "bfloat16", "float32") and count == 1
     _, flops = gemm_floor.time_product(key[0], key[1], key[2], key[3], iters=1)
     assert flops == 2 * 3 * 5 * 4
+
+
+def test_attention_flops_by_hand_and_against_the_program():
+    # T = 384 in three chunks of 128: chunk i reads keys [0, 128 (i + 1)), so
+    # the score pairs are 128 * (128 + 256 + 384) = 98,304, 2/3 of 384^2 =
+    # 147,456 ((n + 1) / 2n at n = 3).
+    bounds = bench_attention.chunk_bounds(384, 128)
+    assert bounds == [0, 128, 256, 384]
+    assert bench_attention.chunk_bounds(384, 0) == [0, 384]
+    assert bench_attention.chunk_bounds(200, 128) == [0, 200]  # under 2 chunks: one
+    # Forward + backward = 3 x (scores + probs @ values) = 3 x 2 x 2.q.k.D per head:
+    # B = 1, H = 2, D = 4, one chunk of T = 3: 12 * 1 * 2 * 4 * 9 = 864.
+    assert bench_attention.attention_flops(1, 2, 4, [0, 3]) == 864
+    # The count equals the FLOPs of the products in the jaxpr of value_and_grad, chunked and not.
+    B, T, H, K, D = 2, 8, 4, 2, 3
+    q = jnp.ones((B, T, H, D))
+    kv = jnp.ones((B, K, T, D))
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
+    for min_chunk in (0, 2, 4):
+        f = jax.value_and_grad(lambda q, k, v: llama.causal_grouped_attention(q, k, v, mask, min_chunk).sum(),
+                               argnums=(0, 1, 2))
+        found = gemm_floor.products(jax.make_jaxpr(f)(q, kv, kv))
+        total = sum(count * gemm_floor.time_product(*key, iters=1)[1] for key, count in found.items())
+        assert total == bench_attention.attention_flops(B, H, D, bench_attention.chunk_bounds(T, min_chunk))

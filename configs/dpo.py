@@ -21,7 +21,10 @@ Variants:
 
 `loss.name` is any member of the objectives registry kind "preference"
 (dpo, ipo, cdpo, robust_dpo, hinge, simpo, orpo, nca, apo_zero, apo_down,
-bco_pair, exo, beta_dpo, cream, mixture; see jaxreward/objectives/README.md).
+bco_pair, exo, beta_dpo, cream, mixture; see jaxreward/objectives/README.md)
+or of kind "unpaired_preference" (kto: each side of a pair is one example,
+chosen desirable and rejected undesirable, or unpaired lines with
+`data.format=feedback`).
 Its hyper-parameters sit beside it under `loss`; a field left at None is not
 passed, and a set field the loss does not take is refused by name.
 """
@@ -45,7 +48,10 @@ def loss() -> ml_collections.ConfigDict:
         alpha=placeholder(float),            # beta_dpo: β_i = β·(1 + α(m_i − m_0)) (1/reward units)
         beta_min=placeholder(float),         # beta_dpo: floor of β_i (1/nats)
         consistency=placeholder(float),      # cream: self-consistency rate C in [0, 1] (one for all pairs)
-        reference_point=placeholder(float),  # bco_pair: fixed δ (reward units; None = batch mean)
+        reference_point=placeholder(float),  # bco_pair: fixed δ (reward units; None = batch mean);
+                                             # kto: fixed z_0 (nats; None = the batch's KL estimate)
+        desirable_weight=placeholder(float),  # kto: λ_D, weight of desirable examples (default 1)
+        undesirable_weight=placeholder(float),  # kto: λ_U, weight of undesirable examples (default 1)
         margin_reference=placeholder(float),  # beta_dpo: fixed m_0 (reward units; None = batch mean)
         components=placeholder(tuple),       # mixture: (("dpo", 1.0), ("ipo", 0.5, (("beta", 0.2),)), ...)
     ))
@@ -74,13 +80,17 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         precompute=True,                       # log-probs once before training, cached in the workdir
                                                # (False: a stop-gradient forward inside every step)
         batch_size=64,                         # pairs per forward of the precompute pass
+        sync_every=0,                          # TR-DPO: steps between soft updates of the reference (0 = never;
+                                               # needs precompute=False)
+        sync_alpha=0.6,                        # TR-DPO α in (0, 1]: π_ref <- α·π_θ + (1 − α)·π_ref (1 = hard copy)
     ))
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic",                    # synthetic | jsonl
         train_path="",                         # .jsonl[.gz] pairs (source=jsonl)
         eval_path="",                          # held-out file; "" holds out num_eval_pairs of train_path
         num_eval_pairs=64,                     # pairs held out of train_path when no eval_path
-        format="auto",                         # auto | hh | trl | trl_chat | trl_implicit (data/preference.py)
+        format="auto",                         # auto | hh | trl | trl_chat | trl_implicit (pairs, data/preference.py)
+                                               # | feedback (unpaired prompt/completion/label lines: kto only)
         on_error="skip",                       # skip | raise, for malformed/degenerate lines
         hh_as_chat=True,                       # render HH transcripts with the chat template
         max_length=192,                        # tokens per sequence (prompt + response + EOS)

@@ -16,7 +16,8 @@ jitted pass, `reference.batch_size` pairs per forward) and cached in
 tokenization and the reference weights: re-runs and resumes reuse it, and a
 cache written for anything else is refused. With `reference.precompute=False`
 the reference runs inside every step under stop_gradient (its weights then
-sit, frozen, in the train state). Reference-free losses (SimPO, ORPO) run
+sit, frozen, in the train state); there, `reference.sync_every=k` softly
+updates it every k steps (TR-DPO). Reference-free losses (SimPO, ORPO) run
 no reference at all.
 
 The job, top to bottom: base policy -> pairs (sampled and gold-labelled, or
@@ -45,7 +46,8 @@ import jaxreward
 from jaxreward import parallel
 from jaxreward.data import pipeline, synthetic
 from jaxreward.errors import UserError
-from jaxreward.data.preference import read_preference_pairs
+from jaxreward.data.preference import PreferencePair, read_preference_pairs
+from jaxreward.data.records import read_feedback
 from jaxreward.models import pretrained
 from jaxreward.models.llama import Decoder
 from jaxreward.models import ensemble as ensemble_lib
@@ -63,18 +65,35 @@ EXPORT_DIR = "policy"
 SPLITS = ("train", "eval")
 
 
-# Checked in check_config with narrower ranges than the shared checks (which skip them).
-STRICT_FIELDS = ("sampling.temperature", "sampling.max_new_tokens")
+# Checked in check_config with narrower ranges than the shared checks (which skip them),
+# or with more choices (data.format: also unpaired feedback for KTO).
+STRICT_FIELDS = ("sampling.temperature", "sampling.max_new_tokens", "data.format")
+PAIR_FORMATS = ("auto", "hh", "trl", "trl_chat", "trl_implicit")
+# Settings that change neither the training nor its data: a run may resume with others.
+RESUMABLE_CHANGES = ("reference.batch_size", "export")
+# Fields added after runs were written, at the values that keep those runs' behaviour.
+ADDED_FIELDS = {"reference.sync_every": 0, "reference.sync_alpha": 0.6}
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Checks this job's own fields (the shared blocks are checked by main)."""
     defaults.per_process_batch(config)  # data.batch_size divides among the processes (one share each)
     try:
-        pref.resolve_loss(config.loss)
+        loss = pref.resolve_loss(config.loss)
     except ValueError as e:
         raise defaults.ConfigError(str(e)) from None
+    per_batch = pref.batch_statistics(loss)
+    if config.train.micro_batches > 1 and per_batch:
+        raise defaults.ConfigError(
+            f"config field train.micro_batches={config.train.micro_batches}: {', '.join(per_batch)} is "
+            "estimated from each batch, so each micro-batch would use its own estimate; fix it "
+            "under config.loss, or set train.micro_batches=1")
     defaults.check_choice(config, "data.source", ("synthetic", "jsonl"))
+    defaults.check_choice(config, "data.format", (*PAIR_FORMATS, "feedback"))
+    if config.data.format == "feedback" and not loss.unpaired:
+        raise defaults.ConfigError(
+            f"config field data.format='feedback' reads unpaired examples (prompt, completion, label); "
+            f"loss {config.loss.name!r} trains on pairs: use loss.name='kto', or a pair format")
     if config.data.source == "jsonl":
         defaults.check_path(config, "data.train_path", required=True)
         defaults.check_path(config, "data.eval_path")
@@ -90,6 +109,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     defaults.check_pretrained(config, "reference.path")
     defaults.check_choice(config, "reference.precompute", (True, False))
     defaults.check_int(config, "reference.batch_size", 1)
+    defaults.check_int(config, "reference.sync_every", 0)
+    defaults.check_float(config, "reference.sync_alpha", 0.0, 1.0, low_open=True)
+    if config.reference.sync_every:
+        if config.reference.precompute:
+            raise defaults.ConfigError(
+                f"config field reference.sync_every={config.reference.sync_every} updates the reference "
+                "during training (TR-DPO), so its log-probs cannot be precomputed: set "
+                "reference.precompute=False")
+        if not loss.uses_reference:
+            raise defaults.ConfigError(
+                f"config field reference.sync_every={config.reference.sync_every}: loss "
+                f"{config.loss.name!r} uses no reference, so there is nothing to sync; set it to 0")
     defaults.check_int(config, "policy.trainable_blocks", -1)
     for name in ("prompt_length", "response_length", "num_train_pairs", "num_eval_pairs"):
         defaults.check_int(config, f"synthetic.{name}", 1)
@@ -123,12 +154,16 @@ def read_pairs(config: ml_collections.ConfigDict, tokenizer, workdir: str):
     seeded shuffle of the train file are held out.
     """
     d = config.data
-    kw = dict(fmt=d.format, on_error=d.on_error, hh_as_chat=d.hh_as_chat,
-              render_chat=tokenizer.apply_chat_template if tokenizer.chat_template else None)
-    pairs, report = read_preference_pairs(d.train_path, **kw)
+    render = tokenizer.apply_chat_template if tokenizer.chat_template else None
+    if d.format == "feedback":  # KTO's unpaired lines, tokenized as pairs with chosen = rejected
+        read = lambda path: _feedback_as_pairs(*read_feedback(path, on_error=d.on_error, render_chat=render))
+    else:
+        read = lambda path: read_preference_pairs(path, fmt=d.format, on_error=d.on_error,
+                                                  hh_as_chat=d.hh_as_chat, render_chat=render)
+    pairs, report = read(d.train_path)
     print(report.summary())
     if d.eval_path:
-        eval_pairs, eval_report = read_preference_pairs(d.eval_path, **kw)
+        eval_pairs, eval_report = read(d.eval_path)
         print(eval_report.summary())
     else:
         order = np.random.default_rng(config.seed).permutation(len(pairs))
@@ -144,8 +179,29 @@ def read_pairs(config: ml_collections.ConfigDict, tokenizer, workdir: str):
             split, tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length or None,
             cache_dir=d.cache_dir or os.path.join(workdir, "token_cache"))
         print(f"{name}: {tok_report.summary()}")
+        if d.format == "feedback":  # the labels of the lines that were kept
+            arrays = {**arrays, "desirable": np.array([split[i].label for i in tok_report.kept_indices], bool)}
         out.append(arrays)
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _FeedbackPair(PreferencePair):
+    """An unpaired line as a pair (completion on both sides) that keeps its label."""
+    label: bool = False
+
+
+def _feedback_as_pairs(records, report):
+    return [_FeedbackPair(r.prompt, r.completion, r.completion, r.source, None, r.label) for r in records], report
+
+
+def kto_examples(arrays: dict[str, np.ndarray], seed: int, pad_id: int) -> dict[str, np.ndarray]:
+    """KTO's examples (`pref.kto_examples`): feedback rows keep their labels;
+    each pair gives its chosen side as desirable and its rejected side as undesirable."""
+    n = len(arrays["chosen_tokens"])
+    sides = ({"chosen": arrays["desirable"]} if "desirable" in arrays else
+             {"chosen": np.ones(n, bool), "rejected": np.zeros(n, bool)})
+    return pref.kto_examples(arrays, sides, seed, pad_id)
 
 
 def make_loss_fns(config: ml_collections.ConfigDict, policy_fn: pref.LogpsFn,
@@ -166,6 +222,90 @@ def eval_prompts(arrays: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, np.
     prompt = arrays["chosen_attention_mask"][:n] & ~arrays["chosen_loss_mask"][:n]
     P = int(prompt.sum(axis=1).max())
     return arrays["chosen_tokens"][:n, :P], prompt[:, :P]
+
+
+def first_row_per_prompt(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """Indices of the first row of each distinct prompt (token sequence), in row order."""
+    prompt = arrays["chosen_attention_mask"] & ~arrays["chosen_loss_mask"]
+    seen, rows = set(), []
+    for i, (tokens, keep) in enumerate(zip(arrays["chosen_tokens"], prompt)):
+        key = np.asarray(tokens[keep]).tobytes()
+        if key not in seen:
+            seen.add(key)
+            rows.append(i)
+    return np.asarray(rows, np.int64)
+
+
+def check_positions_fit(config: ml_collections.ConfigDict, models, splits: dict, prompt_width: int) -> None:
+    """Refuses data the models cannot position: rows longer than a model's
+    `max_position_embeddings` (training and held-out pairs), or eval prompts
+    plus `sampling.max_new_tokens` (the generation eval), before any long pass.
+
+    Raises:
+      UserError: naming the config field to lower and the largest value that fits.
+    """
+    limit = min(model.config.max_position_embeddings for model in models)
+    need = max(int(a[f"{side}_attention_mask"].sum(axis=1).max(initial=0))
+               for a in splits.values() for side in pref.SIDES)
+    if need > limit:
+        raise UserError(f"config field data.max_length={config.data.max_length}: rows of up to {need} "
+                        f"tokens exceed the model's max_position_embeddings {limit}; use "
+                        f"data.max_length <= {limit}")
+    M = config.sampling.max_new_tokens
+    if prompt_width and prompt_width + M > limit:
+        raise UserError(f"config field sampling.max_new_tokens={M}: eval prompts of up to {prompt_width} "
+                        f"tokens + {M} new exceed the model's max_position_embeddings {limit}; use "
+                        f"sampling.max_new_tokens <= {limit - prompt_width} or a smaller "
+                        "data.max_prompt_length")
+
+
+def check_kto_balance(loss: pref.PreferenceLoss, desirable: np.ndarray) -> None:
+    """Warns when λ_D·n_D / (λ_U·n_U) is outside [1, 4/3], the range the KTO
+    paper recommends (its section 4.2; TRL's KTOTrainer warns the same way),
+    naming the weights that would bring it back, or when one label is absent."""
+    n_d = int(np.sum(desirable))
+    n_u = len(desirable) - n_d
+    lam_d = loss.hparams.get("desirable_weight", 1.0)
+    lam_u = loss.hparams.get("undesirable_weight", 1.0)
+    if n_d == 0 or n_u == 0:
+        print(f"warning: every train example is {'un' if n_d == 0 else ''}desirable: KTO then only "
+              "pushes log π/π_ref one way, relative to z_0")
+        return
+    ratio = lam_d * n_d / (lam_u * n_u)
+    if not 1.0 <= ratio <= 4 / 3:
+        print(f"warning: loss.desirable_weight·n_D / (loss.undesirable_weight·n_U) = {lam_d:g}·{n_d} / "
+              f"({lam_u:g}·{n_u}) = {ratio:.3g}, outside the KTO paper's [1, 4/3]: use "
+              f"loss.desirable_weight in [{lam_u * n_u / n_d:.3g}, {4 / 3 * lam_u * n_u / n_d:.3g}] or "
+              f"loss.undesirable_weight in [{3 / 4 * lam_d * n_d / n_u:.3g}, {lam_d * n_d / n_u:.3g}]")
+
+
+DATA_FILE = "data_sha256.txt"
+
+
+def check_data_unchanged(workdir: str, splits: dict) -> None:
+    """Refuses to resume checkpoints on other data than they were trained on
+    (an edited file, other labels): the token arrays' sha256 is kept in
+    `<workdir>/data_sha256.txt`, written by the first run (or the first one
+    since this check exists).
+
+    Raises:
+      UserError: the data's digest differs from the stored one while
+        checkpoints exist.
+    """
+    path = os.path.join(workdir, DATA_FILE)
+    digest = pref.arrays_digest(splits)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    resuming = os.path.isdir(ckpt_dir) and bool(os.listdir(ckpt_dir))
+    if resuming and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            stored = f.read().strip()
+        if stored != digest:
+            raise UserError(f"--workdir={workdir} holds checkpoints trained on other data (its {DATA_FILE} "
+                            "differs from this run's pairs: an edited file, other labels or tokenization); "
+                            "use a new --workdir, or restore the data")
+    elif jax.process_index() == 0:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(digest + "\n")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -196,7 +336,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         train, evals = read_pairs(config, tokenizer, workdir)
         train_agree = eval_agree = None
         tokenization = pipeline.tokenizer_fingerprint(tokenizer)
+    if loss.unpaired:  # KTO: one example per side of a pair (or per feedback line)
+        pad_id = tokenizer.pad_id if tokenizer else synthetic.PAD_ID
+        train = kto_examples(train, config.seed, pad_id)
+        evals = kto_examples(evals, config.seed + 1, pad_id)
+        print(f"{loss.name}: {len(train['desirable'])} train examples "
+              f"({int(train['desirable'].sum())} desirable), {len(evals['desirable'])} held out; "
+              "each row also holds another example's completion for the reference point z_0")
+        check_kto_balance(loss, train["desirable"])
     num_train, num_eval = len(train["chosen_tokens"]), len(evals["chosen_tokens"])
+    if num_train == 0 and d.source == "jsonl":
+        raise UserError(f"data.train_path={d.train_path!r} gave no usable train "
+                        f"{'examples' if loss.unpaired else 'pairs'} (see its report above)"
+                        + ("; its lines are unpaired feedback? set data.format=feedback"
+                           if loss.unpaired and d.format != "feedback" else ""))
     if num_train < d.batch_size:
         raise UserError(f"{num_train} usable train pairs is fewer than one batch "
                         f"(data.batch_size={d.batch_size})")
@@ -204,6 +357,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise UserError(f"data.eval_path={d.eval_path!r} gave no usable eval pairs (see its report above)"
                         if d.source == "jsonl" and d.eval_path else
                         "no usable eval pairs: set data.eval_path or data.num_eval_pairs")
+
+    # --- The held-out prompts of the generation eval.
+    if task is not None:
+        prompts = task.prompts(e.num_prompts, seed=3)
+        prompt_mask = np.ones_like(prompts, bool)
+    else:  # KTO's examples repeat prompts (two per pair, or several lines per prompt): each once
+        once = first_row_per_prompt(evals) if loss.unpaired else np.arange(num_eval)
+        prompts, prompt_mask = eval_prompts({k: v[once] for k, v in evals.items()}, e.num_prompts)
+    check_positions_fit(config, [base_model], {"train": train, "eval": evals},
+                        prompts.shape[1] if e.generate else 0)
+    check_data_unchanged(workdir, {"train": train, "eval": evals})
 
     # --- The reward function of the generation eval, loaded before any long pass
     # so that a reward model that cannot score this policy (another vocabulary,
@@ -225,6 +389,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if ref_model.config.vocab_size != cfg.vocab_size:
             raise UserError(f"reference.path={r.path!r} has vocabulary {ref_model.config.vocab_size}, "
                             f"the policy {cfg.vocab_size}: they must share one tokenizer")
+        check_positions_fit(config, [ref_model], {"train": train, "eval": evals},
+                            prompts.shape[1] if e.generate else 0)
     ref_boxed = jax.eval_shape(lambda: ref_model.init(jax.random.PRNGKey(0),
                                                       jnp.zeros((1, 2), jnp.int32)))["params"]
     ref_params = jax.device_put(ref_params, parallel.param_shardings(mesh, ref_boxed))
@@ -270,8 +436,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     shardings = step_lib.state_shardings(mesh, boxed, tx)
     policy_fn = pref.decoder_logps_fn(policy, packed, window)
     loss_fn, metrics_fn, _ = make_loss_fns(config, policy_fn, ref_fn)
+    # KTO's z_0 over the whole batch when it is split into micro-batches (one extra
+    # forward, part by part).
+    totals_fn = pref.make_totals_fn(policy_fn, loss, ref_fn, t.micro_batches) if t.micro_batches > 1 else None
     train_step = step_lib.make_train_step(loss_fn, metrics_fn, tx, schedule, mesh, shardings,
-                                          micro_batches=t.micro_batches)
+                                          micro_batches=t.micro_batches, totals_fn=totals_fn)
     score_fn = jax.jit(lambda p, b: pref.pair_outputs(policy_fn, ref_fn, loss, p, b))
     evaluate = lambda p: pref.evaluate_pairs(score_fn, p, evals, d.eval_batch_size, mesh, loss)
     loader = pipeline.GrainLoader(train, defaults.per_process_batch(config), seed=config.seed)
@@ -279,16 +448,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     make_state = jax.jit(lambda p: state_lib.init_state(p, tx, config.seed), out_shardings=shardings)
     state, _ = loop.restore_or_init(checkpointer, make_state, (params,), shardings, loader)
     del params
+    sync_reference = None
+    if r.sync_every:  # TR-DPO: the in-step reference moves toward the policy every k steps
+        try:
+            jax.eval_shape(lambda p: pref.soft_update_reference(p, r.sync_alpha), state.params)
+        except ValueError as err:
+            raise UserError(f"reference.sync_every={r.sync_every} with reference.path={r.path!r}: "
+                            f"{err}") from None
+        sync_reference = jax.jit(
+            lambda s: s.replace(params=pref.soft_update_reference(s.params, r.sync_alpha)),
+            in_shardings=(shardings,), out_shardings=shardings, donate_argnums=(0,))
+        print(f"TR-DPO: reference <- {r.sync_alpha} * policy + {1 - r.sync_alpha:g} * reference "
+              f"every {r.sync_every} steps")
+        if r.sync_every >= t.num_steps:
+            print(f"warning: reference.sync_every={r.sync_every} is not below train.num_steps="
+                  f"{t.num_steps}: the reference is never synced (plain DPO with the reference in "
+                  "the step)")
     trained = "every policy parameter" if tb < 0 or tb >= cfg.num_layers else \
         f"the top {tb} of {cfg.num_layers} blocks + final norm"
     print(f"training {trained} on {num_train} pairs: {t.num_steps} steps of {d.batch_size} pairs")
 
     # --- Generation eval: policy vs reference samples on held-out prompts.
-    if task is not None:
-        prompts = task.prompts(e.num_prompts, seed=3)
-        prompt_mask = np.ones_like(prompts, bool)
-    else:
-        prompts, prompt_mask = eval_prompts(evals, e.num_prompts)
     sampling = dict(max_new_tokens=config.sampling.max_new_tokens,
                     temperature=config.sampling.temperature, top_k=config.sampling.top_k,
                     top_p=config.sampling.top_p, stop_ids=tokenizer.stop_ids if tokenizer else (),
@@ -314,6 +494,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       disable=not t.progress_bar, dynamic_ncols=True)
     clock, tokens_since = None, 0
     for step in bar:
+        if sync_reference is not None and step and step % r.sync_every == 0:
+            # At the start of the step after every k-th: evals and checkpoints of step k hold
+            # the reference it was trained against, and a run resumed there syncs here too.
+            state = sync_reference(state)
         batch = next(loader)
         state, metrics = train_step(state, parallel.shard_batch(batch, mesh))
         done = step + 1
@@ -347,9 +531,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # --- Final held-out eval and generation eval.
     final = evaluate(state.params)
     writer.write(int(state.step), final, prefix="eval")
-    print(f"held-out implicit-reward accuracy {final['rewards/accuracies']:.4f} "
-          f"[{final['rewards/accuracies_ci_low']:.4f}, {final['rewards/accuracies_ci_high']:.4f}] "
-          f"(95% Wilson), loss {final['loss']:.4f} on {int(final['num_pairs'])} pairs"
+    acc = "rewards/pair_accuracies" if "rewards/pair_accuracies" in final else "rewards/accuracies"
+    what = {"rewards/pair_accuracies": f"{int(final.get('num_scored_pairs', 0))} pairs",
+            "rewards/accuracies": f"{int(final['num_pairs'])} " + ("examples (KTO: on the right side "
+                                                                  "of z_0)" if loss.unpaired else "pairs")}[acc]
+    print(f"held-out implicit-reward accuracy {final[acc]:.4f} "
+          f"[{final[acc + '_ci_low']:.4f}, {final[acc + '_ci_high']:.4f}] "
+          f"(95% Wilson) on {what}, loss {final['loss']:.4f}"
           + (f" (label ceiling {eval_agree:.3f})" if eval_agree is not None else ""))
     points, curve, gen = [], [], None
     if e.generate:
@@ -364,13 +552,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.close()
 
     # --- Summary, plot, export.
-    rows = []
+    rows, unit = [], "examples" if loss.unpaired else "pairs"
     if history:
         last = history[-1]
-        rows.append({"split": f"train (last batch, step {last['step']})", "pairs": d.batch_size,
+        rows.append({"split": f"train (last batch, step {last['step']})", unit: d.batch_size,
                      **{k: last[k] for k in _SUMMARY}})
-    rows.append({"split": "held-out", "pairs": int(final["num_pairs"]), **{k: final[k] for k in _SUMMARY}})
-    print(metrics_lib.format_table(rows, ["split", "pairs", *_SUMMARY]))
+    rows.append({"split": "held-out", unit: int(final["num_pairs"]), **{k: final[k] for k in _SUMMARY}})
+    print(metrics_lib.format_table(rows, ["split", unit, *_SUMMARY]))
     summary = {"loss": loss.name, "hparams": dict(loss.hparams), "eval": final,
                "label_gold_agreement": eval_agree, "train_label_gold_agreement": train_agree,
                "generate": gen, "generate_points": points, "best_of_n": curve}

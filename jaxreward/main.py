@@ -127,11 +127,17 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_resume_config(config, workdir: str, resumable: tuple[str, ...] = ()) -> None:
+def check_resume_config(config, workdir: str, resumable: tuple[str, ...] = (),
+                        added: dict | None = None) -> None:
     """A workdir holding checkpoints resumes only under the config that wrote
     them (up to `RESUMABLE_CHANGES`, and the fields or sections a driver
     lists in its own `RESUMABLE_CHANGES`, passed as `resumable`: e.g. the
     VAS job's decode-time settings); else a ConfigError lists the changes.
+
+    A field the stored config lacks (it was added to the job later) is no
+    change when it is None (unset) or at the value that keeps the old
+    behaviour, given by the driver's `ADDED_FIELDS` (`added`: field ->
+    value, e.g. `{"reference.sync_every": 0}`).
 
     One more change is allowed: a larger `train.num_steps` extends the run.
     Then `train.schedule_steps` is set to the stored schedule length, so the
@@ -178,7 +184,9 @@ def check_resume_config(config, workdir: str, resumable: tuple[str, ...] = ()) -
     changed = [f"{k}: {stored.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}"
                for k in sorted(set(stored) | set(current))
                if stored.get(k) != current.get(k) and k not in RESUMABLE_CHANGES
-               and not any(k == p or k.startswith(p + ".") for p in resumable)]
+               and not any(k == p or k.startswith(p + ".") for p in resumable)
+               and not (k not in stored and (current[k] is None or k in (added or {})
+                                             and current[k] == added[k]))]
     if changed:
         shown = changed[:MAX_LISTED_CHANGES]
         if len(changed) > len(shown):
@@ -265,7 +273,12 @@ def interrupted(workdir: str, error: BaseException | None = None):
         raise error
     sys.stderr.write(f"error: interrupted (Ctrl-C); re-run the same command to resume --workdir={workdir} "
                      "from its last checkpoint\n")
-    sys.exit(130)
+    # Leave without the interpreter's teardown: a Ctrl-C during an XLA compile left
+    # its threads running, and finalizing the runtime under them segfaulted (exit 139
+    # after this line). Checkpoint saves are already finished (`_finish_checkpoints`).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def _unknown_field_message(error: BaseException, argv: list[str]) -> str | None:
@@ -350,7 +363,8 @@ def main(argv):
                                    f"({type(e).__name__}: {e.strerror or e})") from None
         # The lock first: a run in progress owns the workdir, its checkpoints and config.
         _lock = lock_workdir(workdir)  # noqa: F841 - held until the process ends
-        check_resume_config(config, workdir, getattr(driver, "RESUMABLE_CHANGES", ()))
+        check_resume_config(config, workdir, getattr(driver, "RESUMABLE_CHANGES", ()),
+                            getattr(driver, "ADDED_FIELDS", {}))
     except (ValueError, *errors.USER_ERRORS) as e:  # a check_config raises ValueError naming the field
         fail(errors.message(e), e)
     import jax

@@ -1007,6 +1007,7 @@ def kto_loss(
     beta: float,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    reference_point=None,
     example_mask_B=None,
 ):
     """KTO: prospect-theoretic loss on unpaired desirable/undesirable examples.
@@ -1019,7 +1020,10 @@ def kto_loss(
 
     z_0 is the batch reference point: a KL estimate from mismatched pairs
     (x_b, y'_b), y' being another example's completion (e.g. the batch
-    rolled by one). If `kl_logps_B` is None, z_0 = 0.
+    rolled by one). If `kl_logps_B` is None, z_0 = 0. A given
+    `reference_point` is z_0 itself (a fixed value, or one estimated over a
+    whole batch before it was split into micro-batches), and the mismatched
+    log-probs are then not read.
 
     Paper: K. Ethayarajh et al., "KTO: Model Alignment as Prospect Theoretic
     Optimization" (2024).
@@ -1032,6 +1036,8 @@ def kto_loss(
       beta: static β > 0.
       desirable_weight, undesirable_weight: static λ_D, λ_U > 0 (the paper
         balances them so λ_D·n_D / (λ_U·n_U) is in [1, 4/3]).
+      reference_point: optional z_0 (float32 scalar, log-ratio units: nats),
+        used as given (no clamp, no gradient).
       example_mask_B: optional bool `[B]`; masked rows also leave z_0 alone.
 
     Returns:
@@ -1039,7 +1045,9 @@ def kto_loss(
       over desirable / undesirable rows, ``margin_mean`` is their difference
       of means, ``accuracy`` the fraction of rows strictly on the right side
       of z_0 (a row at z_0 counts 0, as a tie in the pairwise accuracy), and
-      ``kl`` is z_0.
+      ``kl`` is z_0. A side with no (unmasked) row reads 0, finite, as
+      every masked mean of this library; the DPO driver's metrics
+      (`train.preference.loss_metrics`) report it as NaN instead.
     """
     _check_beta(beta)
     check_range("desirable_weight", desirable_weight, low=0.0, low_open=True)
@@ -1054,7 +1062,10 @@ def kto_loss(
     mask = _mask(example_mask_B, logps_B)
     desirable = as_bool(desirable_B)
     rho = select(logps_B, mask) - select(jnp.asarray(ref_logps_B, f32), mask)
-    if kl_logps_B is None:
+    if reference_point is not None:
+        z0 = sg(jnp.asarray(reference_point, f32))
+        check_ndim("reference_point", z0, 0, "a scalar z_0")
+    elif kl_logps_B is None:
         z0 = jnp.zeros((), f32)
     else:
         kl_rho = select(jnp.asarray(kl_logps_B, f32), mask) - select(jnp.asarray(ref_kl_logps_B, f32), mask)

@@ -321,9 +321,12 @@ def check_pretrained(config, name: str = "model.pretrained") -> None:
         return
     from jaxreward.models import pretrained  # local: imports the model code
     try:
-        pretrained.resolve(v)
+        path = pretrained.resolve(v)
     except (FileNotFoundError, ValueError, TypeError) as e:
         raise ConfigError(f"config field {name}: {e}") from None
+    if not (path.is_dir() or pretrained.is_gguf(path)):  # e.g. a data file given by mistake
+        raise ConfigError(f"config field {name}: {os.fspath(v)!r} is neither an HF checkpoint directory "
+                          "nor a .gguf file")
 
 
 ARCH_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
@@ -409,7 +412,8 @@ def check_common(config, skip: tuple[str, ...] = ()) -> None:
     check_float(config, "sampling.top_p", 0.0, 1.0, low_open=True)
     check_choice(config, "model.dtype", DTYPES)
     check_choice(config, "data.on_error", ("skip", "raise"))
-    check_choice(config, "data.format", ("auto", "hh", "trl", "trl_chat", "trl_implicit"))
+    if "data.format" not in skip:  # the DPO driver also reads unpaired feedback (KTO)
+        check_choice(config, "data.format", ("auto", "hh", "trl", "trl_chat", "trl_implicit"))
     if get_field(config, "data.source") in (_MISSING, "jsonl"):
         for name in ("data.train_path", "data.eval_path"):
             check_not_empty(config, name)

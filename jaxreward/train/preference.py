@@ -47,6 +47,7 @@ LogpsFn = Callable[[Any, Array, Array, Array], Array]
 SIDES = ("chosen", "rejected")
 PAIR_FIELDS = ("tokens", "attention_mask", "loss_mask", "positions")
 LOSS_KIND = "preference"
+UNPAIRED_KIND = "unpaired_preference"  # KTO: desirable / undesirable examples, not pairs
 # Keyword arguments the driver fills from the data; a config may not set them.
 DATA_KWARGS = ("example_mask_B", "chosen_lengths_B", "rejected_lengths_B")
 # Pair forwards traced per role ("policy", "reference"); tests read it to
@@ -337,18 +338,35 @@ class PreferenceLoss:
       hparams: keyword hyper-parameters from the config (None-valued fields dropped).
       uses_reference: False for reference-free losses (SimPO, ORPO, a
         mixture of them): the driver then runs no reference at all.
+      unpaired: True for a loss of registry kind "unpaired_preference"
+        (KTO). Its rows are examples stored as pairs (`kto_examples`): the
+        "chosen" side is the example `[prompt | completion]`, the
+        "rejected" side the same prompt with another example's completion
+        (KTO's mismatched pair for the reference point z_0), and the batch
+        has `desirable` bool `[B]`.
     """
     name: str
     fn: Callable
     hparams: Mapping[str, Any]
     uses_reference: bool
+    unpaired: bool = False
 
     def __call__(self, chosen_B, rejected_B, ref_chosen_B, ref_rejected_B, chosen_lengths_B,
-                 rejected_lengths_B, example_mask_B):
+                 rejected_lengths_B, example_mask_B, desirable_B=None, reference_point=None):
+        if self.unpaired:  # example log-probs, then the mismatched (KL) completions'
+            fixed = {} if reference_point is None else {"reference_point": reference_point}
+            return self.fn(chosen_B, ref_chosen_B, desirable_B, rejected_B, ref_rejected_B,
+                           example_mask_B=example_mask_B, **fixed, **self.hparams)
         data = {"example_mask_B": example_mask_B, "chosen_lengths_B": chosen_lengths_B,
                 "rejected_lengths_B": rejected_lengths_B}
         return self.fn(chosen_B, rejected_B, ref_chosen_B, ref_rejected_B,
                        **registry.accepted_kwargs(self.fn, data), **self.hparams)
+
+    @property
+    def batch_reference_point(self) -> bool:
+        """True when the loss estimates z_0 from its batch (KTO without a fixed
+        `reference_point`): the step then computes it over the whole batch."""
+        return self.unpaired and self.hparams.get("reference_point") is None
 
 
 def resolve_loss(loss_config: Mapping[str, Any], field: str = "config.loss") -> PreferenceLoss:
@@ -363,10 +381,12 @@ def resolve_loss(loss_config: Mapping[str, Any], field: str = "config.loss") -> 
       ValueError: as above.
     """
     name = loss_config["name"]
+    unpaired = name in registry.names(UNPAIRED_KIND)
     try:
-        fn = registry.get(LOSS_KIND, name)
+        fn = registry.get(UNPAIRED_KIND if unpaired else LOSS_KIND, name)
     except KeyError as e:
-        raise ValueError(f"{field}.name: {e.args[0]}") from None
+        raise ValueError(f"{field}.name: {e.args[0]}; unpaired (kind {UNPAIRED_KIND!r}): "
+                         f"{', '.join(registry.names(UNPAIRED_KIND))}") from None
     hparams = {k: (tuple(v) if isinstance(v, list) else v) for k, v in loss_config.items()
                if k != "name" and v is not None}
     takes = [p.name for p in inspect.signature(fn).parameters.values()
@@ -384,21 +404,64 @@ def resolve_loss(loss_config: Mapping[str, Any], field: str = "config.loss") -> 
                 and p.name not in DATA_KWARGS and p.name not in hparams):
             raise ValueError(f"loss {name!r} needs {field}.{p.name}")
     uses_reference = getattr(fn, "uses_reference", True)
-    if "components" in hparams:  # a mixture uses the reference if any component does
-        try:
-            uses_reference = any(getattr(registry.get(LOSS_KIND, comp[0]), "uses_reference", True)
-                                 for comp in hparams["components"])
-        except (KeyError, TypeError, IndexError) as e:
-            raise ValueError(f"{field}.components: {e}") from None
-    loss = PreferenceLoss(name, fn, dict(hparams), bool(uses_reference))
+    if "components" in hparams:
+        comps = _mixture_component_fns(hparams["components"], f"{field}.components")
+        uses_reference = any(getattr(f, "uses_reference", True) for f in comps)  # if any component does
+        # A shared hyper-parameter that no component takes would be dropped silently
+        # (each component receives only what its signature accepts).
+        for k in sorted(set(hparams) - {"components"}):
+            if not any(registry.accepted_kwargs(f, {k: None}) for f in comps):
+                raise ValueError(f"{field}.{k} is not a hyper-parameter of any component of the "
+                                 f"mixture ({', '.join(c[0] for c in hparams['components'])}); "
+                                 f"leave {field}.{k} None")
+    loss = PreferenceLoss(name, fn, dict(hparams), bool(uses_reference), unpaired)
     ones = jnp.ones(2, jnp.float32)
     ref = -ones if loss.uses_reference else None
     try:
-        jax.eval_shape(lambda: loss(-ones, -2 * ones, ref, ref, ones, ones, jnp.ones(2, bool)))
+        jax.eval_shape(lambda: loss(-ones, -2 * ones, ref, ref, ones, ones, jnp.ones(2, bool),
+                                    jnp.array([True, False])))
     except (ValueError, KeyError, TypeError) as e:
         message = e.args[0] if e.args else str(e)
         raise ValueError(f"{field} ({name!r}): {message}") from None
     return loss
+
+
+# Pairwise losses that estimate a statistic from their batch unless a field fixes it.
+BATCH_STATISTICS = {"bco_pair": "reference_point", "beta_dpo": "margin_reference"}
+
+
+def batch_statistics(loss: PreferenceLoss) -> list[str]:
+    """`"<loss> (<field>)"` for each (mixture component) loss that estimates a
+    statistic from its batch: split into micro-batches, each part would use its
+    own estimate, so the step would not equal the one-shot step. KTO's z_0 is
+    not listed: the step computes it over the whole batch (`make_totals_fn`)."""
+    if loss.name == "mixture":
+        entries = [(c[0], dict(c[2]) if len(c) > 2 else {}) for c in loss.hparams["components"]]
+    else:
+        entries = [(loss.name, {})]
+    return [f"{n} ({BATCH_STATISTICS[n]})" for n, overrides in entries
+            if n in BATCH_STATISTICS and {**loss.hparams, **overrides}.get(BATCH_STATISTICS[n]) is None]
+
+
+def _mixture_component_fns(components, field: str) -> list[Callable]:
+    """The registered functions of a mixture's `components`, each checked for
+    shape and name, in one line naming `field` (the weights' values are
+    checked by the loss; all of them 0 is refused here: nothing would train)."""
+    shape = (f"{field} must be a tuple of (name, weight) or (name, weight, overrides) tuples, "
+             f"e.g. ((\'dpo\', 1.0), (\'ipo\', 0.5)); got {components!r}")
+    if not isinstance(components, (tuple, list)) or not components or not all(
+            isinstance(c, (tuple, list)) and len(c) in (2, 3) and isinstance(c[0], str) for c in components):
+        raise ValueError(shape)
+    fns = []
+    for name, *_ in components:
+        if name not in registry.names(LOSS_KIND):
+            raise ValueError(f"{field}: component {name!r} is not a pairwise loss (registry kind "
+                             f"{LOSS_KIND!r}: {', '.join(registry.names(LOSS_KIND))})")
+        fns.append(registry.get(LOSS_KIND, name))
+    weights = [c[1] for c in components]
+    if all(isinstance(w, (int, float)) and not isinstance(w, bool) and w == 0 for w in weights):
+        raise ValueError(f"{field}: every weight is 0, so the loss is 0 and nothing would train")
+    return fns
 
 
 def pair_outputs(policy_fn: LogpsFn, ref_fn: LogpsFn | None, loss: PreferenceLoss, params,
@@ -412,6 +475,8 @@ def pair_outputs(policy_fn: LogpsFn, ref_fn: LogpsFn | None, loss: PreferenceLos
     c, r, lc, lr = pair_logps(policy_fn, params["policy"], batch, "policy")
     out = {"chosen_logps": c, "rejected_logps": r, "chosen_lengths": lc, "rejected_lengths": lr,
            "valid": (lc > 0) & (lr > 0)}
+    if loss.unpaired:
+        out["desirable"] = jnp.asarray(batch["desirable"], bool)
     if loss.uses_reference:
         if "ref_chosen_logps" in batch:
             rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
@@ -422,11 +487,15 @@ def pair_outputs(policy_fn: LogpsFn, ref_fn: LogpsFn | None, loss: PreferenceLos
     return out
 
 
-def apply_loss(loss: PreferenceLoss, out: Mapping[str, Array]):
-    """`(loss, metrics)` of the registered loss on `pair_outputs` (masked mean over valid pairs)."""
+def apply_loss(loss: PreferenceLoss, out: Mapping[str, Array], reference_point: Array | None = None):
+    """`(loss, metrics)` of the registered loss on `pair_outputs` (masked mean over valid pairs).
+
+    `reference_point`: KTO's z_0 computed elsewhere (over a whole batch that
+    was split into micro-batches); None estimates it from `out`.
+    """
     return loss(out["chosen_logps"], out["rejected_logps"], out.get("ref_chosen_logps"),
                 out.get("ref_rejected_logps"), out["chosen_lengths"], out["rejected_lengths"],
-                out["valid"])
+                out["valid"], out.get("desirable"), reference_point)
 
 
 def loss_metrics(loss: PreferenceLoss, out: Mapping[str, Array]) -> dict:
@@ -446,6 +515,18 @@ def loss_metrics(loss: PreferenceLoss, out: Mapping[str, Array]) -> dict:
                "chosen_reward_std": "rewards/chosen_std", "rejected_reward_std": "rewards/rejected_std"}
     metrics = {renamed.get(k, k): v for k, v in m.items() if k != "loss"}
     valid = out["valid"]
+    if loss.unpaired:  # KTO: "chosen" = desirable examples, "rejected" = undesirable ones (as TRL)
+        # A side without a valid example has no mean: NaN, not the objective's finite 0
+        # (which would read as a reward of 0 and a margin equal to the other side's mean).
+        sides = {"chosen": valid & out["desirable"], "rejected": valid & ~out["desirable"]}
+        for side, rows in sides.items():
+            metrics[f"logps/{side}"] = masked_mean(out["chosen_logps"], rows)
+            for k in (f"rewards/{side}", f"rewards/{side}_std", f"logps/{side}"):
+                metrics[k] = jnp.where(jnp.any(rows), metrics[k], jnp.nan)
+        both = jnp.any(sides["chosen"]) & jnp.any(sides["rejected"])
+        metrics["rewards/margins"] = jnp.where(both, metrics["rewards/margins"], jnp.nan)
+        metrics["valid_pairs"] = jnp.mean(valid.astype(jnp.float32))
+        return metrics
     metrics["logps/chosen"] = masked_mean(out["chosen_logps"], valid)
     metrics["logps/rejected"] = masked_mean(out["rejected_logps"], valid)
     metrics["valid_pairs"] = jnp.mean(valid.astype(jnp.float32))
@@ -460,11 +541,12 @@ def make_loss_fns(policy_fn: LogpsFn, loss: PreferenceLoss, ref_fn: LogpsFn | No
     pair is valid, is 0 (with zero gradients) when none is, and keeps the
     micro-batch split exact even when invalid pairs fall unevenly.
     """
-    def loss_fn(params, batch, rng):
+    def loss_fn(params, batch, rng, totals=None):
         del rng  # deterministic forward: no dropout
         out = pair_outputs(policy_fn, ref_fn, loss, params, batch)
-        value, _ = apply_loss(loss, out)
-        n = out["valid"].shape[0]
+        value, _ = apply_loss(loss, out, None if totals is None else totals["reference_point"])
+        # With totals (`make_totals_fn`) the step sums the parts: normalize by the whole batch.
+        n = out["valid"].shape[0] if totals is None else totals["rows"]
         return value * jnp.sum(out["valid"]) / n, out
 
     def metrics_fn(outputs, batch):
@@ -472,6 +554,36 @@ def make_loss_fns(policy_fn: LogpsFn, loss: PreferenceLoss, ref_fn: LogpsFn | No
         return loss_metrics(loss, outputs)
 
     return loss_fn, metrics_fn
+
+
+def make_totals_fn(policy_fn: LogpsFn, loss: PreferenceLoss, ref_fn: LogpsFn | None,
+                   micro_batches: int):
+    """The step's `totals_fn` when a loss needs a whole-batch statistic of the
+    params across micro-batches, else None.
+
+    KTO estimates its reference point z_0 from the batch. Split into k
+    micro-batches, each part would see its own z_0 (TRL's behaviour under
+    gradient accumulation); this computes z_0 once over the whole batch and
+    the loss function sums the parts normalized by the whole batch, so k
+    parts give the one-shot step. The z_0 pass runs forward only, part by
+    part (a masked sum and a count of the mismatched log-ratios per part),
+    so its peak memory is one micro-batch's, like the step's.
+    """
+    if not loss.batch_reference_point:
+        return None
+
+    def totals_fn(batch, params):
+        def part_sums(part):
+            out = pair_outputs(policy_fn, ref_fn, loss, params, part)
+            rho = jnp.where(out["valid"], out["rejected_logps"] - out["ref_rejected_logps"], 0.0)
+            return jnp.sum(rho), jnp.sum(out["valid"].astype(jnp.float32))
+        parts = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]), dict(batch))
+        sums, counts = jax.lax.map(part_sums, parts)
+        z0 = jnp.maximum(jnp.sum(sums) / jnp.maximum(jnp.sum(counts), 1.0), 0.0)
+        return {"reference_point": jax.lax.stop_gradient(z0),
+                "rows": jnp.float32(batch["chosen_tokens"].shape[0])}
+    totals_fn.uses_params = True
+    return totals_fn
 
 
 def evaluate_pairs(score_fn: Callable, params, arrays: Mapping[str, np.ndarray], batch_size: int,
@@ -483,7 +595,7 @@ def evaluate_pairs(score_fn: Callable, params, arrays: Mapping[str, np.ndarray],
     Args:
       score_fn: jitted `(params, batch) -> pair_outputs(...)`.
     """
-    keys = [k for k in arrays if k.startswith(SIDES) or k.startswith("ref_")]
+    keys = [k for k in arrays if k.startswith(SIDES) or k.startswith("ref_") or k == "desirable"]
     out = evaluate.score_all_rows(score_fn, params, {k: arrays[k] for k in keys}, batch_size, mesh)
     out = {k: jnp.asarray(v) for k, v in out.items()}
     value, _ = apply_loss(loss, out)
@@ -494,7 +606,116 @@ def evaluate_pairs(score_fn: Callable, params, arrays: Mapping[str, np.ndarray],
     # Strict accuracy: an integer count; round off the float32 mean's error.
     result["rewards/accuracies_ci_low"], result["rewards/accuracies_ci_high"] = evaluate.wilson_interval(
         round(result["rewards/accuracies"] * n_valid), n_valid)
+    if loss.unpaired and "pair_index" in arrays and (np.asarray(arrays["pair_index"]) >= 0).any():
+        result.update(_kto_pair_accuracy(out, np.asarray(arrays["pair_index"])))
     return result
+
+
+def _kto_pair_accuracy(out: Mapping[str, Array], pair_index: np.ndarray) -> dict[str, float]:
+    """Held-out pairs scored by a KTO policy's implicit reward log π − log π_ref:
+    `rewards/pair_accuracies` (the desirable side strictly higher, a tie counts
+    0: DPO's `rewards/accuracies`), its 95% Wilson interval and `num_scored_pairs`.
+    Pairs are the examples `kto_examples` made from the two sides of one pair
+    (same `pair_index` >= 0); a pair with an invalid side is not counted."""
+    rho = np.asarray(out["chosen_logps"], np.float64) - np.asarray(out["ref_chosen_logps"], np.float64)
+    valid, desirable = np.asarray(out["valid"]), np.asarray(out["desirable"])
+    good, bad = {}, {}
+    for i, (p, d, v) in enumerate(zip(pair_index, desirable, valid)):
+        if p >= 0 and v:
+            (good if d else bad)[int(p)] = rho[i]
+    both = sorted(set(good) & set(bad))
+    wins = sum(good[p] > bad[p] for p in both)
+    low, high = evaluate.wilson_interval(wins, len(both))
+    return {"rewards/pair_accuracies": wins / len(both) if both else float("nan"),
+            "rewards/pair_accuracies_ci_low": low, "rewards/pair_accuracies_ci_high": high,
+            "num_scored_pairs": float(len(both))}
+
+
+# ----------------------------------------------------------------------------
+# KTO's unpaired examples, stored as pair rows
+# ----------------------------------------------------------------------------
+
+
+def _prompt_and_completion(arrays: Mapping[str, np.ndarray], side: str, row: int):
+    """The prompt and completion tokens of one right-padded `[prompt | completion | pad]` row."""
+    attn = np.asarray(arrays[f"{side}_attention_mask"][row], bool)
+    scored = np.asarray(arrays[f"{side}_loss_mask"][row], bool) & attn
+    tokens = np.asarray(arrays[f"{side}_tokens"][row])
+    n, p = int(attn.sum()), int((attn & ~scored).sum())
+    if not (attn[:n].all() and not scored[:p].any() and scored[p:n].all()):
+        raise ValueError(f"{side} row {row} is not [prompt | completion | padding] (right-padded, one "
+                         "contiguous completion): KTO examples are built from that layout")
+    return tokens[:p], tokens[p:n]
+
+
+def kto_examples(arrays: Mapping[str, np.ndarray], sides: Mapping[str, np.ndarray], seed: int,
+                 pad_id: int = 0) -> dict[str, np.ndarray]:
+    """KTO's unpaired examples from pair-shaped token arrays, stored as pairs.
+
+    Every row of each side in `sides` becomes one example with the label
+    `sides[side][row]` (desirable = True). From preference pairs, chosen ->
+    desirable and rejected -> undesirable (how TRL unpairs a preference
+    dataset for KTO): `sides={"chosen": all True, "rejected": all False}`.
+    From unpaired feedback tokenized as pairs with the completion on the
+    chosen side: `sides={"chosen": labels}`.
+
+    Example e is stored as a pair row: its "chosen" side is `[prompt_e |
+    completion_e]`, its "rejected" side `[prompt_e | completion_m(e)]`, the
+    completion of another example m(e) (the next one in a seeded
+    permutation), cut to the row width. That mismatched completion is KTO's
+    sample for the reference point z_0 = E[log π(y'|x) − log π_ref(y'|x)];
+    like TRL, the pairing is fixed once, so reference log-probs of both
+    rows can be precomputed and cached. Prefix sharing then encodes the
+    prompt once for both.
+
+    Paper: K. Ethayarajh et al., "KTO: Model Alignment as Prospect Theoretic
+    Optimization" (2024).
+
+    Args:
+      arrays: `chosen_*`/`rejected_*` tokens, attention_mask, loss_mask `[N, T]`,
+        right-padded, one contiguous completion per row.
+      sides: side name -> bool `[N]` labels; the sides taken, in order.
+      seed: seeds the mismatched pairing.
+      pad_id: token of padding slots.
+
+    Returns:
+      pair arrays `[E, T]` (E = N × len(sides); example order: side by side
+      for each row, i.e. pair b's chosen then its rejected), plus
+      `desirable` bool `[E]` and `pair_index` int32 `[E]` (the source row b
+      when both sides of a pair were taken, else −1).
+
+    Raises:
+      ValueError: for a row not in the layout above.
+    """
+    names = list(sides)
+    N, T = np.asarray(arrays[f"{names[0]}_tokens"]).shape
+    examples, desirable, pair_index = [], [], []
+    for b in range(N):
+        for side in names:
+            examples.append(_prompt_and_completion(arrays, side, b))
+            desirable.append(bool(sides[side][b]))
+            pair_index.append(b if len(names) == 2 else -1)
+    E = len(examples)
+    order = np.random.default_rng([seed, 11]).permutation(E)
+    partner = np.empty(E, np.int64)
+    partner[order] = np.roll(order, -1)  # the next example in the permutation
+    out = {f"{s}_{k}": np.zeros((E, T), dt) for s in SIDES
+           for k, dt in (("tokens", np.int32), ("attention_mask", bool), ("loss_mask", bool))}
+    for s in SIDES:
+        out[f"{s}_tokens"][:] = pad_id
+    for e, (prompt, completion) in enumerate(examples):
+        other = examples[partner[e]][1][:T - len(prompt)]
+        for s, resp in (("chosen", completion), ("rejected", other)):
+            n = len(prompt) + len(resp)
+            out[f"{s}_tokens"][e, :n] = np.concatenate([prompt, resp])
+            out[f"{s}_attention_mask"][e, :n] = True
+            out[f"{s}_loss_mask"][e, len(prompt):n] = True
+    for s in SIDES:
+        attn = out[f"{s}_attention_mask"]
+        out[f"{s}_positions"] = np.maximum(np.cumsum(attn, axis=1) - 1, 0).astype(np.int32)
+    out["desirable"] = np.asarray(desirable, bool)
+    out["pair_index"] = np.asarray(pair_index, np.int32)
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -532,6 +753,37 @@ def policy_trainable(num_layers: int, trainable_blocks: int):
 # ----------------------------------------------------------------------------
 
 
+def soft_update_reference(params: Mapping[str, Any], alpha: float) -> dict:
+    """TR-DPO's reference update: π_ref ← α·π_θ + (1 − α)·π_ref, leaf by leaf.
+
+    α = 1 is the hard update (the reference becomes a copy of the policy).
+    Paper: A. Gorbatovski et al., "Learn Your Reference Model for Real Good
+    Alignment" (2024), the soft update with weight α every τ steps.
+
+    Args:
+      params: `{"policy": P, "reference": P, ...}`, two pytrees of the same
+        structure and leaf shapes (float leaves; the update is computed in
+        each reference leaf's dtype).
+      alpha: the weight of the policy, in (0, 1].
+
+    Returns:
+      `params` with the new `"reference"`; everything else unchanged.
+
+    Raises:
+      ValueError: if alpha is outside (0, 1] or the two trees differ.
+    """
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"the TR-DPO weight alpha must be in (0, 1], got {alpha}")
+    policy, ref = params["policy"], params["reference"]
+    if jax.tree.structure(policy) != jax.tree.structure(ref) or any(
+            jnp.shape(p) != jnp.shape(r) for p, r in zip(jax.tree.leaves(policy), jax.tree.leaves(ref))):
+        raise ValueError("the reference and the policy must have the same parameters to mix them "
+                         "(TR-DPO); this reference has another architecture")
+    mixed = jax.tree.map(lambda p, r: (alpha * p.astype(jnp.float32) + (1.0 - alpha) * r.astype(jnp.float32)
+                                       ).astype(r.dtype), policy, ref)
+    return {**params, "reference": mixed}
+
+
 class StaleCacheError(UserError):
     """A cache file was written for other data, tokenization or reference weights."""
 
@@ -540,6 +792,15 @@ def _update_array(digest, name: str, x) -> None:
     x = np.ascontiguousarray(np.asarray(x))
     digest.update(json.dumps([name, str(x.dtype), list(x.shape)]).encode())
     digest.update(x.tobytes())
+
+
+def arrays_digest(splits: Mapping[str, Mapping[str, np.ndarray]]) -> str:
+    """sha256 over every array of every split (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256()
+    for split in sorted(splits):
+        for k in sorted(splits[split]):
+            _update_array(digest, f"{split}/{k}", splits[split][k])
+    return digest.hexdigest()
 
 
 def params_digest(params) -> str:

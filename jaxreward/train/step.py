@@ -81,7 +81,10 @@ def loss_and_grad(loss_fn: LossFn | TotalsLossFn, params, batch: dict, rng: jax.
         unsplit).
       micro_batches: k, the number of parts (static).
       totals_fn: optional `totals_fn(batch) -> dict` of scalars, evaluated
-        once on the whole batch before it is split.
+        once on the whole batch before it is split. One with the attribute
+        `uses_params = True` is called as `totals_fn(batch, params)`, for a
+        statistic of the current params over the whole batch (KTO's
+        reference point z_0); it gets no gradient.
 
     Returns:
       `(loss, outputs, grads)`: float32 scalar loss (the mean of the parts'
@@ -93,7 +96,12 @@ def loss_and_grad(loss_fn: LossFn | TotalsLossFn, params, batch: dict, rng: jax.
       ValueError: if a leaf's leading size does not divide by `micro_batches`.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    extra = () if totals_fn is None else (totals_fn(batch),)
+    if totals_fn is None:
+        extra = ()
+    elif getattr(totals_fn, "uses_params", False):  # statistics of the current params (no gradient)
+        extra = (totals_fn(batch, jax.lax.stop_gradient(params)),)
+    else:
+        extra = (totals_fn(batch),)
     if micro_batches == 1:
         (loss, outputs), grads = grad_fn(params, batch, rng, *extra)
         return loss, outputs, grads

@@ -5,6 +5,7 @@ config errors. Driver runs use a tiny `synthetic` variant."""
 import json
 import math
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ import pytest
 from configs import dpo as dpo_config
 from experiments import dpo as driver
 from jaxreward import main as cli
+from jaxreward.errors import UserError
 from jaxreward import parallel
 from jaxreward.train import defaults
 from jaxreward.train import preference as pref
@@ -394,8 +396,15 @@ def test_a_stale_reference_cache_is_refused(baseline):
     assert os.path.exists(workdir / driver.CACHE_FILE)
     stale = _config()
     stale.synthetic.label_beta = 0.5  # other labels: other pair arrays, same file name
-    with pytest.raises(pref.StaleCacheError, match="delete the file to recompute"):
+    # Beside checkpoints, other data is refused first (data_sha256.txt) ...
+    with pytest.raises(UserError, match="holds checkpoints trained on other data"):
         driver.run(stale, str(workdir))
+    # ... and the cache alone, copied into a fresh workdir, is refused as stale.
+    fresh = workdir.parent / (workdir.name + "_cache_only")
+    os.makedirs(fresh, exist_ok=True)
+    shutil.copy(workdir / driver.CACHE_FILE, fresh / driver.CACHE_FILE)
+    with pytest.raises(pref.StaleCacheError, match="delete the file to recompute"):
+        driver.run(stale, str(fresh))
     # The same data without prefix sharing: unpacked forwards round differently
     # (~1e-5 nats), so the packed run's cache is not theirs either.
     unpacked = _config()
@@ -480,6 +489,271 @@ def test_in_step_reference_matches_precomputed_then_generation_eval_and_hf_expor
     with torch.no_grad():
         theirs = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
     assert rel_err(ours, theirs) < 1e-4
+
+
+def test_tr_dpo_soft_update_arithmetic():
+    # π_ref <- α·π_θ + (1 − α)·π_ref at α = 0.6: 0.6·1 + 0.4·3 = 1.8, 0.6·2 + 0.4·(−1) = 0.8,
+    # 0.6·(−5) + 0.4·5 = −1.0; α = 1 copies the policy exactly.
+    params = {"policy": {"w": jnp.array([1.0, 2.0]), "b": jnp.array(-5.0)},
+              "reference": {"w": jnp.array([3.0, -1.0]), "b": jnp.array(5.0)}}
+    out = pref.soft_update_reference(params, 0.6)
+    np.testing.assert_allclose(out["reference"]["w"], [1.8, 0.8], rtol=1e-6)
+    np.testing.assert_allclose(out["reference"]["b"], -1.0, rtol=1e-6)
+    assert out["policy"] is params["policy"]
+    hard = pref.soft_update_reference(params, 1.0)
+    np.testing.assert_array_equal(hard["reference"]["w"], params["policy"]["w"])
+    with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\]"):
+        pref.soft_update_reference(params, 0.0)
+    other = {"policy": params["policy"], "reference": {"w": jnp.zeros(3), "b": jnp.zeros(())}}
+    with pytest.raises(ValueError, match="another architecture"):
+        pref.soft_update_reference(other, 0.5)
+
+
+def _tr_dpo_config(num_steps, sync_every, alpha=0.5):
+    config = _config(num_steps=num_steps)
+    config.reference.update(precompute=False, sync_every=sync_every, sync_alpha=alpha)
+    return config
+
+
+def test_tr_dpo_syncs_the_in_step_reference_every_k_steps_and_resumes(tmp_path, capsys):
+    # Two steps, then a sync at the start of step 3: its reference is 0.5·policy_2 +
+    # 0.5·initial reference, and it stays so through step 3 (the next sync is at step 5).
+    first_two = _tr_dpo_config(4, 0)  # the 4-step schedule, stopped after 2
+    first_two.train.stop_after_steps = 2
+    plain = _run(tmp_path / "plain", first_two)
+    straight = _run(tmp_path / "straight", _tr_dpo_config(4, 2))
+    p, r = plain["state"].params, straight["state"].params
+    np.testing.assert_allclose(_flat(r["reference"]), 0.5 * _flat(p["policy"]) + 0.5 * _flat(p["reference"]),
+                               rtol=1e-6, atol=1e-7)
+    assert np.abs(_flat(r["reference"]) - _flat(p["reference"])).max() > 1e-4  # it moved
+    # Steps 1-2 train against the initial reference, step 3 against the synced one.
+    plain4 = _run(tmp_path / "plain4", _tr_dpo_config(4, 0))
+    assert straight["history"][1]["loss"] == plain4["history"][1]["loss"]
+    assert abs(straight["history"][2]["loss"] - plain4["history"][2]["loss"]) > 1e-6
+    # A sync period that the run never reaches is said so.
+    capsys.readouterr()
+    _run(tmp_path / "never", _tr_dpo_config(2, 2))
+    assert "warning: reference.sync_every=2 is not below train.num_steps=2: the reference is never " \
+           "synced" in capsys.readouterr().out
+    # 3 steps, stop, resume to 4: the checkpoint holds the synced reference; bit for bit.
+    first = _tr_dpo_config(4, 2)
+    first.train.stop_after_steps = 3
+    assert _run(tmp_path / "resumed", first)["stopped_at"] == 3
+    resumed = _run(tmp_path / "resumed", _tr_dpo_config(4, 2))
+    np.testing.assert_array_equal(_flat(resumed["state"].params), _flat(straight["state"].params))
+
+
+def test_tr_dpo_is_refused_with_precomputed_or_no_reference():
+    config = _config(mesh=(-1, 1, 1))
+    config.reference.sync_every = 4
+    with pytest.raises(ValueError, match="reference.sync_every=4 updates the reference during training "
+                                         r"\(TR-DPO\), so its log-probs cannot be precomputed"):
+        cli.check_config(config)
+    config = _config(mesh=(-1, 1, 1), loss="simpo", gamma=0.5)
+    config.reference.update(precompute=False, sync_every=4)
+    with pytest.raises(ValueError, match="loss 'simpo' uses no reference, so there is nothing to sync"):
+        cli.check_config(config)
+    config = _config(mesh=(-1, 1, 1))
+    config.reference.update(precompute=False, sync_every=4, sync_alpha=1.5)
+    with pytest.raises(ValueError, match="reference.sync_alpha"):
+        cli.check_config(config)
+
+
+# ---------------------------------------------------------------------------
+# KTO: unpaired examples stored as pair rows
+
+
+def test_kto_examples_layout_by_hand():
+    # Pair 0: prompt [7, 8], chosen [1, 2], rejected [3]; pair 1: prompt [9], chosen [4], rejected [5, 6].
+    arrays = {}
+    rows = {"chosen": [([7, 8], [1, 2]), ([9], [4])], "rejected": [([7, 8], [3]), ([9], [5, 6])]}
+    for side, rs in rows.items():
+        tok, attn, loss = np.zeros((2, 5), np.int32), np.zeros((2, 5), bool), np.zeros((2, 5), bool)
+        for b, (p, r) in enumerate(rs):
+            tok[b, :len(p) + len(r)] = p + r
+            attn[b, :len(p) + len(r)] = True
+            loss[b, len(p):len(p) + len(r)] = True
+        arrays.update({f"{side}_tokens": tok, f"{side}_attention_mask": attn, f"{side}_loss_mask": loss})
+    out = pref.kto_examples(arrays, {"chosen": np.ones(2, bool), "rejected": np.zeros(2, bool)}, seed=0,
+                            pad_id=63)
+    # Examples in order: pair 0 chosen, pair 0 rejected, pair 1 chosen, pair 1 rejected.
+    np.testing.assert_array_equal(out["desirable"], [True, False, True, False])
+    np.testing.assert_array_equal(out["pair_index"], [0, 0, 1, 1])
+    completions = [[1, 2], [3], [4], [5, 6]]
+    prompts = [[7, 8], [7, 8], [9], [9]]
+    order = np.random.default_rng([0, 11]).permutation(4)
+    partner = {int(a): int(b) for a, b in zip(order, np.roll(order, -1))}
+    for e in range(4):
+        p, c = prompts[e], completions[e]
+        row = out["chosen_tokens"][e]
+        assert list(row[:len(p) + len(c)]) == p + c and all(row[len(p) + len(c):] == 63)
+        assert list(np.flatnonzero(out["chosen_loss_mask"][e])) == list(range(len(p), len(p) + len(c)))
+        kl = completions[partner[e]]
+        assert partner[e] != e
+        assert list(out["rejected_tokens"][e][:len(p) + len(kl)]) == p + kl
+        assert out["rejected_attention_mask"][e].sum() == len(p) + len(kl)
+        np.testing.assert_array_equal(out["rejected_positions"][e][:len(p) + len(kl)], np.arange(len(p) + len(kl)))
+    # Feedback lines: the chosen side only, their labels, no pairs.
+    fb = pref.kto_examples(arrays, {"chosen": np.array([False, True])}, seed=0)
+    np.testing.assert_array_equal(fb["desirable"], [False, True])
+    np.testing.assert_array_equal(fb["pair_index"], [-1, -1])
+    # The generation eval's prompts: each distinct prompt once (rows 0 and 2 here).
+    np.testing.assert_array_equal(driver.first_row_per_prompt(out), [0, 2])
+    # A left-padded row is refused, naming the row.
+    bad = dict(arrays, chosen_attention_mask=np.roll(arrays["chosen_attention_mask"], 1, axis=1))
+    with pytest.raises(ValueError, match="chosen row 0 is not"):
+        pref.kto_examples(bad, {"chosen": np.ones(2, bool)}, seed=0)
+
+
+def _kto_batch():
+    """`_two_pairs` read as two KTO rows: the chosen side holds the examples
+    (row 0 desirable, row 1 undesirable), the rejected side their mismatched completions."""
+    return dict(_two_pairs(), desirable=np.array([True, False]))
+
+
+@pytest.mark.parametrize("reference", ["precomputed", "in_step"])
+def test_kto_loss_by_hand_and_micro_batches_use_the_whole_batch_reference_point(reference):
+    loss_fn, _, loss = _loss_fns(reference, loss="kto", beta=1.0)
+    params, batch = _params_and_batch(reference)
+    batch["desirable"] = np.array([True, False])
+    # Policy/ref from the tables: examples ρ = (−3 − (−3), −1.5 − (−1)) = (0, −0.5);
+    # mismatched rows ρ' = (−0.5 − (−1), −1.5 − (−2.2)) = (0.5, 0.7), z_0 = max(0, 0.6) = 0.6.
+    # desirable:   1 − σ(β(0 − 0.6))    = σ(0.6)  = 0.6456563
+    # undesirable: 1 − σ(β(0.6 + 0.5)) = σ(−1.1) = 0.2497399;  mean 0.4476981
+    value, out = loss_fn(params, batch, None)
+    np.testing.assert_allclose(float(value), (0.6456563 + 0.2497399) / 2, rtol=1e-6)
+    _, m = pref.apply_loss(loss, out)
+    np.testing.assert_allclose(float(m["kl"]), 0.6, rtol=1e-6)
+    # Two micro-batches of one row each: with the step's whole-batch z_0 they give the
+    # one-shot loss and gradient; each part's own z_0 (0.5, then 0.7) would not.
+    policy_fn, ref_fn = table_logps, (table_logps if reference == "in_step" else None)
+    totals_fn = pref.make_totals_fn(policy_fn, loss, ref_fn, micro_batches=2)
+    key = jax.random.PRNGKey(0)
+    one, _, g1 = step_lib.loss_and_grad(loss_fn, params, batch, key, 1)
+    two, _, g2 = step_lib.loss_and_grad(loss_fn, params, batch, key, 2, totals_fn=totals_fn)
+    np.testing.assert_allclose(float(two), float(one), rtol=1e-6)
+    np.testing.assert_allclose(_flat(g2), _flat(g1), rtol=1e-6, atol=1e-8)
+    per_part, _, _ = step_lib.loss_and_grad(loss_fn, params, batch, key, 2)
+    # σ(0.5)/2 + σ(−1.2)/2 = (0.6224593 + 0.2314752) / 2 = 0.4269672
+    np.testing.assert_allclose(float(per_part), 0.4269672, rtol=1e-6)
+    # A fixed z_0 needs no whole-batch pass.
+    assert pref.make_totals_fn(policy_fn, pref.resolve_loss({"name": "kto", "beta": 1.0,
+                                                              "reference_point": 0.0}), ref_fn, 2) is None
+
+
+@pytest.fixture(scope="module")
+def kto_baseline(tmp_path_factory):
+    parallel_make_mesh = parallel.make_mesh
+    parallel.make_mesh = lambda d, f, t: parallel_make_mesh(d, f, t, devices=jax.devices()[:d * f * t])
+    try:
+        return driver.run(_config(loss="kto", beta=0.5), str(tmp_path_factory.mktemp("kto")))
+    finally:
+        parallel.make_mesh = parallel_make_mesh
+
+
+@pytest.mark.parametrize("mesh,micro_batches", [((2, 2, 2), 1), ((1, 1, 1), 4)])
+def test_kto_mesh_and_micro_batches_do_not_change_training(tmp_path, kto_baseline, mesh, micro_batches):
+    out = _run(tmp_path / "kto", _config(mesh=mesh, micro_batches=micro_batches, loss="kto", beta=0.5))
+    _assert_params_close(out["state"].params, kto_baseline["state"].params, 1e-5)
+    _assert_metrics_close(_train_metrics(out), _train_metrics(kto_baseline))
+    for k, v in kto_baseline["eval"].items():
+        np.testing.assert_allclose(out["eval"][k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_kto_through_the_driver_reports_pair_accuracy_and_trl_names(kto_baseline):
+    ev = kto_baseline["eval"]
+    # 16 held-out pairs -> 32 examples; each pair scored once by its two examples.
+    assert ev["num_pairs"] == 32 and ev["num_scored_pairs"] == 16
+    assert 0 <= ev["rewards/pair_accuracies"] <= 1 and ev["kl"] >= 0
+    last = kto_baseline["history"][-1]
+    for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+              "logps/rejected", "kl", "grad_norm", "learning_rate"):
+        assert np.isfinite(last[k]), k
+    np.testing.assert_allclose(last["rewards/margins"], last["rewards/chosen"] - last["rewards/rejected"],
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_kto_on_feedback_lines(tmp_path, monkeypatch, capsys):
+    """data.format=feedback: TRL's unpaired lines, a bad line counted and skipped,
+    labels kept for the lines that survive, trained through the driver."""
+    from jaxreward.data.tokenizer import Tokenizer
+    from tests.data.conftest import CHATML, build_hf_bpe
+    tok = Tokenizer(build_hf_bpe(), bos_id=1, eos_id=4, pad_id=0, add_bos=True, chat_template=CHATML)
+    lines = [{"prompt": f"q{i} ", "completion": "yes" * (1 + i % 3), "label": i % 2 == 0} for i in range(40)]
+    path = tmp_path / "feedback.jsonl"
+    with open(path, "w") as f:
+        for i, line in enumerate(lines):
+            f.write(json.dumps(line) + "\n")
+            if i == 5:
+                f.write('{"prompt": "q", "completion": "c", "label": "yes"}\n')  # label not a bool
+    config = _config(num_steps=2, loss="kto", beta=0.5)
+    config.model.arch.vocab_size = 128
+    config.synthetic.update(prompt_length=4, response_length=28)  # the random decoder: 32 positions
+    config.data.update(source="jsonl", format="feedback", train_path=str(path), num_eval_pairs=8,
+                       max_length=32, batch_size=8, eval_batch_size=8)
+    real_load = driver.load_model
+    monkeypatch.setattr(driver, "load_model", lambda p, c, s: (*real_load("", c, s)[:2], tok))
+    out = _run(tmp_path / "wd", config)
+    printed = capsys.readouterr().out
+    assert "kept 40, skipped 1" in printed and "label" in printed
+    assert "kto: 32 train examples (16 desirable), 8 held out" in printed
+    assert "rewards/pair_accuracies" not in out["eval"] and np.isfinite(out["eval"]["loss"])
+    train, _ = driver.read_pairs(config, tok, str(tmp_path / "wd"))
+    labels = {l["prompt"]: l["label"] for l in lines}
+    prompts = [tok.decode([t for t, m in zip(row, keep) if m])
+               for row, keep in zip(train["chosen_tokens"], train["chosen_attention_mask"] & ~train["chosen_loss_mask"])]
+    np.testing.assert_array_equal(train["desirable"],
+                                  [labels[next(k for k in labels if p.endswith(k))] for p in prompts])
+
+
+def test_kto_config_errors():
+    config = _config(mesh=(-1, 1, 1))
+    config.data.format = "feedback"
+    with pytest.raises(ValueError, match="data.format='feedback' reads unpaired examples .* loss 'dpo' trains "
+                                         "on pairs: use loss.name='kto'"):
+        cli.check_config(config)
+    with pytest.raises(ValueError, match="config.loss.gamma is not a hyper-parameter of loss 'kto', which "
+                                         "takes beta, desirable_weight, undesirable_weight, reference_point"):
+        cli.check_config(_config(mesh=(-1, 1, 1), loss="kto", gamma=0.5))
+    with pytest.raises(ValueError, match="known names: apo_down.*; unpaired .*: kto"):
+        cli.check_config(_config(mesh=(-1, 1, 1), loss="ktoo"))
+    with pytest.raises(ValueError, match="config.loss .'kto'.: desirable_weight"):
+        cli.check_config(_config(mesh=(-1, 1, 1), loss="kto", desirable_weight=-1.0))
+
+
+def test_kto_pair_accuracy_and_balance_warning_by_hand(capsys):
+    from jaxreward.train import evaluate
+    # Examples of pairs 0, 0, 1, 1, 2, 2 and one feedback row (−1); ρ = logps − ref:
+    # pair 0: desirable 0.5 > undesirable −0.5 (a win); pair 1: 0.2 = 0.2 (a tie: 0);
+    # pair 2: its undesirable row is invalid (not counted); the −1 row is no pair.
+    out = {"chosen_logps": jnp.array([-1.0, -2.0, -1.0, -1.3, -1.0, -1.0, -1.0]),
+           "ref_chosen_logps": jnp.array([-1.5, -1.5, -1.2, -1.5, -1.0, -1.0, -1.0]),
+           "valid": jnp.array([True, True, True, True, True, False, True]),
+           "desirable": jnp.array([True, False, True, False, True, False, True])}
+    got = pref._kto_pair_accuracy(out, np.array([0, 0, 1, 1, 2, 2, -1]))
+    assert got["rewards/pair_accuracies"] == 0.5 and got["num_scored_pairs"] == 2  # 1 win of 2
+    low, high = evaluate.wilson_interval(1, 2)
+    assert (got["rewards/pair_accuracies_ci_low"], got["rewards/pair_accuracies_ci_high"]) == (low, high)
+    # 24 desirable, 8 undesirable, λ = 1: λ_D·n_D / (λ_U·n_U) = 3, outside [1, 4/3]. In range:
+    # λ_D in [8/24, (4/3)·8/24] = [0.333, 0.444], or λ_U in [(3/4)·3, 3] = [2.25, 3].
+    kto = pref.resolve_loss({"name": "kto", "beta": 0.1})
+    driver.check_kto_balance(kto, np.arange(32) % 4 != 0)
+    assert "= 1·24 / (1·8) = 3, outside the KTO paper's [1, 4/3]: use loss.desirable_weight in " \
+           "[0.333, 0.444] or loss.undesirable_weight in [2.25, 3]" in capsys.readouterr().out
+    driver.check_kto_balance(pref.resolve_loss({"name": "kto", "beta": 0.1, "desirable_weight": 0.4}),
+                             np.arange(32) % 4 != 0)  # 0.4·24 / 8 = 1.2: in range, silent
+    assert capsys.readouterr().out == ""
+
+
+def test_mixture_refuses_a_shared_hyper_parameter_no_component_takes():
+    # label_smoothing=0.3 is taken by neither dpo nor ipo: each component would drop it
+    # silently and train plain DPO + IPO while the config (and dpo.json) said ε = 0.3.
+    cfg = {"name": "mixture", "beta": 0.1, "label_smoothing": 0.3, "components": (("dpo", 1.0), ("ipo", 0.5))}
+    with pytest.raises(ValueError, match="config.loss.label_smoothing is not a hyper-parameter of any "
+                                         r"component of the mixture \(dpo, ipo\)"):
+        pref.resolve_loss(cfg)
+    # Taken by one component (cdpo): accepted.
+    pref.resolve_loss({**cfg, "components": (("dpo", 1.0), ("cdpo", 0.5))})
 
 
 def test_generation_eval_of_the_reference_itself_is_exact():

@@ -362,6 +362,15 @@ def test_kto_hand_value():
     # a negative KL estimate is clipped to 0
     _, m = preference.kto_loss(logps, ref, desirable, kl_logps, ref_kl + 1.0, beta=beta)
     assert m["kl"] == 0.0
+    # A given reference_point is z0 as it is (not clipped), the mismatched log-probs unread:
+    # z0 = −0.5: 1 − σ(0.5·(0.5 + 0.5)) = 0.3775407, 1 − σ(0.5·(−0.5 + 0.5)) = 0.5,
+    # 1 − σ(0.5·(−0.5 + 1.0)) = 0.4378235; mean 0.4384547.
+    fixed, m = preference.kto_loss(logps, ref, desirable, kl_logps * jnp.nan, ref_kl, beta=beta,
+                                   reference_point=jnp.float32(-0.5))
+    np.testing.assert_allclose(fixed, (0.3775407 + 0.5 + 0.4378235) / 3, rtol=1e-6)
+    assert m["kl"] == -0.5
+    with pytest.raises(ValueError, match="reference_point"):
+        preference.kto_loss(logps, ref, desirable, beta=beta, reference_point=jnp.zeros(2))
 
 
 def test_kto_padding_is_inert_and_all_masked_is_zero():

@@ -275,7 +275,10 @@ def interrupted(workdir: str, error: BaseException | None = None):
                      "from its last checkpoint\n")
     # Leave without the interpreter's teardown: a Ctrl-C during an XLA compile left
     # its threads running, and finalizing the runtime under them segfaulted (exit 139
-    # after this line). Checkpoint saves are already finished (`_finish_checkpoints`).
+    # after this line). Checkpoint saves are already finished (`_finish_checkpoints`);
+    # TensorBoard's queued events are written here (os._exit runs no close()).
+    from jaxreward.train import metrics as metrics_lib
+    metrics_lib.close_open_writers()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(130)

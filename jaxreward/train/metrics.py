@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import weakref
 from typing import Any, Mapping
 
 import jax
@@ -36,7 +37,9 @@ def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
 class MetricWriter:
     """Writes `<workdir>/metrics.jsonl` (one JSON object per write) and
     TensorBoard event files under `<workdir>/tensorboard` (tensorboardX).
-    Only process 0 writes.
+    Only process 0 writes. The JSONL line is on disk when `write` returns;
+    TensorBoard events are queued (tensorboardX) until `close()` or
+    `close_open_writers()`, which a Ctrl-C runs (`main.interrupted`).
 
     Each (step, prefix) is written once: on a resumed run, pass the restored
     step as `resume_step` and records after it (written after the last
@@ -76,6 +79,7 @@ class MetricWriter:
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
         except ImportError:  # TensorBoard files are optional; JSONL is not.
             self._tb = None
+        _OPEN.add(self)
 
     def write(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> None:
         if not self._active or (int(step), prefix) in self._seen:
@@ -89,11 +93,26 @@ class MetricWriter:
                 self._tb.add_scalar(f"{prefix}/{k}", v, step)
 
     def close(self) -> None:
+        _OPEN.discard(self)
         if not self._active:
             return
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+_OPEN: "weakref.WeakSet[MetricWriter]" = weakref.WeakSet()
+
+
+def close_open_writers() -> None:
+    """Closes every MetricWriter not yet closed, so queued TensorBoard events
+    reach the disk. For exits that skip the interpreter's teardown
+    (`main.interrupted` ends a Ctrl-C with `os._exit`); never raises."""
+    for writer in list(_OPEN):
+        try:
+            writer.close()
+        except Exception:  # an exit path: keep closing the others
+            pass
 
 
 def _prefix_of(record: Mapping[str, Any]) -> str | None:

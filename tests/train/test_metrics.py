@@ -49,3 +49,36 @@ def test_save_figure_writes_once_whole_and_only_on_process_0(tmp_path, monkeypat
     fig, _ = plt.subplots()
     metrics_lib.save_figure(fig, str(tmp_path / "other.png"))
     assert os.listdir(tmp_path) == ["curve.png"] and not plt.fignum_exists(fig.number)
+
+
+def _event_scalars(logdir):
+    """(tag, step, value) of every scalar in the TensorBoard event files under logdir.
+    An event file is TFRecord: u64 length, u32 crc, Event proto, u32 crc per record."""
+    import struct
+    from tensorboardX.proto import event_pb2
+    out = []
+    for name in sorted(os.listdir(logdir)):
+        data = open(os.path.join(logdir, name), "rb").read()
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+    return out
+
+
+def test_a_ctrl_c_exit_keeps_every_record_tensorboard_included(tmp_path):
+    # main.interrupted ends a Ctrl-C with os._exit(130): no close(), no atexit. Before the fix the
+    # TensorBoard events waited in tensorboardX's queue (flushed every 120 s) and were lost.
+    import subprocess
+    import sys
+    script = ("from jaxreward.train import metrics as m; from jaxreward import main\n"
+              f"w = m.MetricWriter({str(tmp_path)!r}, resume_step=0)\n"
+              "w.write(1, {'loss': 0.5}); w.write(2, {'loss': 0.25}, prefix='eval')\n"
+              f"main.interrupted({str(tmp_path)!r})\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: interrupted (Ctrl-C)")
+    assert _records(tmp_path) == [{"step": 1, "train/loss": 0.5}, {"step": 2, "eval/loss": 0.25}]
+    assert sorted(_event_scalars(tmp_path / "tensorboard")) == [("eval/loss", 2, 0.25), ("train/loss", 1, 0.5)]

@@ -94,6 +94,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise defaults.ConfigError(
             f"config field data.format='feedback' reads unpaired examples (prompt, completion, label); "
             f"loss {config.loss.name!r} trains on pairs: use loss.name='kto', or a pair format")
+    defaults.check_file_fields_unused(config)
     if config.data.source == "jsonl":
         defaults.check_path(config, "data.train_path", required=True)
         defaults.check_path(config, "data.eval_path")
@@ -112,15 +113,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     defaults.check_int(config, "reference.sync_every", 0)
     defaults.check_float(config, "reference.sync_alpha", 0.0, 1.0, low_open=True)
     if config.reference.sync_every:
+        if not loss.uses_reference:
+            raise defaults.ConfigError(
+                f"config field reference.sync_every={config.reference.sync_every}: loss "
+                f"{config.loss.name!r} uses no reference, so there is nothing to sync; set it to 0")
         if config.reference.precompute:
             raise defaults.ConfigError(
                 f"config field reference.sync_every={config.reference.sync_every} updates the reference "
                 "during training (TR-DPO), so its log-probs cannot be precomputed: set "
                 "reference.precompute=False")
-        if not loss.uses_reference:
-            raise defaults.ConfigError(
-                f"config field reference.sync_every={config.reference.sync_every}: loss "
-                f"{config.loss.name!r} uses no reference, so there is nothing to sync; set it to 0")
     defaults.check_int(config, "policy.trainable_blocks", -1)
     for name in ("prompt_length", "response_length", "num_train_pairs", "num_eval_pairs"):
         defaults.check_int(config, f"synthetic.{name}", 1)
@@ -170,19 +171,36 @@ def read_pairs(config: ml_collections.ConfigDict, tokenizer, workdir: str):
         n_eval = min(d.num_eval_pairs, len(pairs) // 2)
         eval_pairs = [pairs[i] for i in order[len(pairs) - n_eval:]]
         pairs = [pairs[i] for i in order[:len(pairs) - n_eval]]
-        print(f"held out {n_eval} of {len(pairs) + n_eval} pairs for evaluation (seed {config.seed})")
+        unit = "feedback lines" if d.format == "feedback" else "pairs"
+        print(f"held out {n_eval} of {len(pairs) + n_eval} {unit} for evaluation (seed {config.seed})")
     pairs = pairs[:d.max_train_pairs or None]
     eval_pairs = eval_pairs[:d.max_eval_pairs or None]
+    warn_train_eval_overlap(pairs, eval_pairs, "feedback lines" if d.format == "feedback" else "pairs")
     out = []
     for name, split in (("train", pairs), ("eval", eval_pairs)):
         arrays, tok_report = pipeline.cached_tokenize(
             split, tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length or None,
             cache_dir=d.cache_dir or os.path.join(workdir, "token_cache"))
-        print(f"{name}: {tok_report.summary()}")
+        print(f"{name}: {tok_report.summary(unpaired=d.format == 'feedback')}")
         if d.format == "feedback":  # the labels of the lines that were kept
             arrays = {**arrays, "desirable": np.array([split[i].label for i in tok_report.kept_indices], bool)}
         out.append(arrays)
     return out
+
+
+def warn_train_eval_overlap(train: list, held_out: list, unit: str) -> int:
+    """Warns when held-out records repeat train records word for word
+    (duplicate lines in a file, or an eval file cut from the train file):
+    their accuracy is then partly training accuracy. Returns the count."""
+    key = lambda r: (r.prompt, r.chosen, r.rejected, getattr(r, "label", None))
+    seen = {key(r) for r in train}
+    repeated = sum(key(r) in seen for r in held_out)
+    if repeated:
+        where = ", ".join(r.source for r in held_out if key(r) in seen)
+        print(f"warning: {repeated} of {len(held_out)} held-out {unit} repeat a train record word for word "
+              f"({where[:200]}{'...' if len(where) > 200 else ''}): their held-out accuracy is partly "
+              "training accuracy; remove the duplicates from the data")
+    return repeated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,23 +358,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         pad_id = tokenizer.pad_id if tokenizer else synthetic.PAD_ID
         train = kto_examples(train, config.seed, pad_id)
         evals = kto_examples(evals, config.seed + 1, pad_id)
-        print(f"{loss.name}: {len(train['desirable'])} train examples "
-              f"({int(train['desirable'].sum())} desirable), {len(evals['desirable'])} held out; "
-              "each row also holds another example's completion for the reference point z_0")
-        check_kto_balance(loss, train["desirable"])
     num_train, num_eval = len(train["chosen_tokens"]), len(evals["chosen_tokens"])
+    unit = "examples" if loss.unpaired else "pairs"  # a row: a KTO example, or a pair
     if num_train == 0 and d.source == "jsonl":
-        raise UserError(f"data.train_path={d.train_path!r} gave no usable train "
-                        f"{'examples' if loss.unpaired else 'pairs'} (see its report above)"
+        raise UserError(f"data.train_path={d.train_path!r} gave no usable train {unit} (see its report above)"
                         + ("; its lines are unpaired feedback? set data.format=feedback"
                            if loss.unpaired and d.format != "feedback" else ""))
     if num_train < d.batch_size:
-        raise UserError(f"{num_train} usable train pairs is fewer than one batch "
+        raise UserError(f"{num_train} usable train {unit} is fewer than one batch "
                         f"(data.batch_size={d.batch_size})")
     if num_eval == 0:
-        raise UserError(f"data.eval_path={d.eval_path!r} gave no usable eval pairs (see its report above)"
+        raise UserError(f"data.eval_path={d.eval_path!r} gave no usable eval {unit} (see its report above)"
                         if d.source == "jsonl" and d.eval_path else
-                        "no usable eval pairs: set data.eval_path or data.num_eval_pairs")
+                        f"no usable eval {unit}: set data.eval_path or data.num_eval_pairs")
+    if loss.unpaired:
+        print(f"{loss.name}: {num_train} train examples ({int(train['desirable'].sum())} desirable), "
+              f"{num_eval} held out; each row also holds a completion of another prompt for the "
+              "reference point z_0")
+        for name, split in (("train", train), ("eval", evals)):
+            if len(first_row_per_prompt(split)) == 1:
+                print(f"note: all {len(split['desirable'])} {name} examples share one prompt, so z_0's rows "
+                      "borrow completions of that same prompt (KTO's mismatched pairs need two prompts)")
+        check_kto_balance(loss, train["desirable"])
 
     # --- The held-out prompts of the generation eval.
     if task is not None:
@@ -415,7 +438,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             os.path.join(workdir, CACHE_FILE), key,
             lambda: pref.reference_logps(ref_fn, ref_params, splits, r.batch_size, mesh),
             made_of="data, tokenization, reference weights or packing (model.prefix_sharing)")
-        print(f"reference log-probs of {num_train + num_eval} pairs: "
+        print(f"reference log-probs of {num_train + num_eval} {unit}: "
               + ("reused " + CACHE_FILE if reused else
                  f"computed in {time.perf_counter() - t0:.1f}s, cached in {CACHE_FILE}"))
         train = {**train, **{k.split("/")[1]: v for k, v in cache.items() if k.startswith("train/")}}
@@ -466,7 +489,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   "the step)")
     trained = "every policy parameter" if tb < 0 or tb >= cfg.num_layers else \
         f"the top {tb} of {cfg.num_layers} blocks + final norm"
-    print(f"training {trained} on {num_train} pairs: {t.num_steps} steps of {d.batch_size} pairs")
+    print(f"training {trained} on {num_train} {unit}: {t.num_steps} steps of {d.batch_size} {unit}")
 
     # --- Generation eval: policy vs reference samples on held-out prompts.
     sampling = dict(max_new_tokens=config.sampling.max_new_tokens,
@@ -532,9 +555,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     final = evaluate(state.params)
     writer.write(int(state.step), final, prefix="eval")
     acc = "rewards/pair_accuracies" if "rewards/pair_accuracies" in final else "rewards/accuracies"
-    what = {"rewards/pair_accuracies": f"{int(final.get('num_scored_pairs', 0))} pairs",
-            "rewards/accuracies": f"{int(final['num_pairs'])} " + ("examples (KTO: on the right side "
-                                                                  "of z_0)" if loss.unpaired else "pairs")}[acc]
+    what = (f"{int(final['num_scored_pairs'])} pairs" if acc == "rewards/pair_accuracies" else
+            f"{int(final['num_examples'])} examples (KTO: on the right side of z_0)" if loss.unpaired else
+            f"{int(final['num_pairs'])} pairs")
     print(f"held-out implicit-reward accuracy {final[acc]:.4f} "
           f"[{final[acc + '_ci_low']:.4f}, {final[acc + '_ci_high']:.4f}] "
           f"(95% Wilson) on {what}, loss {final['loss']:.4f}"
@@ -557,7 +580,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         last = history[-1]
         rows.append({"split": f"train (last batch, step {last['step']})", unit: d.batch_size,
                      **{k: last[k] for k in _SUMMARY}})
-    rows.append({"split": "held-out", unit: int(final["num_pairs"]), **{k: final[k] for k in _SUMMARY}})
+    rows.append({"split": "held-out", unit: int(final[f"num_{unit}"]), **{k: final[k] for k in _SUMMARY}})
     print(metrics_lib.format_table(rows, ["split", unit, *_SUMMARY]))
     summary = {"loss": loss.name, "hparams": dict(loss.hparams), "eval": final,
                "label_gold_agreement": eval_agree, "train_label_gold_agreement": train_agree,

@@ -45,6 +45,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     defaults.per_process_batch(config)  # data.batch_size divides among the processes (one share each)
     pairwise.pair_loss(config.loss.name)
     defaults.check_choice(config, "data.source", ("jsonl", "tfds", "synthetic"))
+    defaults.check_file_fields_unused(config)
     if config.data.source in ("jsonl", "tfds"):
         defaults.check_path(config, "data.train_path", required=True)
         defaults.check_path(config, "data.eval_path")

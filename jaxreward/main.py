@@ -355,6 +355,8 @@ def main(argv):
              "--workdir=DIR, --config.<field>=VALUE)")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # quiet library INFO logs by default
+    if os.environ.get("JAXREWARD_TRACEBACK") != "1":
+        logging.get_absl_logger().addFilter(_drop_interrupt_tracebacks)
     config = flags.FLAGS.config
     try:
         driver = check_config(config)
@@ -393,6 +395,16 @@ def main(argv):
     except BaseException:
         _finish_checkpoints()
         raise
+
+
+def _drop_interrupt_tracebacks(record) -> bool:
+    """absl logging filter: drops a library's log of a Ctrl-C (orbax logs the
+    KeyboardInterrupt that lands while it waits for a save, traceback and
+    all, before re-raising it); `interrupted` then says it in one line."""
+    info = record.exc_info
+    if info and info[0] is not None and issubclass(info[0], KeyboardInterrupt):
+        return False
+    return "KeyboardInterrupt" not in str(record.msg)
 
 
 def _finish_checkpoints():

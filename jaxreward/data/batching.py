@@ -56,12 +56,16 @@ class TruncationReport:
         if len(examples) < _EXAMPLES:
             examples.append(where)
 
-    def summary(self) -> str:
-        """One line, e.g. "tokenized 100 pairs: kept 99, truncated 7 (prompt 3, chosen 4, ...)"."""
+    def summary(self, unpaired: bool = False) -> str:
+        """One line, e.g. "tokenized 100 pairs: kept 99, truncated 7 (prompt 3, chosen 4, ...)".
+        `unpaired`: the rows are feedback lines tokenized as pairs with the
+        completion on both sides, counted as lines with one completion."""
+        cuts = (f"completion cut {self.chosen_truncated}" if unpaired else
+                f"chosen cut {self.chosen_truncated}, rejected cut {self.rejected_truncated}")
         text = (
-            f"tokenized {self.num_pairs} pairs: kept {self.num_kept}, truncated {self.any_truncated} "
-            f"(prompt cut {self.prompt_truncated}, chosen cut {self.chosen_truncated}, "
-            f"rejected cut {self.rejected_truncated}), dropped {self.num_dropped}"
+            f"tokenized {self.num_pairs} {'feedback lines' if unpaired else 'pairs'}: kept {self.num_kept}, "
+            f"truncated {self.any_truncated} (prompt cut {self.prompt_truncated}, {cuts}), "
+            f"dropped {self.num_dropped}"
         )
         if self.dropped:
             parts = [f"{r}: {n} [{', '.join(self.dropped_examples[r])}]" for r, n in sorted(self.dropped.items())]

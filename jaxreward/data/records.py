@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 from jaxreward.data.preference import (
     DataError, ReadReport, RenderChat, _assistant_reply, _Bad, _check_text, _decode_line, _field, _messages,
     check_not_a_folder, numbered_lines, _parse_json, _render)
+from jaxreward.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +66,8 @@ def read_feedback(path, *, on_error: str = "skip", render_chat: RenderChat | Non
         JSON, not UTF-8, not a JSON object, missing field, wrong type (`label` must be a
         JSON bool), bad message, empty prompt, empty response, chat template
         error, empty file.
-      ValueError: bad `on_error`, or message lists without `render_chat`.
+      ValueError: bad `on_error`.
+      UserError (a ValueError): message lists without `render_chat`, naming file:line.
     """
     def parse(obj, report):
         if report.fmt is None:
@@ -98,7 +100,8 @@ def read_prompts(path, *, on_error: str = "skip", render_chat: RenderChat | None
       DataError: with on_error="raise", the first bad line (malformed JSON,
         not UTF-8, missing field, wrong type, bad message, empty prompt, empty
         text (answer), chat template error, empty file).
-      ValueError: bad `on_error`, or message lists without `render_chat`.
+      ValueError: bad `on_error`.
+      UserError (a ValueError): message lists without `render_chat`, naming file:line.
     """
     if _is_txt(path):
         def parse_txt(raw: bytes, report):
@@ -146,7 +149,8 @@ def read_rated(
         non-finite value ("bad rating", naming the field), a `ratings` list of
         the wrong length ("wrong ratings count"), and the reasons of
         `read_prompts` for `prompt`; an empty `response` is "empty text".
-      ValueError: bad arguments, or message lists without `render_chat`.
+      ValueError: bad arguments.
+      UserError (a ValueError): message lists without `render_chat`, naming file:line.
     """
     if attributes is not None:
         attributes = tuple(attributes)
@@ -199,8 +203,12 @@ def _chat_prompt(value, render_chat) -> str:
     if not messages:
         raise _Bad("prompt", "empty prompt")
     if render_chat is None:
-        raise ValueError("this file holds chat messages: pass render_chat=tokenizer.apply_chat_template")
+        raise _NoTemplate()
     return _render(render_chat, messages)
+
+
+class _NoTemplate(Exception):
+    """A message list met without `render_chat`; `_read` names the file and line."""
 
 
 def _is_txt(path) -> bool:
@@ -239,6 +247,10 @@ def _read(path, parse: Callable, on_error: str, json_lines: bool = True):
             fmt = report.fmt
             try:
                 make = parse(_parse_json(raw) if json_lines else raw, report)
+            except _NoTemplate:  # the whole file needs a template, not this line alone: stop
+                raise UserError(f"{path}:{lineno}: this file holds chat messages, which need a chat "
+                                "template: use a tokenizer with one (pass render_chat="
+                                "tokenizer.apply_chat_template)") from None
             except _Bad as bad:
                 report.fmt = fmt  # a bad line does not decide the format of the lines after it
                 error = DataError(str(path), lineno, bad.field, bad.reason, bad.detail)

@@ -619,6 +619,7 @@ def bco_pair_loss(
     reward_c, reward_r = beta * rho_c, beta * rho_r
     if reference_point is not None:
         check_ndim("reference_point", reference_point, 0, "a scalar")
+        check_range("reference_point", reference_point)  # finite (a traced value is not checked)
     if reference_point is None:
         delta = sg(0.5 * (masked_mean(reward_c, mask) + masked_mean(reward_r, mask)))
     else:
@@ -721,6 +722,7 @@ def beta_dpo_loss(
     )
     if margin_reference is not None:
         check_ndim("margin_reference", margin_reference, 0, "a scalar")
+        check_range("margin_reference", margin_reference)  # finite (a traced value is not checked)
     h = rho_c - rho_r
     if reward_margin_B is None:
         margin = sg(beta * h)
@@ -1065,6 +1067,7 @@ def kto_loss(
     if reference_point is not None:
         z0 = sg(jnp.asarray(reference_point, f32))
         check_ndim("reference_point", z0, 0, "a scalar z_0")
+        check_range("reference_point", reference_point)  # finite (a traced value is not checked)
     elif kl_logps_B is None:
         z0 = jnp.zeros((), f32)
     else:

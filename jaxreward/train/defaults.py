@@ -190,7 +190,9 @@ def per_process_batch(config, name: str = "data.batch_size") -> int:
     Raises:
       ConfigError: the batch does not divide by the process count (a floor
         division would train on a smaller batch than the config says, silently),
-        naming the field, the count and the nearest sizes that divide.
+        or over the mesh's data×fsdp batch shards (the step would fail after
+        the long passes), naming the field, the count and the nearest sizes
+        that divide.
     """
     import jax  # local: config checks import no jax until they need it
     check_int(config, name, 1)
@@ -199,7 +201,34 @@ def per_process_batch(config, name: str = "data.batch_size") -> int:
         near = [s for s in (b // p * p, (b // p + 1) * p) if s > 0]
         raise ConfigError(f"config field {name}={b} does not divide among the {p} processes of this run "
                           f"(jax.process_count()); use {' or '.join(map(str, near))}")
+    shards = batch_shards(config)
+    if shards and b % shards:
+        near = [s for s in (b // shards * shards, (b // shards + 1) * shards) if s > 0]
+        raise ConfigError(f"config field {name}={b} does not split over the mesh's data×fsdp = {shards} "
+                          f"batch shards (mesh.data={config.mesh.data}, mesh.fsdp={config.mesh.fsdp}, "
+                          f"{jax.device_count()} devices); use {' or '.join(map(str, near))}, or a smaller mesh.data")
     return b // p
+
+
+def batch_shards(config) -> int | None:
+    """data×fsdp of the config's mesh on this run's devices (a -1 axis takes
+    the devices the others leave), or None when the config has no mesh or
+    the mesh does not fit the devices (`check_mesh` says why)."""
+    if get_field(config, "mesh") is _MISSING:
+        return None
+    import jax  # local: config checks import no jax until they need it
+    shape = [config.mesh[k] for k in ("data", "fsdp", "tensor")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and (v >= 1 or v == -1) for v in shape) \
+            or shape.count(-1) > 1:
+        return None
+    n, known = jax.device_count(), math.prod(v for v in shape if v != -1)
+    if -1 in shape:
+        if n % known:
+            return None
+        shape[shape.index(-1)] = n // known
+    elif known != n:
+        return None
+    return shape[0] * shape[1]
 
 
 def _count_lines(path: str, stop_at: int | None = None) -> int | None:
@@ -257,6 +286,26 @@ def check_path(config, name: str, required: bool = False) -> None:
         return
     if not isinstance(v, str) or not os.path.exists(v):
         raise ConfigError(f"config field {name}: {v!r} does not exist")
+
+
+def check_file_fields_unused(config, source_field: str = "data.source", generated: str = "synthetic") -> None:
+    """Refuses file settings that a generated data source would ignore:
+    with `data.source=synthetic`, a `data.train_path`, `data.eval_path` or a
+    `data.format` other than "auto" is never read, and a run on the
+    generated pairs would look like a run on the user's file.
+
+    Raises:
+      ConfigError: naming the fields given and `data.source`.
+    """
+    if get_field(config, source_field) != generated:
+        return
+    given = [f"data.{k}={get_field(config, f'data.{k}')!r}" for k in ("train_path", "eval_path")
+             if get_field(config, f"data.{k}") not in (_MISSING, "", None)]
+    if get_field(config, "data.format") not in (_MISSING, "auto", None):
+        given.append(f"data.format={get_field(config, 'data.format')!r}")
+    if given:
+        raise ConfigError(f"config field {source_field}={generated!r} generates its data, so {', '.join(given)} "
+                          f"would be ignored: set --config.{source_field}=jsonl to read the file")
 
 
 def check_mesh(config) -> None:

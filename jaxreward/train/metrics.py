@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import weakref
@@ -77,6 +78,9 @@ class MetricWriter:
         try:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            # A NaN metric is a value here (KTO's mean over a side with no example), not
+            # a fault: tensorboardX's unnamed "NaN or Inf found" line per scalar says nothing.
+            logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
         except ImportError:  # TensorBoard files are optional; JSONL is not.
             self._tb = None
         _OPEN.add(self)

@@ -26,7 +26,7 @@ import json
 import math
 import os
 import tempfile
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -505,9 +505,9 @@ def loss_metrics(loss: PreferenceLoss, out: Mapping[str, Array]) -> dict:
     π_ref)), `rewards/accuracies` (chosen > rejected strictly, a tie counts 0,
     as TRL's `(chosen_rewards > rejected_rewards).float()`),
     `rewards/margins`, `logps/chosen|rejected` (mean summed response
-    log-prob, nats), `valid_pairs` (fraction), and the loss's own extras
-    (`nll`, `beta_mean`, ...). All over valid pairs. No `loss` key (the step
-    adds it).
+    log-prob, nats), `valid_pairs` (fraction; `valid_examples` for KTO's
+    unpaired rows), and the loss's own extras (`nll`, `beta_mean`, ...). All
+    over valid rows. No `loss` key (the step adds it).
     """
     _, m = apply_loss(loss, out)
     renamed = {"accuracy": "rewards/accuracies", "margin_mean": "rewards/margins",
@@ -525,7 +525,7 @@ def loss_metrics(loss: PreferenceLoss, out: Mapping[str, Array]) -> dict:
                 metrics[k] = jnp.where(jnp.any(rows), metrics[k], jnp.nan)
         both = jnp.any(sides["chosen"]) & jnp.any(sides["rejected"])
         metrics["rewards/margins"] = jnp.where(both, metrics["rewards/margins"], jnp.nan)
-        metrics["valid_pairs"] = jnp.mean(valid.astype(jnp.float32))
+        metrics["valid_examples"] = jnp.mean(valid.astype(jnp.float32))
         return metrics
     metrics["logps/chosen"] = masked_mean(out["chosen_logps"], valid)
     metrics["logps/rejected"] = masked_mean(out["rejected_logps"], valid)
@@ -602,7 +602,7 @@ def evaluate_pairs(score_fn: Callable, params, arrays: Mapping[str, np.ndarray],
     metrics = {"loss": value, **loss_metrics(loss, out)}
     result = {k: float(v) for k, v in jax.device_get(metrics).items()}
     n_valid = int(np.sum(np.asarray(out["valid"])))
-    result["num_pairs"] = float(len(out["valid"]))
+    result["num_examples" if loss.unpaired else "num_pairs"] = float(len(out["valid"]))  # rows scored
     # Strict accuracy: an integer count; round off the float32 mean's error.
     result["rewards/accuracies_ci_low"], result["rewards/accuracies_ci_high"] = evaluate.wilson_interval(
         round(result["rewards/accuracies"] * n_valid), n_valid)
@@ -648,6 +648,50 @@ def _prompt_and_completion(arrays: Mapping[str, np.ndarray], side: str, row: int
     return tokens[:p], tokens[p:n]
 
 
+def mismatched_partners(prompt_keys: Sequence[bytes], seed: int) -> np.ndarray:
+    """For each example, another example whose completion it borrows for
+    KTO's reference point: one written for ANOTHER prompt (x_e, y_m(e)).
+
+    Examples are laid out prompt group by prompt group (groups and their
+    members in seeded orders), and m(e) is the example M places later,
+    cyclically, where M is the largest group: when no prompt holds more than
+    half the examples, this is a permutation (every completion is borrowed
+    once) and never lands in e's own group. When one prompt holds more than
+    half, each example draws m(e) uniformly from the other prompts' examples.
+    When all examples share one prompt, there is no mismatched completion:
+    m(e) is the next example of the layout (e itself when E = 1).
+
+    Args:
+      prompt_keys: `[E]` hashable prompt identities (e.g. the prompt tokens' bytes).
+      seed: seeds the orders and draws.
+
+    Returns:
+      int64 `[E]` partner indices.
+    """
+    rng = np.random.default_rng([seed, 11])
+    E = len(prompt_keys)
+    groups: dict[bytes, list[int]] = {}
+    for e, key in enumerate(prompt_keys):
+        groups.setdefault(key, []).append(e)
+    members = list(groups.values())
+    layout = np.concatenate([rng.permutation(members[g]) for g in rng.permutation(len(members))]
+                            ) if E else np.zeros(0, np.int64)
+    M = max((len(g) for g in members), default=0)
+    partner = np.empty(E, np.int64)
+    if len(members) == 1:
+        partner[layout] = np.roll(layout, -1)
+    elif E >= 2 * M:
+        partner[layout] = np.roll(layout, -M)
+    else:
+        group_of = np.empty(E, np.int64)
+        for g, idx in enumerate(members):
+            group_of[idx] = g
+        for e in range(E):
+            others = np.flatnonzero(group_of != group_of[e])
+            partner[e] = others[rng.integers(len(others))]
+    return partner
+
+
 def kto_examples(arrays: Mapping[str, np.ndarray], sides: Mapping[str, np.ndarray], seed: int,
                  pad_id: int = 0) -> dict[str, np.ndarray]:
     """KTO's unpaired examples from pair-shaped token arrays, stored as pairs.
@@ -661,9 +705,10 @@ def kto_examples(arrays: Mapping[str, np.ndarray], sides: Mapping[str, np.ndarra
 
     Example e is stored as a pair row: its "chosen" side is `[prompt_e |
     completion_e]`, its "rejected" side `[prompt_e | completion_m(e)]`, the
-    completion of another example m(e) (the next one in a seeded
-    permutation), cut to the row width. That mismatched completion is KTO's
-    sample for the reference point z_0 = E[log π(y'|x) − log π_ref(y'|x)];
+    completion of an example m(e) with another prompt
+    (`mismatched_partners`), cut to the row width. That mismatched
+    completion is KTO's sample for the reference point z_0 = E[log π(y'|x)
+    − log π_ref(y'|x)];
     like TRL, the pairing is fixed once, so reference log-probs of both
     rows can be precomputed and cached. Prefix sharing then encodes the
     prompt once for both.
@@ -695,10 +740,8 @@ def kto_examples(arrays: Mapping[str, np.ndarray], sides: Mapping[str, np.ndarra
             examples.append(_prompt_and_completion(arrays, side, b))
             desirable.append(bool(sides[side][b]))
             pair_index.append(b if len(names) == 2 else -1)
+    partner = mismatched_partners([p.tobytes() for p, _ in examples], seed)
     E = len(examples)
-    order = np.random.default_rng([seed, 11]).permutation(E)
-    partner = np.empty(E, np.int64)
-    partner[order] = np.roll(order, -1)  # the next example in the permutation
     out = {f"{s}_{k}": np.zeros((E, T), dt) for s in SIDES
            for k, dt in (("tokens", np.int32), ("attention_mask", bool), ("loss_mask", bool))}
     for s in SIDES:

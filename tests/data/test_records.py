@@ -39,8 +39,14 @@ def test_feedback_strings_and_chat(tmp_path):
     chat = write(tmp_path / "c.jsonl", [{"prompt": USER, "completion": REPLY, "label": True}])
     records, report = read_feedback(chat, render_chat=render)
     assert report.fmt == "trl_chat" and records == [FeedbackRecord("user|q\nassistant|", "a", True, "c.jsonl:1")]
-    with pytest.raises(ValueError, match="render_chat"):
-        read_feedback(chat)
+    # Without a template: one UserError naming file:line (it was a bare ValueError, which the
+    # drivers' one-line handler did not catch: a traceback). The same for every reader.
+    from jaxreward.errors import UserError
+    for reader, line in ((read_feedback, {"completion": REPLY, "label": True}),
+                         (read_prompts, {}), (read_rated, {"response": "r", "ratings": [1.0]})):
+        mixed = write(tmp_path / "m.jsonl", ["", {**line, "prompt": USER}])  # a blank line 1
+        with pytest.raises(UserError, match=r"m\.jsonl:2: this file holds chat messages, which need a chat template"):
+            reader(mixed)
 
 
 def test_prompts_jsonl_chat_and_txt(tmp_path):

@@ -259,43 +259,36 @@ def test_all_masked_responses_give_zero_loss_and_gradients():
 # Tabular check of the DPO optimum: π* = π_ref · exp(r/β) / Z
 
 
-def test_tabular_dpo_recovers_the_tilted_reference():
-    """One-token responses over 6 tokens with a known reward r; pairs labelled by
-    the Bradley–Terry model σ(r_a − r_b): for every unordered pair {a, b}, 1000
-    rows of which round(1000·σ(r_a − r_b)) prefer a (the BT label frequencies,
-    stratified instead of drawn). DPO's population optimum then has
-    β(ρ_a − ρ_b) = r_a − r_b, i.e. π = π_ref·exp(r/β)/Z; we train a logits
-    vector with the driver's loss function and check both."""
-    V, beta, per_pair = 6, 0.5, 1000
-    r = np.array([1.2, 0.6, 0.0, -0.5, -1.0, 0.3])
-    ref_logits = np.array([0.3, -0.2, 0.5, 0.0, -0.4, 0.1], np.float32)
+# The tabular task of the DPO and KTO checks: one-token responses over V = 6 tokens with a
+# known reward r, from a reference softmax(REF_LOGITS) that ignores the prompt.
+TAB_R = np.array([1.2, 0.6, 0.0, -0.5, -1.0, 0.3])
+TAB_REF_LOGITS = np.array([0.3, -0.2, 0.5, 0.0, -0.4, 0.1], np.float32)
+
+
+def _bt_pairs(r, per_pair):
+    """For every unordered {a, b}: per_pair pairs of which round(per_pair·σ(r_a − r_b))
+    prefer a (the Bradley–Terry label frequencies, stratified instead of drawn)."""
     chosen, rejected = [], []
-    for a in range(V):
-        for b in range(a + 1, V):
+    for a in range(len(r)):
+        for b in range(a + 1, len(r)):
             n_a = int(round(per_pair / (1.0 + math.exp(-(r[a] - r[b])))))
             chosen += [a] * n_a + [b] * (per_pair - n_a)
             rejected += [b] * n_a + [a] * (per_pair - n_a)
-    N = len(chosen)
+    return chosen, rejected
 
-    def rows(responses):
-        tokens = np.stack([np.full(N, V, np.int32), np.asarray(responses, np.int32)], axis=1)  # [prompt, y]
-        return tokens, np.ones((N, 2), bool), np.array([[False, True]] * N), np.tile([0, 1], (N, 1))
-    batch = {}
-    for side, resp in (("chosen", chosen), ("rejected", rejected)):
-        for k, v in zip(("tokens", "attention_mask", "loss_mask", "positions"), rows(resp)):
-            batch[f"{side}_{k}"] = jnp.asarray(v)
 
-    def tabular(params, tokens_BT, attention_mask_BT, positions_BT):
-        """Policy = softmax(logits), the same for every prompt: log π(token t+1)."""
+def _tabular_logps(V):
+    """Policy = softmax(logits), the same for every prompt: log π(token t+1)."""
+    def fn(params, tokens_BT, attention_mask_BT, positions_BT):
         logp = jax.nn.log_softmax(params["logits"])
         nxt = jnp.concatenate([tokens_BT[:, 1:], jnp.zeros_like(tokens_BT[:, :1])], axis=1)
         return logp[jnp.minimum(nxt, V - 1)].at[:, -1].set(0.0)
+    return fn
 
-    loss_fn, _, _ = driver.make_loss_fns(_config(loss="dpo", beta=beta), tabular, tabular)
-    ref = {"logits": jnp.asarray(ref_logits)}
-    steps = 3000
-    tx = optax.adam(optax.cosine_decay_schedule(0.05, steps, alpha=0.0))
-    policy = {"logits": jnp.asarray(ref_logits)}
+
+def _train_tabular(loss_fn, batch, tx, steps):
+    """Adam on the policy logits (from the reference's) with the driver's loss_fn; float64 logits."""
+    ref = {"logits": jnp.asarray(TAB_REF_LOGITS)}
 
     @jax.jit
     def train(policy):
@@ -306,8 +299,32 @@ def test_tabular_dpo_recovers_the_tilted_reference():
             return (optax.apply_updates(p, updates), opt), None
         (p, _), _ = jax.lax.scan(body, (policy, tx.init(policy)), None, length=steps)
         return p
+    return np.asarray(train({"logits": jnp.asarray(TAB_REF_LOGITS)})["logits"], np.float64)
 
-    logits = np.asarray(train(policy)["logits"], np.float64)
+
+def test_tabular_dpo_recovers_the_tilted_reference():
+    """One-token responses over 6 tokens with a known reward r; pairs labelled by
+    the Bradley–Terry model σ(r_a − r_b): for every unordered pair {a, b}, 1000
+    rows of which round(1000·σ(r_a − r_b)) prefer a (the BT label frequencies,
+    stratified instead of drawn). DPO's population optimum then has
+    β(ρ_a − ρ_b) = r_a − r_b, i.e. π = π_ref·exp(r/β)/Z; we train a logits
+    vector with the driver's loss function and check both."""
+    V, beta, r, ref_logits = 6, 0.5, TAB_R, TAB_REF_LOGITS
+    chosen, rejected = _bt_pairs(r, 1000)
+    N = len(chosen)
+
+    def rows(responses):
+        tokens = np.stack([np.full(N, V, np.int32), np.asarray(responses, np.int32)], axis=1)  # [prompt, y]
+        return tokens, np.ones((N, 2), bool), np.array([[False, True]] * N), np.tile([0, 1], (N, 1))
+    batch = {}
+    for side, resp in (("chosen", chosen), ("rejected", rejected)):
+        for k, v in zip(("tokens", "attention_mask", "loss_mask", "positions"), rows(resp)):
+            batch[f"{side}_{k}"] = jnp.asarray(v)
+
+    tabular = _tabular_logps(V)
+    loss_fn, _, _ = driver.make_loss_fns(_config(loss="dpo", beta=beta), tabular, tabular)
+    steps = 3000
+    logits = _train_tabular(loss_fn, batch, optax.adam(optax.cosine_decay_schedule(0.05, steps, alpha=0.0)), steps)
     rho = jax.nn.log_softmax(logits) - jax.nn.log_softmax(ref_logits.astype(np.float64))
     implied = beta * (rho[:, None] - rho[None, :])
     true = r[:, None] - r[None, :]
@@ -322,6 +339,47 @@ def test_tabular_dpo_recovers_the_tilted_reference():
     # It really moved: the reference is far from the target.
     ref_pi = np.exp(ref_logits) / np.exp(ref_logits).sum()
     assert 0.5 * np.abs(ref_pi - target).sum() > 0.3
+
+
+def test_tabular_kto_from_pairs_moves_mass_to_the_net_winners_in_reward_order():
+    """KTO through the driver's pieces (`driver.kto_examples`: chosen -> desirable,
+    rejected -> undesirable; `make_loss_fns`) on the tabular task of the DPO test:
+    one-token responses, BT-labelled pairs for every unordered {a, b}, two prompts.
+
+    With z_0 shared by all examples and σ' even, ∂loss/∂ρ_y ∝ (u_y − d_y): a
+    token gains exactly when it is desirable more often than undesirable, i.e.
+    when its net wins Σ_b (2σ(r_y − r_b) − 1) are positive. For r below:
+      token 0 (1.2): +2.47   token 1 (0.6): +0.91   token 5 (0.3): +0.05
+      token 2 (0.0): −0.64   token 3 (−0.5): −1.91  token 4 (−1.0): −2.88
+    (token 2: 2·(σ(−1.2)+σ(−0.6)+σ(0.5)+σ(1.0)+σ(−0.3)) − 5 = 2·2.364 − 5).
+    The paper gives no closed-form optimum here, so the claim checked is that
+    sign and order: the winners take the mass, ordered as r (the ρ gaps follow
+    the gradient's weights d_y·σ'), and the losers are driven out. Labels read
+    the wrong way round would reverse all of it."""
+    V, beta = 6, 0.5
+    chosen, rejected = _bt_pairs(TAB_R, 200)
+    N = len(chosen)
+    prompts = V + np.arange(N) % 2  # two prompt tokens: z_0's rows borrow the other prompt's completions
+    arrays = {}
+    for side, resp in (("chosen", chosen), ("rejected", rejected)):
+        arrays[f"{side}_tokens"] = np.stack([prompts, np.asarray(resp)], 1).astype(np.int32)
+        arrays[f"{side}_attention_mask"] = np.ones((N, 2), bool)
+        arrays[f"{side}_loss_mask"] = np.tile([False, True], (N, 1))
+    examples = driver.kto_examples(arrays, seed=0, pad_id=0)
+    np.testing.assert_array_equal(examples["desirable"], np.tile([True, False], N))
+    np.testing.assert_array_equal(examples["chosen_tokens"][0::2], arrays["chosen_tokens"])
+    np.testing.assert_array_equal(examples["chosen_tokens"][1::2], arrays["rejected_tokens"])
+    batch = {k: jnp.asarray(v) for k, v in examples.items()}
+
+    tabular = _tabular_logps(V)
+    loss_fn, _, _ = driver.make_loss_fns(_config(loss="kto", beta=beta), tabular, tabular)
+    logits = _train_tabular(loss_fn, batch, optax.adam(0.05), 500)
+    logp = np.asarray(jax.nn.log_softmax(logits))
+    rho = logp - np.asarray(jax.nn.log_softmax(TAB_REF_LOGITS.astype(np.float64)))
+    winners, losers = [0, 1, 5], [2, 3, 4]
+    assert rho[0] > rho[1] > rho[5], rho  # the order of r among the winners
+    assert rho[winners].min() > rho[losers].max() + 3.0, rho
+    assert np.exp(logp[winners]).sum() > 0.99, np.exp(logp)
 
 
 # ---------------------------------------------------------------------------
@@ -509,21 +567,22 @@ def test_tr_dpo_soft_update_arithmetic():
         pref.soft_update_reference(other, 0.5)
 
 
-def _tr_dpo_config(num_steps, sync_every, alpha=0.5):
-    config = _config(num_steps=num_steps)
+def _tr_dpo_config(num_steps, sync_every, alpha=0.6, mesh=(1, 1, 1)):
+    config = _config(num_steps=num_steps, mesh=mesh)
     config.reference.update(precompute=False, sync_every=sync_every, sync_alpha=alpha)
     return config
 
 
 def test_tr_dpo_syncs_the_in_step_reference_every_k_steps_and_resumes(tmp_path, capsys):
-    # Two steps, then a sync at the start of step 3: its reference is 0.5·policy_2 +
-    # 0.5·initial reference, and it stays so through step 3 (the next sync is at step 5).
+    # Two steps, then a sync at the start of step 3: its reference is α·policy_2 +
+    # (1 − α)·initial reference with α = 0.6 (not 0.5, where α and 1 − α are the same), and
+    # it stays so through step 4 (the next sync would be at step 5).
     first_two = _tr_dpo_config(4, 0)  # the 4-step schedule, stopped after 2
     first_two.train.stop_after_steps = 2
     plain = _run(tmp_path / "plain", first_two)
     straight = _run(tmp_path / "straight", _tr_dpo_config(4, 2))
     p, r = plain["state"].params, straight["state"].params
-    np.testing.assert_allclose(_flat(r["reference"]), 0.5 * _flat(p["policy"]) + 0.5 * _flat(p["reference"]),
+    np.testing.assert_allclose(_flat(r["reference"]), 0.6 * _flat(p["policy"]) + 0.4 * _flat(p["reference"]),
                                rtol=1e-6, atol=1e-7)
     assert np.abs(_flat(r["reference"]) - _flat(p["reference"])).max() > 1e-4  # it moved
     # Steps 1-2 train against the initial reference, step 3 against the synced one.
@@ -535,12 +594,25 @@ def test_tr_dpo_syncs_the_in_step_reference_every_k_steps_and_resumes(tmp_path, 
     _run(tmp_path / "never", _tr_dpo_config(2, 2))
     assert "warning: reference.sync_every=2 is not below train.num_steps=2: the reference is never " \
            "synced" in capsys.readouterr().out
-    # 3 steps, stop, resume to 4: the checkpoint holds the synced reference; bit for bit.
-    first = _tr_dpo_config(4, 2)
-    first.train.stop_after_steps = 3
-    assert _run(tmp_path / "resumed", first)["stopped_at"] == 3
-    resumed = _run(tmp_path / "resumed", _tr_dpo_config(4, 2))
-    np.testing.assert_array_equal(_flat(resumed["state"].params), _flat(straight["state"].params))
+    # Stop after step 3 (the checkpoint holds the synced reference) or after step 2 (the
+    # resumed run's first step is the one that syncs), resume to 4: bit for bit.
+    for stop in (3, 2):
+        first = _tr_dpo_config(4, 2)
+        first.train.stop_after_steps = stop
+        assert _run(tmp_path / f"resumed{stop}", first)["stopped_at"] == stop
+        resumed = _run(tmp_path / f"resumed{stop}", _tr_dpo_config(4, 2))
+        np.testing.assert_array_equal(_flat(resumed["state"].params), _flat(straight["state"].params))
+
+
+def test_tr_dpo_on_a_2x2x2_mesh_and_in_micro_batches_matches_one_device(tmp_path):
+    # The sync is a jitted update of sharded, donated params: on a data x fsdp x tensor mesh
+    # and split into micro-batches it gives the one-device run's reference and policy.
+    one = _run(tmp_path / "one", _tr_dpo_config(4, 2))
+    mesh = _run(tmp_path / "mesh", _tr_dpo_config(4, 2, mesh=(2, 2, 2)))
+    _assert_params_close(mesh["state"].params, one["state"].params, 1e-5)
+    micro = _tr_dpo_config(4, 2)
+    micro.train.micro_batches = 4
+    _assert_params_close(_run(tmp_path / "micro", micro)["state"].params, one["state"].params, 1e-5)
 
 
 def test_tr_dpo_is_refused_with_precomputed_or_no_reference():
@@ -581,15 +653,18 @@ def test_kto_examples_layout_by_hand():
     np.testing.assert_array_equal(out["pair_index"], [0, 0, 1, 1])
     completions = [[1, 2], [3], [4], [5, 6]]
     prompts = [[7, 8], [7, 8], [9], [9]]
-    order = np.random.default_rng([0, 11]).permutation(4)
-    partner = {int(a): int(b) for a, b in zip(order, np.roll(order, -1))}
+    # z_0's row of example e borrows the completion of an example with ANOTHER prompt: with
+    # two prompts of two examples each, pair 0's examples borrow pair 1's completions and back,
+    # each completion once (a permutation).
+    partner = pref.mismatched_partners([bytes(p) for p in prompts], seed=0)
+    assert sorted(partner) == [0, 1, 2, 3]
     for e in range(4):
         p, c = prompts[e], completions[e]
         row = out["chosen_tokens"][e]
         assert list(row[:len(p) + len(c)]) == p + c and all(row[len(p) + len(c):] == 63)
         assert list(np.flatnonzero(out["chosen_loss_mask"][e])) == list(range(len(p), len(p) + len(c)))
         kl = completions[partner[e]]
-        assert partner[e] != e
+        assert prompts[partner[e]] != p
         assert list(out["rejected_tokens"][e][:len(p) + len(kl)]) == p + kl
         assert out["rejected_attention_mask"][e].sum() == len(p) + len(kl)
         np.testing.assert_array_equal(out["rejected_positions"][e][:len(p) + len(kl)], np.arange(len(p) + len(kl)))
@@ -605,10 +680,40 @@ def test_kto_examples_layout_by_hand():
         pref.kto_examples(bad, {"chosen": np.ones(2, bool)}, seed=0)
 
 
-def _kto_batch():
-    """`_two_pairs` read as two KTO rows: the chosen side holds the examples
-    (row 0 desirable, row 1 undesirable), the rejected side their mismatched completions."""
-    return dict(_two_pairs(), desirable=np.array([True, False]))
+@pytest.mark.parametrize("sizes", [(2, 2), (3, 3, 3), (1, 4, 2, 1), (5, 1, 1), (6, 1), (3,), (1,)])
+def test_mismatched_partners_take_another_prompts_completion(sizes):
+    # Prompt groups of the given sizes (a pair gives two examples of one prompt; feedback data
+    # rate several completions per prompt). Before the fix the partner was the next example of
+    # a seeded permutation, ignoring prompts: seeds 1, 2, 4 of (2, 2) paired an example with its
+    # own pair's other completion, the matched log-ratio KTO pushes the other way.
+    keys = [bytes([g]) for g, n in enumerate(sizes) for _ in range(n)]
+    E, M = len(keys), max(sizes)
+    for seed in range(8):
+        partner = pref.mismatched_partners(keys, seed)
+        if len(sizes) == 1:  # one prompt: no mismatched completion exists; the next example's
+            assert sorted(partner) == list(range(E)) and (E == 1 or all(partner != np.arange(E)))
+            continue
+        assert all(keys[m] != keys[e] for e, m in enumerate(partner)), (seed, partner)
+        if E >= 2 * M:  # no prompt holds more than half: each completion borrowed exactly once
+            assert sorted(partner) == list(range(E)), (seed, partner)
+    # Seeded: the same seed gives the same pairing (reference log-probs are cached on it).
+    np.testing.assert_array_equal(pref.mismatched_partners(keys, 3), pref.mismatched_partners(keys, 3))
+
+
+def test_kto_examples_from_feedback_with_repeated_prompts_never_borrow_their_own_prompt():
+    # 3 prompts x 3 rated completions, through kto_examples: every z_0 row holds prompt x_e and a
+    # completion written for another prompt (a random next-in-permutation partner shared the
+    # prompt with probability 2/8 per example).
+    prompts, completions = [[10 + i // 3] for i in range(9)], [[20 + i] for i in range(9)]
+    tok, attn, loss = np.zeros((9, 3), np.int32), np.zeros((9, 3), bool), np.zeros((9, 3), bool)
+    for b, (p, c) in enumerate(zip(prompts, completions)):
+        tok[b, :2], attn[b, :2], loss[b, 1] = p + c, True, True
+    arrays = {"chosen_tokens": tok, "chosen_attention_mask": attn, "chosen_loss_mask": loss}
+    for seed in range(8):
+        out = pref.kto_examples(arrays, {"chosen": np.arange(9) % 2 == 0}, seed=seed)
+        borrowed = out["rejected_tokens"][:, 1] - 20  # the completion's source line
+        assert all(borrowed // 3 != np.arange(9) // 3), (seed, borrowed)
+        assert sorted(borrowed) == list(range(9))
 
 
 @pytest.mark.parametrize("reference", ["precomputed", "in_step"])
@@ -663,7 +768,7 @@ def test_kto_mesh_and_micro_batches_do_not_change_training(tmp_path, kto_baselin
 def test_kto_through_the_driver_reports_pair_accuracy_and_trl_names(kto_baseline):
     ev = kto_baseline["eval"]
     # 16 held-out pairs -> 32 examples; each pair scored once by its two examples.
-    assert ev["num_pairs"] == 32 and ev["num_scored_pairs"] == 16
+    assert ev["num_examples"] == 32 and ev["num_scored_pairs"] == 16 and "num_pairs" not in ev
     assert 0 <= ev["rewards/pair_accuracies"] <= 1 and ev["kl"] >= 0
     last = kto_baseline["history"][-1]
     for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",

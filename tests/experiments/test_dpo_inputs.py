@@ -5,6 +5,7 @@ statistics, KTO's unpaired data and metrics, TR-DPO's sync schedule."""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -202,10 +203,13 @@ def test_ctrl_c_in_the_first_seconds_exits_130_without_a_segfault(tmp_path):
     env["JAX_PLATFORMS"] = "cpu"
     for delay in (0.5, 1.0):
         wd = tmp_path / f"wd{delay}"
+        # The child starts with SIGINT at its default, as from a terminal: a test run in the
+        # background of a script inherits SIGINT ignored, and Python then keeps it ignored.
         proc = subprocess.Popen([sys.executable, "-m", "jaxreward.main", "--config=configs/dpo.py:synthetic",
                                  f"--workdir={wd}", "--config.train.num_steps=4",
                                  "--config.eval.generate=False"], cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 120
         while not (wd / "config.json").exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
@@ -386,3 +390,173 @@ def test_a_sync_after_the_last_step_does_not_change_the_reported_eval(tmp_path):
     # Today: synced["loss"] == ln 2 and synced["rewards/accuracies"] == 0.0.
     np.testing.assert_allclose(synced["loss"], plain["loss"], rtol=1e-6)
     np.testing.assert_allclose(synced["rewards/accuracies"], plain["rewards/accuracies"])
+
+
+# ---------------------------------------------------------------------------
+# A second attack on KTO and TR-DPO as a new user (2026-12-05)
+
+
+def _tokenizer(chat_template):
+    from jaxreward.data.tokenizer import Tokenizer
+    from tests.data.conftest import CHATML, build_hf_bpe
+    return Tokenizer(build_hf_bpe(), bos_id=1, eos_id=4, pad_id=0, add_bos=True,
+                     chat_template=CHATML if chat_template else None)
+
+
+@pytest.fixture
+def with_tokenizer(monkeypatch):
+    """driver.load_model gives the tiny random decoder plus a tokenizer (with or without a chat template)."""
+    real_load = driver.load_model
+
+    def use(chat_template=True):
+        tok = _tokenizer(chat_template)
+        monkeypatch.setattr(driver, "load_model", lambda p, c, s: (*real_load("", c, s)[:2], tok))
+        return tok
+    return use
+
+
+FEEDBACK40 = [{"prompt": f"q{i} ", "completion": "yes" * (1 + i % 3), "label": i % 2 == 0} for i in range(40)]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_kto_reference_point_not_finite_is_refused_by_check_config(value):
+    # --config.loss.reference_point=nan ran the reference pass, then said
+    #   error: non-finite loss nan at step 1: the run diverged; try a lower optimizer.learning_rate ...
+    # and =inf trained every step with grad_norm 0.0 and train/kl inf, exit status 0.
+    config = _config(mesh=(-1, 1, 1), loss="kto", beta=0.1)
+    config.loss.reference_point = value
+    with pytest.raises(defaults.ConfigError, match=r"reference_point"):
+        cli.check_config(config)
+
+
+def test_feedback_file_with_the_synthetic_source_is_not_silently_ignored(tmp_path):
+    # configs/dpo.py:synthetic --config.loss.name=kto --config.data.format=feedback
+    # --config.data.train_path=my.jsonl trained on the synthetic counting pairs, exit 0;
+    # neither the file nor data.format was read or mentioned.
+    path = _write(tmp_path / "fb.jsonl", FEEDBACK40)
+    config = _config(mesh=(-1, 1, 1), loss="kto", beta=0.1)
+    config.data.update(format="feedback", train_path=path)
+    with pytest.raises(defaults.ConfigError, match=r"data\.source"):
+        cli.check_config(config)
+
+
+def test_chat_feedback_with_a_model_without_chat_template_is_one_line_user_error(tmp_path, with_tokenizer):
+    # Pairs in chat format under the same model: "error: ...: this file holds chat messages
+    # (trl_chat), which needs a chat template ..." (exit 2). Feedback lines in chat format:
+    # a raw traceback ending in
+    #   ValueError: this file holds chat messages: pass render_chat=tokenizer.apply_chat_template
+    with_tokenizer(chat_template=False)
+    lines = [{"prompt": [{"role": "user", "content": f"q{i}"}],
+              "completion": [{"role": "assistant", "content": "yes"}], "label": i % 2 == 0} for i in range(40)]
+    path = _write(tmp_path / "chat.jsonl", lines)
+    os.makedirs(tmp_path / "wd")
+    with pytest.raises(UserError, match=r"chat template"):
+        driver.run(_kto_config(path, "feedback"), str(tmp_path / "wd"))
+
+
+def test_no_usable_feedback_lines_do_not_warn_that_every_example_is_undesirable(tmp_path, with_tokenizer, capsys):
+    # A feedback file whose every line is bad printed, before its (correct) error:
+    #   kto: 0 train examples (0 desirable), 0 held out; ...
+    #   warning: every train example is undesirable: KTO then only pushes log π/π_ref one way ...
+    with_tokenizer()
+    lines = [{"prompt": [{"role": "user", "content": f"q{i}"}], "completion": "yes", "label": True}
+             for i in range(40)]  # a message-list prompt with a string completion: every line skipped
+    path = _write(tmp_path / "bad.jsonl", lines)
+    os.makedirs(tmp_path / "wd")
+    with pytest.raises(UserError):
+        driver.run(_kto_config(path, "feedback"), str(tmp_path / "wd"))
+    printed = capsys.readouterr().out
+    assert "every train example is undesirable" not in printed, printed
+
+
+def test_a_kto_feedback_run_counts_examples_not_pairs(tmp_path, with_tokenizer, capsys):
+    # 40 unpaired feedback lines printed, among others:
+    #   train: tokenized 32 pairs: kept 32, truncated 0 (prompt cut 0, chosen cut 0, rejected cut 0), dropped 0
+    #   training every policy parameter on 32 pairs: 4 steps of 4 pairs
+    # (and a KTO run on preference pairs: "training ... on 128 pairs" for 128 examples).
+    with_tokenizer()
+    path = _write(tmp_path / "fb.jsonl", FEEDBACK40)
+    config = _kto_config(path, "feedback")
+    config.train.num_steps = 1
+    os.makedirs(tmp_path / "wd")
+    driver.run(config, str(tmp_path / "wd"))
+    printed = capsys.readouterr().out
+    wrong = [line for line in printed.splitlines() if re.search(r"\b\d+ pairs\b", line)]
+    assert not wrong, wrong
+
+
+def test_sync_every_with_a_reference_free_loss_names_the_loss_not_precompute():
+    # --config.loss.name=simpo --config.loss.gamma=0.5 --config.reference.sync_every=2 said
+    #   error: ... its log-probs cannot be precomputed: set reference.precompute=False
+    # and, once the user did so: "loss 'simpo' uses no reference, so there is nothing to sync".
+    config = _config(mesh=(-1, 1, 1), loss="simpo", beta=2.0, gamma=0.5)
+    config.reference.sync_every = 2  # precompute stays at its default True
+    with pytest.raises(defaults.ConfigError, match=r"uses no reference"):
+        cli.check_config(config)
+
+
+_CTRL_C_IN_SAVE_WAIT = r"""
+import sys, threading
+from orbax.checkpoint import checkpoint_manager as cm
+real_join, fired = cm._FinalizeThread.join, []
+
+def join(self, *args, **kwargs):
+    real_join(self, *args, **kwargs)
+    if not fired and threading.current_thread() is threading.main_thread() and self.step() >= 2:
+        fired.append(True)
+        raise KeyboardInterrupt  # the user's Ctrl-C, landing while the run waits for a save
+cm._FinalizeThread.join = join
+sys.argv = ["jaxreward.main", *sys.argv[1:]]
+from jaxreward import main
+main.run()
+"""
+
+
+def test_ctrl_c_while_waiting_for_a_checkpoint_save_is_one_line(tmp_path):
+    # A Ctrl-C (SIGINT after 13 s of a KTO run with train.checkpoint_every=1) printed orbax's
+    #   E1205 ... checkpoint_manager.py:2107] [process=0][thread=MainThread][step=14]
+    #   [wait_until_finished] Save Finalize thread (save_finalize) failed.
+    #   Traceback (most recent call last): ... KeyboardInterrupt
+    # (12 lines) before "error: interrupted (Ctrl-C); re-run the same command ...".
+    # Made deterministic here: the interrupt is raised in the wait for step 2's save.
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    env["JAX_PLATFORMS"] = "cpu"
+    wd = tmp_path / "wd"
+    proc = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_IN_SAVE_WAIT, "--config=configs/dpo.py:synthetic", f"--workdir={wd}",
+         "--config.loss.name=kto", "--config.synthetic.num_train_pairs=32", "--config.synthetic.num_eval_pairs=8",
+         "--config.data.batch_size=8", "--config.train.num_steps=6", "--config.train.checkpoint_every=1",
+         "--config.train.progress_bar=False", "--config.eval.generate=False", "--config.export=False"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: interrupted (Ctrl-C)"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_batch_size_that_does_not_split_over_the_data_mesh_is_refused_by_check_config():
+    # With 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8) and the default
+    # mesh.data=-1, --config.data.batch_size=4 passed the config check, ran the reference
+    # pass, then died in the first step with a traceback (exit 1):
+    #   ValueError: batch field 'chosen_tokens' has leading size 4, not divisible by data×fsdp = 8
+    import jax
+    assert jax.device_count() == 8  # the test suite's simulated devices
+    config = _config(mesh=(-1, 1, 1), loss="kto", beta=0.1)
+    config.data.batch_size = 4
+    with pytest.raises(defaults.ConfigError, match=r"data\.batch_size"):
+        cli.check_config(config)
+
+
+def test_duplicate_feedback_lines_do_not_leak_silently_into_the_held_out_split(tmp_path, with_tokenizer, capsys):
+    # Every line twice (a file concatenated with itself): "read 80 lines (trl): kept 80, skipped 0",
+    # "held out 8 of 80 feedback lines", no word about duplicates; most held-out examples are
+    # copies of train examples, so the "held-out" accuracy is partly train accuracy.
+    # (data.eval_path naming the train file itself is refused for that reason.)
+    with_tokenizer()
+    path = _write(tmp_path / "dup.jsonl", FEEDBACK40[:20] + FEEDBACK40[:20])
+    config = _kto_config(path, "feedback")
+    config.train.num_steps = 1
+    os.makedirs(tmp_path / "wd")
+    driver.run(config, str(tmp_path / "wd"))
+    printed = capsys.readouterr().out
+    assert "duplicate" in printed.lower(), printed

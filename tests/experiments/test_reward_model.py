@@ -260,3 +260,20 @@ def test_an_eval_file_without_usable_pairs_is_refused(tmp_path, monkeypatch):
         _fit(tmp_path, "eval_file", c)
     c.data.eval_path = ""   # no file named: held-out pairs are optional, the run goes on
     assert _fit(tmp_path, "no_eval_file", c)["eval"] is None
+
+
+def test_synthetic_source_ignoring_a_file_and_a_batch_that_does_not_split_are_refused():
+    # The same faults as the DPO driver's (a file setting the synthetic source never reads; a
+    # batch that the 8 simulated devices cannot split, which failed in the first step after the
+    # long passes), refused by the config check in one line.
+    c = rm_config.get_config("synthetic")
+    c.data.train_path = "my_pairs.jsonl"
+    with pytest.raises(defaults.ConfigError, match=r"^config field data.source='synthetic' generates its data, "
+                                                   r"so data.train_path='my_pairs.jsonl' would be ignored"):
+        driver.check_config(c)
+    c = rm_config.get_config("synthetic")
+    c.data.batch_size = 12
+    assert jax.device_count() == 8
+    with pytest.raises(defaults.ConfigError, match=r"^config field data.batch_size=12 does not split over the "
+                                                   r"mesh's data×fsdp = 8 batch shards .*; use 8 or 16"):
+        driver.check_config(c)

@@ -343,12 +343,15 @@ def test_kto_hand_value():
     kl_logps = jnp.array([-3.0, -3.0, -3.0])
     ref_kl = jnp.array([-3.5, -3.0, -3.3])
     beta = 0.5
-    loss, m = preference.kto_loss(logps, ref, desirable, kl_logps, ref_kl, beta=beta, desirable_weight=1.0, undesirable_weight=2.0)
+    loss, m = preference.kto_loss(logps, ref, desirable, kl_logps, ref_kl, beta=beta, desirable_weight=0.7,
+                                  undesirable_weight=2.0)
     # ρ = [0.5, −0.5, −1.0]; z0 = max(0, mean[0.5, 0, 0.3]) = 0.266667
     z0 = 0.8 / 3
-    # desirable:   1·(1 − σ(0.5·(0.5 − z0)))
-    # undesirable: 2·(1 − σ(0.5·(z0 − ρ)))
-    losses = [1 - sig(0.5 * (0.5 - z0)), 2 * (1 - sig(0.5 * (z0 + 0.5))), 2 * (1 - sig(0.5 * (z0 + 1.0)))]
+    # desirable:   λ_D·(1 − σ(0.5·(0.5 − z0)))  = 0.7·0.4708664 = 0.3296065
+    # undesirable: λ_U·(1 − σ(0.5·(z0 − ρ)))    = 2·0.4053232, 2·0.3467551
+    # mean over the 3 examples (weights inside the mean, as TRL): 0.6112543
+    losses = [0.7 * (1 - sig(0.5 * (0.5 - z0))), 2 * (1 - sig(0.5 * (z0 + 0.5))), 2 * (1 - sig(0.5 * (z0 + 1.0)))]
+    np.testing.assert_allclose(mean(losses), 0.6112543, rtol=1e-6)
     np.testing.assert_allclose(loss, mean(losses), rtol=1e-5)
     np.testing.assert_allclose(m["kl"], z0, rtol=1e-5)
     np.testing.assert_allclose(m["chosen_reward_mean"], 0.25, rtol=1e-6)
@@ -656,3 +659,17 @@ def test_mixture_tuple_components_are_static_under_jit():
     ipo, _ = preference.ipo_loss(C, R, RC, RR, beta=0.25)
     np.testing.assert_allclose(loss, dpo + 0.5 * ipo, rtol=1e-6)
     np.testing.assert_allclose(m["ipo/loss"], ipo, rtol=1e-6)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("loss,field,kw", [("kto", "reference_point", {}), ("bco_pair", "reference_point", {}),
+                                           ("beta_dpo", "margin_reference", {"alpha": 0.5})])
+def test_a_given_batch_statistic_must_be_finite(loss, field, kw, value):
+    # A fixed z_0 / δ / margin reference of inf trained with zero gradients (σ saturates) and
+    # NaN made every loss NaN, which the driver then blamed on the learning rate.
+    fn = registry.get("unpaired_preference" if loss == "kto" else "preference", loss)
+    logps = jnp.array([-1.0, -2.0])
+    args = (logps, logps - 0.5, jnp.array([True, False])) if loss == "kto" else (logps, logps - 1, logps, logps)
+    with pytest.raises(ValueError, match=rf"^{field} must be in \(-inf, inf\), got -?(nan|inf)"):
+        fn(*args, beta=0.5, **{field: value}, **kw)
+    fn(*args, beta=0.5, **{field: 0.25}, **kw)  # a finite value is taken

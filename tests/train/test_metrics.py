@@ -82,3 +82,18 @@ def test_a_ctrl_c_exit_keeps_every_record_tensorboard_included(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: interrupted (Ctrl-C)")
     assert _records(tmp_path) == [{"step": 1, "train/loss": 0.5}, {"step": 2, "eval/loss": 0.25}]
     assert sorted(_event_scalars(tmp_path / "tensorboard")) == [("eval/loss", 2, 0.25), ("train/loss", 1, 0.5)]
+
+
+def test_nan_metrics_do_not_spam_tensorboardx_warnings(tmp_path, caplog):
+    # The README: "A side with no example in a batch (all desirable, say) reads NaN, not 0."
+    # Each such NaN also printed tensorboardX's unnamed warning on stderr:
+    #   W1205 21:30:37.839110 ... x2num.py:13] NaN or Inf found in input tensor.
+    # 4 lines per logged step and eval (20 for a 4-step run on an all-desirable file),
+    # none saying which metric; the NaN is the documented value, not a problem.
+    import logging
+    writer = metrics_lib.MetricWriter(str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        writer.write(1, {"loss": 0.5, "rewards/rejected": float("nan"), "logps/rejected": float("nan")},
+                     prefix="train")
+        writer.close()
+    assert not [r for r in caplog.records if "NaN or Inf" in r.getMessage()], caplog.text

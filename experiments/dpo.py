@@ -192,7 +192,7 @@ def warn_train_eval_overlap(train: list, held_out: list, unit: str) -> int:
     """Warns when held-out records repeat train records word for word
     (duplicate lines in a file, or an eval file cut from the train file):
     their accuracy is then partly training accuracy. Returns the count."""
-    key = lambda r: (r.prompt, r.chosen, r.rejected, getattr(r, "label", None))
+    key = lambda r: (r.prompt, r.chosen, r.rejected)  # a feedback line's label aside: the text was trained on
     seen = {key(r) for r in train}
     repeated = sum(key(r) in seen for r in held_out)
     if repeated:

@@ -70,6 +70,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise defaults.ConfigError(f"config field loss.name={config.loss.name!r} is not a {LOSS_KIND}; "
                                    f"registered: {', '.join(registry.names(LOSS_KIND))}")
     defaults.check_choice(config, "data.source", ("jsonl", "synthetic"))
+    defaults.check_file_fields_unused(config)
     defaults.check_int(config, "reward.num_objectives", 1)
     defaults.check_int(config, "reward.trainable_blocks", -1)
     K = config.reward.num_objectives

@@ -404,7 +404,10 @@ def _drop_interrupt_tracebacks(record) -> bool:
     info = record.exc_info
     if info and info[0] is not None and issubclass(info[0], KeyboardInterrupt):
         return False
-    return "KeyboardInterrupt" not in str(record.msg)
+    args = record.args if isinstance(record.args, tuple) else ()
+    # orbax's "... raised: %s" with the interrupt as its only argument; a record whose
+    # text merely mentions one (a real error's chained traceback) is kept.
+    return not (len(args) == 1 and isinstance(args[0], KeyboardInterrupt))
 
 
 def _finish_checkpoints():

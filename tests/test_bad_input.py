@@ -495,3 +495,94 @@ def test_bench_dpo_step_refuses_degenerate_sizes_in_one_line(tmp_path, extra, me
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].endswith(message)
     assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------
+# An attack on the checks added 2026-12-05 (each was a defect; the tests assert the fix)
+
+
+def test_rated_synthetic_refuses_train_path(tmp_path):
+    """data.source=synthetic with a data.train_path is refused by the DPO and
+    reward-model jobs (commit 74e09dc: "they were ignored"), but the rated
+    reward-model job still ignores the file silently: a run on generated
+    records looks like a run on the user's file."""
+    from configs import reward_model_rated as rated_config
+    path = tmp_path / "rated.jsonl"
+    path.write_text('{"prompt": "p", "response": "r", "helpfulness": 3}\n')
+    config = rated_config.get_config("synthetic")
+    config.data.train_path = str(path)
+    with pytest.raises(defaults.ConfigError, match="train_path"):
+        main.check_config(config)
+
+
+def test_batch_split_hint_names_a_mesh_that_fits():
+    """On 8 devices, data.batch_size=4 with mesh (-1, 1, 1) is refused with
+    "use 8, or a smaller mesh.data"; but a smaller mesh.data alone (4, 1, 1)
+    is then refused as a mesh that does not fit the 8 devices: the freed
+    devices must go to mesh.tensor, which the hint never names."""
+    import jax
+    import ml_collections
+    assert jax.device_count() == 8  # tests/conftest.py
+    config = ml_collections.ConfigDict(dict(
+        data=dict(batch_size=4), mesh=dict(data=-1, fsdp=1, tensor=1)))
+    with pytest.raises(defaults.ConfigError) as err:
+        defaults.per_process_batch(config)
+    # following the hint literally fails:
+    config.mesh.data = 4
+    with pytest.raises(defaults.ConfigError, match="does not fit"):
+        defaults.check_mesh(config)
+    assert "mesh.tensor" in str(err.value), str(err.value)
+
+
+def test_overlap_warning_counts_feedback_line_repeated_with_other_label():
+    """A held-out feedback line whose prompt and completion repeat a train
+    line word for word is not counted when its label differs: the model was
+    trained on that very text (with the opposite label), so its held-out
+    accuracy is not held out either; the warning stays silent."""
+    from experiments import dpo
+    fp = dpo._FeedbackPair
+    train = [fp("p", "c", "c", "f.jsonl:1", None, True)]
+    held_out = [fp("p", "c", "c", "f.jsonl:2", None, False)]
+    assert dpo.warn_train_eval_overlap(train, held_out, "feedback lines") == 1
+
+
+def test_interrupt_filter_keeps_a_real_error_that_mentions_the_interrupt():
+    """main._drop_interrupt_tracebacks drops every absl record whose message
+    text contains "KeyboardInterrupt", at any level: an ERROR that logs the
+    traceback of a real failure raised while a Ctrl-C was handled (a
+    checkpoint write that hit a full disk) is hidden with it."""
+    import logging
+    import sys
+    import traceback
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise OSError(28, "No space left on device")
+    except OSError:
+        text = traceback.format_exc()
+    assert "KeyboardInterrupt" in text and "No space left" in text
+    record = logging.LogRecord("absl", logging.ERROR, __file__, 1,
+                               "checkpoint save failed:\n" + text, None, None)
+    assert main._drop_interrupt_tracebacks(record), "a real OSError log was dropped"
+    # what the filter is for still goes: orbax's log with the KeyboardInterrupt as exc_info
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        info = sys.exc_info()
+    orbax = logging.LogRecord("absl", logging.ERROR, __file__, 1, "_SignalingThread.run() raised: %s",
+                              (info[1],), info)
+    assert not main._drop_interrupt_tracebacks(orbax)
+
+
+def test_kto_reference_point_finite_only_in_float64_is_refused():
+    """"A given batch statistic (loss.reference_point) must be finite": the
+    check reads the Python float, but the loss casts it to float32 first, so
+    1e39 passes the config check and trains with z_0 = inf (every sigmoid
+    saturated: loss 0.5, zero gradient, eval kl = inf), silently."""
+    from configs import dpo as dpo_config
+    config = dpo_config.get_config("synthetic")
+    config.loss.name = "kto"
+    config.loss.reference_point = 1e39
+    with pytest.raises(defaults.ConfigError, match="reference_point"):
+        main.check_config(config)

@@ -55,6 +55,9 @@ from jaxreward.objectives.masking import (
 )
 from jaxreward.objectives.reward import pair_metrics
 
+# A given statistic is cast to float32: beyond this it would be inf there (a traced value is not checked).
+_F32_MAX = float(jnp.finfo(jnp.float32).max)
+
 log_sigmoid = jax.nn.log_sigmoid
 sg = jax.lax.stop_gradient
 
@@ -619,7 +622,7 @@ def bco_pair_loss(
     reward_c, reward_r = beta * rho_c, beta * rho_r
     if reference_point is not None:
         check_ndim("reference_point", reference_point, 0, "a scalar")
-        check_range("reference_point", reference_point)  # finite (a traced value is not checked)
+        check_range("reference_point", reference_point, low=-_F32_MAX, high=_F32_MAX)  # finite in float32
     if reference_point is None:
         delta = sg(0.5 * (masked_mean(reward_c, mask) + masked_mean(reward_r, mask)))
     else:
@@ -722,7 +725,7 @@ def beta_dpo_loss(
     )
     if margin_reference is not None:
         check_ndim("margin_reference", margin_reference, 0, "a scalar")
-        check_range("margin_reference", margin_reference)  # finite (a traced value is not checked)
+        check_range("margin_reference", margin_reference, low=-_F32_MAX, high=_F32_MAX)  # finite in float32
     h = rho_c - rho_r
     if reward_margin_B is None:
         margin = sg(beta * h)
@@ -1065,9 +1068,9 @@ def kto_loss(
     desirable = as_bool(desirable_B)
     rho = select(logps_B, mask) - select(jnp.asarray(ref_logps_B, f32), mask)
     if reference_point is not None:
+        check_ndim("reference_point", reference_point, 0, "a scalar z_0")
+        check_range("reference_point", reference_point, low=-_F32_MAX, high=_F32_MAX)  # finite in float32
         z0 = sg(jnp.asarray(reference_point, f32))
-        check_ndim("reference_point", z0, 0, "a scalar z_0")
-        check_range("reference_point", reference_point)  # finite (a traced value is not checked)
     elif kl_logps_B is None:
         z0 = jnp.zeros((), f32)
     else:

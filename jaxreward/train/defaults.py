@@ -206,8 +206,22 @@ def per_process_batch(config, name: str = "data.batch_size") -> int:
         near = [s for s in (b // shards * shards, (b // shards + 1) * shards) if s > 0]
         raise ConfigError(f"config field {name}={b} does not split over the mesh's data×fsdp = {shards} "
                           f"batch shards (mesh.data={config.mesh.data}, mesh.fsdp={config.mesh.fsdp}, "
-                          f"{jax.device_count()} devices); use {' or '.join(map(str, near))}, or a smaller mesh.data")
+                          f"{jax.device_count()} devices); use {' or '.join(map(str, near))}"
+                          + _mesh_for_batch(b, config.mesh.fsdp, jax.device_count()))
     return b // p
+
+
+def _mesh_for_batch(batch: int, fsdp: int, devices: int) -> str:
+    """", or --config.mesh.data=d --config.mesh.tensor=t": the largest data axis
+    that, with `fsdp` (1 if it is -1), splits `batch` and leaves whole devices
+    to the tensor axis (a fixed mesh must use every device); "" if none."""
+    f = fsdp if fsdp > 0 else 1
+    fits = [d for d in range(1, devices + 1) if devices % (d * f) == 0 and batch % (d * f) == 0]
+    if not fits or devices % f:
+        return ""
+    d = max(fits)
+    return (f", or keep the batch with --config.mesh.data={d} --config.mesh.fsdp={f} "
+            f"--config.mesh.tensor={devices // (d * f)}")
 
 
 def batch_shards(config) -> int | None:

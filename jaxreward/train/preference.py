@@ -682,13 +682,14 @@ def mismatched_partners(prompt_keys: Sequence[bytes], seed: int) -> np.ndarray:
         partner[layout] = np.roll(layout, -1)
     elif E >= 2 * M:
         partner[layout] = np.roll(layout, -M)
-    else:
-        group_of = np.empty(E, np.int64)
-        for g, idx in enumerate(members):
-            group_of[idx] = g
-        for e in range(E):
-            others = np.flatnonzero(group_of != group_of[e])
-            partner[e] = others[rng.integers(len(others))]
+    else:  # uniform over the examples outside e's group: the k-th of the layout with that group cut out
+        pos = np.empty(E, np.int64)
+        pos[layout] = np.arange(E)
+        start, size = np.empty(E, np.int64), np.empty(E, np.int64)  # of e's group's run in the layout
+        for idx in members:
+            start[idx], size[idx] = pos[idx].min(), len(idx)
+        k = rng.integers(0, E - size)  # per example, an index among the E − |group| others
+        partner[:] = layout[np.where(k < start, k, k + size)]
     return partner
 
 

@@ -203,13 +203,17 @@ def test_ctrl_c_in_the_first_seconds_exits_130_without_a_segfault(tmp_path):
     env["JAX_PLATFORMS"] = "cpu"
     for delay in (0.5, 1.0):
         wd = tmp_path / f"wd{delay}"
-        # The child starts with SIGINT at its default, as from a terminal: a test run in the
-        # background of a script inherits SIGINT ignored, and Python then keeps it ignored.
-        proc = subprocess.Popen([sys.executable, "-m", "jaxreward.main", "--config=configs/dpo.py:synthetic",
-                                 f"--workdir={wd}", "--config.train.num_steps=4",
-                                 "--config.eval.generate=False"], cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        # The child must start with SIGINT at its default, as from a terminal: a test run in the
+        # background of a script inherits SIGINT ignored, and Python then keeps it ignored. A
+        # handled signal is reset to its default by exec, so handle it here while spawning.
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "jaxreward.main", "--config=configs/dpo.py:synthetic",
+                                     f"--workdir={wd}", "--config.train.num_steps=4",
+                                     "--config.eval.generate=False"], cwd=ROOT, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        finally:
+            signal.signal(signal.SIGINT, previous)
         deadline = time.time() + 120
         while not (wd / "config.json").exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)

@@ -244,14 +244,10 @@ def eval_prompts(arrays: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, np.
 
 def first_row_per_prompt(arrays: dict[str, np.ndarray]) -> np.ndarray:
     """Indices of the first row of each distinct prompt (token sequence), in row order."""
-    prompt = arrays["chosen_attention_mask"] & ~arrays["chosen_loss_mask"]
-    seen, rows = set(), []
-    for i, (tokens, keep) in enumerate(zip(arrays["chosen_tokens"], prompt)):
-        key = np.asarray(tokens[keep]).tobytes()
-        if key not in seen:
-            seen.add(key)
-            rows.append(i)
-    return np.asarray(rows, np.int64)
+    first = {}
+    for i, key in enumerate(pref.prompt_keys(arrays)):
+        first.setdefault(key, i)
+    return np.fromiter(first.values(), np.int64, len(first))
 
 
 def check_positions_fit(config: ml_collections.ConfigDict, models, splits: dict, prompt_width: int) -> None:

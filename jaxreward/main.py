@@ -25,17 +25,44 @@ chat templates, damaged checkpoints, missing paths). Set
 """
 from __future__ import annotations
 
-import importlib
-import json
 import os
-import pathlib
-import re
+import signal
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
 
-from jaxreward import errors, hostmem
+def _interrupted_while_starting(signum, frame):
+    """SIGINT handler until the driver starts (`_start_interrupts`): nothing
+    has been trained yet, so a Ctrl-C ends the process at once, in one line.
+    Raising KeyboardInterrupt there instead printed tracebacks: inside a C
+    extension's initialization it became an ImportError, inside jax's gc
+    callback it was swallowed ("Exception ignored in ...") and the run went
+    on to the end with exit status 0."""
+    del signum, frame
+    os.write(2, b"error: interrupted (Ctrl-C) before the run started\n")
+    os._exit(130)
+
+
+def _catch_interrupts_while_starting():
+    """Installs `_interrupted_while_starting`, unless SIGINT was set to
+    something other than Python's default (e.g. ignored, as in a shell's
+    background job: it stays ignored)."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+
+if __name__ == "__main__":  # python -m jaxreward.main: before the libraries below load (seconds)
+    _catch_interrupts_while_starting()
+
+import _thread  # noqa: E402 - after the handler above
+import importlib  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import re  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from jaxreward import errors, hostmem  # noqa: E402
 
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent
 _DEFAULT_CONFIG = str(PACKAGE_ROOT / "configs" / "quickstart.py")
@@ -384,6 +411,7 @@ def main(argv):
             f.write(config.to_json_best_effort(indent=2))
         os.replace(path + ".tmp", path)
     logging.info("config:\n%s", config)
+    _start_interrupts()
     try:
         driver.run(config, workdir)
     except errors.USER_ERRORS as e:
@@ -410,6 +438,41 @@ def _drop_interrupt_tracebacks(record) -> bool:
     return not (len(args) == 1 and isinstance(args[0], KeyboardInterrupt))
 
 
+def _start_interrupts():
+    """From here on a Ctrl-C raises KeyboardInterrupt, which `main` turns into
+    a resumable stop (saves finished, one line, exit 130), and one that a
+    library swallows is raised again (`_redeliver_swallowed_interrupts`)."""
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if not getattr(sys.unraisablehook, "redelivers_interrupts", False):
+        sys.unraisablehook = _redeliver_swallowed_interrupts(sys.unraisablehook)
+
+
+def _redeliver_swallowed_interrupts(previous):
+    """A `sys.unraisablehook` that raises a swallowed Ctrl-C again.
+
+    Python cannot propagate an exception out of a gc callback, a `__del__`
+    or a weakref callback: it prints "Exception ignored in ..." and goes on.
+    A Ctrl-C that lands while one runs (jax registers a gc callback, so this
+    happens at any time) was lost that way: the run went on. This hook
+    re-sends SIGINT to the main thread (`_thread.interrupt_main`) from a
+    timer thread 10 ms later, once the callback has returned (sent from the
+    hook itself, it would be raised inside the hook and swallowed again);
+    every other unraisable error goes to `previous`.
+    """
+    import threading
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            timer = threading.Timer(0.01, _thread.interrupt_main)
+            timer.daemon = True
+            timer.start()
+            return
+        previous(unraisable)
+    hook.redelivers_interrupts = True
+    return hook
+
+
 def _finish_checkpoints():
     """A run that ends by an error still completes its in-flight checkpoint save."""
     from jaxreward.train import checkpoint as ckpt_lib
@@ -417,6 +480,7 @@ def _finish_checkpoints():
 
 
 def run():
+    _catch_interrupts_while_starting()  # already done under python -m; not when called as a function
     # JAXREWARD_MALLOC=heap: glibc malloc settings that stop XLA on CPU
     # re-faulting its temp buffers every step (hostmem); before any JAX work.
     if hostmem.from_environment():

@@ -107,23 +107,43 @@ def shard_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     is their concatenation.
 
     Raises:
-      ValueError: if the batch size does not divide by data×fsdp.
+      ValueError: if this process's rows do not divide among the data×fsdp
+        batch shards its devices hold (`local_batch_shards`; on one process,
+        all data×fsdp of them).
     """
     out = {}
-    for k, v in _checked_rows(batch, mesh):
+    for k, v in _checked_rows(batch, mesh, local_batch_shards(mesh)):
         # Each process passes its own slice; on one host that is the batch.
         out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh) if v.ndim else replicated(mesh), v)
     return out
 
 
-def _checked_rows(batch: dict[str, Any], mesh: Mesh):
-    """(key, numpy value) of `batch`; ValueError where a leading size does not divide by data×fsdp."""
+def local_batch_shards(mesh: Mesh, process_index: int | None = None) -> int:
+    """How many of the mesh's data×fsdp batch shards hold a device of this
+    process (`jax.process_index()`, or `process_index`): the number its
+    process-local rows must split into. On one process, data×fsdp; on a pod
+    whose processes each own a block of the mesh, data×fsdp / processes
+    (a global batch of 8 over data = 8 on 2 processes: 4 rows, 4 shards each).
+    """
+    me = jax.process_index() if process_index is None else process_index
+    axes = [mesh.axis_names.index(a) for a in ("data", "fsdp")]
+    rest = [i for i in range(len(mesh.axis_names)) if i not in axes]
+    devices = np.transpose(np.asarray(mesh.devices), axes + rest)
+    per_shard = devices.reshape(devices.shape[0] * devices.shape[1], -1)
+    return sum(any(d.process_index == me for d in shard) for shard in per_shard)
+
+
+def _checked_rows(batch: dict[str, Any], mesh: Mesh, shards: int | None = None):
+    """(key, numpy value) of `batch`; ValueError where a leading size does not
+    divide into `shards` (default: all of the mesh's data×fsdp)."""
     n = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = n if shards is None else shards
+    into = (f"data×fsdp = {n}" if shards == n else
+            f"the {shards} of the data×fsdp = {n} batch shards that this process's devices hold")
     for k, v in batch.items():
         v = np.asarray(v)
-        if v.ndim and v.shape[0] % n:
-            raise ValueError(f"batch field {k!r} has leading size {v.shape[0]}, "
-                             f"not divisible by data×fsdp = {n}")
+        if v.ndim and v.shape[0] % shards:
+            raise ValueError(f"batch field {k!r} has leading size {v.shape[0]}, not divisible by {into}")
         yield k, v
 
 

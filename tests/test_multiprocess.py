@@ -110,7 +110,7 @@ def test_dpo_stopped_and_resumed_on_two_processes_equals_one_straight_run(tmp_pa
     args = ["--config=configs/dpo.py:synthetic", "--config.train.num_steps=4", "--config.train.log_every=2",
             "--config.train.eval_every=4", "--config.train.checkpoint_every=2",
             "--config.synthetic.num_train_pairs=128", "--config.synthetic.num_eval_pairs=32",
-            "--config.data.batch_size=16", "--config.eval.num_prompts=16", "--config.eval.best_of_n_max_n=4",
+            "--config.data.batch_size=8", "--config.eval.num_prompts=16", "--config.eval.best_of_n_max_n=4",
             "--config.optimizer.warmup_steps=1"]
     one_process(tmp_path / "one", args)
     two_processes(tmp_path / "two", [*args, "--config.train.stop_after_steps=2"])

@@ -636,16 +636,33 @@ def _kto_pair_accuracy(out: Mapping[str, Array], pair_index: np.ndarray) -> dict
 # ----------------------------------------------------------------------------
 
 
-def _prompt_and_completion(arrays: Mapping[str, np.ndarray], side: str, row: int):
-    """The prompt and completion tokens of one right-padded `[prompt | completion | pad]` row."""
-    attn = np.asarray(arrays[f"{side}_attention_mask"][row], bool)
-    scored = np.asarray(arrays[f"{side}_loss_mask"][row], bool) & attn
-    tokens = np.asarray(arrays[f"{side}_tokens"][row])
-    n, p = int(attn.sum()), int((attn & ~scored).sum())
-    if not (attn[:n].all() and not scored[:p].any() and scored[p:n].all()):
-        raise ValueError(f"{side} row {row} is not [prompt | completion | padding] (right-padded, one "
-                         "contiguous completion): KTO examples are built from that layout")
-    return tokens[:p], tokens[p:n]
+def prompt_keys(arrays: Mapping[str, np.ndarray], side: str = "chosen") -> list[bytes]:
+    """`[N]` hashable prompt identities of a side's rows: the bytes of the
+    row's prompt tokens (attended and not scored), so two rows share a key
+    exactly when they hold the same prompt token sequence, at any padding."""
+    tokens = np.asarray(arrays[f"{side}_tokens"])
+    prompt = (np.asarray(arrays[f"{side}_attention_mask"], bool)
+              & ~np.asarray(arrays[f"{side}_loss_mask"], bool))
+    return [row[keep].tobytes() for row, keep in zip(tokens, prompt)]
+
+
+def _row_layout(arrays: Mapping[str, np.ndarray], side: str) -> tuple[np.ndarray, np.ndarray]:
+    """`(prompt_lengths [N], row_lengths [N])` of a side's right-padded
+    `[prompt | completion | pad]` rows (one contiguous completion).
+
+    Raises:
+      ValueError: naming the first row not in that layout.
+    """
+    attn = np.asarray(arrays[f"{side}_attention_mask"], bool)
+    scored = np.asarray(arrays[f"{side}_loss_mask"], bool) & attn
+    n, p = attn.sum(axis=1), (attn & ~scored).sum(axis=1)
+    col = np.arange(attn.shape[1])
+    ok = (np.all(attn == (col < n[:, None]), axis=1)
+          & np.all(scored == ((col >= p[:, None]) & (col < n[:, None])), axis=1))
+    if not ok.all():
+        raise ValueError(f"{side} row {int(np.argmin(ok))} is not [prompt | completion | padding] "
+                         "(right-padded, one contiguous completion): KTO examples are built from that layout")
+    return p, n
 
 
 def mismatched_partners(prompt_keys: Sequence[bytes], seed: int) -> np.ndarray:
@@ -735,30 +752,29 @@ def kto_examples(arrays: Mapping[str, np.ndarray], sides: Mapping[str, np.ndarra
     """
     names = list(sides)
     N, T = np.asarray(arrays[f"{names[0]}_tokens"]).shape
-    examples, desirable, pair_index = [], [], []
-    for b in range(N):
-        for side in names:
-            examples.append(_prompt_and_completion(arrays, side, b))
-            desirable.append(bool(sides[side][b]))
-            pair_index.append(b if len(names) == 2 else -1)
-    partner = mismatched_partners([p.tobytes() for p, _ in examples], seed)
-    E = len(examples)
-    out = {f"{s}_{k}": np.zeros((E, T), dt) for s in SIDES
-           for k, dt in (("tokens", np.int32), ("attention_mask", bool), ("loss_mask", bool))}
-    for s in SIDES:
-        out[f"{s}_tokens"][:] = pad_id
-    for e, (prompt, completion) in enumerate(examples):
-        other = examples[partner[e]][1][:T - len(prompt)]
-        for s, resp in (("chosen", completion), ("rejected", other)):
-            n = len(prompt) + len(resp)
-            out[f"{s}_tokens"][e, :n] = np.concatenate([prompt, resp])
-            out[f"{s}_attention_mask"][e, :n] = True
-            out[f"{s}_loss_mask"][e, len(prompt):n] = True
-    for s in SIDES:
-        attn = out[f"{s}_attention_mask"]
+    # Example e = b·S + k is row b of side names[k] (S = len(names)): pair b's sides next to each other.
+    interleave = lambda xs: np.stack(xs, axis=1).reshape(N * len(names), *xs[0].shape[1:])
+    layouts = [_row_layout(arrays, side) for side in names]
+    prompt_E, length_E = interleave([l[0] for l in layouts]), interleave([l[1] for l in layouts])
+    tokens_ET = interleave([np.asarray(arrays[f"{side}_tokens"]) for side in names])
+    keys = [prompt_keys(arrays, side) for side in names]
+    partner = mismatched_partners([k for row in zip(*keys) for k in row], seed)
+    col = np.arange(T)[None, :]
+    prompt, own_end = prompt_E[:, None], length_E[:, None]
+    # The mismatched row: e's prompt, then m(e)'s completion, cut to the row width.
+    other_end = np.minimum(prompt + (length_E - prompt_E)[partner][:, None], T)
+    shifted = np.clip(prompt_E[partner][:, None] + col - prompt, 0, T - 1)  # m(e)'s column for e's column
+    other_tokens = np.take_along_axis(tokens_ET[partner], shifted, axis=1)
+    out = {}
+    for s, end, completion in (("chosen", own_end, tokens_ET), ("rejected", other_end, other_tokens)):
+        attn = col < end
+        out[f"{s}_tokens"] = np.where(col < prompt, tokens_ET, np.where(attn, completion, pad_id)).astype(np.int32)
+        out[f"{s}_attention_mask"] = attn
+        out[f"{s}_loss_mask"] = attn & (col >= prompt)
         out[f"{s}_positions"] = np.maximum(np.cumsum(attn, axis=1) - 1, 0).astype(np.int32)
-    out["desirable"] = np.asarray(desirable, bool)
-    out["pair_index"] = np.asarray(pair_index, np.int32)
+    out["desirable"] = interleave([np.asarray(sides[side], bool) for side in names])
+    out["pair_index"] = np.repeat(np.arange(N, dtype=np.int32) if len(names) == 2 else
+                                  np.full(N, -1, np.int32), len(names))
     return out
 
 

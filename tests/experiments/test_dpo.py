@@ -680,6 +680,43 @@ def test_kto_examples_layout_by_hand():
         pref.kto_examples(bad, {"chosen": np.ones(2, bool)}, seed=0)
 
 
+def _right_padded(rows, T, pad=0):
+    """chosen_* arrays of `(prompt, completion)` rows, right-padded to T with `pad`."""
+    tok, attn, loss = np.full((len(rows), T), pad, np.int32), np.zeros((len(rows), T), bool), np.zeros((len(rows), T), bool)
+    for b, (p, r) in enumerate(rows):
+        tok[b, :len(p) + len(r)] = p + r
+        attn[b, :len(p) + len(r)] = True
+        loss[b, len(p):len(p) + len(r)] = True
+    return {"chosen_tokens": tok, "chosen_attention_mask": attn, "chosen_loss_mask": loss}
+
+
+def test_prompt_keys_see_only_the_prompt_tokens():
+    # Rows 0 and 2 share the prompt [5, 6] under other completions, other padding ids and another
+    # width; row 1's prompt [5] is a prefix of it and row 3's [6, 5] a permutation: both differ.
+    narrow = _right_padded([([5, 6], [1]), ([5], [6, 1])], T=4, pad=0)
+    wide = _right_padded([([5, 6], [2, 3, 4]), ([6, 5], [1])], T=9, pad=99)
+    keys = pref.prompt_keys(narrow) + pref.prompt_keys(wide)
+    assert keys[0] == keys[2] and len(set(keys)) == 3
+    merged = {k: np.concatenate([np.pad(narrow[k], ((0, 0), (0, 5))), wide[k]]) for k in narrow}
+    np.testing.assert_array_equal(driver.first_row_per_prompt(merged), [0, 1, 3])
+
+
+def test_kto_examples_cut_a_borrowed_completion_to_the_row_width():
+    # Width 5: example 0 = [1 | 2], example 1 = [3, 3 | 4, 4, 4] (full). Example 0's z_0 row borrows
+    # [4, 4, 4] after its 1-token prompt: [1, 4, 4, 4] fits. Example 1's borrows [2] after its
+    # 2-token prompt: [3, 3, 2]. With a 4-token completion [4, 4, 4, 4] on a 1-token prompt
+    # (width 5), example 0 takes all 4; a 3-token prompt borrowing it keeps 5 − 3 = 2 tokens.
+    arrays = _right_padded([([1], [2]), ([3, 3], [4, 4, 4])], T=5, pad=9)
+    out = pref.kto_examples(arrays, {"chosen": np.array([True, False])}, seed=0, pad_id=9)
+    np.testing.assert_array_equal(out["rejected_tokens"], [[1, 4, 4, 4, 9], [3, 3, 2, 9, 9]])
+    np.testing.assert_array_equal(out["rejected_loss_mask"].astype(int), [[0, 1, 1, 1, 0], [0, 0, 1, 0, 0]])
+    arrays = _right_padded([([7, 7, 7], [2]), ([3], [4, 4, 4, 4])], T=5, pad=9)
+    out = pref.kto_examples(arrays, {"chosen": np.array([True, False])}, seed=0, pad_id=9)
+    np.testing.assert_array_equal(out["rejected_tokens"], [[7, 7, 7, 4, 4], [3, 2, 9, 9, 9]])
+    np.testing.assert_array_equal(out["rejected_attention_mask"].sum(axis=1), [5, 2])
+    np.testing.assert_array_equal(out["rejected_positions"], [[0, 1, 2, 3, 4], [0, 1, 1, 1, 1]])
+
+
 @pytest.mark.parametrize("sizes", [(2, 2), (3, 3, 3), (1, 4, 2, 1), (5, 1, 1), (6, 1), (3,), (1,)])
 def test_mismatched_partners_take_another_prompts_completion(sizes):
     # Prompt groups of the given sizes (a pair gives two examples of one prompt; feedback data

@@ -225,6 +225,64 @@ def test_ctrl_c_in_the_first_seconds_exits_130_without_a_segfault(tmp_path):
         assert err.strip().splitlines()[-1].startswith("error: interrupted (Ctrl-C)")
 
 
+def test_ctrl_c_while_the_libraries_load_is_one_line_and_exit_130(tmp_path):
+    # Ctrl-C in the first two seconds (imports, flag parsing, config checks) gave, by the delay
+    # after spawn: 0.05 s a KeyboardInterrupt traceback (exit -2); 0.15 s "ImportError:
+    # Encountered an error while initializing the extension" (exit 1); 0.6-1.5 s "Exception
+    # ignored in: <function _xla_gc_callback ...> KeyboardInterrupt" and then the whole run
+    # trained to the end, exit 0: the Ctrl-C was lost.
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    env["JAX_PLATFORMS"] = "cpu"
+    for delay in (0.05, 0.3, 1.0):
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # see the test above
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "jaxreward.main", "--config=configs/dpo.py:synthetic",
+                                     f"--workdir={tmp_path / str(delay)}", "--config.eval.generate=False"],
+                                    cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 130, (delay, proc.returncode, err[-1500:])
+        assert "Traceback" not in err and "Exception ignored" not in err, (delay, err[-1500:])
+        assert err.strip().splitlines()[-1].startswith("error: interrupted (Ctrl-C)"), (delay, err[-1500:])
+
+
+_SWALLOWED_CTRL_C = """
+import gc, signal, sys, time
+from jaxreward import main as cli
+if sys.argv[1] == "hooked":
+    cli._start_interrupts()
+fired = []
+def callback(phase, info):  # a library's gc callback (jax registers one) that a Ctrl-C lands in
+    if phase == "start" and not fired:
+        fired.append(1)
+        signal.raise_signal(signal.SIGINT)
+        sum(range(1000))  # Python code after the signal: the KeyboardInterrupt is raised in here
+gc.callbacks.append(callback)
+try:
+    gc.collect()
+    for _ in range(300):  # 3 s of work after the collection
+        time.sleep(0.01)
+    print("went on")
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+@pytest.mark.parametrize("mode, expected", [("plain", "went on"), ("hooked", "interrupted")])
+def test_a_ctrl_c_swallowed_by_a_gc_callback_is_raised_again(mode, expected):
+    # Python cannot raise out of a gc callback: it prints "Exception ignored in ..." and goes on
+    # ("plain": the run never stopped). main's unraisable hook sends the interrupt again.
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", _SWALLOWED_CTRL_C, mode], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == expected, (proc.stdout, proc.stderr[-1500:])
+    assert ("Exception ignored" in proc.stderr) == (mode == "plain"), proc.stderr[-1500:]
+
+
 @pytest.mark.parametrize("loss, kw", [("bco_pair", {}), ("beta_dpo", {"alpha": 0.5}),
                                       ("mixture", {"components": (("dpo", 1.0), ("bco_pair", 1.0))})])
 def test_micro_batches_match_one_shot_for_batch_statistic_losses(tmp_path, loss, kw):

@@ -165,3 +165,42 @@ def test_train_step_with_totals_on_8_devices_equals_one_device_one_shot():
     np.testing.assert_allclose(m8["logp_sum"], m1["logp_sum"], rtol=1e-6)
     np.testing.assert_allclose(p8["W"], p1["W"], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(p1["W"], params["W"] - 0.5 * g_ref["W"], rtol=1e-6, atol=1e-6)
+
+
+class _FakeMesh:
+    """A mesh's `devices` and `axis_names` over stand-in devices of given process indices."""
+
+    def __init__(self, process_of_device, shape):
+        from types import SimpleNamespace
+        self.axis_names = parallel.MESH_AXES
+        self.devices = np.asarray([SimpleNamespace(process_index=p) for p in process_of_device],
+                                  object).reshape(shape)
+        self.shape = dict(zip(self.axis_names, shape))
+
+
+@pytest.mark.parametrize("shape, expected", [
+    ((8, 1, 1), (4, 4)),   # data=8 over 2 processes × 4 devices: 4 rows of the batch shards each
+    ((2, 2, 2), (2, 2)),   # data×fsdp = 4 shards, each over 2 tensor devices of one process
+    ((2, 1, 4), (1, 1)),   # one data row per process
+    ((1, 8, 1), (4, 4)),   # fsdp shards split the batch as data does
+])
+def test_local_batch_shards_counts_the_batch_shards_holding_a_device_of_the_process(shape, expected):
+    # Devices 0-3 belong to process 0 and 4-7 to process 1, laid out in order as make_mesh does.
+    mesh = _FakeMesh([0, 0, 0, 0, 1, 1, 1, 1], shape)
+    assert tuple(parallel.local_batch_shards(mesh, p) for p in (0, 1)) == expected
+
+
+def test_local_batch_shards_when_the_tensor_axis_spans_processes():
+    # data=2 × tensor=4 with each data row over devices of both processes (0,1,0,1 | 0,1,0,1):
+    # both processes hold both shards, so each must pass both shards' rows.
+    mesh = _FakeMesh([0, 1, 0, 1, 0, 1, 0, 1], (2, 1, 4))
+    assert (parallel.local_batch_shards(mesh, 0), parallel.local_batch_shards(mesh, 1)) == (2, 2)
+
+
+def test_shard_batch_checks_the_rows_against_the_shards_of_this_process():
+    # One process holds all 8 shards of data=8: 4 rows do not split, 8 do.
+    mesh = parallel.make_mesh(8, 1, 1)
+    assert parallel.local_batch_shards(mesh) == 8
+    with pytest.raises(ValueError, match=r"batch field 'x' has leading size 4, not divisible by data×fsdp = 8"):
+        parallel.shard_batch({"x": np.zeros((4, 2))}, mesh)
+    assert parallel.shard_batch({"x": np.zeros((8, 2))}, mesh)["x"].shape == (8, 2)

@@ -531,7 +531,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             json.dump(summary, f, indent=2)
     if config.export:
         out_dir = os.path.join(workdir, EXPORT_DIR)
-        jaxreward.save_pretrained(out_dir, policy.config, jax.device_get(state.params), tokenizer)
+        host = parallel.to_host(state.params)  # collective on a pod: every process gathers
+        if jax.process_index() == 0:  # one writer of the shared export folder
+            jaxreward.save_pretrained(out_dir, policy.config, host, tokenizer)
         print(f"policy saved to {out_dir} (HF format)")
     return {"final": final, "points": points, "best_of_n": curve, "history": history, "state": state,
             "value_state": value_state, "mesh": mesh, "summary": summary}

@@ -411,14 +411,14 @@ def main(argv):
             f.write(config.to_json_best_effort(indent=2))
         os.replace(path + ".tmp", path)
     logging.info("config:\n%s", config)
-    _start_interrupts()
     try:
+        _start_interrupts()
         driver.run(config, workdir)
     except errors.USER_ERRORS as e:
         _finish_checkpoints()
         fail(errors.message(e), e)
     except KeyboardInterrupt as e:  # Ctrl-C: the saves already made stay, and the run resumes
-        _finish_checkpoints()
+        _finish_checkpoints(after_ctrl_c=True)
         interrupted(workdir, e)
     except BaseException:
         _finish_checkpoints()
@@ -473,10 +473,32 @@ def _redeliver_swallowed_interrupts(previous):
     return hook
 
 
-def _finish_checkpoints():
-    """A run that ends by an error still completes its in-flight checkpoint save."""
+def _finish_checkpoints(after_ctrl_c: bool = False):
+    """A run that ends by an error or a Ctrl-C still completes its in-flight
+    checkpoint save. Meanwhile a (further) Ctrl-C stops at once
+    (`_interrupted_while_finishing`); after a first Ctrl-C that is said
+    when a save is in flight, since finishing one can take seconds."""
     from jaxreward.train import checkpoint as ckpt_lib
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _interrupted_while_finishing)
+    if after_ctrl_c and ckpt_lib.saving_in_progress():
+        print("finishing the checkpoint save in flight before stopping (Ctrl-C again stops at once, "
+              "without it)", file=sys.stderr, flush=True)
     ckpt_lib.close_open()
+
+
+def _interrupted_while_finishing(signum, frame):
+    """SIGINT handler while `_finish_checkpoints` waits: one line, exit 130.
+    The cut-off save leaves a `<step>.orbax-checkpoint-tmp` folder, which a
+    resume ignores: it restores the last complete step."""
+    del signum, frame
+    os.write(2, b"error: interrupted (Ctrl-C) again: stopped without finishing the checkpoint save in "
+                b"flight; re-run the same command to resume from the last complete checkpoint\n")
+    try:
+        from jaxreward.train import metrics as metrics_lib
+        metrics_lib.close_open_writers()
+    finally:
+        os._exit(130)
 
 
 def run():

@@ -109,10 +109,17 @@ def shard_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     Raises:
       ValueError: if this process's rows do not divide among the data×fsdp
         batch shards its devices hold (`local_batch_shards`; on one process,
-        all data×fsdp of them).
+        all data×fsdp of them), or a batch shard spans the devices of two
+        processes (it would get rows from neither in full).
     """
+    local, n = local_batch_shards(mesh), mesh.shape["data"] * mesh.shape["fsdp"]
+    if local * jax.process_count() != n:
+        raise ValueError(f"the mesh's data×fsdp = {n} batch shards do not split among the {jax.process_count()} "
+                         f"processes (this one's devices are in {local} of them): each process feeds its own "
+                         "rows, so each batch shard must lie within one process (a mesh.tensor that divides "
+                         "the devices per process)")
     out = {}
-    for k, v in _checked_rows(batch, mesh, local_batch_shards(mesh)):
+    for k, v in _checked_rows(batch, mesh, local):
         # Each process passes its own slice; on one host that is the batch.
         out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh) if v.ndim else replicated(mesh), v)
     return out

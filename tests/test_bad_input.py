@@ -586,3 +586,25 @@ def test_kto_reference_point_finite_only_in_float64_is_refused():
     config.loss.reference_point = 1e39
     with pytest.raises(defaults.ConfigError, match="reference_point"):
         main.check_config(config)
+
+
+@pytest.mark.parametrize("mesh, refused", [((1, 1, 8), True), ((2, 1, 4), False), ((4, 1, 2), False),
+                                           ((1, 2, 4), False), ((2, 2, 2), False)])
+def test_a_mesh_whose_batch_shards_span_two_processes_is_refused(monkeypatch, mesh, refused):
+    # Two processes × 4 devices with mesh.tensor=8: the one batch shard lies on both processes'
+    # devices, each process fed its own 4 rows, and shard_batch built a 4-row batch whose copies
+    # differed by process (the step trained on an inconsistent batch, silently).
+    import jax
+    import ml_collections
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "local_device_count", lambda: 4)
+    config = ml_collections.ConfigDict(dict(data=dict(batch_size=8),
+                                            mesh=dict(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])))
+    if not refused:
+        assert defaults.per_process_batch(config) == 4
+        return
+    with pytest.raises(defaults.ConfigError) as err:
+        defaults.per_process_batch(config)
+    assert str(err.value).startswith("config field mesh.tensor: the mesh puts each of its data×fsdp = 1 batch "
+                                     "shards on 8 devices"), str(err.value)
+    assert "--config.mesh.tensor=4" in str(err.value)

@@ -189,3 +189,79 @@ def test_a_half_set_process_count_is_one_line(tmp_path, env, message):
     assert out.returncode != 0
     assert out.stderr.strip().splitlines()[-1].startswith(message), out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+
+
+_POD_SHARD_BATCH = """
+import sys
+import jax, numpy as np
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from jaxreward import parallel
+mesh = parallel.make_mesh(data=int(sys.argv[3]), fsdp=int(sys.argv[4]), tensor=int(sys.argv[5]))
+glob = np.arange(8 * 3, dtype=np.int32).reshape(8, 3)
+p = jax.process_index()
+try:  # this process's 4 rows of the global batch of 8, as the loaders feed them
+    arr = parallel.shard_batch({"x": glob[4 * p:4 * p + 4]}, mesh)["x"]
+except ValueError as e:
+    print("REFUSED", e)
+else:
+    back = parallel.to_host(arr)
+    print("SAME" if back.shape == glob.shape and (back == glob).all() else f"WRONG {back.shape} {back.tolist()}")
+"""
+
+_POD_DIGEST = """
+import sys
+import jax, numpy as np
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jaxreward import parallel
+from jaxreward.train import preference as pref, proxy
+mesh = parallel.make_mesh(data=1, fsdp=8, tensor=1)  # --config.mesh.fsdp=8: each param over both processes
+host = np.arange(64, dtype=np.float32).reshape(8, 8)
+x = jax.make_array_from_callback(host.shape, NamedSharding(mesh, P("fsdp", None)), lambda i: host[i])
+same = (pref.params_digest({"w": x}) == pref.params_digest({"w": host})
+        and proxy.params_digest({"w": x}) == proxy.params_digest({"w": host}))
+print("SAME" if same else "DIFF")
+"""
+
+
+def _two_process_script(script: str, *args) -> list[tuple[int, str, str]]:
+    """Runs `python -c script <coordinator> <process id> *args` as two processes × 4
+    CPU devices; per process (returncode, its last SAME/REFUSED/WRONG/DIFF line, stderr)."""
+    port = _free_port()
+    env = {k: v for k, v in _env(DEVICES // 2).items() if k != "XLA_FLAGS"}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES // 2}"
+    procs = [subprocess.Popen([sys.executable, "-c", script, f"localhost:{port}", str(i), *map(str, args)], cwd=ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=SLOW)
+            mine = [line for line in out.splitlines() if line.startswith(("SAME", "REFUSED", "WRONG", "DIFF"))]
+            outs.append((p.returncode, mine[-1] if mine else out, err[-1500:]))
+    finally:
+        for p in procs:
+            p.kill()
+    return outs
+
+
+@pytest.mark.parametrize("mesh, expected", [((1, 1, 8), "REFUSED"), ((4, 1, 2), "SAME")])
+def test_shard_batch_on_a_pod_gives_the_global_batch_or_refuses_it(mesh, expected):
+    # Each process feeds its 4 rows of a global batch of 8. With data=1 fsdp=1 tensor=8 the one
+    # batch shard spans both processes' devices: shard_batch built a 4-row array whose copies
+    # differed by process (rows 0-3 on one, 4-7 on the other), silently. It is refused now (and
+    # by check_config before any work: tests/test_bad_input.py). With data=4 tensor=2 each
+    # process holds two whole shards: the global batch.
+    for rc, out, err in _two_process_script(_POD_SHARD_BATCH, *mesh):
+        assert rc == 0, err
+        assert out.startswith(expected), (mesh, out)
+        if expected == "REFUSED":
+            assert "each batch shard must lie within one process" in out, out
+
+
+def test_params_digest_of_params_spread_over_both_processes():
+    # The DPO job on two processes with --config.mesh.fsdp=8 died after sampling its pairs:
+    # reference_cache_key -> params_digest -> jax.device_get: "RuntimeError: Fetching value for
+    # `jax.Array` that spans non-addressable (non process local) devices is not possible"
+    # (the exports and the proxy reward model's digest fetched params the same way).
+    for rc, out, err in _two_process_script(_POD_DIGEST):
+        assert rc == 0 and out == "SAME", (rc, out, err)

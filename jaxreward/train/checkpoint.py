@@ -17,11 +17,14 @@ the next older step, and moves the bad one aside to `<step>.unreadable`
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 import weakref
 from typing import Any, Callable
@@ -201,8 +204,12 @@ class Checkpointer:
         refuse_nonfinite(state, "checkpoint", step, lr_fields)
         self._manager.wait_until_finished()  # orbax waits here anyway; _saving then names this save
         self._saving = step
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
+        # A Ctrl-C inside orbax's synchronous part cut the save off before its background part
+        # existed: `<step>.orbax-checkpoint-tmp` stayed and the step was lost. It is raised
+        # right after, so the caller finishes the save (`close_open`) and stops.
+        with _interrupts_deferred():
+            self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
 
     def _write_digests(self) -> None:
         """orbax's post-finalization callback (its save thread): the step's
@@ -361,6 +368,29 @@ def leaf_path(keys) -> str:
                 return str(getattr(key, attr))
         return str(key)
     return "/".join(name(k) for k in keys)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Holds back a Ctrl-C (SIGINT with Python's default handler, in the main
+    thread) until the block ends, then raises it as KeyboardInterrupt."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    held = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
+
+
+def saving_in_progress() -> bool:
+    """True while a `Checkpointer` of this process has a save running in the background."""
+    return any(c._manager.is_saving_in_progress() for c in list(_OPEN))
 
 
 def close_open() -> None:

@@ -192,7 +192,9 @@ def per_process_batch(config, name: str = "data.batch_size") -> int:
         division would train on a smaller batch than the config says, silently),
         or over the mesh's data×fsdp batch shards (the step would fail after
         the long passes), naming the field, the count and the nearest sizes
-        that divide.
+        that divide; or, on several processes, a mesh.tensor that spreads a
+        batch shard over devices of two processes (each process feeds only
+        its own rows).
     """
     import jax  # local: config checks import no jax until they need it
     check_int(config, name, 1)
@@ -208,6 +210,13 @@ def per_process_batch(config, name: str = "data.batch_size") -> int:
                           f"batch shards (mesh.data={config.mesh.data}, mesh.fsdp={config.mesh.fsdp}, "
                           f"{jax.device_count()} devices); use {' or '.join(map(str, near))}"
                           + _mesh_for_batch(b, config.mesh.fsdp, jax.device_count()))
+    if shards and p > 1 and jax.local_device_count() % (jax.device_count() // shards):
+        tensor, local = jax.device_count() // shards, jax.local_device_count()
+        raise ConfigError(f"config field mesh.tensor: the mesh puts each of its data×fsdp = {shards} batch "
+                          f"shards on {tensor} devices, more than (or not a divisor of) the {local} devices of "
+                          f"each of the {p} processes; every process feeds its own rows, so a batch shard must "
+                          f"lie within one process: use a mesh.tensor that divides {local}, e.g. "
+                          f"--config.mesh.tensor={math.gcd(tensor, local)} with a larger mesh.data")
     return b // p
 
 

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxreward import parallel
 from jaxreward.errors import UserError
 from jaxreward.models.scoring import branch_logps, scored_mask, sequence_logps, shift_mask, token_logps
 from jaxreward.objectives import registry
@@ -640,7 +641,7 @@ def prompt_keys(arrays: Mapping[str, np.ndarray], side: str = "chosen") -> list[
     """`[N]` hashable prompt identities of a side's rows: the bytes of the
     row's prompt tokens (attended and not scored), so two rows share a key
     exactly when they hold the same prompt token sequence, at any padding."""
-    tokens = np.asarray(arrays[f"{side}_tokens"])
+    tokens = np.asarray(arrays[f"{side}_tokens"], np.int64)  # one dtype: the same ids, the same bytes
     prompt = (np.asarray(arrays[f"{side}_attention_mask"], bool)
               & ~np.asarray(arrays[f"{side}_loss_mask"], bool))
     return [row[keep].tobytes() for row, keep in zip(tokens, prompt)]
@@ -710,6 +711,12 @@ def mismatched_partners(prompt_keys: Sequence[bytes], seed: int) -> np.ndarray:
     return partner
 
 
+def _right_pad(x: np.ndarray, width: int, value) -> np.ndarray:
+    """`x [N, W]` right-padded with `value` to `[N, width]` (width >= W)."""
+    x = np.asarray(x)
+    return np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=value)
+
+
 def kto_examples(arrays: Mapping[str, np.ndarray], sides: Mapping[str, np.ndarray], seed: int,
                  pad_id: int = 0) -> dict[str, np.ndarray]:
     """KTO's unpaired examples from pair-shaped token arrays, stored as pairs.
@@ -748,10 +755,20 @@ def kto_examples(arrays: Mapping[str, np.ndarray], sides: Mapping[str, np.ndarra
       when both sides of a pair were taken, else −1).
 
     Raises:
-      ValueError: for a row not in the layout above.
+      ValueError: for a row not in the layout above, or a side whose rows or
+        labels are not N (a side tokenized to another width is right-padded
+        to the widest).
     """
     names = list(sides)
-    N, T = np.asarray(arrays[f"{names[0]}_tokens"]).shape
+    N = len(arrays[f"{names[0]}_tokens"])
+    for side in names:
+        if np.shape(sides[side]) != (N,) or len(arrays[f"{side}_tokens"]) != N:
+            raise ValueError(f"kto_examples: side {side!r} has {len(arrays[f'{side}_tokens'])} rows and labels of "
+                             f"shape {np.shape(sides[side])}; every side needs {N} rows and {N} labels")
+    # Sides tokenized to different widths: right-pad them all to the widest.
+    T = max(np.shape(arrays[f"{side}_tokens"])[1] for side in names)
+    arrays = {f"{side}_{k}": _right_pad(arrays[f"{side}_{k}"], T, pad_id if k == "tokens" else False)
+              for side in names for k in ("tokens", "attention_mask", "loss_mask")}
     # Example e = b·S + k is row b of side names[k] (S = len(names)): pair b's sides next to each other.
     interleave = lambda xs: np.stack(xs, axis=1).reshape(N * len(names), *xs[0].shape[1:])
     layouts = [_row_layout(arrays, side) for side in names]
@@ -864,10 +881,12 @@ def arrays_digest(splits: Mapping[str, Mapping[str, np.ndarray]]) -> str:
 
 
 def params_digest(params) -> str:
-    """sha256 of a param pytree: every leaf's key path, dtype, shape and bytes."""
+    """sha256 of a param pytree: every leaf's key path, dtype, shape and bytes.
+    On a pod, a leaf spread over several processes' devices is gathered
+    first (`parallel.to_host`), one leaf at a time."""
     digest = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        _update_array(digest, jax.tree_util.keystr(path), jax.device_get(leaf))
+        _update_array(digest, jax.tree_util.keystr(path), parallel.to_host(leaf))
     return digest.hexdigest()
 
 
@@ -1106,7 +1125,6 @@ def generation_eval(policy_model, policy_params, ref_model, ref_params, prompts_
       `win_rate` (vs the reference's sample for the same prompt and key,
       ties 0.5), each with `_se`.
     """
-    from jaxreward import parallel
     from jaxreward.sampling.sampler import generate
     from jaxreward.train.rollout import generate_on_shards
 

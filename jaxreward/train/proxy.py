@@ -111,9 +111,9 @@ def train_proxy(directory: str, task: synthetic.CountingTask, policy, params, *,
     state = jax.jit(lambda p: state_lib.init_state(p, tx, seed), out_shardings=shardings)(rm_params)
     loader = GrainLoader(train, batch_size, seed=seed, shard_index=0, shard_count=1)
     for _ in range(num_steps):
-        state, _ = step(state, parallel.shard_batch(next(loader), mesh))
+        state, _ = step(state, parallel.shard_global_batch(next(loader), mesh))  # every process: the whole batch
     final = pairwise.evaluate_pairs(rm, state.params, evals, 256, mesh, "bradley_terry")
-    rm_params = jax.device_get(state.params)
+    rm_params = parallel.to_host(state.params)  # gathered first where a pod spreads them
     info = {"settings": settings, "accuracy": final["accuracy"], "ceiling": float(ceiling.mean())}
     export_reward_model(directory, rm, rm_params, pretrained="")  # collective: every process calls it
     if jax.process_index() == 0:
@@ -126,8 +126,8 @@ def train_proxy(directory: str, task: synthetic.CountingTask, policy, params, *,
 def params_digest(params) -> str:
     """SHA-256 over a param pytree's leaf paths, dtypes, shapes and bytes."""
     h = hashlib.sha256()
-    for path, x in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
-        x = np.asarray(x)
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        x = parallel.to_host(x)
         h.update(f"{jax.tree_util.keystr(path)}|{x.dtype}|{x.shape}".encode())
         h.update(np.ascontiguousarray(x).tobytes())
     return h.hexdigest()

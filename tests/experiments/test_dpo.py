@@ -717,6 +717,72 @@ def test_kto_examples_cut_a_borrowed_completion_to_the_row_width():
     np.testing.assert_array_equal(out["rejected_positions"], [[0, 1, 2, 3, 4], [0, 1, 1, 1, 1]])
 
 
+def _kto_pairs(chosen, rejected, prompt_lengths, chosen_width, rejected_width,
+               chosen_dtype=np.int32, rejected_dtype=np.int32):
+    """Pair arrays from whole rows and their prompt lengths; each side of its own width and token dtype."""
+    out = {}
+    for side, rows, width, dtype in (("chosen", chosen, chosen_width, chosen_dtype),
+                                     ("rejected", rejected, rejected_width, rejected_dtype)):
+        arrays = _right_padded([(row[:p], row[p:]) for row, p in zip(rows, prompt_lengths)], width)
+        out.update({k.replace("chosen", side): v.astype(dtype) if k.endswith("tokens") else v
+                    for k, v in arrays.items()})
+    return out
+
+
+_PAIRED = lambda n: {"chosen": np.ones(n, bool), "rejected": np.zeros(n, bool)}
+
+
+def test_prompt_keys_of_the_same_prompt_agree_across_token_dtypes():
+    # Observed: prompt_keys keys a prompt by the raw bytes of its tokens, so the prompt
+    # [5, 6] in an int32 chosen array and in an int64 rejected array gets two different
+    # keys (b'\x05\x00\x00\x00\x06\x00\x00\x00' vs 16 bytes). Its docstring promises
+    # "two rows share a key exactly when they hold the same prompt token sequence".
+    # Expected: the same token sequence gives the same key whatever the integer dtype.
+    a = _kto_pairs([[5, 6, 1], [7, 8, 2]], [[5, 6, 3], [7, 8, 4]], [2, 2], 4, 4, np.int32, np.int64)
+    assert pref.prompt_keys(a, "chosen") == pref.prompt_keys(a, "rejected")
+
+
+def test_kto_z0_row_never_borrows_a_completion_of_its_own_prompt_with_mixed_token_dtypes():
+    # Observed: with chosen tokens int32 and rejected tokens int64 (two prompts, two pairs),
+    # kto_examples treats the two sides of one prompt as two prompts, so with seed=1 the
+    # rejected example of pair 0 (prompt [5, 6]) gets as its z_0 row [5, 6 | 1]: the
+    # completion of pair 0's own chosen side, which KTO's mismatched pairs must never do
+    # (mismatched_partners: "never lands in e's own group" when no prompt holds over half).
+    # Expected: every z_0 row holds a completion written for the other prompt.
+    a = _kto_pairs([[5, 6, 1], [7, 8, 2]], [[5, 6, 3], [7, 8, 4]], [2, 2], 4, 4, np.int32, np.int64)
+    own = {(5, 6): {1, 3}, (7, 8): {2, 4}}
+    for seed in range(5):
+        out = pref.kto_examples(a, _PAIRED(2), seed, 0)
+        for e in range(4):
+            prompt = tuple(out["rejected_tokens"][e, :2].tolist())
+            borrowed = int(out["rejected_tokens"][e, 2])
+            assert borrowed not in own[prompt], (seed, e, out["rejected_tokens"].tolist())
+
+
+def test_kto_examples_with_a_chosen_side_wider_than_the_rejected_side():
+    # Observed: chosen arrays of width 6 and rejected arrays of width 4 (the same pairs)
+    # raise numpy's "ValueError: all input arrays must have the same shape" from np.stack
+    # inside kto_examples, which names neither side nor the widths (the per-row version
+    # before it gave correct rows of width 6).
+    # Expected: correct rows (the narrower side right-padded to the widest).
+    a = _kto_pairs([[5, 6, 1], [7, 8, 2]], [[5, 6, 3], [7, 8, 4]], [2, 2], 6, 4)
+    out = pref.kto_examples(a, _PAIRED(2), 0, 0)  # the narrower side is right-padded
+    assert out["chosen_tokens"].tolist() == [[5, 6, 1, 0, 0, 0], [5, 6, 3, 0, 0, 0],
+                                             [7, 8, 2, 0, 0, 0], [7, 8, 4, 0, 0, 0]]
+
+
+def test_kto_examples_with_labels_of_the_wrong_length_is_one_clear_error():
+    # Observed: 3 feedback labels for 2 rows (sides={"chosen": [True]*3}) raise numpy's
+    # "ValueError: cannot reshape array of size 3 into shape (2,)" (1 label: "size 1 into
+    # shape (2,)"), which says nothing of labels; the per-row version before it accepted 3
+    # labels for 2 rows silently.
+    a = _kto_pairs([[5, 6, 1], [7, 8, 2]], [[5, 6, 1], [7, 8, 2]], [2, 2], 4, 4)
+    for n in (3, 1):
+        with pytest.raises(ValueError, match=rf"side 'chosen' has 2 rows and labels of shape \({n},\); "
+                                             r"every side needs 2 rows and 2 labels"):
+            pref.kto_examples(a, {"chosen": np.ones(n, bool)}, 0, 0)
+
+
 @pytest.mark.parametrize("sizes", [(2, 2), (3, 3, 3), (1, 4, 2, 1), (5, 1, 1), (6, 1), (3,), (1,)])
 def test_mismatched_partners_take_another_prompts_completion(sizes):
     # Prompt groups of the given sizes (a pair gives two examples of one prompt; feedback data

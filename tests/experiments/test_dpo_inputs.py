@@ -2,6 +2,7 @@
 the driver as a new user would): config values refused in one line, resumes
 refused or allowed, data that cannot train, Ctrl-C, micro-batches with batch
 statistics, KTO's unpaired data and metrics, TR-DPO's sync schedule."""
+import glob
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -281,6 +283,105 @@ def test_a_ctrl_c_swallowed_by_a_gc_callback_is_raised_again(mode, expected):
                           capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == expected, (proc.stdout, proc.stderr[-1500:])
     assert ("Exception ignored" in proc.stderr) == (mode == "plain"), proc.stderr[-1500:]
+
+
+def _spawn_with_default_sigint(args, **kwargs) -> subprocess.Popen:
+    """Popen with SIGINT at its default in the child (handled here while spawning: see
+    test_ctrl_c_in_the_first_seconds_exits_130_without_a_segfault)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True, **kwargs)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+_SLOW_FINISH = """
+import sys, time
+from jaxreward.train import checkpoint as ck
+real = ck.close_open
+def slow_close_open(*a, **k):  # finishing an in-flight save of a real model takes seconds
+    print("finishing saves", file=sys.stderr, flush=True)
+    time.sleep(3)
+    return real(*a, **k)
+ck.close_open = slow_close_open
+sys.argv = ["jaxreward.main", *sys.argv[1:]]
+from jaxreward import main
+main.run()
+"""
+
+
+def test_a_second_ctrl_c_while_the_saves_finish_is_one_line_exit_130_and_the_run_resumes(tmp_path):
+    # Ctrl-C, then Ctrl-C again while main waits for the checkpoint save in flight
+    # (`_finish_checkpoints`, made to take 3 s here as for a real model): the second
+    # KeyboardInterrupt escaped main's `except KeyboardInterrupt` block, a traceback ("During
+    # handling of the above exception, another exception occurred") and exit -2.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    env.pop("XLA_FLAGS", None)
+    args = ["--config=configs/dpo.py:synthetic", f"--workdir={tmp_path / 'wd'}", "--config.train.num_steps=200",
+            "--config.train.progress_bar=False", "--config.eval.generate=False", "--config.train.checkpoint_every=1"]
+    proc = _spawn_with_default_sigint([sys.executable, "-c", _SLOW_FINISH, *args], env=env, stdout=subprocess.PIPE)
+    started, err = threading.Event(), []
+
+    def read_out():
+        for line in proc.stdout:
+            if line.startswith("training "):
+                started.set()
+    threads = [threading.Thread(target=read_out), threading.Thread(target=lambda: err.extend(proc.stderr))]
+    for t in threads:
+        t.start()
+    assert started.wait(300)
+    deadline = time.time() + 300
+    while not (tmp_path / "wd" / "checkpoints" / "2").exists() and time.time() < deadline:
+        time.sleep(0.01)  # a complete step to resume from
+    proc.send_signal(signal.SIGINT)
+    deadline = time.time() + 60
+    while not any("finishing saves" in line for line in err) and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)  # impatient: again, while the save is being finished
+    proc.wait(timeout=300)
+    for t in threads:
+        t.join()
+    text = "".join(err)
+    assert proc.returncode == 130, (proc.returncode, text[-2000:])
+    assert "Traceback" not in text, text[-2000:]
+    assert text.strip().splitlines()[-1].startswith("error: interrupted (Ctrl-C) again: stopped without "
+                                                    "finishing the checkpoint save in flight"), text[-2000:]
+    # The cut-off save is skipped: the same command resumes from the last complete step.
+    steps = [int(n) for n in os.listdir(tmp_path / "wd" / "checkpoints") if n.isdigit()]
+    resumed = subprocess.run([sys.executable, "-m", "jaxreward.main", *args,
+                              f"--config.train.stop_after_steps={max(steps) + 1}"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"Resuming from checkpoint at step {max(steps)}" in resumed.stdout + resumed.stderr
+
+
+def test_ctrl_c_as_a_checkpoint_save_starts_finishes_that_save(tmp_path):
+    # A Ctrl-C the moment a save starts (its `<step>.orbax-checkpoint-tmp` folder appears) ended
+    # with the one line and exit 130, but the KeyboardInterrupt landed in the synchronous part of
+    # orbax's CheckpointManager.save: `3.orbax-checkpoint-tmp` stayed, and the re-run resumed
+    # from the step before (6 of 11 tries, at steps 3, 5, 7, 10). Checkpointer.save now holds a
+    # Ctrl-C back until orbax has the save, so main finishes it. Timing-dependent: two tries.
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    results = []
+    for step in (3, 5):
+        wd = tmp_path / f"wd{step}"
+        proc = _spawn_with_default_sigint(
+            [sys.executable, "-m", "jaxreward.main", "--config=configs/dpo.py:synthetic", f"--workdir={wd}",
+             "--config.train.num_steps=30", "--config.train.checkpoint_every=1", "--config.train.log_every=1",
+             "--config.synthetic.num_train_pairs=512", "--config.synthetic.num_eval_pairs=64",
+             "--config.train.progress_bar=False", "--config.eval.generate=False"], env=env, stdout=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while not glob.glob(str(wd / "checkpoints" / f"{step}*")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 130, err[-2000:]
+        results.append((step, sorted(os.listdir(wd / "checkpoints"))))
+    for step, left in results:
+        assert not any(name.endswith("orbax-checkpoint-tmp") for name in left), results
+        assert str(step) in left, results
 
 
 @pytest.mark.parametrize("loss, kw", [("bco_pair", {}), ("beta_dpo", {"alpha": 0.5}),

@@ -492,8 +492,9 @@ def _interrupted_while_finishing(signum, frame):
     The cut-off save leaves a `<step>.orbax-checkpoint-tmp` folder, which a
     resume ignores: it restores the last complete step."""
     del signum, frame
-    os.write(2, b"error: interrupted (Ctrl-C) again: stopped without finishing the checkpoint save in "
-                b"flight; re-run the same command to resume from the last complete checkpoint\n")
+    # Reached after a first Ctrl-C, or as the first one while an error's path finishes the save.
+    os.write(2, b"error: interrupted (Ctrl-C) while the checkpoint save in flight was finishing: stopped "
+                b"without it; re-run the same command to resume from the last complete checkpoint\n")
     try:
         from jaxreward.train import metrics as metrics_lib
         metrics_lib.close_open_writers()

@@ -269,13 +269,13 @@ def check_same_config(config) -> None:
       errors.UserError: the configs differ (raised on every process).
     """
     import numpy as np
-    from jax.experimental import multihost_utils
+    from jaxreward import parallel
     text = config.to_json_best_effort(sort_keys=True).encode()
-    sizes = multihost_utils.process_allgather(np.array([len(text)], np.int64))
+    sizes = parallel.gather_processes(np.array([len(text)], np.int64))
     buf = np.zeros(int(sizes.max()), np.uint8)
     buf[:len(text)] = np.frombuffer(text, np.uint8)
     texts = [bytes(row[:int(n)]).decode() for row, n in
-             zip(multihost_utils.process_allgather(buf), sizes.reshape(-1))]
+             zip(parallel.gather_processes(buf), sizes.reshape(-1))]
     if all(t == texts[0] for t in texts):
         return
 
@@ -414,6 +414,8 @@ def main(argv):
     try:
         _start_interrupts()
         driver.run(config, workdir)
+        from jaxreward import parallel
+        parallel.finish_processes()  # a pod: no process leaves with a collective in flight
     except errors.USER_ERRORS as e:
         _finish_checkpoints()
         fail(errors.message(e), e)

@@ -176,16 +176,96 @@ def shard_global_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array
 def to_host(tree: Any) -> Any:
     """numpy copies of the arrays of `tree`, whole on every process: on a pod
     an array split over several processes' devices is gathered first
-    (`multihost_utils.process_allgather`), since no process can read the
-    others' shards directly. On one process it is `jax.device_get`.
+    (`fetch_global`), since no process can read the others' shards
+    directly. On one process it is `jax.device_get`.
     """
     if jax.process_count() == 1:
         return jax.tree.map(np.asarray, jax.device_get(tree))
-    from jax.experimental import multihost_utils
 
     def fetch(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+            return fetch_global(x)
         return np.asarray(x)
     return jax.tree.map(fetch, tree)
+
+
+def fetch_global(x: jax.Array) -> np.ndarray:
+    """The whole of the global array `x` (shape and dtype kept) as numpy, on
+    every process: a jitted identity to a replicated sharding, an
+    all-gather over the processes (gloo on CPU, NCCL or ICI elsewhere).
+
+    It returns once every local device has finished its part of that
+    collective, not only the device whose copy is read. jax's
+    `multihost_utils.process_allgather` (and `sync_global_devices`, built on
+    it) reads device 0's copy and returns while the other devices can still
+    be inside the all-gather; a process that then exits destroys its runtime
+    under them, and both processes hang in teardown (seen about once in 130
+    two-process runs: PjRtCpuClient's destructor joining threads that wait in
+    gloo::allgather).
+    """
+    if isinstance(x.sharding, NamedSharding):
+        everywhere = x.sharding.update(spec=P())
+    else:
+        devices = sorted(x.sharding.device_set, key=lambda d: d.id)
+        everywhere = NamedSharding(Mesh(np.asarray(devices), ("all",)), P())
+    out = jax.jit(_identity, out_shardings=everywhere)(x)
+    out.block_until_ready()  # every local copy: no device is left inside the collective
+    return np.asarray(out.addressable_data(0))
+
+
+def _identity(x):  # one module-level function: gathers of one shape compile once
+    return x
+
+
+def gather_processes(x: Any) -> np.ndarray:
+    """Every process's value of the host array `x` (each process passes its
+    own; same shape and dtype on all), stacked: `[jax.process_count(),
+    *x.shape]`, the same on every process. Returns after every local device
+    has finished the exchange (`fetch_global`). On one process, `x[None]`.
+    """
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x[None]
+    mesh = Mesh(np.asarray(jax.devices()).reshape(jax.process_count(), jax.local_device_count()),
+                ("processes", "local"))
+    sharding = NamedSharding(mesh, P("processes"))
+    global_shape = (jax.process_count(), *x.shape)
+    local = [jax.device_put(x[None], d) for d in jax.local_devices()]
+    return fetch_global(jax.make_array_from_single_device_arrays(global_shape, sharding, local))
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches `barrier(name)` (with the same
+    name), and until this process's devices have finished the exchange. A
+    no-op on one process.
+
+    Raises:
+      RuntimeError: the processes passed different names (they are running
+        different code paths), naming each process's.
+    """
+    if jax.process_count() == 1:
+        return
+    names = gather_processes(np.frombuffer(name.encode()[:200].ljust(200), np.uint8))
+    if not (names == names[0]).all():
+        got = [bytes(row).decode(errors="replace").rstrip() for row in names]
+        raise RuntimeError(f"barrier {name!r}: the processes reached different barriers: "
+                           + ", ".join(f"process {p} at {n!r}" for p, n in enumerate(got)))
+
+
+def finish_processes() -> None:
+    """The end of a pod's run: waits for this process's work, then a barrier
+    (`barrier`), so that no process exits while a collective is still
+    running on its own or another process's devices (both processes then
+    hung in teardown), then `jax.distributed.shutdown()` while Python is
+    whole, rather than from jax's exit hook after the backends are gone
+    (once, process 0 aborted there with gRPC's `Check failed: queue.Pop() ==
+    nullptr`). Call it once all work is done; a no-op on one process.
+    `jaxreward.main` calls it after a run that succeeded; a script of your
+    own that initializes `jax.distributed` should end with it.
+    """
+    if jax.process_count() == 1:
+        return
+    jax.block_until_ready(jax.live_arrays())  # this process's own work, collectives included
+    barrier("jaxreward: end of run")
+    jax.distributed.shutdown()
 

@@ -278,14 +278,14 @@ def build(kind: str, paths, data_dir, *, name: str = "default", overwrite: bool 
     # barrier, then read what it wrote. Process 0 reaches the barrier even when
     # its build fails (then it raises its error, and the others say so), so no
     # process waits forever.
-    from jax.experimental import multihost_utils
+    from jaxreward import parallel
     result = error = None
     if jax.process_index() == 0:
         try:
             result = _prepare(make(), overwrite)
         except Exception as e:  # noqa: BLE001 - raised again after the barrier
             error = e
-    multihost_utils.sync_global_devices(f"jaxreward tfds build {kind}/{name}")
+    parallel.barrier(f"jaxreward tfds build {kind}/{name}")
     if error is not None:
         raise error
     if result is not None:

@@ -198,13 +198,13 @@ def test_several_processes_build_once_on_process_0_and_the_others_read_it(tmp_pa
     # Every process ran download_and_prepare on the same shared folder at once
     # (colliding writes of one dataset); now process 0 builds and the rest wait.
     import jax
-    from jax.experimental import multihost_utils
+    from jaxreward import parallel
     from jaxreward.errors import UserError
     path = write(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
     barriers, index = [], [1]
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(jax, "process_index", lambda: index[0])
-    monkeypatch.setattr(multihost_utils, "sync_global_devices", barriers.append)
+    monkeypatch.setattr(parallel, "barrier", barriers.append)
     with pytest.raises(UserError, match=r"process 1 of 2 found no dataset from these files after process 0 built "
                                         r"it: see process 0's error, or give a data_dir .* every process reads"):
         tfds_builders.build("pairs", path, tmp_path / "tfds", name="pod")   # process 0 built nothing

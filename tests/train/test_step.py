@@ -204,3 +204,42 @@ def test_shard_batch_checks_the_rows_against_the_shards_of_this_process():
     with pytest.raises(ValueError, match=r"batch field 'x' has leading size 4, not divisible by data×fsdp = 8"):
         parallel.shard_batch({"x": np.zeros((4, 2))}, mesh)
     assert parallel.shard_batch({"x": np.zeros((8, 2))}, mesh)["x"].shape == (8, 2)
+
+
+def test_fetch_global_returns_the_whole_array_with_every_local_copy_ready(monkeypatch):
+    # jax's process_allgather read device 0's copy of its all-gather and returned while the
+    # other devices could still be inside the collective; a pod process that then exited hung
+    # in teardown. fetch_global returns only once every local copy is ready.
+    from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+    host = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
+    x = jax.device_put(host, NamedSharding(mesh, P(("data", "fsdp"), "tensor")))
+    outs, jit = [], jax.jit
+
+    def recording_jit(*a, **kw):
+        f = jit(*a, **kw)
+
+        def call(*args):
+            outs.append(f(*args))
+            return outs[-1]
+        return call
+    monkeypatch.setattr(parallel.jax, "jit", recording_jit)
+    got = parallel.fetch_global(x)
+    np.testing.assert_array_equal(got, host)
+    assert got.dtype == np.float32 and isinstance(got, np.ndarray)
+    (out,) = outs
+    assert out.is_fully_replicated and len(out.addressable_shards) == 8
+    assert all(s.data.is_ready() for s in out.addressable_shards)
+    # Any other sharding (here one device's) is gathered over its own devices.
+    one = jax.device_put(host, SingleDeviceSharding(jax.devices()[3]))
+    np.testing.assert_array_equal(parallel.fetch_global(one), host)
+
+
+def test_gather_processes_barrier_and_finish_on_one_process():
+    # One process: gather_processes stacks this process's value alone (shape [1, ...]); a
+    # barrier and finish_processes have nobody to wait for and leave jax as it was.
+    got = parallel.gather_processes(np.array([3, 4], np.int64))
+    assert got.shape == (1, 2) and got.dtype == np.int64 and got.tolist() == [[3, 4]]
+    parallel.barrier("anything")
+    parallel.finish_processes()
+    assert float(jax.jit(lambda a: a + 1)(1.0)) == 2.0  # the backend still works

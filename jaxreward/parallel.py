@@ -183,8 +183,13 @@ def to_host(tree: Any) -> Any:
         return jax.tree.map(np.asarray, jax.device_get(tree))
 
     def fetch(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
-            return fetch_global(x)
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if not x.is_fully_replicated:
+                return fetch_global(x)
+            # Replicated over both processes' devices, as a jit with a replicated output leaves
+            # it: every local copy, or the other devices may still be in that jit's collective.
+            x.block_until_ready()
+            return np.asarray(x.addressable_data(0))
         return np.asarray(x)
     return jax.tree.map(fetch, tree)
 
@@ -220,18 +225,63 @@ def _identity(x):  # one module-level function: gathers of one shape compile onc
 def gather_processes(x: Any) -> np.ndarray:
     """Every process's value of the host array `x` (each process passes its
     own; same shape and dtype on all), stacked: `[jax.process_count(),
-    *x.shape]`, the same on every process. Returns after every local device
-    has finished the exchange (`fetch_global`). On one process, `x[None]`.
+    *x.shape]`, same dtype, the same on every process. The bytes travel, so
+    no dtype is narrowed (int64 and float64 stay whole without jax's x64
+    mode) and fixed-width byte strings work. The shapes and dtypes are
+    compared first, so a mismatch is an error on every process, not a
+    gloo abort, a hang or reinterpreted bits. Returns after every local
+    device has finished the exchange (`fetch_global`). On one process,
+    `x[None]`.
+
+    Raises:
+      TypeError: `x` holds Python objects (dtype object), which have no bytes
+        to send.
+      ValueError: the processes passed different shapes or dtypes (raised on
+        every process, naming each one's).
     """
     x = np.asarray(x)
+    if x.dtype.hasobject:
+        raise TypeError(f"gather_processes: an array of dtype {x.dtype} has no fixed-size bytes to send")
     if jax.process_count() == 1:
         return x[None]
+    kinds = _exchange_labelled(f"{x.dtype.str} {x.shape}")
+    if kinds is not None:
+        raise ValueError("gather_processes: the processes passed different arrays: "
+                         + ", ".join(f"process {p} dtype and shape {k}" for p, k in enumerate(kinds)))
+    if x.size == 0:  # every process passed this empty shape: nothing to send
+        return np.zeros((jax.process_count(), *x.shape), x.dtype)
+    rows = _exchange(np.ascontiguousarray(x).reshape(-1).view(np.uint8))
+    return np.ascontiguousarray(rows).view(x.dtype).reshape(jax.process_count(), *x.shape)
+
+
+def _exchange(raw: np.ndarray) -> np.ndarray:
+    """uint8 `[n]` from each process (n the same on all) -> `[processes, n]`."""
     mesh = Mesh(np.asarray(jax.devices()).reshape(jax.process_count(), jax.local_device_count()),
                 ("processes", "local"))
     sharding = NamedSharding(mesh, P("processes"))
-    global_shape = (jax.process_count(), *x.shape)
-    local = [jax.device_put(x[None], d) for d in jax.local_devices()]
-    return fetch_global(jax.make_array_from_single_device_arrays(global_shape, sharding, local))
+    local = [jax.device_put(raw[None], d) for d in jax.local_devices()]
+    return fetch_global(jax.make_array_from_single_device_arrays((jax.process_count(), raw.size), sharding, local))
+
+
+def _exchange_labelled(text: str) -> list[str] | None:
+    """Compares `text` across the processes in one fixed-size exchange (the
+    whole text's sha256 decides; its first 200 bytes label it): None where
+    all agree, else each process's label (a text cut at 200 bytes ends with
+    "…" and its digest's first 8 hex digits)."""
+    import hashlib
+    data = text.encode()
+    digest = hashlib.sha256(data).digest()
+    head = data[:200]
+    sent = digest + len(data).to_bytes(8, "little") + head.ljust(200, b"\0")
+    rows = _exchange(np.frombuffer(sent, np.uint8))
+    if (rows[:, :32] == rows[0, :32]).all():
+        return None
+    labels = []
+    for row in rows:
+        n = int.from_bytes(bytes(row[32:40]), "little")
+        label = repr(bytes(row[40:40 + min(n, 200)]).decode(errors="replace"))
+        labels.append(label if n <= 200 else f"{label}… (sha256 {bytes(row[:4]).hex()})")
+    return labels
 
 
 def barrier(name: str) -> None:
@@ -245,11 +295,10 @@ def barrier(name: str) -> None:
     """
     if jax.process_count() == 1:
         return
-    names = gather_processes(np.frombuffer(name.encode()[:200].ljust(200), np.uint8))
-    if not (names == names[0]).all():
-        got = [bytes(row).decode(errors="replace").rstrip() for row in names]
+    names = _exchange_labelled(name)
+    if names is not None:
         raise RuntimeError(f"barrier {name!r}: the processes reached different barriers: "
-                           + ", ".join(f"process {p} at {n!r}" for p, n in enumerate(got)))
+                           + ", ".join(f"process {p} at {n}" for p, n in enumerate(names)))
 
 
 def finish_processes() -> None:

@@ -23,6 +23,7 @@ from tests.conftest import ROOT
 
 DEVICES = 8
 SLOW = 600  # seconds before a hung collective is called a failure
+SCRIPT_SLOW = 180  # the same for the few-second scripts of _two_process_script
 
 
 def _env(devices: int) -> dict:
@@ -237,7 +238,7 @@ def _two_process_script(script: str, *args) -> list[tuple[int, str, str]]:
     outs = []
     try:
         for p in procs:
-            out, err = p.communicate(timeout=SLOW)
+            out, err = p.communicate(timeout=SCRIPT_SLOW)
             mine = [line for line in out.splitlines() if line.startswith(("SAME", "REFUSED", "WRONG", "DIFF"))]
             outs.append((p.returncode, mine[-1] if mine else out, err[-1500:]))
     finally:
@@ -296,4 +297,107 @@ def test_gather_processes_barrier_and_finish_processes_on_two_processes():
     # collective in flight: before, about 1 in 130 two-process runs hung in teardown (CI's
     # test_shard_batch_on_a_pod... [mesh1-SAME] timed out so, after printing SAME).
     for rc, out, err in _two_process_script(_POD_GATHER):
+        assert rc == 0 and out == "SAME", (rc, out, err)
+
+
+_POD_BARRIER_NAMES = """
+import sys
+import jax, numpy as np
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from jaxreward import parallel
+p = jax.process_index()
+cases = [["x" * 200 + "a", "x" * 200 + "b"],        # differ after byte 200
+         ["x" * 199 + "\\u00e9", "x" * 199 + "\\u00e8"],  # the 200-byte cut falls inside a character
+         ["end of epoch", "end of epoch "],          # a trailing space (the old padding)
+         ["", " "], ["a", "a\\0"]]
+errors = []
+for names in cases:
+    try:
+        parallel.barrier(names[p])
+    except RuntimeError as e:
+        errors.append(str(e))
+    else:
+        errors.append(None)
+labelled = ("(sha256 " in errors[0] and "process 0 at 'a'" in errors[4] and "process 1 at 'a\\\\x00'" in errors[4])
+parallel.finish_processes()
+print("SAME" if all(e and "different barriers" in e for e in errors) and labelled else f"WRONG {errors}")
+"""
+
+
+def test_barrier_refuses_names_that_differ_anywhere():
+    # barrier compared only name.encode()[:200].ljust(200): names differing after byte 200 (or
+    # inside a character cut there), or only by trailing spaces (the padding), passed as one
+    # barrier. The whole name's sha256 decides now; the labels show a cut name's digest and a
+    # NUL as '\x00'.
+    for rc, out, err in _two_process_script(_POD_BARRIER_NAMES):
+        assert rc == 0 and out == "SAME", (rc, out, err)
+
+
+_POD_GATHER_VALUES = """
+import sys
+import jax, numpy as np
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from jaxreward import parallel
+p = jax.process_index()
+def value(q):
+    return [np.array([2**40 + q], np.int64), np.array([2**63 + q], np.uint64), np.array([0.1 + q], np.float64),
+            np.array([b"ab%d" % q]), np.float64(q + 0.5), np.zeros((0, 3), np.int16)]
+wrong = []
+for mine, want in zip(value(p), zip(value(0), value(1))):
+    got, want = parallel.gather_processes(mine), np.stack(want)
+    if got.dtype != want.dtype or got.shape != want.shape or got.tolist() != want.tolist():
+        wrong.append((got.tolist(), got.dtype.str, want.tolist()))
+refused = []
+for a, b in [((2,), (3,)), ((4,), (2, 2))]:  # shapes that differ, then ones of one size
+    try:
+        parallel.gather_processes(np.zeros(a if p == 0 else b, np.int32))
+    except ValueError as e:
+        refused.append(str(e))
+for dtypes in [(np.int32, np.uint8), (np.int32, np.float32), (np.int32, np.int32)]:
+    try:
+        parallel.gather_processes(np.zeros(0 if dtypes[p] is np.int32 and p else 4, dtypes[p]))
+    except ValueError as e:
+        refused.append(str(e))
+ok = len(refused) == 5 and "process 0 dtype and shape '<i4 (2,)', process 1 dtype and shape '<i4 (3,)'" in refused[0]
+parallel.finish_processes()
+print("SAME" if not wrong and ok else f"WRONG {wrong} {refused}")
+"""
+
+
+def test_gather_processes_keeps_every_value_and_refuses_mismatches_on_a_pod():
+    # Through jax.device_put (x64 off) int64 2**40 + p came back as int32 [[0], [1]], uint64
+    # 2**63 + p as uint32, float64 0.1 as float32 0.100000001, and a bytes array raised
+    # TypeError; the bytes travel now. Shapes or dtypes that differ between the processes
+    # aborted in gloo, hung, or silently reinterpreted bits; they are a ValueError on both
+    # processes now, naming each one's (an empty array against a full one included).
+    for rc, out, err in _two_process_script(_POD_GATHER_VALUES):
+        assert rc == 0 and out == "SAME", (rc, out, err)
+
+
+_POD_TO_HOST_REPLICATED = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jaxreward import parallel
+mesh = parallel.make_mesh(data=8)
+full = np.arange(8 * 4096 * 64, dtype=np.float32).reshape(8 * 4096, 64) / 1000
+x = jax.make_array_from_callback(full.shape, NamedSharding(mesh, P("data")), lambda i: full[i])
+f = jax.jit(lambda a: jnp.tanh(jnp.tanh(a) * 3 + 1) * 2, out_shardings=NamedSharding(mesh, P()))  # ends in an all-gather
+pending = 0
+for _ in range(20):
+    z = f(x)
+    back = parallel.to_host(z)
+    pending += sum(not s.data.is_ready() for s in z.addressable_shards)
+ok = pending == 0 and np.allclose(back, np.tanh(np.tanh(full) * 3 + 1) * 2, atol=1e-5)
+parallel.finish_processes()
+print("SAME" if ok else f"WRONG: {pending} of 80 local copies still running when to_host returned")
+"""
+
+
+def test_to_host_of_a_replicated_pod_array_returns_after_every_local_copy():
+    # A jit with a replicated output over the pod's mesh ends in an all-gather; to_host read
+    # one local copy of its result while the other devices were still in it (24-49 of 160
+    # copies pending over 40 calls).
+    for rc, out, err in _two_process_script(_POD_TO_HOST_REPLICATED):
         assert rc == 0 and out == "SAME", (rc, out, err)

@@ -193,10 +193,6 @@ def test_a_half_set_process_count_is_one_line(tmp_path, env, message):
 
 
 _POD_SHARD_BATCH = """
-import sys
-import jax, numpy as np
-jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
-from jaxreward import parallel
 mesh = parallel.make_mesh(data=int(sys.argv[3]), fsdp=int(sys.argv[4]), tensor=int(sys.argv[5]))
 glob = np.arange(8 * 3, dtype=np.int32).reshape(8, 3)
 p = jax.process_index()
@@ -211,11 +207,7 @@ parallel.finish_processes()
 """
 
 _POD_DIGEST = """
-import sys
-import jax, numpy as np
-jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
 from jax.sharding import NamedSharding, PartitionSpec as P
-from jaxreward import parallel
 from jaxreward.train import preference as pref, proxy
 mesh = parallel.make_mesh(data=1, fsdp=8, tensor=1)  # --config.mesh.fsdp=8: each param over both processes
 host = np.arange(64, dtype=np.float32).reshape(8, 8)
@@ -227,13 +219,23 @@ parallel.finish_processes()
 """
 
 
+_POD_PREAMBLE = """
+import sys
+import jax, numpy as np
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from jaxreward import parallel
+"""
+
+
 def _two_process_script(script: str, *args) -> list[tuple[int, str, str]]:
-    """Runs `python -c script <coordinator> <process id> *args` as two processes × 4
-    CPU devices; per process (returncode, its last SAME/REFUSED/WRONG/DIFF line, stderr)."""
+    """Runs `python -c <_POD_PREAMBLE + script> <coordinator> <process id> *args` as two
+    processes × 4 CPU devices (the preamble starts jax.distributed and imports numpy as np and
+    `parallel`); per process (returncode, its last SAME/REFUSED/WRONG/DIFF line, stderr)."""
     port = _free_port()
     env = {k: v for k, v in _env(DEVICES // 2).items() if k != "XLA_FLAGS"}
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES // 2}"
-    procs = [subprocess.Popen([sys.executable, "-c", script, f"localhost:{port}", str(i), *map(str, args)], cwd=ROOT,
+    procs = [subprocess.Popen([sys.executable, "-c", _POD_PREAMBLE + script, f"localhost:{port}", str(i),
+                               *map(str, args)], cwd=ROOT,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
     outs = []
     try:
@@ -271,10 +273,6 @@ def test_params_digest_of_params_spread_over_both_processes():
 
 
 _POD_GATHER = """
-import sys
-import jax, numpy as np
-jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
-from jaxreward import parallel
 p = jax.process_index()
 got = parallel.gather_processes(np.array([10 + p, 20 + p], np.int32))
 ok = got.tolist() == [[10, 20], [11, 21]] and got.dtype == np.int32
@@ -301,10 +299,6 @@ def test_gather_processes_barrier_and_finish_processes_on_two_processes():
 
 
 _POD_BARRIER_NAMES = """
-import sys
-import jax, numpy as np
-jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
-from jaxreward import parallel
 p = jax.process_index()
 cases = [["x" * 200 + "a", "x" * 200 + "b"],        # differ after byte 200
          ["x" * 199 + "\\u00e9", "x" * 199 + "\\u00e8"],  # the 200-byte cut falls inside a character
@@ -334,10 +328,6 @@ def test_barrier_refuses_names_that_differ_anywhere():
 
 
 _POD_GATHER_VALUES = """
-import sys
-import jax, numpy as np
-jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
-from jaxreward import parallel
 p = jax.process_index()
 def value(q):
     return [np.array([2**40 + q], np.int64), np.array([2**63 + q], np.uint64), np.array([0.1 + q], np.float64),
@@ -375,11 +365,8 @@ def test_gather_processes_keeps_every_value_and_refuses_mismatches_on_a_pod():
 
 
 _POD_TO_HOST_REPLICATED = """
-import sys
-import jax, jax.numpy as jnp, numpy as np
-jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
-from jaxreward import parallel
 mesh = parallel.make_mesh(data=8)
 full = np.arange(8 * 4096 * 64, dtype=np.float32).reshape(8 * 4096, 64) / 1000
 x = jax.make_array_from_callback(full.shape, NamedSharding(mesh, P("data")), lambda i: full[i])
